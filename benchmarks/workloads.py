@@ -1,0 +1,384 @@
+"""Define the workloads: each drives every usable library and records its rows.
+
+Bodies (the ``_*_body`` functions) run once in a fresh directory with N
+records and return named values; ``Context.measure`` repeats and records them.
+Every rate is per second, so a slow library measured with a smaller N is
+compared fairly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import multiprocessing as mp
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from . import limits
+from .config import BATCH, MAX_RUN_BYTES, PRODUCERS, RECORD_SIZES, size_label
+from .context import Case, Context
+from .peers import Adapter, SegqAdapter
+from .procs import Endpoint, Job, consume, grow, produce, run_group
+from .results import LIMIT, NA, SEGQ, SKIPPED
+
+SMALL = 100  # bytes: the record size of the multi-process workloads
+#: Latency samples dropped at the start (consumer and page cache warming up).
+WARMUP_MSGS = 50
+#: Peers measured in the growth workload besides segq (the others are slower
+#: still, so their large backlogs would only be skipped for time).
+GROWTH_PEERS = ("queuelib FifoDiskQueue", "persist-queue Queue")
+SEQ = struct.Struct("<q")
+
+# Cases referenced by more than one workload or by the targets.
+PIPELINE = Case(f"pipeline/{size_label(SMALL)}",
+                f"1 producer → 1 consumer process, {SMALL} B", key="rate")
+LATENCY = [
+    Case(f"latency_{name}", f"one-way latency {name}, {SMALL} B", unit="µs",
+         higher_is_better=False, key=name)
+    for name in ("p50", "p99", "p99.9")
+]
+
+
+# --- bodies -----------------------------------------------------------------
+
+def _put_get_body(cls: type[Adapter], size: int, batched: bool, d: Path, n: int) -> dict[str, float]:
+    """Put ``n`` records then get+ack them all, in one process; return both rates."""
+    payload = b"x" * size
+    with cls(d) as q:
+        if batched:
+            items = [payload] * BATCH
+            batches = max(1, n // BATCH)
+            n = batches * BATCH
+            put_batch, get_batch = q.put_batch, q.get_batch
+            start = time.perf_counter()
+            for _ in range(batches):
+                put_batch(items)
+            q.flush()
+            mid = time.perf_counter()
+            got = 0
+            while got < n:
+                chunk = get_batch(BATCH)
+                if not chunk:
+                    raise RuntimeError(f"queue empty after {got} of {n} records")
+                got += len(chunk)
+        else:
+            put, try_get = q.put, q.try_get
+            start = time.perf_counter()
+            for _ in range(n):
+                put(payload)
+            q.flush()
+            mid = time.perf_counter()
+            for got in range(n):
+                if try_get() is None:
+                    raise RuntimeError(f"queue empty after {got} of {n} records")
+        end = time.perf_counter()
+    return {"put": n / (mid - start), "get": n / (end - mid)}
+
+
+def _put_body(cls: type[Adapter], size: int, durable: bool, d: Path, n: int) -> dict[str, float]:
+    """Put ``n`` records one per call and return the rate."""
+    payload = b"x" * size
+    with cls(d, durable=durable) as q:
+        put = q.put
+        start = time.perf_counter()
+        for _ in range(n):
+            put(payload)
+        q.flush()
+        return {"put": n / (time.perf_counter() - start)}
+
+
+@contextmanager
+def _endpoints(cls: type[Adapter], d: Path, durable: bool = False) -> Iterator[tuple[Endpoint, Endpoint]]:
+    """Yield (producer, consumer) endpoints: the directory, or the two ends of a Pipe."""
+    if cls.on_disk:
+        ep = Endpoint(cls.name, str(d), durable)
+        yield ep, ep
+        return
+    recv_end, send_end = mp.Pipe(duplex=False)
+    try:
+        yield Endpoint(cls.name, send_end), Endpoint(cls.name, recv_end)
+    finally:
+        # The children hold their own duplicates; ours only leak descriptors.
+        recv_end.close()
+        send_end.close()
+
+
+def _stream_body(ctx: Context, cls: type[Adapter], producers: int, with_consumer: bool,
+                 durable: bool, d: Path, n: int) -> dict[str, float]:
+    """Run ``producers`` sender processes (and a consumer) on one queue; return records/s.
+
+    The clock starts when the producers are released together and stops when
+    the consumer has the last record (or, with no consumer, the last producer
+    returns).
+    """
+    per = max(1, n // producers)
+    total = per * producers
+    with _endpoints(cls, d, durable) as (pe, ce):
+        jobs = [Job(consume, {"endpoint": ce, "total": total})] if with_consumer else []
+        jobs += [Job(produce, {"endpoint": pe, "n": per, "size": SMALL})
+                 for _ in range(producers)]
+        res = run_group(jobs, ctx.mode.child_timeout_s)
+    start = min(r["t_start_ns"] for r in res if "t_start_ns" in r)
+    end = res[0]["t_last_ns"] if with_consumer else max(r["t_end_ns"] for r in res)
+    return {"rate": total / ((end - start) / 1e9)}
+
+
+def _percentile(sorted_values: list[int], pct: float) -> float:
+    """Return the nearest-rank percentile of an ascending list."""
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return float(sorted_values[min(rank, len(sorted_values)) - 1])
+
+
+def _latency_body(ctx: Context, cls: type[Adapter], d: Path, n: int) -> dict[str, float]:
+    """Send ``n`` timestamped messages at ``mode.latency_rate``/s; return percentiles in µs."""
+    with _endpoints(cls, d) as (pe, ce):
+        cons, _ = run_group([
+            Job(consume, {"endpoint": ce, "total": n, "latency": True}),
+            Job(produce, {"endpoint": pe, "n": n, "size": SMALL, "rate": ctx.mode.latency_rate}),
+        ], ctx.mode.child_timeout_s)
+    lat = sorted(cons["latencies_ns"][min(WARMUP_MSGS, n // 10):])
+    return {c.value_key: _percentile(lat, float(c.value_key[1:])) / 1e3 for c in LATENCY}
+
+
+def _grow_body(ctx: Context, cls: type[Adapter], d: Path, n: int) -> dict[str, float]:
+    """Put then get+ack ``n`` records in a child; return rates and its peak RSS in MiB."""
+    (res,) = run_group([Job(grow, {"endpoint": Endpoint(cls.name, str(d)), "n": n, "size": SMALL})],
+                       ctx.mode.child_timeout_s)
+    return {"put": n / res["put_s"], "get": n / res["get_s"], "rss": res["rss_peak_kib"] / 1024}
+
+
+def _fill_segq(d: Path, n: int, size: int) -> None:
+    """Fill a segq queue with ``n`` records, each starting with its sequence number."""
+    segq = importlib.import_module("segq")
+    pad = b"s" * (size - SEQ.size)
+    with segq.Sender(str(d)) as tx:
+        for lo in range(0, n, 1000):
+            tx.send_batch([SEQ.pack(i) + pad for i in range(lo, min(n, lo + 1000))])
+
+
+def _scan_body(size: int, d: Path, n: int) -> dict[str, float]:
+    """Read every record with a Receiver, never committing; return payload MB/s."""
+    segq = importlib.import_module("segq")
+    _fill_segq(d, n, size)
+    rx = segq.Receiver(str(d), name="default")
+    try:
+        got = nbytes = 0
+        last = b""
+        start = time.perf_counter()
+        while got < n:
+            data = [m.data for m in rx.recv_batch(1000, timeout=5.0)]
+            got += len(data)
+            nbytes += sum(map(len, data))
+            last = data[-1]
+        elapsed = time.perf_counter() - start
+    finally:
+        rx.close()
+    if got != n or SEQ.unpack_from(last)[0] != n - 1:
+        raise RuntimeError(f"scan saw {got} records ending at #{SEQ.unpack_from(last)[0]}, "
+                           f"expected {n} ending at #{n - 1} (uncommitted records re-delivered?)")
+    return {"scan": nbytes / elapsed / 1e6}
+
+
+def _verify_body(fn: Callable[[str], Any], size: int, d: Path, n: int) -> dict[str, float]:
+    """Time segq's own verify/scan function over a filled queue; return payload MB/s."""
+    _fill_segq(d, n, size)
+    start = time.perf_counter()
+    fn(str(d))
+    return {"scan": n * size / (time.perf_counter() - start) / 1e6}
+
+
+def _find_verify() -> tuple[str, Callable[[str], Any]] | None:
+    """Return segq's verify function and its dotted name, if it has one."""
+    owners: list[Any] = []
+    for mod in ("segq", "segq.recovery"):
+        try:
+            owners.append(importlib.import_module(mod))
+        except ImportError:
+            pass
+    for owner in owners:
+        for attr in ("verify", "scan", "check"):
+            fn = getattr(owner, attr, None)
+            if callable(fn) and not isinstance(fn, type):
+                return f"{owner.__name__}.{attr}", fn
+    return None
+
+
+# --- limit bodies ---------------------------------------------------------------
+
+def _write_loop(size: int, sync: bool, d: Path, n: int) -> dict[str, float]:
+    return {"put": n / limits.write_loop(d, n, size, fdatasync=sync)}
+
+
+def _read_loop(size: int, d: Path, n: int) -> dict[str, float]:
+    limits.write_loop(d, n, size)
+    return {"get": n / limits.read_loop(d, n, size)}
+
+
+def _write_chunks(size: int, d: Path, n: int) -> dict[str, float]:
+    return {"put": n / limits.write_chunks(d, n, size)}
+
+
+def _read_chunks(size: int, key: str, unit_mb: bool, d: Path, n: int) -> dict[str, float]:
+    limits.write_chunks(d, n, size)
+    seconds = limits.read_chunks(d)
+    return {key: n * size / seconds / 1e6 if unit_mb else n / seconds}
+
+
+# --- workloads --------------------------------------------------------------
+
+def single(ctx: Context) -> None:
+    """Put N, then get+ack N, in one process, one record per call."""
+    for size in RECORD_SIZES:
+        lbl = size_label(size)
+        put = Case(f"put/{lbl}", f"put, {lbl}, one per call", key="put")
+        get = Case(f"get/{lbl}", f"get+ack, {lbl}, one per call", key="get")
+        cap = MAX_RUN_BYTES // size
+        for cls in ctx.pick(on_disk=True):
+            ctx.measure("single", cls.name, cls.kind, [put, get],
+                        partial(_put_get_body, cls, size, False), max_n=cap)
+        ctx.measure("single", limits.WRITE_LOOP, LIMIT, [put], partial(_write_loop, size, False), max_n=cap)
+        ctx.measure("single", limits.READ_LOOP, LIMIT, [get], partial(_read_loop, size), max_n=cap)
+
+
+def batch(ctx: Context) -> None:
+    """Put N, then get+ack N, in batches of 100 where the library can batch."""
+    for size in RECORD_SIZES:
+        lbl = size_label(size)
+        put = Case(f"put_batch/{lbl}", f"put, {lbl}, batches of {BATCH}", key="put")
+        get = Case(f"get_batch/{lbl}", f"get+ack, {lbl}, batches of {BATCH}", key="get")
+        cap = MAX_RUN_BYTES // size
+        for cls in ctx.pick(on_disk=True):
+            if not cls.batch:
+                for case in (put, get):
+                    ctx.mark("batch", cls.name, cls.kind, case, NA, "no batch API")
+                continue
+            ctx.measure("batch", cls.name, cls.kind, [put, get],
+                        partial(_put_get_body, cls, size, True), max_n=cap)
+        ctx.measure("batch", limits.WRITE_CHUNKS, LIMIT, [put], partial(_write_chunks, size), max_n=cap)
+        ctx.measure("batch", limits.READ_CHUNKS, LIMIT, [get],
+                    partial(_read_chunks, size, "get", False), max_n=cap)
+
+
+def _pipeline_throughput(ctx: Context, cls: type[Adapter]) -> None:
+    ctx.measure("pipeline", cls.name, cls.kind, [PIPELINE],
+                partial(_stream_body, ctx, cls, 1, True, False), note=_poll_note(cls))
+
+
+def _poll_note(cls: type[Adapter]) -> str:
+    return "" if cls.native_blocking else "consumer polls (50-500 µs sleeps)"
+
+
+def pipeline(ctx: Context) -> None:
+    """Producer and consumer in two processes: throughput, and latency at a low rate."""
+    for cls in ctx.pick():
+        if not cls.cross_process:
+            for case in (PIPELINE, *LATENCY):
+                ctx.mark("pipeline", cls.name, cls.kind, case, NA, cls.cross_process_note)
+            continue
+        _pipeline_throughput(ctx, cls)
+        ctx.measure("pipeline", cls.name, cls.kind, LATENCY, partial(_latency_body, ctx, cls),
+                    n=ctx.mode.latency_msgs, note=_poll_note(cls))
+
+
+def durable(ctx: Context) -> None:
+    """Put one record per call with each library's most durable setting; then group commit."""
+    lbl = size_label(SMALL)
+    put = Case(f"durable_put/{lbl}", f"durable put, {lbl}, one per call", key="put")
+    for cls in ctx.pick(on_disk=True):
+        if cls.durable_mode is None:
+            ctx.mark("durable", cls.name, cls.kind, put, NA, "no durable setting")
+            continue
+        ctx.measure("durable", cls.name, cls.kind, [put], partial(_put_body, cls, SMALL, True),
+                    note=cls.durable_mode)
+    ctx.measure("durable", limits.FDATASYNC_LOOP, LIMIT, [put], partial(_write_loop, SMALL, True))
+    if not ctx.has(SegqAdapter.name):
+        return
+    for k in (1, PRODUCERS):
+        case = Case(f"durable_p{k}/{lbl}",
+                    f'{k} producer process{"es" if k > 1 else ""}, sync="always", {lbl}', key="rate")
+        ctx.measure("durable", SegqAdapter.name, SEGQ, [case],
+                    partial(_stream_body, ctx, SegqAdapter, k, False, True))
+
+
+def fanin(ctx: Context) -> None:
+    """Run several producer processes into one consumer process; compare with one producer."""
+    k = PRODUCERS
+    case = Case(f"fanin_p{k}/{size_label(SMALL)}",
+                f"{k} producer processes → 1 consumer, {SMALL} B", key="rate")
+    for cls in ctx.pick(on_disk=True):
+        if not cls.cross_process:
+            ctx.mark("fanin", cls.name, cls.kind, case, NA, cls.cross_process_note)
+            continue
+        if ctx.results.get(PIPELINE.id, cls.name) is None:
+            _pipeline_throughput(ctx, cls)  # the one-producer rate this is compared with
+        rows = ctx.measure("fanin", cls.name, cls.kind, [case],
+                           partial(_stream_body, ctx, cls, k, True, False), note=_poll_note(cls))
+        one, many = ctx.results.median(PIPELINE.id, cls.name), rows[case.id].median
+        if one and many:
+            rows[case.id].note = f"{many / one:.2f}× one producer. {rows[case.id].note}".strip()
+
+
+def growth(ctx: Context) -> None:
+    """Put then get a backlog of 1×, 10×, 100× the base size; track rates and peak RSS."""
+    m = ctx.mode
+    for cls in ctx.pick(on_disk=True):
+        if cls.kind != SEGQ and cls.name not in GROWTH_PEERS:
+            continue
+        per_record: float | None = None  # seconds per record (put + get) at the last point
+        for mult in m.growth_multipliers:
+            n = m.growth_base * mult
+            cases = [
+                Case(f"growth_put/{mult}x", f"put, backlog {mult}× ({n:,} records)", key="put"),
+                Case(f"growth_get/{mult}x", f"get+ack, backlog {mult}× ({n:,} records)", key="get"),
+                Case(f"growth_rss/{mult}x", f"peak RSS, backlog {mult}× ({n:,} records)",
+                     unit="MiB", higher_is_better=False, key="rss"),
+            ]
+            if per_record is not None and per_record * n > m.growth_budget_s:
+                why = f"est. {per_record * n:.0f} s per repeat > budget {m.growth_budget_s:.0f} s"
+                for case in cases:
+                    ctx.mark("growth", cls.name, cls.kind, case, SKIPPED, why)
+                continue
+            rows = ctx.measure("growth", cls.name, cls.kind, cases,
+                               partial(_grow_body, ctx, cls), n=n)
+            put, get = rows[cases[0].id].median, rows[cases[1].id].median
+            per_record = 1 / put + 1 / get if put and get else math.inf
+
+
+def scan(ctx: Context) -> None:
+    """Read a full segq queue without committing, and with segq's verify if it has one."""
+    if not ctx.has(SegqAdapter.name):
+        ctx.log("  scan needs segq; skipped")
+        return
+    verify = _find_verify()
+    if verify is None:
+        ctx.log("  no segq.verify / segq.recovery.verify found; Receiver scan only")
+    for size in RECORD_SIZES:
+        lbl = size_label(size)
+        n = ctx.mode.scan_bytes // size
+        cases = [Case(f"scan/{lbl}", f"Receiver read, no commit, {lbl}", unit="MB/s", key="scan")]
+        ctx.measure("scan", SegqAdapter.name, SEGQ, cases, partial(_scan_body, size), n=n)
+        if verify is not None:
+            vcase = Case(f"verify/{lbl}", f"{verify[0]}(), {lbl}", unit="MB/s", key="scan")
+            ctx.measure("scan", SegqAdapter.name, SEGQ, [vcase],
+                        partial(_verify_body, verify[1], size), n=n)
+            cases.append(vcase)
+        for case in cases:
+            ctx.measure("scan", limits.READ_CHUNKS, LIMIT, [case],
+                        partial(_read_chunks, size, "scan", True), n=n)
+
+
+#: Workloads by CLI name, in run order.
+WORKLOADS: dict[str, Callable[[Context], None]] = {
+    "single": single,
+    "batch": batch,
+    "pipeline": pipeline,
+    "durable": durable,
+    "fanin": fanin,
+    "growth": growth,
+    "scan": scan,
+}

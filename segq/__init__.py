@@ -1,0 +1,42 @@
+"""segq: a durable, append-only, segmented file queue.
+
+Senders append checksummed records to size-bounded segment files; receivers
+keep their position in a small metadata file and commit what they handled.
+See ``README.md`` for the guarantees and ``docs/format.md`` for the bytes.
+"""
+
+from ._state import Position
+from .errors import (
+    ClaimLost,
+    Closed,
+    CorruptionError,
+    Empty,
+    Full,
+    Locked,
+    RecordTooLarge,
+    SegqError,
+    UnsupportedFormat,
+    UsageError,
+)
+from .receiver import Batch, Message, Receiver
+from .sender import Sender
+
+__all__ = [
+    "Sender",
+    "Receiver",
+    "Message",
+    "Batch",
+    "Position",
+    "SegqError",
+    "Empty",
+    "Full",
+    "Locked",
+    "RecordTooLarge",
+    "CorruptionError",
+    "UnsupportedFormat",
+    "UsageError",
+    "Closed",
+    "ClaimLost",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,378 @@
+"""The control file: shared memory every process attached to a queue maps.
+
+Theory of operation
+-------------------
+``segq.ctl`` is a 4 KiB file each Sender and Receiver maps (MAP_SHARED).  It
+holds no data that is not also on disk elsewhere: it is a cache of the
+append position (the *tail*), the name of the append semaphore, and the table
+of waiting processes.  Every attached process holds a shared ``flock`` on it.
+The first process to attach to an idle queue gets the lock exclusively and
+*rebuilds* the file: it finds the tail by scanning the last segment, cuts a
+torn tail left by a crash, clears the waiter table, and makes a fresh
+semaphore.  Then it downgrades to shared.
+
+The tail is one native 64-bit word, ``segment << 32 | offset``, written with
+one aligned store after the record bytes, so a reader that loads it sees
+either the old or the new value and every byte below it is written.
+
+Appends are serialised by a named POSIX semaphore (``multiprocessing``'s
+``SemLock``), which costs no system call when uncontended.  A process killed
+while holding it would block everyone, so a waiter that sees no progress for a
+second checks the last holder's PID (written after each acquire) and, if that
+process is dead, takes the lock over and zeroes the torn bytes past the tail.
+Where named semaphores are unavailable an ``flock`` serves instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import struct
+import threading
+import time
+from typing import Callable
+
+import portalocker
+
+from . import _segment
+from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordStatus, decode_record
+from ._segment import MappedSegment, StrPath, os_error
+from .errors import Closed, CorruptionError, SegqError, UnsupportedFormat
+
+__all__ = [
+    "CONTROL_NAME",
+    "CONTROL_SIZE",
+    "TAIL",
+    "SYNCED",
+    "OWNER",
+    "DATA_WAITERS",
+    "ROOM_WAITERS",
+    "SLOTS",
+    "SLOT_COUNT",
+    "SLOT",
+    "WORD",
+    "Control",
+    "split_word",
+    "DEFAULT_SEGMENT_SIZE",
+]
+
+log = logging.getLogger(__name__)
+
+CONTROL_NAME = "segq.ctl"
+CONTROL_SIZE = 4096
+CONTROL_VERSION = 1
+_MAGIC = b"segq\x00ctl"
+
+# Offsets into the control map (native byte order: the file never leaves
+# this machine and is rebuilt whenever no process has it open).
+_HEADER = struct.Struct("@8sII")  # magic, version, reserved
+TOKEN = 16  # u64: names the append semaphore
+TAIL = 24  # u64: segment << 32 | offset of the next append
+SYNCED = 32  # u64: tail word known to be on stable storage
+OWNER = 40  # u64: PID of the last process that took the append lock
+CLEAN_TAIL = 48  # u64: tail at the last clean shutdown (0 while in use)
+CLEAN_CHECK = 56  # u64: CLEAN_TAIL ^ TOKEN ^ _CLEAN_SALT, so stale values are ignored
+DATA_WAITERS = 64  # 64 bytes: slot i waits for data when byte i is non-zero
+ROOM_WAITERS = 128  # 64 bytes: slot i waits for room (backpressure)
+SLOTS = 256  # 64 slots of SLOT.size bytes: pid, generation
+SLOT_COUNT = 64
+SLOT = struct.Struct("@QQ")
+WORD = struct.Struct("@Q")
+_CLEAN_SALT = 0x5345_4751_434C_4541
+
+DEFAULT_SEGMENT_SIZE = 64 << 20
+
+_STEAL_CHECK_SECONDS = 0.25
+_STEAL_AFTER_SECONDS = 1.0
+
+
+def split_word(word: int) -> tuple[int, int]:
+    """Split a tail word into ``(segment, offset)``."""
+    return word >> 32, word & 0xFFFF_FFFF
+
+
+def _semaphore_name(token: int) -> str:
+    return f"/segq-{token:016x}"
+
+
+class _FlockAppendLock:
+    """Fallback append lock for platforms without named semaphores."""
+
+    def __init__(self, path: str) -> None:
+        self._thread_lock = threading.Lock()
+        self._handle = open(path, "a+b")
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        if not self._thread_lock.acquire(block, -1 if timeout is None else timeout):
+            return False
+        flags = portalocker.LockFlags.EXCLUSIVE | (0 if block else portalocker.LockFlags.NON_BLOCKING)
+        try:
+            portalocker.lock(self._handle, flags)
+        except portalocker.LockException:
+            self._thread_lock.release()
+            return False
+        return True
+
+    def release(self) -> None:
+        portalocker.unlock(self._handle)
+        self._thread_lock.release()
+
+
+def _open_semaphore(token: int, create: bool) -> object | None:
+    try:
+        from _multiprocessing import SemLock  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    name = _semaphore_name(token)
+    try:
+        if create:
+            return SemLock(1, 1, 1, name, False)
+        return SemLock._rebuild(0, 1, 1, name)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def _unlink_semaphore(token: int) -> None:
+    try:
+        from _multiprocessing import sem_unlink  # type: ignore[attr-defined]
+
+        sem_unlink(_semaphore_name(token))
+    except (ImportError, OSError):
+        pass
+
+
+class Control:
+    """A process's attachment to a queue's control file.
+
+    Attaching creates the queue directory and its first segment when missing,
+    and rebuilds the control file when this is the only process attached.
+    """
+
+    def __init__(self, queue_dir: StrPath, *, segment_size: int = DEFAULT_SEGMENT_SIZE) -> None:
+        self.queue_dir = os.fspath(queue_dir)
+        self.path = os.path.join(self.queue_dir, CONTROL_NAME)
+        self.segment_size = segment_size
+        self._closed = False
+        if os.path.exists(self.queue_dir) and not os.path.isdir(self.queue_dir):
+            raise SegqError(f"{self.queue_dir} is a file, not a queue directory")
+        try:
+            os.makedirs(self.queue_dir, exist_ok=True)
+            self._handle = open(self.path, "a+b")
+        except OSError as error:
+            raise os_error(error, "open queue", self.queue_dir) from None
+        try:
+            self._attach()
+        except BaseException:
+            self._handle.close()
+            raise
+        self.pid = os.getpid()
+        self.pid_word = WORD.pack(self.pid)
+
+    # -- attaching -------------------------------------------------------
+
+    def _attach(self) -> None:
+        import mmap
+
+        handle = self._handle
+        try:
+            portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
+            alone = True
+        except portalocker.LockException:
+            portalocker.lock(handle, portalocker.LockFlags.SHARED)
+            alone = False
+        if os.fstat(handle.fileno()).st_size < CONTROL_SIZE:
+            if not alone:
+                # Someone created the file but has not sized it yet: they hold
+                # it exclusively while doing so, and we hold it shared now.
+                raise SegqError(f"{self.path} is truncated; run `segq recover {self.queue_dir}`")
+            os.ftruncate(handle.fileno(), CONTROL_SIZE)
+        self.map = mmap.mmap(handle.fileno(), CONTROL_SIZE)
+        if alone:
+            self._rebuild()
+            portalocker.lock(handle, portalocker.LockFlags.SHARED)
+        else:
+            magic, version, _ = _HEADER.unpack_from(self.map, 0)
+            if magic != _MAGIC:
+                raise CorruptionError(self.path, 0, "control file has a bad magic number")
+            if version != CONTROL_VERSION:
+                raise UnsupportedFormat(f"{self.path}: control format {version}, this segq reads {CONTROL_VERSION}")
+        self.append_lock = _open_semaphore(self.word(TOKEN), create=False) or _FlockAppendLock(
+            os.path.join(self.queue_dir, "segq.append.lock")
+        )
+
+    def _rebuild(self) -> None:
+        """Recompute everything in the control file from the segments (we are alone)."""
+        control = self.map
+        magic, version, _ = _HEADER.unpack_from(control, 0)
+        known = magic == _MAGIC and version == CONTROL_VERSION
+        if magic == _MAGIC and version != CONTROL_VERSION:
+            raise UnsupportedFormat(f"{self.path}: control format {version}, this segq reads {CONTROL_VERSION}")
+        old_token = self.word(TOKEN) if known else 0
+        hint = self.word(TAIL) if known else None
+        clean = known and self.word(CLEAN_CHECK) == self.word(CLEAN_TAIL) ^ old_token ^ _CLEAN_SALT
+        tail = self._find_tail(hint, clean)
+        if old_token:
+            _unlink_semaphore(old_token)
+        token = secrets.randbits(63) | 1
+        control[:CONTROL_SIZE] = bytes(CONTROL_SIZE)
+        _HEADER.pack_into(control, 0, _MAGIC, CONTROL_VERSION, 0)
+        WORD.pack_into(control, TOKEN, token)
+        WORD.pack_into(control, TAIL, tail)
+        WORD.pack_into(control, SYNCED, 0)
+        if _open_semaphore(token, create=True) is None:
+            log.debug("named semaphores unavailable; appends use flock")
+
+    def _find_tail(self, hint: int | None, clean: bool) -> int:
+        segments = _segment.list_segments(self.queue_dir)
+        if not segments:
+            _segment.create_segment(self.queue_dir, 0, self.segment_size, durable=True)
+            return SEGMENT_HEADER_SIZE
+        last = segments[-1]
+        segment = MappedSegment(self.queue_dir, last, writable=True)
+        try:
+            start = SEGMENT_HEADER_SIZE
+            if clean and hint is not None:
+                # After a clean shutdown the saved tail is trusted as a place
+                # to start scanning from, so opening costs no full scan.
+                hint_segment, hint_offset = split_word(hint)
+                if hint_segment == last and SEGMENT_HEADER_SIZE <= hint_offset <= segment.size - HEADER_SIZE:
+                    start = hint_offset
+            return self._repair_tail(segment, start, hint)
+        finally:
+            segment.close()
+
+    def _repair_tail(self, segment: MappedSegment, start: int, hint: int | None) -> int:
+        """Find the end of the last complete record from ``start``; cut what lies past it."""
+        scan = _segment.scan_records(segment.map, start, segment.size)
+        if scan.status is RecordStatus.END:
+            following = segment.number + 1
+            _segment.create_segment(self.queue_dir, following, self.segment_size, durable=True)
+            return following << 32 | SEGMENT_HEADER_SIZE
+        if hint is not None:
+            hint_segment, hint_offset = split_word(hint)
+            if hint_segment == segment.number and hint_offset > scan.end and hint_offset <= segment.size:
+                raise CorruptionError(
+                    segment.path,
+                    scan.stop,
+                    f"{scan.status.value} in a record below the last published one (offset {hint_offset})",
+                )
+        if scan.status is not RecordStatus.EMPTY and scan.stop_extent + HEADER_SIZE <= segment.size:
+            following = decode_record(segment.map, scan.stop_extent, segment.size)
+            if following.status in (RecordStatus.OK, RecordStatus.END):
+                raise CorruptionError(segment.path, scan.stop, f"{scan.status.value}, followed by valid records")
+        dirty = _segment.dirty_end(segment.map, scan.end, segment.size)
+        if dirty > scan.end:
+            log.warning(
+                "%s: cutting a torn tail, bytes %d..%d (a write interrupted by a crash)",
+                segment.path,
+                scan.end,
+                dirty,
+            )
+            segment.map[scan.end : dirty] = bytes(dirty - scan.end)
+        return segment.number << 32 | scan.end
+
+    # -- shared words ----------------------------------------------------
+
+    def word(self, offset: int) -> int:
+        """Load the 64-bit word at ``offset``."""
+        value: int = WORD.unpack_from(self.map, offset)[0]
+        return value
+
+    def store(self, offset: int, value: int) -> None:
+        """Store a 64-bit word at ``offset`` (one aligned store)."""
+        WORD.pack_into(self.map, offset, value)
+
+    def tail(self) -> tuple[int, int]:
+        """Return the append position as ``(segment, offset)``."""
+        return split_word(self.word(TAIL))
+
+    # -- the append lock -------------------------------------------------
+
+    def acquire_slow(self, zero_past_tail: Callable[[int], None]) -> None:
+        """Wait for the append lock; take it over if its holder died holding it.
+
+        ``zero_past_tail(tail_word)`` is called after a takeover to clear the
+        torn bytes the dead holder may have left past the tail.
+        """
+        append_lock = self.append_lock
+        last_tail = self.word(TAIL)
+        stalled_since = time.monotonic()
+        while True:
+            if append_lock.acquire(True, _STEAL_CHECK_SECONDS):  # type: ignore[attr-defined]
+                self.map[OWNER : OWNER + 8] = self.pid_word
+                return
+            if self._closed:
+                raise Closed("the queue was closed while waiting to append")
+            tail = self.word(TAIL)
+            now = time.monotonic()
+            if tail != last_tail:
+                last_tail, stalled_since = tail, now
+                continue
+            if now - stalled_since < _STEAL_AFTER_SECONDS:
+                continue
+            if self._take_over(last_tail):
+                zero_past_tail(last_tail)
+                return
+
+    def _take_over(self, stalled_tail: int) -> bool:
+        from ._lock import process_is_alive
+
+        owner = self.word(OWNER)
+        if owner == self.pid or process_is_alive(owner, None):
+            if owner == self.pid or not self._dead_sender_registered():
+                return False
+        with open(os.path.join(self.queue_dir, "segq.takeover.lock"), "a+b") as handle:
+            portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE)
+            if self.word(TAIL) != stalled_tail or self.word(OWNER) != owner:
+                return False
+            self.map[OWNER : OWNER + 8] = self.pid_word
+        log.warning("%s: append lock held by dead PID %d; taking it over", self.queue_dir, owner)
+        return True
+
+    def _dead_sender_registered(self) -> bool:
+        """Tell whether a sender registration was left by a dead process (and remove it)."""
+        from ._lock import read_owner
+
+        directory = os.path.join(self.queue_dir, "senders")
+        found = False
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return False
+        for name in names:
+            path = os.path.join(directory, name)
+            owner = read_owner(path)
+            if owner is not None and not owner.alive:
+                found = True
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        return found
+
+    # -- detaching -------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach; the last process to detach records a clean shutdown."""
+        if self._closed:
+            return
+        self._closed = True
+        handle = self._handle
+        try:
+            portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
+        except portalocker.LockException:
+            pass
+        else:
+            tail = self.word(TAIL)
+            token = self.word(TOKEN)
+            self.store(CLEAN_TAIL, tail)
+            self.store(CLEAN_CHECK, tail ^ token ^ _CLEAN_SALT)
+            _unlink_semaphore(token)
+        self.append_lock = None
+        try:
+            self.map.close()
+        except BufferError:
+            pass
+        handle.close()
+

@@ -1,0 +1,182 @@
+"""Record framing and checksums: bytes in, bytes out, no I/O.
+
+The byte layout is specified in ``docs/format.md``; this module is its only
+encoder and decoder.  A record is an 8-byte header followed by its payload::
+
+    u32 le  length | flags      (bit 31: "the batch continues in the next record")
+    u32 le  CRC-32 of the 4 length bytes followed by the payload
+    ...     payload
+
+A length word of ``0xFFFFFFFF`` is the end-of-segment marker.  Because
+segment files are preallocated with zeros and the CRC-32 of four zero bytes is
+not zero, an all-zero header never decodes as a record: it means "nothing
+written here yet".
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from typing import NamedTuple
+
+__all__ = [
+    "FORMAT_VERSION",
+    "RECORD_HEADER",
+    "HEADER_SIZE",
+    "CONTINUES",
+    "LENGTH_MASK",
+    "END_OF_SEGMENT",
+    "END_MARKER",
+    "SEGMENT_HEADER_SIZE",
+    "RecordStatus",
+    "Record",
+    "record_crc",
+    "encode_record",
+    "encode_batch",
+    "decode_record",
+    "encode_segment_header",
+    "decode_segment_header",
+    "SegmentHeaderError",
+]
+
+FORMAT_VERSION = 1
+
+RECORD_HEADER = struct.Struct("<II")
+HEADER_SIZE = RECORD_HEADER.size
+CONTINUES = 0x8000_0000
+LENGTH_MASK = 0x7FFF_FFFF
+END_OF_SEGMENT = 0xFFFF_FFFF
+
+_LENGTH = struct.Struct("<I")
+# CRC-32 state after the four length bytes, precomputed for the common small
+# lengths so the hot path costs one zlib call per record.
+_LENGTH_CRC = [zlib.crc32(_LENGTH.pack(n)) for n in range(4096)]
+
+
+def record_crc(length_word: int, payload: bytes | memoryview) -> int:
+    """Return the CRC-32 of ``length_word`` (4 bytes, little-endian) followed by ``payload``."""
+    if length_word < 4096:
+        return zlib.crc32(payload, _LENGTH_CRC[length_word])
+    return zlib.crc32(payload, zlib.crc32(_LENGTH.pack(length_word)))
+
+
+END_MARKER = RECORD_HEADER.pack(END_OF_SEGMENT, zlib.crc32(_LENGTH.pack(END_OF_SEGMENT)))
+
+
+def encode_record(payload: bytes, *, continues: bool = False) -> bytes:
+    """Return the framed bytes of one record (header and payload)."""
+    length_word = len(payload) | (CONTINUES if continues else 0)
+    return RECORD_HEADER.pack(length_word, record_crc(length_word, payload)) + payload
+
+
+def encode_batch(payloads: list[bytes]) -> bytes:
+    """Return one contiguous frame sequence; every record but the last is marked ``CONTINUES``."""
+    pack = RECORD_HEADER.pack
+    crc32 = zlib.crc32
+    length_crc = _LENGTH_CRC
+    parts: list[bytes] = []
+    append = parts.append
+    last = len(payloads) - 1
+    for index, payload in enumerate(payloads):
+        length_word = len(payload) if index == last else len(payload) | CONTINUES
+        if length_word < 4096:
+            crc = crc32(payload, length_crc[length_word])
+        else:
+            crc = record_crc(length_word, payload)
+        append(pack(length_word, crc))
+        append(payload)
+    return b"".join(parts)
+
+
+class RecordStatus(enum.Enum):
+    """What :func:`decode_record` found at an offset."""
+
+    OK = "ok"
+    END = "end of segment"
+    EMPTY = "nothing written yet"
+    INCOMPLETE = "record runs past the end of the data"
+    CORRUPT = "checksum mismatch"
+
+
+class Record(NamedTuple):
+    """One decoded frame: its status, payload bounds and flags."""
+
+    status: RecordStatus
+    start: int  # offset of the payload
+    end: int  # offset just past the payload (the next header)
+    continues: bool
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+_ZERO_HEADER = bytes(HEADER_SIZE)
+
+
+def decode_record(buffer: bytes | memoryview, offset: int, limit: int) -> Record:
+    """Decode the frame at ``offset``; bytes at ``limit`` and beyond are not looked at.
+
+    A header or payload cut by ``limit`` is ``INCOMPLETE``; a CRC mismatch is
+    ``CORRUPT``; an all-zero header is ``EMPTY``.  Never raises for any input.
+    """
+    payload_start = offset + HEADER_SIZE
+    if payload_start > limit:
+        return Record(RecordStatus.INCOMPLETE, payload_start, payload_start, False)
+    length_word, crc = RECORD_HEADER.unpack_from(buffer, offset)
+    if length_word == END_OF_SEGMENT:
+        status = RecordStatus.END if crc == _END_CRC else RecordStatus.CORRUPT
+        return Record(status, payload_start, payload_start, False)
+    if length_word == 0 and crc == 0:
+        return Record(RecordStatus.EMPTY, payload_start, payload_start, False)
+    end = payload_start + (length_word & LENGTH_MASK)
+    continues = bool(length_word & CONTINUES)
+    if end > limit:
+        return Record(RecordStatus.INCOMPLETE, payload_start, end, continues)
+    if record_crc(length_word, memoryview(buffer)[payload_start:end]) != crc:
+        return Record(RecordStatus.CORRUPT, payload_start, end, continues)
+    return Record(RecordStatus.OK, payload_start, end, continues)
+
+
+_END_CRC = RECORD_HEADER.unpack(END_MARKER)[1]
+
+# Segment header: magic, format version, header size, segment number, CRC-32
+# of the preceding 24 bytes, 4 reserved zero bytes.  Records start right after.
+SEGMENT_MAGIC = b"segq\x00seg"
+_SEGMENT_HEADER = struct.Struct("<8sIIQII")
+SEGMENT_HEADER_SIZE = _SEGMENT_HEADER.size
+
+
+class SegmentHeaderError(ValueError):
+    """The segment header is not one this version reads; the message says why.
+
+    ``unsupported`` is true when the header is intact but of another format
+    version (a newer segq wrote it), false when it is damaged.
+    """
+
+    def __init__(self, message: str, *, unsupported: bool = False) -> None:
+        super().__init__(message)
+        self.unsupported = unsupported
+
+
+def encode_segment_header(number: int) -> bytes:
+    """Return the header bytes of segment ``number``."""
+    body = _SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, SEGMENT_HEADER_SIZE, number, 0, 0)[:24]
+    return _SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, SEGMENT_HEADER_SIZE, number, zlib.crc32(body), 0)
+
+
+def decode_segment_header(data: bytes | memoryview) -> int:
+    """Return the segment number stored in a header, or raise :class:`SegmentHeaderError`."""
+    if len(data) < SEGMENT_HEADER_SIZE:
+        raise SegmentHeaderError(f"file is {len(data)} bytes, shorter than the {SEGMENT_HEADER_SIZE}-byte header")
+    magic, version, header_size, number, crc, _ = _SEGMENT_HEADER.unpack_from(data, 0)
+    if magic != SEGMENT_MAGIC:
+        raise SegmentHeaderError(f"bad magic {bytes(magic)!r}, not a segq segment")
+    if version != FORMAT_VERSION:
+        raise SegmentHeaderError(
+            f"format version {version}, this segq reads version {FORMAT_VERSION}", unsupported=True
+        )
+    if zlib.crc32(bytes(data[:24])) != crc or header_size != SEGMENT_HEADER_SIZE:
+        raise SegmentHeaderError("header checksum mismatch")
+    return int(number)

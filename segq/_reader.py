@@ -1,0 +1,140 @@
+"""Reading records in order: the one record reader Receiver and WorkQueue share.
+
+Theory of operation
+-------------------
+A reader reads segments with ``pread`` into a buffer (never through a memory
+map, so a segment truncated by someone else is an error, not a SIGBUS), and
+never past the tail published in the control file: everything below it is
+complete, so a checksum mismatch there is damage, not a write in progress.
+The read position is a tail-style word, ``segment << 32 | offset``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from . import _segment
+from ._control import TAIL, WORD, Control
+from ._format import END_OF_SEGMENT, HEADER_SIZE, LENGTH_MASK, RECORD_HEADER, SEGMENT_HEADER_SIZE, record_crc
+from .errors import CorruptionError, SegqError
+
+__all__ = ["RecordReader"]
+
+_CHUNK = 1 << 17
+
+
+class RecordReader:
+    """Reads the records of a queue from ``position`` on; ``position`` advances past each one."""
+
+    def __init__(self, control: Control, position: int, *, consumer: str) -> None:
+        self.path = control.queue_dir
+        self.position = position
+        self._control = control
+        self._consumer = consumer  # for error messages: which consumer to recover
+        self._fd = -1
+        self._fd_segment = -1
+        self._segment_size = 0
+        self._buffer = b""
+        self._buffer_start = 0  # segment offset of self._buffer[0]
+
+    def available(self) -> bool:
+        """Tell whether a record lies past ``position``."""
+        return WORD.unpack_from(self._control.map, TAIL)[0] > self.position
+
+    def next(self) -> bytes | None:
+        """Return the record at ``position`` and advance past it; None if there is none yet."""
+        control_map = self._control.map
+        while True:
+            read = self.position
+            tail = WORD.unpack_from(control_map, TAIL)[0]
+            if read >= tail:
+                return None
+            segment = read >> 32
+            offset = read & 0xFFFF_FFFF
+            relative = offset - self._buffer_start
+            buffer = self._buffer
+            if segment != self._fd_segment or relative < 0 or relative + HEADER_SIZE > len(buffer):
+                buffer = self._fill(segment, offset, HEADER_SIZE, tail)
+                relative = 0
+            length_word, crc = RECORD_HEADER.unpack_from(buffer, relative)
+            if length_word == END_OF_SEGMENT:
+                self.position = (segment + 1) << 32 | SEGMENT_HEADER_SIZE
+                continue
+            size = length_word & LENGTH_MASK
+            start = relative + HEADER_SIZE
+            end = start + size
+            if end > len(buffer):
+                buffer = self._fill(segment, offset, HEADER_SIZE + size, tail)
+                start, end = HEADER_SIZE, HEADER_SIZE + size
+            data = buffer[start:end]
+            if record_crc(length_word, data) != crc:
+                data = self._reread_damaged(segment, offset, length_word, tail)
+            self.position = read + HEADER_SIZE + size
+            return data
+
+    def _fill(self, segment: int, offset: int, needed: int, tail: int) -> bytes:
+        """Read from ``offset`` of ``segment``: at least ``needed`` bytes, not past the tail."""
+        if segment != self._fd_segment:
+            self._open_segment(segment)
+        tail_segment, tail_offset = tail >> 32, tail & 0xFFFF_FFFF
+        limit = tail_offset if tail_segment == segment else self._segment_size
+        count = max(min(_CHUNK, limit - offset), needed)
+        try:
+            buffer = os.pread(self._fd, count, offset)
+        except OSError as error:
+            raise _segment.os_error(error, "read segment", _segment.segment_path(self.path, segment)) from None
+        if len(buffer) < needed:
+            raise CorruptionError(
+                _segment.segment_path(self.path, segment),
+                offset,
+                f"segment ends after {offset + len(buffer)} bytes but its records go on "
+                "(was the file truncated by another program?)",
+            )
+        self._buffer = buffer
+        self._buffer_start = offset
+        return buffer
+
+    def _open_segment(self, number: int) -> None:
+        self.close()
+        path = _segment.segment_path(self.path, number)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise SegqError(
+                f"{path} is missing but {self._consumer} reads from it; run `segq recover {self.path}`"
+            ) from None
+        except OSError as error:
+            raise _segment.os_error(error, "open segment", path) from None
+        try:
+            found = _segment.read_segment_header(path, os.pread(fd, SEGMENT_HEADER_SIZE, 0))
+            if found != number:
+                raise CorruptionError(path, 0, f"header says segment {found}, file name says {number}")
+            self._segment_size = os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._fd_segment = number
+
+    def _reread_damaged(self, segment: int, offset: int, length_word: int, tail: int) -> bytes:
+        # On weakly ordered CPUs a record's bytes may become visible a moment
+        # after the tail that covers them; only a mismatch that persists is damage.
+        size = length_word & LENGTH_MASK
+        for pause in (0.0, 0.001, 0.01):
+            time.sleep(pause)
+            buffer = self._fill(segment, offset, HEADER_SIZE + size, tail)
+            again_word, again_crc = RECORD_HEADER.unpack_from(buffer, 0)
+            data = buffer[HEADER_SIZE : HEADER_SIZE + size]
+            if again_word == length_word and record_crc(length_word, data) == again_crc:
+                return data
+        raise CorruptionError(_segment.segment_path(self.path, segment), offset, "record checksum mismatch")
+
+    def close(self) -> None:
+        """Close the open segment, if any; the reader can go on reading afterwards."""
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+        self._fd_segment = -1
+        self._buffer = b""
+        self._buffer_start = 0

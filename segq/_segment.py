@@ -1,0 +1,253 @@
+"""Segment files: naming, the one directory scan, creation, and torn-tail detection.
+
+Theory of operation
+-------------------
+A segment is a preallocated file ``NNNNNNNNNNNN.seg`` (12 decimal digits, so
+name order is append order) holding a header and then records back to back
+(``docs/format.md``).  A segment comes into being complete: it is written under
+a temporary name, preallocated (so a full disk fails here, with a clear error,
+and never later as a SIGBUS inside a memory-mapped write), given its header,
+and only then linked under its final name.  Bytes past the last record are
+zero; a crash mid-append can leave a torn record there, which
+:func:`scan_records` tells apart from damage in the middle of the data.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Union
+
+from . import _format
+from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordStatus, SegmentHeaderError
+from .errors import CorruptionError, SegqError, UnsupportedFormat
+
+__all__ = [
+    "StrPath",
+    "segment_path",
+    "list_segments",
+    "create_segment",
+    "MappedSegment",
+    "read_segment_header",
+    "ScanResult",
+    "scan_records",
+    "dirty_end",
+    "fsync_directory",
+    "os_error",
+]
+
+log = logging.getLogger(__name__)
+
+StrPath = Union[str, "os.PathLike[str]"]
+
+_SEGMENT_NAME = re.compile(r"^(\d{12})\.seg$")
+
+
+def segment_path(queue_dir: StrPath, number: int) -> str:
+    """Return the path of segment ``number`` inside ``queue_dir``."""
+    return os.path.join(queue_dir, f"{number:012d}.seg")
+
+
+def os_error(error: OSError, action: str, path: StrPath) -> SegqError:
+    """Turn an ``OSError`` into a ``SegqError`` that says what failed, where, and what to do."""
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "check the permissions of the queue directory"
+    elif error.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "the disk is full: free some space and retry"
+    else:
+        advice = error.strerror or str(error)
+    return SegqError(f"cannot {action} {os.fspath(path)}: {advice}")
+
+
+def list_segments(queue_dir: StrPath) -> list[int]:
+    """Return the numbers of the segments in ``queue_dir``, oldest first.
+
+    Files that are not segments (including leftover ``*.tmp`` files of an
+    interrupted creation) are ignored: a queue directory may hold other things.
+    """
+    try:
+        names = os.listdir(queue_dir)
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        raise SegqError(f"{os.fspath(queue_dir)} is a file, not a queue directory") from None
+    except OSError as error:
+        raise os_error(error, "list", queue_dir) from None
+    numbers = [int(match.group(1)) for match in map(_SEGMENT_NAME.match, names) if match]
+    numbers.sort()
+    return numbers
+
+
+def fsync_directory(path: StrPath) -> None:
+    """Make the directory entries of ``path`` durable (creations, renames, deletions)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _preallocate(fd: int, size: int) -> None:
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    # No fallocate (macOS, some filesystems): a sparse file, so a full disk is
+    # only found when pages are written back.  docs/format.md says so.
+    os.ftruncate(fd, size)
+
+
+def create_segment(queue_dir: StrPath, number: int, size: int, *, durable: bool) -> bool:
+    """Create segment ``number`` of ``size`` bytes; return False if it already exists.
+
+    ``durable`` syncs the file and the directory so the new segment survives
+    power loss.  A full disk raises ``SegqError`` and leaves nothing behind.
+    """
+    final = segment_path(queue_dir, number)
+    temporary = f"{final}.{secrets.token_hex(4)}.tmp"
+    try:
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as error:
+        raise os_error(error, "create segment", temporary) from None
+    try:
+        try:
+            _preallocate(fd, size)
+            os.pwrite(fd, _format.encode_segment_header(number), 0)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temporary, final)
+        except FileExistsError:
+            return False
+        if durable:
+            fsync_directory(queue_dir)
+        return True
+    except OSError as error:
+        raise os_error(error, "create segment", final) from None
+    finally:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+
+
+def read_segment_header(path: str, data: bytes | memoryview) -> int:
+    """Return the segment number in ``data``'s header, or raise a ``SegqError`` naming ``path``."""
+    try:
+        return _format.decode_segment_header(data)
+    except SegmentHeaderError as error:
+        if error.unsupported:
+            raise UnsupportedFormat(f"{path}: {error}; upgrade segq to read this queue") from None
+        raise CorruptionError(path, 0, f"segment header: {error}") from None
+
+
+class MappedSegment:
+    """One segment file, open and memory-mapped (read-write or read-only)."""
+
+    def __init__(self, queue_dir: StrPath, number: int, *, writable: bool) -> None:
+        self.number = number
+        self.path = segment_path(queue_dir, number)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            raise os_error(error, "open segment", self.path) from None
+        try:
+            self.size = os.fstat(self.fd).st_size
+            if self.size < SEGMENT_HEADER_SIZE + HEADER_SIZE:
+                raise CorruptionError(self.path, 0, f"segment is only {self.size} bytes long")
+            access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+            self.map = mmap.mmap(self.fd, self.size, access=access)
+            found = read_segment_header(self.path, self.map[:SEGMENT_HEADER_SIZE])
+            if found != number:
+                raise CorruptionError(self.path, 0, f"header says segment {found}, file name says {number}")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Unmap and close; safe to call twice."""
+        mapping = getattr(self, "map", None)
+        if mapping is not None:
+            try:
+                mapping.close()
+            except BufferError:
+                # A memoryview of the map is still alive somewhere; the mapping
+                # goes away with it.
+                pass
+            self.map = None  # type: ignore[assignment]
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Where a walk over a segment's records stopped, and why.
+
+    ``end`` is the offset just past the last complete record (a torn batch is
+    rewound to its first record); ``status`` is what was found at ``stop``:
+    ``END`` for a sealed segment, ``EMPTY`` for a clean tail, otherwise a torn
+    or damaged record whose claimed extent ends at ``stop_extent``.
+    """
+
+    end: int
+    stop: int
+    status: RecordStatus
+    stop_extent: int
+    records: int
+
+
+def scan_records(buffer: bytes | memoryview | mmap.mmap, start: int, limit: int) -> ScanResult:
+    """Walk the records from ``start`` until one is not ``OK``; never raises on bad bytes."""
+    decode = _format.decode_record
+    offset = start
+    batch_start = None
+    records = 0
+    batch_records = 0
+    while True:
+        record = decode(buffer, offset, limit)
+        if record.status is not RecordStatus.OK:
+            break
+        if record.continues:
+            if batch_start is None:
+                batch_start = offset
+                batch_records = 0
+            batch_records += 1
+        else:
+            batch_start = None
+        records += 1
+        offset = record.end
+    end = offset
+    if batch_start is not None:
+        # The last batch never got its final record: none of it was sent.
+        end = batch_start
+        records -= batch_records
+    return ScanResult(end, offset, record.status, min(max(record.end, offset + HEADER_SIZE), limit), records)
+
+
+_CHUNK = 1 << 16
+
+
+def dirty_end(buffer: bytes | memoryview | mmap.mmap, start: int, limit: int) -> int:
+    """Return the offset just past the last non-zero byte in ``[start, limit)`` (``start`` if none)."""
+    position = limit
+    while position > start:
+        low = max(start, position - _CHUNK)
+        chunk = buffer[low:position]
+        stripped = chunk.rstrip(b"\x00")
+        if stripped:
+            return low + len(stripped)
+        position = low
+    return start

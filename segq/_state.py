@@ -1,0 +1,271 @@
+"""Consumer positions: crash-atomic O(1) writes of a small metadata file.
+
+Theory of operation
+-------------------
+Each consumer (a receiver name, a work-queue group) has a cursor file,
+``cursors/<kind>.<name>.pos``, of two 512-byte sectors.  Each sector holds a
+*slot*: magic, version, a sequence number, the position, and a CRC-32 of all
+that.  A write goes to the slot the previous write did not use, with the next
+sequence number, through a shared memory map: one memory copy, no system
+call.  A crash at any instant (the process killed mid-copy, power lost
+mid-sector) can only damage the slot being written, and the reader takes the
+valid slot with the higher sequence number: the old position or the new one,
+never garbage.  Durability against power loss comes from ``sync`` (msync).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+
+from ._format import SEGMENT_HEADER_SIZE
+from ._segment import StrPath, os_error
+from .errors import CorruptionError, SegqError, UnsupportedFormat
+
+__all__ = [
+    "Position",
+    "CursorFile",
+    "cursor_path",
+    "list_cursors",
+    "check_name",
+    "CURSOR_DIR",
+    "read_position",
+    "register_cursor",
+    "delete_consumed_segments",
+]
+
+CURSOR_DIR = "cursors"
+_MAGIC = b"segq\x00pos"
+_VERSION = 1
+_BODY = struct.Struct("<8sIIQQQ")  # magic, version, reserved, sequence, segment, offset
+_CRC = struct.Struct("<I")
+_SLOT_SIZE = 512
+_FILE_SIZE = 2 * _SLOT_SIZE
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """A place in the queue: a segment number and a byte offset inside it.
+
+    Positions compare in queue order.  ``Position(3, 4096)`` prints as
+    ``segment 3 offset 4096``.
+    """
+
+    segment: int
+    offset: int
+
+    def __str__(self) -> str:
+        return f"segment {self.segment} offset {self.offset}"
+
+    @classmethod
+    def bottom(cls, segment: int) -> "Position":
+        """Return the position of the first record of ``segment``."""
+        return cls(segment, SEGMENT_HEADER_SIZE)
+
+
+def check_name(name: str, what: str = "receiver name") -> str:
+    """Return ``name`` if it is usable in a file name, else raise ``SegqError``."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise SegqError(
+            f"bad {what} {name!r}: use 1-100 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+        )
+    return name
+
+
+def cursor_path(queue_dir: StrPath, kind: str, name: str) -> str:
+    """Return the cursor file of consumer ``name`` of ``kind`` ("r" receiver, "g" group)."""
+    return os.path.join(queue_dir, CURSOR_DIR, f"{kind}.{name}.pos")
+
+
+def list_cursors(queue_dir: StrPath) -> list[tuple[str, str, str]]:
+    """Return ``(kind, name, path)`` of every consumer registered in ``queue_dir``."""
+    directory = os.path.join(queue_dir, CURSOR_DIR)
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise os_error(error, "list", directory) from None
+    found = []
+    for file_name in names:
+        if file_name.endswith(".pos") and file_name[1:2] == ".":
+            found.append((file_name[0], file_name[2:-4], os.path.join(directory, file_name)))
+    return found
+
+
+def _decode_slot(data: bytes) -> tuple[int, Position] | None:
+    magic, version, _, sequence, segment, offset = _BODY.unpack_from(data, 0)
+    if magic != _MAGIC:
+        return None
+    (crc,) = _CRC.unpack_from(data, _BODY.size)
+    if zlib.crc32(data[: _BODY.size]) != crc:
+        return None
+    if version != _VERSION:
+        raise UnsupportedFormat(f"cursor format {version}, this segq reads {_VERSION}")
+    return sequence, Position(segment, offset)
+
+
+class CursorFile:
+    """A consumer's saved position, memory-mapped for O(1) crash-atomic writes."""
+
+    def __init__(self, path: StrPath, *, initial: Position | None = None) -> None:
+        """Open the cursor at ``path``; create it at ``initial`` if missing (else raise)."""
+        self.path = os.fspath(path)
+        try:
+            if initial is not None:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            else:
+                self.fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            raise SegqError(f"no consumer state at {self.path}") from None
+        except OSError as error:
+            raise os_error(error, "open cursor", self.path) from None
+        try:
+            size = os.fstat(self.fd).st_size
+            fresh = size == 0
+            if fresh:
+                os.ftruncate(self.fd, _FILE_SIZE)
+            elif size != _FILE_SIZE:
+                raise CorruptionError(self.path, 0, f"cursor file is {size} bytes, expected {_FILE_SIZE}")
+            self.map = mmap.mmap(self.fd, _FILE_SIZE)
+            if fresh:
+                if initial is None:
+                    raise CorruptionError(self.path, 0, "cursor file is empty")
+                self._sequence = 0
+                self.write(initial)
+                self.sync()
+            else:
+                self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self) -> tuple[int, Position]:
+        best = None
+        for base in (0, _SLOT_SIZE):
+            try:
+                slot = _decode_slot(self.map[base : base + _SLOT_SIZE])
+            except UnsupportedFormat as error:
+                raise UnsupportedFormat(f"{self.path}: {error}") from None
+            if slot is not None and (best is None or slot[0] > best[0]):
+                best = slot
+        if best is None:
+            raise CorruptionError(self.path, 0, "both position slots are damaged")
+        return best
+
+    def _load(self) -> None:
+        self._sequence, position = self._read()
+        self._segment, self._offset = position.segment, position.offset
+
+    def reload(self) -> Position:
+        """Re-read the position (another process, e.g. recovery, may have written it)."""
+        self._load()
+        return self.position
+
+    @property
+    def position(self) -> Position:
+        """The position saved last."""
+        return Position(self._segment, self._offset)
+
+    def write(self, position: Position) -> None:
+        """Save ``position``: one memory copy into the slot not holding the current one."""
+        self.write_at(position.segment, position.offset)
+
+    def write_at(self, segment: int, offset: int) -> None:
+        """Save ``(segment, offset)``; the allocation-free form of :meth:`write`."""
+        sequence = self._sequence + 1
+        base = (sequence & 1) * _SLOT_SIZE
+        body = _BODY.pack(_MAGIC, _VERSION, 0, sequence, segment, offset)
+        self.map[base : base + _BODY.size] = body
+        _CRC.pack_into(self.map, base + _BODY.size, zlib.crc32(body))
+        self._sequence = sequence
+        self._segment = segment
+        self._offset = offset
+
+    def sync(self) -> None:
+        """Make the last write survive power loss."""
+        self.map.flush()
+
+    def close(self) -> None:
+        """Unmap and close; safe to call twice."""
+        mapping = getattr(self, "map", None)
+        if mapping is not None and not mapping.closed:
+            mapping.close()
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def read_position(path: StrPath) -> Position:
+    """Return the position saved at ``path`` without keeping the file open."""
+    cursor = CursorFile(path)
+    try:
+        return cursor.position
+    finally:
+        cursor.close()
+
+
+def _retention_lock(queue_dir: StrPath):  # type: ignore[no-untyped-def]
+    import portalocker
+
+    handle = open(os.path.join(queue_dir, "segq.gc.lock"), "a+b")
+    portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE)
+    return handle
+
+
+def register_cursor(queue_dir: StrPath, kind: str, name: str) -> CursorFile:
+    """Open consumer ``name``'s cursor, creating it at the oldest retained record if new.
+
+    Registration and segment deletion take the same lock, so a new consumer
+    never starts in a segment that is being deleted.
+    """
+    from ._segment import list_segments
+
+    path = cursor_path(queue_dir, kind, name)
+    if os.path.exists(path):
+        return CursorFile(path)
+    with _retention_lock(queue_dir):
+        if os.path.exists(path):
+            return CursorFile(path)
+        segments = list_segments(queue_dir)
+        return CursorFile(path, initial=Position.bottom(segments[0] if segments else 0))
+
+
+def delete_consumed_segments(queue_dir: StrPath) -> list[int]:
+    """Delete every segment all registered consumers have committed past; return their numbers.
+
+    A consumer whose cursor cannot be read keeps everything (nothing is
+    deleted on a guess).
+    """
+    import logging
+
+    from ._segment import list_segments, segment_path
+
+    with _retention_lock(queue_dir):
+        floor = None
+        for _, _, path in list_cursors(queue_dir):
+            try:
+                position = read_position(path)
+            except SegqError:
+                return []
+            floor = position.segment if floor is None else min(floor, position.segment)
+        if floor is None:
+            return []
+        deleted = []
+        for number in list_segments(queue_dir):
+            if number >= floor:
+                break
+            try:
+                os.unlink(segment_path(queue_dir, number))
+            except FileNotFoundError:
+                continue  # another consumer got there first
+            deleted.append(number)
+        if deleted:
+            logging.getLogger(__name__).debug("%s: deleted consumed segments %s", queue_dir, deleted)
+        return deleted

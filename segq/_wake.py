@@ -1,0 +1,213 @@
+"""Blocking without spinning: how a sender wakes a waiting receiver.
+
+Theory of operation
+-------------------
+A process that must wait (a receiver for data, a sender for room) claims a
+slot in the control file's waiter table and owns a FIFO, ``wake/<slot>.fifo``.
+To wait it raises its slot's byte in ``DATA_WAITERS`` (or ``ROOM_WAITERS``),
+checks its condition once more, and blocks in ``poll`` on the FIFO.  A
+process that makes the condition true (a send, a commit) looks at those 64
+bytes after publishing its change, and writes one byte to the FIFO of each
+raised slot.  So a send that nobody waits for costs one 64-byte compare and
+no system call, and a waiting process costs nothing until it is woken.
+
+Each side stores then loads (the waiter: flag then condition; the waker:
+tail then flags).  That needs a full memory barrier between the two on each
+side, or both could miss each other.  The waker gets one from releasing the
+append semaphore (an atomic instruction); the waiter takes and drops a lock.
+As a last line of defence a wait never blocks longer than a second before
+checking its condition again, so even a lost wake-up costs latency, not a hang.
+
+The file descriptor of a waiter is pollable, so asyncio can watch it with
+``loop.add_reader`` instead of a thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import stat
+import threading
+import time
+from typing import Callable
+
+import portalocker
+
+from ._control import DATA_WAITERS, ROOM_WAITERS, SLOT, SLOT_COUNT, SLOTS, Control
+from ._segment import os_error
+
+__all__ = ["Waiter", "Waker", "DATA_WAITERS", "ROOM_WAITERS"]
+
+_SAFETY_SECONDS = 1.0
+_fence_lock = threading.Lock()
+_NO_WAITERS = bytes(SLOT_COUNT)
+
+
+def _fence() -> None:
+    # Taking and dropping a lock executes an atomic instruction: a full barrier.
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+def _wake_dir(control: Control) -> str:
+    return os.path.join(control.queue_dir, "wake")
+
+
+def _fifo_path(control: Control, slot: int) -> str:
+    return os.path.join(_wake_dir(control), f"{slot:02d}.fifo")
+
+
+class Waiter:
+    """One waiting process's slot and FIFO.  Not thread-safe: one per waiting object."""
+
+    def __init__(self, control: Control) -> None:
+        from ._lock import process_is_alive
+
+        self._control = control
+        self.slot = -1
+        self.fd = -1
+        directory = _wake_dir(control)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            table_lock = open(os.path.join(directory, "slots.lock"), "a+b")
+        except OSError as error:
+            raise os_error(error, "create", directory) from None
+        with table_lock:
+            portalocker.lock(table_lock, portalocker.LockFlags.EXCLUSIVE)
+            for slot in range(SLOT_COUNT):
+                pid, generation = SLOT.unpack_from(control.map, SLOTS + slot * SLOT.size)
+                if pid == 0 or (pid != os.getpid() and not process_is_alive(pid, None)):
+                    break
+            else:
+                return  # table full: wait() falls back to short timed polls
+            path = _fifo_path(control, slot)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            os.mkfifo(path, 0o600)
+            self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+            self.slot = slot
+            control.map[DATA_WAITERS + slot] = 0
+            control.map[ROOM_WAITERS + slot] = 0
+            SLOT.pack_into(control.map, SLOTS + slot * SLOT.size, os.getpid(), generation + 1)
+
+    def fileno(self) -> int:
+        """Return the FIFO's descriptor, readable when a waker has written."""
+        return self.fd
+
+    def raise_flag(self, region: int) -> None:
+        """Announce that this slot waits on ``region``; check the condition after this."""
+        if self.slot >= 0:
+            self._control.map[region + self.slot] = 1
+            _fence()
+
+    def lower_flag(self, region: int) -> None:
+        """Withdraw the announcement and swallow pending wake bytes."""
+        if self.slot >= 0:
+            self._control.map[region + self.slot] = 0
+            self.drain()
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def wait(self, region: int, ready: Callable[[], bool], deadline: float | None) -> bool:
+        """Block until ``ready()`` is true or ``deadline`` (monotonic) passes; return ``ready()``."""
+        if ready():
+            return True
+        self.raise_flag(region)
+        try:
+            while True:
+                if ready():
+                    return True
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    return False
+                limit = _SAFETY_SECONDS if deadline is None else min(_SAFETY_SECONDS, deadline - now)
+                if self.fd < 0:
+                    time.sleep(min(limit, 0.005))
+                    continue
+                poller = select.poll()
+                poller.register(self.fd, select.POLLIN)
+                if poller.poll(limit * 1000.0):
+                    self.drain()
+        finally:
+            self.lower_flag(region)
+
+    def close(self) -> None:
+        """Give the slot back and remove the FIFO."""
+        if self.slot < 0:
+            return
+        control = self._control
+        if not control.map.closed:
+            control.map[DATA_WAITERS + self.slot] = 0
+            control.map[ROOM_WAITERS + self.slot] = 0
+            offset = SLOTS + self.slot * SLOT.size
+            _, generation = SLOT.unpack_from(control.map, offset)
+            SLOT.pack_into(control.map, offset, 0, generation)
+        try:
+            os.unlink(_fifo_path(control, self.slot))
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+        self.slot = -1
+
+
+class Waker:
+    """Writes a byte to the FIFO of every process waiting on a region."""
+
+    def __init__(self, control: Control) -> None:
+        self._control = control
+        self._fds: dict[int, tuple[int, int]] = {}  # slot -> (generation, fd)
+
+    def any_waiting(self, region: int) -> bool:
+        return self._control.map[region : region + SLOT_COUNT] != _NO_WAITERS
+
+    def wake(self, region: int) -> None:
+        """Wake every waiter raised on ``region`` (cheap when none is)."""
+        control = self._control
+        flags = control.map[region : region + SLOT_COUNT]
+        if flags == _NO_WAITERS:
+            return
+        for slot, flag in enumerate(flags):
+            if flag:
+                self._wake_slot(slot, region)
+
+    def _wake_slot(self, slot: int, region: int) -> None:
+        control = self._control
+        pid, generation = SLOT.unpack_from(control.map, SLOTS + slot * SLOT.size)
+        cached = self._fds.get(slot)
+        if cached is not None and cached[0] != generation:
+            os.close(cached[1])
+            cached = None
+            del self._fds[slot]
+        if cached is None:
+            try:
+                fd = os.open(_fifo_path(control, slot), os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as error:
+                if error.errno in (errno.ENXIO, errno.ENOENT):
+                    control.map[region + slot] = 0  # its process is gone
+                return
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.close(fd)
+                return
+            self._fds[slot] = cached = (generation, fd)
+        try:
+            os.write(cached[1], b"\x01")
+        except BlockingIOError:
+            pass  # the FIFO is full of unread wake-ups: it is awake anyway
+        except OSError:
+            os.close(cached[1])
+            del self._fds[slot]
+            control.map[region + slot] = 0
+
+    def close(self) -> None:
+        for _, fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -1,0 +1,79 @@
+"""The segq error tree: every error segq raises is a :class:`SegqError`."""
+
+from __future__ import annotations
+
+import os
+import queue
+
+__all__ = [
+    "SegqError",
+    "Empty",
+    "Full",
+    "Locked",
+    "RecordTooLarge",
+    "CorruptionError",
+    "UnsupportedFormat",
+    "UsageError",
+    "Closed",
+    "ClaimLost",
+]
+
+
+class SegqError(Exception):
+    """Base class of every error segq raises."""
+
+
+class Empty(SegqError, queue.Empty):
+    """No record arrived before the timeout ran out."""
+
+
+class Full(SegqError, queue.Full):
+    """The backlog stayed above ``max_queue_bytes`` until the timeout ran out."""
+
+
+class Locked(SegqError):
+    """Another live process holds the lock file; ``pid`` names it."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str], pid: int | None) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path)
+        self.pid = pid
+
+
+class RecordTooLarge(SegqError, ValueError):
+    """A record (or a whole batch) is larger than the queue accepts; nothing was written."""
+
+    def __init__(self, message: str, *, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
+class CorruptionError(SegqError):
+    """Bytes on disk fail their checksum or framing; ``path`` and ``offset`` say where."""
+
+    def __init__(self, path: str | os.PathLike[str], offset: int, problem: str, *, hint: str | None = None) -> None:
+        self.path = os.fspath(path)
+        self.offset = offset
+        self.problem = problem
+        queue_dir = os.path.dirname(self.path) or "."
+        if os.path.basename(queue_dir) == "cursors":
+            queue_dir = os.path.dirname(queue_dir) or "."
+        self.hint = hint or f"run `segq recover {queue_dir}`"
+        super().__init__(f"{self.path} offset {offset}: {problem}; {self.hint}")
+
+
+class UnsupportedFormat(SegqError):
+    """A file was written by another (usually newer) version of the segq format."""
+
+
+class UsageError(SegqError):
+    """The call is not allowed in the object's current state (e.g. ``recv`` while a message is pending)."""
+
+
+class Closed(UsageError):
+    """The object was used after ``close()``."""
+
+
+class ClaimLost(SegqError):
+    """A work-queue claim is no longer held: its lease ran out and the record went back."""

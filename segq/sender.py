@@ -1,0 +1,447 @@
+"""The Sender: appends records to the queue's segments.
+
+Theory of operation
+-------------------
+A send takes the append lock (a process-shared semaphore, see ``_control``),
+reads the tail, copies the payload and then the record header into the
+memory-mapped segment, publishes the new tail with one aligned store, and
+releases the lock.  The bytes are then in the page cache, which outlives the
+process: a record whose ``send`` returned survives SIGKILL.  Power-loss
+durability is the ``sync`` policy's job: ``"always"`` runs a group commit
+before returning (one ``fdatasync`` covers every sender's records written so
+far), a number of seconds runs it from a background thread at that interval,
+``"never"`` leaves it to the OS.
+
+When a record does not fit, the sender creates the next segment (complete and
+preallocated before anyone can see it), writes the end-of-segment marker in the
+old one, and only then publishes a tail in the new one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from types import TracebackType
+from typing import Iterable, Union
+
+from . import _segment
+from ._control import DATA_WAITERS, DEFAULT_SEGMENT_SIZE, OWNER, ROOM_WAITERS, SYNCED, TAIL, WORD, Control, split_word
+from ._format import (
+    END_MARKER,
+    HEADER_SIZE,
+    RECORD_HEADER,
+    SEGMENT_HEADER_SIZE,
+    encode_batch,
+    record_crc,
+)
+from ._lock import LockFile
+from ._segment import MappedSegment, StrPath
+from ._state import Position, list_cursors, read_position
+from ._wake import Waiter, Waker
+from .errors import Closed, Full, RecordTooLarge, SegqError
+
+__all__ = ["Sender", "SyncPolicy", "parse_sync", "DEFAULT_MAX_RECORD_SIZE"]
+
+SyncPolicy = Union[str, float, int]
+DEFAULT_MAX_RECORD_SIZE = 8 << 20
+_MIN_SEGMENT_SIZE = 4096
+_registration_counter = itertools.count()
+_NO_WAITERS = bytes(64)
+
+
+def parse_sync(sync: SyncPolicy) -> float | None:
+    """Return the group-commit interval of a sync policy: 0 for "always", None for "never"."""
+    if sync == "never":
+        return None
+    if sync == "always":
+        return 0.0
+    if isinstance(sync, (int, float)) and not isinstance(sync, bool) and sync > 0:
+        return float(sync)
+    raise SegqError(f"bad sync policy {sync!r}: use 'never', 'always' or a number of seconds > 0")
+
+
+class Sender:
+    """Append records to the queue at ``path``, creating it if missing.
+
+    ``segment_size`` bounds each segment file (default 64 MiB, preallocated);
+    ``max_record_size`` bounds one record (default 8 MiB);  ``sync`` is
+    ``"never"``, ``"always"`` or a group-commit interval in seconds;
+    ``max_queue_bytes`` makes ``send`` block while the unconsumed backlog would
+    exceed it.  Many senders, in threads and processes, may share a queue.
+
+    >>> import segq, tempfile
+    >>> with segq.Sender(tempfile.mkdtemp(), segment_size=1 << 16) as tx:
+    ...     tx.send(b"hello")
+    ...     tx.send_batch([b"a", b"b"])
+    """
+
+    def __init__(
+        self,
+        path: StrPath,
+        *,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
+        sync: SyncPolicy = "never",
+        max_queue_bytes: int | None = None,
+    ) -> None:
+        if not isinstance(segment_size, int) or segment_size < _MIN_SEGMENT_SIZE or segment_size >= 1 << 32:
+            raise SegqError(f"segment_size must be an int from {_MIN_SEGMENT_SIZE} to 4 GiB, not {segment_size!r}")
+        capacity = segment_size - SEGMENT_HEADER_SIZE - 2 * HEADER_SIZE
+        if max_record_size == DEFAULT_MAX_RECORD_SIZE:
+            max_record_size = min(max_record_size, capacity)
+        if not isinstance(max_record_size, int) or not 0 <= max_record_size <= capacity:
+            raise SegqError(
+                f"max_record_size must be from 0 to {capacity} (what a {segment_size}-byte segment holds), "
+                f"not {max_record_size!r}"
+            )
+        if max_queue_bytes is not None and (not isinstance(max_queue_bytes, int) or max_queue_bytes <= 0):
+            raise SegqError(f"max_queue_bytes must be a positive int or None, not {max_queue_bytes!r}")
+        self.path = os.fspath(path)
+        self.segment_size = segment_size
+        self.max_record_size = max_record_size
+        self.max_queue_bytes = max_queue_bytes
+        self._sync_interval = parse_sync(sync)
+        self._closed = True
+        self._control = Control(self.path, segment_size=segment_size)
+        try:
+            self._registration = LockFile(
+                os.path.join(self.path, "senders", f"{os.getpid()}-{next(_registration_counter)}.lock"),
+                what="sender",
+            )
+            os.makedirs(os.path.dirname(self._registration.path), exist_ok=True)
+            self._registration.acquire()
+        except BaseException:
+            self._control.close()
+            raise
+        self._waker = Waker(self._control)
+        self._room_waiter: Waiter | None = None
+        self._segment: MappedSegment | None = None
+        self._segment_number = -1
+        self._segment_limit = 0  # last offset a record may end at (room kept for the end marker)
+        self._last_word = 0  # tail word after this sender's last append
+        self._unsynced_segments: set[int] = set()
+        self._sync_thread_lock = threading.Lock()
+        self._sync_file = open(os.path.join(self.path, "segq.sync.lock"), "a+b")
+        self._room_floor = Position.bottom(0)
+        self._closed = False
+        self._stop_syncing = threading.Event()
+        self._sync_thread: threading.Thread | None = None
+        if self._sync_interval:
+            self._sync_thread = threading.Thread(target=self._sync_loop, name="segq-group-commit", daemon=True)
+            self._sync_thread.start()
+
+    # -- sending ---------------------------------------------------------
+
+    def send(self, data: bytes, timeout: float | None = None) -> None:
+        """Append one record; when this returns it survives a crash of this process.
+
+        Raises ``RecordTooLarge`` (nothing written) past ``max_record_size``,
+        ``Full`` if ``timeout`` runs out while the backlog is at
+        ``max_queue_bytes``, ``Closed`` after ``close()``.
+        """
+        if type(data) is not bytes:
+            data = _as_bytes(data)
+        size = len(data)
+        if size > self.max_record_size:
+            raise RecordTooLarge(
+                f"record of {size} bytes is over max_record_size={self.max_record_size}; nothing was written",
+                size=size,
+                limit=self.max_record_size,
+            )
+        if self._closed:
+            raise Closed("send() on a closed Sender")
+        if self.max_queue_bytes is not None:
+            self._wait_for_room(size + HEADER_SIZE, timeout)
+        control = self._control
+        control_map = control.map
+        lock = control.append_lock
+        if lock.acquire(False):
+            control_map[OWNER : OWNER + 8] = control.pid_word
+        else:
+            control.acquire_slow(self._zero_past_tail)
+        try:
+            word = WORD.unpack_from(control_map, TAIL)[0]
+            offset = word & 0xFFFF_FFFF
+            payload_start = offset + HEADER_SIZE
+            end = payload_start + size
+            if word >> 32 != self._segment_number or end > self._segment_limit:
+                word = self._make_room(word, HEADER_SIZE + size)
+                offset = word & 0xFFFF_FFFF
+                payload_start = offset + HEADER_SIZE
+                end = payload_start + size
+            segment_map = self._segment.map  # type: ignore[union-attr]
+            segment_map[payload_start:end] = data
+            RECORD_HEADER.pack_into(segment_map, offset, size, record_crc(size, data))
+            word += end - offset
+            WORD.pack_into(control_map, TAIL, word)
+        finally:
+            lock.release()
+        self._last_word = word
+        if control_map[DATA_WAITERS : DATA_WAITERS + 64] != _NO_WAITERS:
+            self._waker.wake(DATA_WAITERS)
+        if self._sync_interval == 0.0:
+            self._sync_through(word)
+
+    def send_batch(self, records: Iterable[bytes], timeout: float | None = None) -> None:
+        """Append many records as one atomic, contiguous write.
+
+        A receiver sees all of them, in order, with no other sender's records
+        between, or none.  If any record is too large, or the whole batch does
+        not fit in one segment, ``RecordTooLarge`` is raised and nothing is
+        written.  An empty batch writes nothing.
+        """
+        payloads = [record if type(record) is bytes else _as_bytes(record) for record in records]
+        if not payloads:
+            return
+        for payload in payloads:
+            if len(payload) > self.max_record_size:
+                raise RecordTooLarge(
+                    f"a record of {len(payload)} bytes in the batch is over max_record_size="
+                    f"{self.max_record_size}; nothing of the batch was written",
+                    size=len(payload),
+                    limit=self.max_record_size,
+                )
+        blob = encode_batch(payloads)
+        capacity = self.segment_size - SEGMENT_HEADER_SIZE - HEADER_SIZE
+        if len(blob) > capacity:
+            raise RecordTooLarge(
+                f"batch of {len(payloads)} records ({len(blob)} bytes framed) does not fit in one "
+                f"{self.segment_size}-byte segment; nothing was written (send it in smaller batches)",
+                size=len(blob),
+                limit=capacity,
+            )
+        if self._closed:
+            raise Closed("send_batch() on a closed Sender")
+        if self.max_queue_bytes is not None:
+            self._wait_for_room(len(blob), timeout)
+        control = self._control
+        lock = control.append_lock
+        if lock.acquire(False):
+            control.map[OWNER : OWNER + 8] = control.pid_word
+        else:
+            control.acquire_slow(self._zero_past_tail)
+        try:
+            word = control.word(TAIL)
+            offset = word & 0xFFFF_FFFF
+            if word >> 32 != self._segment_number or offset + len(blob) > self._segment_limit:
+                word = self._make_room(word, len(blob))
+                offset = word & 0xFFFF_FFFF
+            segment_map = self._segment.map  # type: ignore[union-attr]
+            # Payloads first, the first header last: a crash mid-copy leaves a
+            # batch whose first record is incomplete, which recovery drops whole.
+            segment_map[offset + HEADER_SIZE : offset + len(blob)] = blob[HEADER_SIZE:]
+            segment_map[offset : offset + HEADER_SIZE] = blob[:HEADER_SIZE]
+            word += len(blob)
+            control.store(TAIL, word)
+        finally:
+            lock.release()
+        self._last_word = word
+        self._waker.wake(DATA_WAITERS)
+        if self._sync_interval == 0.0:
+            self._sync_through(word)
+
+    def _make_room(self, word: int, needed: int) -> int:
+        """Map the tail segment, rolling over to a new one if ``needed`` bytes do not fit.
+
+        Called with the append lock held; returns the (possibly new) tail word.
+        """
+        number, offset = split_word(word)
+        if number != self._segment_number:
+            self._map_segment(number)
+        if offset + needed <= self._segment_limit:
+            return word
+        following = number + 1
+        durable = self._sync_interval is not None
+        if not _segment.create_segment(self.path, following, self.segment_size, durable=durable):
+            self._clear_abandoned_segment(following)
+        segment_map = self._segment.map  # type: ignore[union-attr]
+        segment_map[offset : offset + HEADER_SIZE] = END_MARKER
+        self._unsynced_segments.add(number)
+        self._map_segment(following)
+        word = following << 32 | SEGMENT_HEADER_SIZE
+        self._control.store(TAIL, word)
+        return word
+
+    def _clear_abandoned_segment(self, number: int) -> None:
+        # A sender died after creating this segment and before sealing the one
+        # before it: nothing in it was ever published.
+        segment = MappedSegment(self.path, number, writable=True)
+        try:
+            dirty = _segment.dirty_end(segment.map, SEGMENT_HEADER_SIZE, segment.size)
+            segment.map[SEGMENT_HEADER_SIZE:dirty] = bytes(dirty - SEGMENT_HEADER_SIZE)
+        finally:
+            segment.close()
+
+    def _map_segment(self, number: int) -> None:
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
+            self._segment_number = -1
+        try:
+            segment = MappedSegment(self.path, number, writable=True)
+        except FileNotFoundError:
+            raise SegqError(
+                f"{_segment.segment_path(self.path, number)} is missing but the queue's tail is in it; "
+                f"run `segq recover {self.path}`"
+            ) from None
+        self._segment = segment
+        self._segment_number = number
+        self._segment_limit = segment.size - HEADER_SIZE
+
+    def _zero_past_tail(self, word: int) -> None:
+        number, offset = split_word(word)
+        if number != self._segment_number:
+            self._map_segment(number)
+        segment_map = self._segment.map  # type: ignore[union-attr]
+        dirty = _segment.dirty_end(segment_map, offset, self._segment.size)  # type: ignore[union-attr]
+        segment_map[offset:dirty] = bytes(dirty - offset)
+
+    # -- backpressure ----------------------------------------------------
+
+    def _backlog(self, refresh: bool) -> int:
+        if refresh:
+            self._room_floor = self._consumed_floor()
+        tail_segment, tail_offset = self._control.tail()
+        floor = self._room_floor
+        return (tail_segment - floor.segment) * self.segment_size + tail_offset - floor.offset
+
+    def _consumed_floor(self) -> Position:
+        positions = []
+        for _, _, path in list_cursors(self.path):
+            try:
+                positions.append(read_position(path))
+            except SegqError:
+                continue
+        if positions:
+            return min(positions)
+        segments = _segment.list_segments(self.path)
+        return Position.bottom(segments[0] if segments else 0)
+
+    def _wait_for_room(self, size: int, timeout: float | None) -> None:
+        limit = self.max_queue_bytes
+        assert limit is not None
+        if self._backlog(refresh=False) + size <= limit or self._backlog(refresh=True) + size <= limit:
+            return
+        if size > limit:
+            raise Full(f"a {size}-byte record can never fit under max_queue_bytes={limit}")
+        if self._room_waiter is None:
+            self._room_waiter = Waiter(self._control)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._room_waiter.wait(
+            ROOM_WAITERS, lambda: self._backlog(refresh=True) + size <= limit, deadline
+        ):
+            raise Full(f"backlog stayed over max_queue_bytes={limit} for {timeout} s; nothing was written")
+
+    # -- durability ------------------------------------------------------
+
+    def flush(self) -> None:
+        """Push buffered records to the OS: a no-op, since sends write straight to the page cache."""
+        if self._closed:
+            raise Closed("flush() on a closed Sender")
+
+    def sync(self) -> None:
+        """Make every record this sender sent so far survive power loss."""
+        if self._closed:
+            raise Closed("sync() on a closed Sender")
+        self._sync_through(self._last_word)
+
+    def _sync_through(self, word: int) -> None:
+        """Group commit: one fdatasync covers every record below the tail it started at."""
+        import portalocker
+
+        control = self._control
+        if word == 0 or control.word(SYNCED) >= word:
+            return
+        with self._sync_thread_lock:
+            portalocker.lock(self._sync_file, portalocker.LockFlags.EXCLUSIVE)
+            try:
+                synced = control.word(SYNCED)
+                if synced >= word:
+                    return
+                target = control.word(TAIL)
+                self._fdatasync_segments(split_word(synced)[0] if synced else 0, split_word(target)[0])
+                if control.word(SYNCED) < target:
+                    control.store(SYNCED, target)
+            finally:
+                portalocker.unlock(self._sync_file)
+
+    def _fdatasync_segments(self, first: int, last: int) -> None:
+        if first < last:
+            for number in _segment.list_segments(self.path):
+                if first <= number < last and number != self._segment_number:
+                    try:
+                        fd = os.open(_segment.segment_path(self.path, number), os.O_RDONLY)
+                    except FileNotFoundError:
+                        continue  # consumed and deleted: nothing left to lose
+                    try:
+                        os.fdatasync(fd)
+                    finally:
+                        os.close(fd)
+        if self._segment is not None and self._segment_number == last:
+            os.fdatasync(self._segment.fd)
+        else:
+            try:
+                fd = os.open(_segment.segment_path(self.path, last), os.O_RDONLY)
+            except FileNotFoundError:
+                return
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+    def _sync_loop(self) -> None:
+        interval = self._sync_interval
+        assert interval
+        while not self._stop_syncing.wait(interval):
+            try:
+                self._sync_through(self._last_word)
+            except (OSError, SegqError, ValueError):
+                if self._closed:
+                    return
+                raise
+
+    # -- lifetime --------------------------------------------------------
+
+    def close(self) -> None:
+        """Finish: sync if the policy asks for it, then release everything.  Idempotent."""
+        if self._closed:
+            return
+        if self._sync_thread is not None:
+            self._stop_syncing.set()
+            self._sync_thread.join()
+        try:
+            if self._sync_interval is not None:
+                self._sync_through(self._last_word)
+        finally:
+            self._closed = True
+            if self._room_waiter is not None:
+                self._room_waiter.close()
+            self._waker.close()
+            if self._segment is not None:
+                self._segment.close()
+            self._sync_file.close()
+            self._registration.release()
+            self._control.close()
+
+    def __enter__(self) -> "Sender":
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<segq.Sender {self.path!r} {state}>"
+
+
+def _as_bytes(data: object) -> bytes:
+    if isinstance(data, str):
+        raise TypeError("segq records are bytes, not str: encode the text first (e.g. text.encode())")
+    try:
+        return bytes(memoryview(data))  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"segq records are bytes-like objects, not {type(data).__name__}") from None
