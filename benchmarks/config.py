@@ -37,7 +37,7 @@ class Mode:
     #: Growth workload: base backlog and its multipliers.
     growth_base: int
     growth_multipliers: tuple[int, ...]
-    #: A growth point whose estimated time per repeat exceeds this is skipped.
+    #: A peer's growth point whose estimated time (all repeats) exceeds this is skipped.
     growth_budget_s: float
     #: Payload bytes read per scan repeat.
     scan_bytes: int
@@ -49,16 +49,16 @@ class Mode:
 QUICK = Mode(
     name="quick",
     repeats=3,
-    target_s=0.06,
+    target_s=0.05,
     probe_records=300,
-    min_records=200,
+    min_records=100,
     max_records=200_000,
-    latency_msgs=400,
+    latency_msgs=300,
     latency_rate=1000.0,
     growth_base=10_000,
     growth_multipliers=(1, 10, 100),
-    growth_budget_s=4.0,
-    scan_bytes=24 * MIB,
+    growth_budget_s=6.0,
+    scan_bytes=8 * MIB,
     run_timeout_s=60.0,
     child_timeout_s=60.0,
 )
@@ -74,7 +74,7 @@ FULL = Mode(
     latency_rate=1000.0,
     growth_base=100_000,
     growth_multipliers=(1, 10, 100),
-    growth_budget_s=60.0,
+    growth_budget_s=45.0,
     scan_bytes=256 * MIB,
     run_timeout_s=300.0,
     child_timeout_s=300.0,
@@ -82,5 +82,10 @@ FULL = Mode(
 
 
 def size_label(size: int) -> str:
-    """Return a short human label for a record size, e.g. ``4KiB``."""
-    return f"{size // KIB}KiB" if size % KIB == 0 else f"{size}B"
+    """Return the compact size tag used in case ids, e.g. ``4KiB``."""
+    return size_text(size).replace(" ", "")
+
+
+def size_text(size: int) -> str:
+    """Return a human label for a record size, e.g. ``4 KiB``."""
+    return f"{size // KIB} KiB" if size % KIB == 0 else f"{size} B"

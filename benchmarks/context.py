@@ -52,7 +52,7 @@ class Context:
     adapters: list[type[Adapter]]
     results: ResultSet = field(default_factory=ResultSet)
     log: Callable[[str], None] = print
-    _sizes: dict[tuple[str, ...], int] = field(default_factory=dict)
+    _per_record: dict[tuple[str, ...], float] = field(default_factory=dict)
 
     def pick(self, *, on_disk: bool | None = None, cross_process: bool | None = None,
              batch: bool | None = None) -> list[type[Adapter]]:
@@ -82,26 +82,28 @@ class Context:
         with self.fresh_dir(label) as d, deadline(self.mode.run_timeout_s, label):
             return body(d, n)
 
-    def calibrate(self, label: str, body: Body, cases: list[Case], max_n: int | None) -> int:
-        """Return N so one run of ``body`` lasts about ``mode.target_s``.
+    def per_record_s(self, label: str, body: Body, cases: list[Case]) -> float:
+        """Return the seconds one record costs in ``body``, from one probe run (memoized).
 
-        One probe run with ``mode.probe_records`` gives the records/s of each
-        phase; a run of N records then takes N * sum(1/rate) seconds. The
-        answer is memoized per label.
+        The probe runs ``mode.probe_records`` records; with the records/s of
+        each phase it returns, one record costs sum(1/rate) seconds. Bodies
+        that report no rate are timed from outside instead.
         """
         key = (label, *(c.id for c in cases))
-        if key in self._sizes:
-            return self._sizes[key]
+        if key not in self._per_record:
+            start = time.perf_counter()
+            values = self._once(f"{label}-probe", body, self.mode.probe_records)
+            rates = [values[c.value_key] for c in cases
+                     if c.unit == RATE and values.get(c.value_key)]
+            self._per_record[key] = (sum(1 / r for r in rates) if rates else
+                                     (time.perf_counter() - start) / self.mode.probe_records)
+        return self._per_record[key]
+
+    def calibrate(self, label: str, body: Body, cases: list[Case], max_n: int | None) -> int:
+        """Return N so one run of ``body`` lasts about ``mode.target_s``."""
         m = self.mode
-        start = time.perf_counter()
-        values = self._once(f"{label}-probe", body, m.probe_records)
-        rates = [values[c.value_key] for c in cases if c.unit == RATE and values.get(c.value_key)]
-        per_record = sum(1 / r for r in rates) if rates else \
-            (time.perf_counter() - start) / m.probe_records
-        n = int(m.target_s / per_record)
-        n = max(m.min_records, min(n, max_n or m.max_records, m.max_records))
-        self._sizes[key] = n
-        return n
+        n = int(m.target_s / self.per_record_s(label, body, cases))
+        return max(m.min_records, min(n, max_n or m.max_records, m.max_records))
 
     def measure(self, workload: str, library: str, kind: str, cases: list[Case],
                 body: Body, *, n: int | None = None, max_n: int | None = None,

@@ -44,6 +44,8 @@ def _short(name: str) -> str:
 
 def _throughput(plt, results: ResultSet):  # type: ignore[no-untyped-def]
     """Draw one horizontal log-scale bar panel per rate case."""
+    from matplotlib.ticker import NullFormatter
+
     cases = [c for w in results.workloads() for c in results.cases(w)
              if any(m.unit in RATE_UNITS and m.status == OK for m in results.rows(c))]
     if not cases:
@@ -61,7 +63,11 @@ def _throughput(plt, results: ResultSet):  # type: ignore[no-untyped-def]
         ax.tick_params(labelsize=8)
         for i, m in enumerate(rows):
             ax.text(m.median, i, f" {m.median:,.0f}", va="center", fontsize=7)
-        ax.set_xlim(right=max(m.median for m in rows) * 8)
+        # Bars on a log axis start at the left limit: put it well below the
+        # smallest value so every bar shows, and leave room for the labels.
+        values = [m.median for m in rows]
+        ax.set_xlim(min(values) / 4, max(values) * 8)
+        ax.xaxis.set_minor_formatter(NullFormatter())
     for ax in list(axes.flat)[len(cases):]:
         ax.axis("off")
     fig.suptitle("Throughput, median (log scale; red = segq, blue = peers, grey = raw-file limits)")
@@ -69,8 +75,14 @@ def _throughput(plt, results: ResultSet):  # type: ignore[no-untyped-def]
     return fig
 
 
+def _short_us(v: float) -> str:
+    return f"{v / 1000:.3g} ms" if v >= 1000 else f"{v:.3g}"
+
+
 def _latency(plt, results: ResultSet):  # type: ignore[no-untyped-def]
     """Draw grouped bars of p50/p99/p99.9 one-way latency per library."""
+    from matplotlib.ticker import NullFormatter
+
     pcts = ("p50", "p99", "p99.9")
     libs = [m.library for m in results.rows("latency_p50") if m.status == OK]
     if not libs:
@@ -81,10 +93,10 @@ def _latency(plt, results: ResultSet):  # type: ignore[no-untyped-def]
         values = [results.median(f"latency_{p}", lib) or 0 for lib in libs]
         xs = [i + (j - 1) * width for i in range(len(libs))]
         bars = ax.bar(xs, values, width, label=p)
-        ax.bar_label(bars, labels=[f"{v:,.0f}" if v >= 10 else f"{v:.1f}" for v in values],
-                     fontsize=7)
+        ax.bar_label(bars, labels=[_short_us(v) for v in values], fontsize=7)
     ax.set_xticks(range(len(libs)), [_short(lib) for lib in libs], fontsize=8)
     ax.set_yscale("log")
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel("one-way latency, µs (log)")
     ax.set_title("Two-process one-way latency at ~1,000 msgs/s (100 B), median of repeats")
     ax.axhline(100, color="grey", linestyle=":", linewidth=1)

@@ -21,7 +21,7 @@ def fmt_value(v: float | None) -> str:
 
 def fmt_ratio(v: float | None) -> str:
     """Format a ratio as e.g. ``1.52×``, or a dash."""
-    return "—" if v is None else f"{v:.2f}×"
+    return "—" if v is None else f"{v:.3g}×"
 
 
 def _cell(text: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import limits
-from .config import BATCH, MAX_RUN_BYTES, PRODUCERS, RECORD_SIZES, size_label
+from .config import BATCH, MAX_RUN_BYTES, PRODUCERS, RECORD_SIZES, size_label, size_text
 from .context import Case, Context
 from .peers import Adapter, SegqAdapter
 from .procs import Endpoint, Job, consume, grow, produce, run_group
@@ -33,12 +33,13 @@ WARMUP_MSGS = 50
 #: still, so their large backlogs would only be skipped for time).
 GROWTH_PEERS = ("queuelib FifoDiskQueue", "persist-queue Queue")
 SEQ = struct.Struct("<q")
+SCAN_RECEIVER = "bench-scan"
 
 # Cases referenced by more than one workload or by the targets.
 PIPELINE = Case(f"pipeline/{size_label(SMALL)}",
-                f"1 producer → 1 consumer process, {SMALL} B", key="rate")
+                f"1 producer → 1 consumer process, {size_text(SMALL)}", key="rate")
 LATENCY = [
-    Case(f"latency_{name}", f"one-way latency {name}, {SMALL} B", unit="µs",
+    Case(f"latency_{name}", f"one-way latency {name}, {size_text(SMALL)}", unit="µs",
          higher_is_better=False, key=name)
     for name in ("p50", "p99", "p99.9")
 ]
@@ -149,7 +150,8 @@ def _grow_body(ctx: Context, cls: type[Adapter], d: Path, n: int) -> dict[str, f
     """Put then get+ack ``n`` records in a child; return rates and its peak RSS in MiB."""
     (res,) = run_group([Job(grow, {"endpoint": Endpoint(cls.name, str(d)), "n": n, "size": SMALL})],
                        ctx.mode.child_timeout_s)
-    return {"put": n / res["put_s"], "get": n / res["get_s"], "rss": res["rss_peak_kib"] / 1024}
+    return {"put": n / res["put_s"], "get": n / res["get_s"], "rss": res["rss_peak_kib"] / 1024,
+            "anon": res["rss_anon_kib"] / 1024}
 
 
 def _fill_segq(d: Path, n: int, size: int) -> None:
@@ -162,16 +164,24 @@ def _fill_segq(d: Path, n: int, size: int) -> None:
 
 
 def _scan_body(size: int, d: Path, n: int) -> dict[str, float]:
-    """Read every record with a Receiver, never committing; return payload MB/s."""
+    """Read every record with a Receiver in batches of 1000; return payload MB/s.
+
+    segq allows one pending batch per receiver, so the scan commits each batch,
+    but under its own receiver name: "default" is registered first and never
+    moves, so no record is consumed for it and no segment is deleted.
+    """
     segq = importlib.import_module("segq")
+    segq.Receiver(str(d), name="default").close()
     _fill_segq(d, n, size)
-    rx = segq.Receiver(str(d), name="default")
+    rx = segq.Receiver(str(d), name=SCAN_RECEIVER)
     try:
         got = nbytes = 0
         last = b""
         start = time.perf_counter()
         while got < n:
-            data = [m.data for m in rx.recv_batch(1000, timeout=5.0)]
+            batch = rx.recv_batch(1000, timeout=5.0)
+            data = [m.data for m in batch]
+            batch.commit()
             got += len(data)
             nbytes += sum(map(len, data))
             last = data[-1]
@@ -180,7 +190,7 @@ def _scan_body(size: int, d: Path, n: int) -> dict[str, float]:
         rx.close()
     if got != n or SEQ.unpack_from(last)[0] != n - 1:
         raise RuntimeError(f"scan saw {got} records ending at #{SEQ.unpack_from(last)[0]}, "
-                           f"expected {n} ending at #{n - 1} (uncommitted records re-delivered?)")
+                           f"expected {n} ending at #{n - 1}")
     return {"scan": nbytes / elapsed / 1e6}
 
 
@@ -234,9 +244,9 @@ def _read_chunks(size: int, key: str, unit_mb: bool, d: Path, n: int) -> dict[st
 def single(ctx: Context) -> None:
     """Put N, then get+ack N, in one process, one record per call."""
     for size in RECORD_SIZES:
-        lbl = size_label(size)
-        put = Case(f"put/{lbl}", f"put, {lbl}, one per call", key="put")
-        get = Case(f"get/{lbl}", f"get+ack, {lbl}, one per call", key="get")
+        lbl, txt = size_label(size), size_text(size)
+        put = Case(f"put/{lbl}", f"put, {txt}, one per call", key="put")
+        get = Case(f"get/{lbl}", f"get+ack, {txt}, one per call", key="get")
         cap = MAX_RUN_BYTES // size
         for cls in ctx.pick(on_disk=True):
             ctx.measure("single", cls.name, cls.kind, [put, get],
@@ -248,9 +258,9 @@ def single(ctx: Context) -> None:
 def batch(ctx: Context) -> None:
     """Put N, then get+ack N, in batches of 100 where the library can batch."""
     for size in RECORD_SIZES:
-        lbl = size_label(size)
-        put = Case(f"put_batch/{lbl}", f"put, {lbl}, batches of {BATCH}", key="put")
-        get = Case(f"get_batch/{lbl}", f"get+ack, {lbl}, batches of {BATCH}", key="get")
+        lbl, txt = size_label(size), size_text(size)
+        put = Case(f"put_batch/{lbl}", f"put, {txt}, batches of {BATCH}", key="put")
+        get = Case(f"get_batch/{lbl}", f"get+ack, {txt}, batches of {BATCH}", key="get")
         cap = MAX_RUN_BYTES // size
         for cls in ctx.pick(on_disk=True):
             if not cls.batch:
@@ -287,8 +297,8 @@ def pipeline(ctx: Context) -> None:
 
 def durable(ctx: Context) -> None:
     """Put one record per call with each library's most durable setting; then group commit."""
-    lbl = size_label(SMALL)
-    put = Case(f"durable_put/{lbl}", f"durable put, {lbl}, one per call", key="put")
+    lbl, txt = size_label(SMALL), size_text(SMALL)
+    put = Case(f"durable_put/{lbl}", f"durable put, {txt}, one per call", key="put")
     for cls in ctx.pick(on_disk=True):
         if cls.durable_mode is None:
             ctx.mark("durable", cls.name, cls.kind, put, NA, "no durable setting")
@@ -300,7 +310,7 @@ def durable(ctx: Context) -> None:
         return
     for k in (1, PRODUCERS):
         case = Case(f"durable_p{k}/{lbl}",
-                    f'{k} producer process{"es" if k > 1 else ""}, sync="always", {lbl}', key="rate")
+                    f'{k} producer process{"es" if k > 1 else ""}, sync="always", {txt}', key="rate")
         ctx.measure("durable", SegqAdapter.name, SEGQ, [case],
                     partial(_stream_body, ctx, SegqAdapter, k, False, True))
 
@@ -309,7 +319,7 @@ def fanin(ctx: Context) -> None:
     """Run several producer processes into one consumer process; compare with one producer."""
     k = PRODUCERS
     case = Case(f"fanin_p{k}/{size_label(SMALL)}",
-                f"{k} producer processes → 1 consumer, {SMALL} B", key="rate")
+                f"{k} producer processes → 1 consumer, {size_text(SMALL)}", key="rate")
     for cls in ctx.pick(on_disk=True):
         if not cls.cross_process:
             ctx.mark("fanin", cls.name, cls.kind, case, NA, cls.cross_process_note)
@@ -326,20 +336,35 @@ def fanin(ctx: Context) -> None:
 def growth(ctx: Context) -> None:
     """Put then get a backlog of 1×, 10×, 100× the base size; track rates and peak RSS."""
     m = ctx.mode
+    probe = [Case("probe_put", "", key="put"), Case("probe_get", "", key="get")]
     for cls in ctx.pick(on_disk=True):
         if cls.kind != SEGQ and cls.name not in GROWTH_PEERS:
             continue
-        per_record: float | None = None  # seconds per record (put + get) at the last point
+        # Seconds per record (put + get), first from a small in-process probe,
+        # then from the last point measured. Peers only get the points that
+        # fit the time budget; segq, the subject, gets every point.
+        per_record = 0.0
+        if cls.kind != SEGQ:
+            try:
+                per_record = ctx.per_record_s(f"growth:{cls.name}",
+                                              partial(_put_get_body, cls, SMALL, False), probe)
+            except Exception:
+                pass  # the measurement below fails too, and is recorded as an error
         for mult in m.growth_multipliers:
             n = m.growth_base * mult
             cases = [
                 Case(f"growth_put/{mult}x", f"put, backlog {mult}× ({n:,} records)", key="put"),
                 Case(f"growth_get/{mult}x", f"get+ack, backlog {mult}× ({n:,} records)", key="get"),
-                Case(f"growth_rss/{mult}x", f"peak RSS, backlog {mult}× ({n:,} records)",
+                Case(f"growth_rss/{mult}x", f"peak RSS (VmHWM), backlog {mult}× ({n:,} records)",
                      unit="MiB", higher_is_better=False, key="rss"),
+                # Anonymous (heap) memory alone, without the file pages a
+                # queue may have mapped: tells a leak from a mapping.
+                Case(f"growth_anon/{mult}x", f"RssAnon at end, backlog {mult}× ({n:,} records)",
+                     unit="MiB", higher_is_better=False, key="anon"),
             ]
-            if per_record is not None and per_record * n > m.growth_budget_s:
-                why = f"est. {per_record * n:.0f} s per repeat > budget {m.growth_budget_s:.0f} s"
+            estimate = per_record * n * m.repeats
+            if cls.kind != SEGQ and estimate > m.growth_budget_s:
+                why = f"est. {estimate:.0f} s for {m.repeats} repeats > budget {m.growth_budget_s:.0f} s"
                 for case in cases:
                     ctx.mark("growth", cls.name, cls.kind, case, SKIPPED, why)
                 continue
@@ -350,7 +375,7 @@ def growth(ctx: Context) -> None:
 
 
 def scan(ctx: Context) -> None:
-    """Read a full segq queue without committing, and with segq's verify if it has one."""
+    """Read a full segq queue as a scan would, and with segq's verify if it has one."""
     if not ctx.has(SegqAdapter.name):
         ctx.log("  scan needs segq; skipped")
         return
@@ -358,12 +383,13 @@ def scan(ctx: Context) -> None:
     if verify is None:
         ctx.log("  no segq.verify / segq.recovery.verify found; Receiver scan only")
     for size in RECORD_SIZES:
-        lbl = size_label(size)
+        lbl, txt = size_label(size), size_text(size)
         n = ctx.mode.scan_bytes // size
-        cases = [Case(f"scan/{lbl}", f"Receiver read, no commit, {lbl}", unit="MB/s", key="scan")]
+        cases = [Case(f"scan/{lbl}", f"Receiver scan (recv_batch 1000), {txt}", unit="MB/s",
+                      key="scan")]
         ctx.measure("scan", SegqAdapter.name, SEGQ, cases, partial(_scan_body, size), n=n)
         if verify is not None:
-            vcase = Case(f"verify/{lbl}", f"{verify[0]}(), {lbl}", unit="MB/s", key="scan")
+            vcase = Case(f"verify/{lbl}", f"{verify[0]}(), {txt}", unit="MB/s", key="scan")
             ctx.measure("scan", SegqAdapter.name, SEGQ, [vcase],
                         partial(_verify_body, verify[1], size), n=n)
             cases.append(vcase)

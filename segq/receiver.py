@@ -161,10 +161,10 @@ class Receiver:
     """
 
     def __init__(self, path: StrPath, name: str = "default", *, sync: SyncPolicy = "never") -> None:
+        self._closed = True
         self.path = os.fspath(path)
         self.name = check_name(name)
         self._sync_interval = parse_sync(sync)
-        self._closed = True
         self._control = Control(self.path)
         self._lock = LockFile(cursor_path(self.path, "r", name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
         try:

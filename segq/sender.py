@@ -46,7 +46,7 @@ __all__ = ["Sender", "SyncPolicy", "parse_sync", "DEFAULT_MAX_RECORD_SIZE"]
 
 SyncPolicy = Union[str, float, int]
 DEFAULT_MAX_RECORD_SIZE = 8 << 20
-_MIN_SEGMENT_SIZE = 4096
+_MIN_SEGMENT_SIZE = 256
 _registration_counter = itertools.count()
 _NO_WAITERS = bytes(64)
 
@@ -86,8 +86,10 @@ class Sender:
         sync: SyncPolicy = "never",
         max_queue_bytes: int | None = None,
     ) -> None:
+        self._closed = True
+        self.path = os.fspath(path)
         if not isinstance(segment_size, int) or segment_size < _MIN_SEGMENT_SIZE or segment_size >= 1 << 32:
-            raise SegqError(f"segment_size must be an int from {_MIN_SEGMENT_SIZE} to 4 GiB, not {segment_size!r}")
+            raise SegqError(f"segment_size must be an int from {_MIN_SEGMENT_SIZE} bytes to 4 GiB, not {segment_size!r}")
         capacity = segment_size - SEGMENT_HEADER_SIZE - 2 * HEADER_SIZE
         if max_record_size == DEFAULT_MAX_RECORD_SIZE:
             max_record_size = min(max_record_size, capacity)
@@ -98,12 +100,10 @@ class Sender:
             )
         if max_queue_bytes is not None and (not isinstance(max_queue_bytes, int) or max_queue_bytes <= 0):
             raise SegqError(f"max_queue_bytes must be a positive int or None, not {max_queue_bytes!r}")
-        self.path = os.fspath(path)
         self.segment_size = segment_size
         self.max_record_size = max_record_size
         self.max_queue_bytes = max_queue_bytes
         self._sync_interval = parse_sync(sync)
-        self._closed = True
         self._control = Control(self.path, segment_size=segment_size)
         try:
             self._registration = LockFile(
