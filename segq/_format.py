@@ -23,6 +23,7 @@ from typing import NamedTuple
 __all__ = [
     "FORMAT_VERSION",
     "RECORD_HEADER",
+    "LENGTH_CRC",
     "HEADER_SIZE",
     "CONTINUES",
     "LENGTH_MASK",
@@ -51,13 +52,13 @@ END_OF_SEGMENT = 0xFFFF_FFFF
 _LENGTH = struct.Struct("<I")
 # CRC-32 state after the four length bytes, precomputed for the common small
 # lengths so the hot path costs one zlib call per record.
-_LENGTH_CRC = [zlib.crc32(_LENGTH.pack(n)) for n in range(4096)]
+LENGTH_CRC = [zlib.crc32(_LENGTH.pack(n)) for n in range(4096)]
 
 
 def record_crc(length_word: int, payload: bytes | memoryview) -> int:
     """Return the CRC-32 of ``length_word`` (4 bytes, little-endian) followed by ``payload``."""
     if length_word < 4096:
-        return zlib.crc32(payload, _LENGTH_CRC[length_word])
+        return zlib.crc32(payload, LENGTH_CRC[length_word])
     return zlib.crc32(payload, zlib.crc32(_LENGTH.pack(length_word)))
 
 
@@ -74,7 +75,7 @@ def encode_batch(payloads: list[bytes]) -> bytes:
     """Return one contiguous frame sequence; every record but the last is marked ``CONTINUES``."""
     pack = RECORD_HEADER.pack
     crc32 = zlib.crc32
-    length_crc = _LENGTH_CRC
+    length_crc = LENGTH_CRC
     parts: list[bytes] = []
     append = parts.append
     last = len(payloads) - 1

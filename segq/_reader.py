@@ -13,15 +13,27 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 
 from . import _segment
-from ._control import TAIL, WORD, Control
-from ._format import END_OF_SEGMENT, HEADER_SIZE, LENGTH_MASK, RECORD_HEADER, SEGMENT_HEADER_SIZE, record_crc
+from ._control import TAIL_INDEX, Control
+from ._format import (
+    END_OF_SEGMENT,
+    HEADER_SIZE,
+    LENGTH_CRC,
+    LENGTH_MASK,
+    RECORD_HEADER,
+    SEGMENT_HEADER_SIZE,
+    record_crc,
+)
 from .errors import CorruptionError, SegqError
 
 __all__ = ["RecordReader"]
 
 _CHUNK = 1 << 17
+_crc32 = zlib.crc32
+_unpack_header = RECORD_HEADER.unpack_from
+_LENGTH_CRC = LENGTH_CRC
 
 
 class RecordReader:
@@ -31,23 +43,44 @@ class RecordReader:
         self.path = control.queue_dir
         self.position = position
         self._control = control
+        self._words = control.words
         self._consumer = consumer  # for error messages: which consumer to recover
         self._fd = -1
         self._fd_segment = -1
         self._segment_size = 0
         self._buffer = b""
         self._buffer_start = 0  # segment offset of self._buffer[0]
+        self._buffer_word = 0  # the same as a position word
 
     def available(self) -> bool:
         """Tell whether a record lies past ``position``."""
-        return WORD.unpack_from(self._control.map, TAIL)[0] > self.position
+        return self._words[TAIL_INDEX] > self.position
 
     def next(self) -> bytes | None:
         """Return the record at ``position`` and advance past it; None if there is none yet."""
-        control_map = self._control.map
+        # Fast path: the whole record is in the buffer and its checksum holds.
+        read = self.position
+        if read >= self._words[TAIL_INDEX]:
+            return None
+        buffer = self._buffer
+        start = read - self._buffer_word + HEADER_SIZE
+        if HEADER_SIZE <= start <= len(buffer):
+            length_word, crc = _unpack_header(buffer, start - HEADER_SIZE)
+            size = length_word & LENGTH_MASK
+            end = start + size
+            if end <= len(buffer):  # false for the end marker: its size is 2**31 - 1
+                data = buffer[start:end]
+                if (_crc32(data, _LENGTH_CRC[length_word]) if length_word < 4096 else record_crc(length_word, data)) == crc:
+                    self.position = read + HEADER_SIZE + size
+                    return data
+        return self._next_slow()
+
+    def _next_slow(self) -> bytes | None:
+        """Read the next record when the fast path cannot: refill, cross segments, check damage."""
+        words = self._words
         while True:
             read = self.position
-            tail = WORD.unpack_from(control_map, TAIL)[0]
+            tail = words[TAIL_INDEX]
             if read >= tail:
                 return None
             segment = read >> 32
@@ -93,6 +126,7 @@ class RecordReader:
             )
         self._buffer = buffer
         self._buffer_start = offset
+        self._buffer_word = segment << 32 | offset
         return buffer
 
     def _open_segment(self, number: int) -> None:
@@ -138,3 +172,4 @@ class RecordReader:
         self._fd_segment = -1
         self._buffer = b""
         self._buffer_start = 0
+        self._buffer_word = 0

@@ -4,12 +4,14 @@ Theory of operation
 -------------------
 A process that must wait (a receiver for data, a sender for room) claims a
 slot in the control file's waiter table and owns a FIFO, ``wake/<slot>.fifo``.
-To wait it raises its slot's byte in ``DATA_WAITERS`` (or ``ROOM_WAITERS``),
-checks its condition once more, and blocks in ``poll`` on the FIFO.  A
-process that makes the condition true (a send, a commit) looks at those 64
-bytes after publishing its change, and writes one byte to the FIFO of each
-raised slot.  So a send that nobody waits for costs one 64-byte compare and
-no system call, and a waiting process costs nothing until it is woken.
+To wait it raises its slot's byte in ``DATA_WAITERS`` (or ``ROOM_WAITERS``)
+and counts itself in ``DATA_WAITING`` (both under the table's flock, so
+counts stay exact), checks its condition once more, and blocks in ``poll`` on
+the FIFO.  A process that makes the condition true (a send, a commit) reads
+the count byte after publishing its change and, if it is not zero, writes
+one byte to the FIFO of each raised slot.  So a send that nobody waits for
+costs one byte load and no system call, and a waiting process costs nothing
+until it is woken.
 
 Each side stores then loads (the waiter: flag then condition; the waker:
 tail then flags).  That needs a full memory barrier between the two on each
@@ -34,10 +36,10 @@ from typing import Callable
 
 import portalocker
 
-from ._control import DATA_WAITERS, ROOM_WAITERS, SLOT, SLOT_COUNT, SLOTS, Control
+from ._control import DATA_WAITERS, DATA_WAITING, ROOM_WAITERS, ROOM_WAITING, SLOT, SLOT_COUNT, SLOTS, Control
 from ._segment import os_error
 
-__all__ = ["Waiter", "Waker", "DATA_WAITERS", "ROOM_WAITERS"]
+__all__ = ["Waiter", "Waker", "DATA_WAITERS", "ROOM_WAITERS", "DATA_WAITING", "ROOM_WAITING"]
 
 _SAFETY_SECONDS = 1.0
 _fence_lock = threading.Lock()
@@ -58,6 +60,41 @@ def _fifo_path(control: Control, slot: int) -> str:
     return os.path.join(_wake_dir(control), f"{slot:02d}.fifo")
 
 
+_COUNT_OF = {DATA_WAITERS: DATA_WAITING, ROOM_WAITERS: ROOM_WAITING}
+
+
+class _SlotTable:
+    """The flock that guards the waiter table's flags and counts."""
+
+    def __init__(self, control: Control) -> None:
+        directory = _wake_dir(control)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self._handle = open(os.path.join(directory, "slots.lock"), "a+b")
+        except OSError as error:
+            raise os_error(error, "create", directory) from None
+
+    def __enter__(self) -> None:
+        portalocker.lock(self._handle, portalocker.LockFlags.EXCLUSIVE)
+
+    def __exit__(self, *exc_info: object) -> None:
+        portalocker.unlock(self._handle)
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def set_flag(control: Control, region: int, slot: int, raised: bool) -> None:
+    """Raise or lower ``slot``'s flag on ``region`` and keep the count exact (hold the table lock)."""
+    control_map = control.map
+    was_raised = control_map[region + slot] != 0
+    if was_raised == raised:
+        return
+    control_map[region + slot] = 1 if raised else 0
+    count = _COUNT_OF[region]
+    control_map[count] = max(0, control_map[count] + (1 if raised else -1))
+
+
 class Waiter:
     """One waiting process's slot and FIFO.  Not thread-safe: one per waiting object."""
 
@@ -67,14 +104,8 @@ class Waiter:
         self._control = control
         self.slot = -1
         self.fd = -1
-        directory = _wake_dir(control)
-        try:
-            os.makedirs(directory, exist_ok=True)
-            table_lock = open(os.path.join(directory, "slots.lock"), "a+b")
-        except OSError as error:
-            raise os_error(error, "create", directory) from None
-        with table_lock:
-            portalocker.lock(table_lock, portalocker.LockFlags.EXCLUSIVE)
+        self._table = _SlotTable(control)
+        with self._table:
             for slot in range(SLOT_COUNT):
                 pid, generation = SLOT.unpack_from(control.map, SLOTS + slot * SLOT.size)
                 if pid == 0 or (pid != os.getpid() and not process_is_alive(pid, None)):
@@ -89,8 +120,8 @@ class Waiter:
             os.mkfifo(path, 0o600)
             self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
             self.slot = slot
-            control.map[DATA_WAITERS + slot] = 0
-            control.map[ROOM_WAITERS + slot] = 0
+            set_flag(control, DATA_WAITERS, slot, False)
+            set_flag(control, ROOM_WAITERS, slot, False)
             SLOT.pack_into(control.map, SLOTS + slot * SLOT.size, os.getpid(), generation + 1)
 
     def fileno(self) -> int:
@@ -100,13 +131,15 @@ class Waiter:
     def raise_flag(self, region: int) -> None:
         """Announce that this slot waits on ``region``; check the condition after this."""
         if self.slot >= 0:
-            self._control.map[region + self.slot] = 1
+            with self._table:
+                set_flag(self._control, region, self.slot, True)
             _fence()
 
     def lower_flag(self, region: int) -> None:
         """Withdraw the announcement and swallow pending wake bytes."""
         if self.slot >= 0:
-            self._control.map[region + self.slot] = 0
+            with self._table:
+                set_flag(self._control, region, self.slot, False)
             self.drain()
 
     def drain(self) -> None:
@@ -142,14 +175,17 @@ class Waiter:
     def close(self) -> None:
         """Give the slot back and remove the FIFO."""
         if self.slot < 0:
+            self._table.close()
             return
         control = self._control
         if not control.map.closed:
-            control.map[DATA_WAITERS + self.slot] = 0
-            control.map[ROOM_WAITERS + self.slot] = 0
-            offset = SLOTS + self.slot * SLOT.size
-            _, generation = SLOT.unpack_from(control.map, offset)
-            SLOT.pack_into(control.map, offset, 0, generation)
+            with self._table:
+                set_flag(control, DATA_WAITERS, self.slot, False)
+                set_flag(control, ROOM_WAITERS, self.slot, False)
+                offset = SLOTS + self.slot * SLOT.size
+                _, generation = SLOT.unpack_from(control.map, offset)
+                SLOT.pack_into(control.map, offset, 0, generation)
+        self._table.close()
         try:
             os.unlink(_fifo_path(control, self.slot))
         except OSError:
@@ -165,9 +201,14 @@ class Waker:
     def __init__(self, control: Control) -> None:
         self._control = control
         self._fds: dict[int, tuple[int, int]] = {}  # slot -> (generation, fd)
+        self._table: _SlotTable | None = None
 
-    def any_waiting(self, region: int) -> bool:
-        return self._control.map[region : region + SLOT_COUNT] != _NO_WAITERS
+    def _forget_dead_waiter(self, region: int, slot: int) -> None:
+        # Its process is gone: lower its flag so sends stop trying to wake it.
+        if self._table is None:
+            self._table = _SlotTable(self._control)
+        with self._table:
+            set_flag(self._control, region, slot, False)
 
     def wake(self, region: int) -> None:
         """Wake every waiter raised on ``region`` (cheap when none is)."""
@@ -192,7 +233,7 @@ class Waker:
                 fd = os.open(_fifo_path(control, slot), os.O_WRONLY | os.O_NONBLOCK)
             except OSError as error:
                 if error.errno in (errno.ENXIO, errno.ENOENT):
-                    control.map[region + slot] = 0  # its process is gone
+                    self._forget_dead_waiter(region, slot)
                 return
             if not stat.S_ISFIFO(os.fstat(fd).st_mode):
                 os.close(fd)
@@ -205,9 +246,11 @@ class Waker:
         except OSError:
             os.close(cached[1])
             del self._fds[slot]
-            control.map[region + slot] = 0
+            self._forget_dead_waiter(region, slot)
 
     def close(self) -> None:
         for _, fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self._table is not None:
+            self._table.close()

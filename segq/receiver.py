@@ -17,7 +17,7 @@ import time
 from types import TracebackType
 from typing import Iterator
 
-from ._control import DATA_WAITERS, ROOM_WAITERS, Control
+from ._control import DATA_WAITERS, ROOM_WAITERS, ROOM_WAITING, Control
 from ._format import HEADER_SIZE
 from ._lock import LockFile
 from ._reader import RecordReader
@@ -29,7 +29,6 @@ from .sender import SyncPolicy, parse_sync
 
 __all__ = ["Receiver", "Message", "Batch"]
 
-_NO_WAITERS = bytes(64)
 
 
 class Message:
@@ -191,10 +190,20 @@ class Receiver:
             self._sync_thread.start()
 
     def _wait(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._data_waiter().wait(DATA_WAITERS, self._reader.available, deadline)
+
+    # -- for segq.aio, which waits on an event loop instead of in poll() --
+
+    def _data_waiter(self) -> Waiter:
+        """Return this receiver's waiter (made on first use); its ``fileno()`` turns readable on a wake-up."""
         if self._waiter is None:
             self._waiter = Waiter(self._control)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        return self._waiter.wait(DATA_WAITERS, self._reader.available, deadline)
+        return self._waiter
+
+    def _data_ready(self) -> bool:
+        """Tell, without blocking, whether a record lies past the read position."""
+        return self._reader.available()
 
     def _check_ready(self) -> None:
         if self._closed:
@@ -213,7 +222,8 @@ class Receiver:
         The message is pending until you commit or roll it back (or leave its
         ``with`` block).  Raises ``UsageError`` if one is already pending.
         """
-        self._check_ready()
+        if self._pending is not None or self._closed:
+            self._check_ready()
         data = self._next_record()
         if data is None:
             if not self._wait(timeout):
@@ -299,8 +309,7 @@ class Receiver:
             self._dirty = True
         if end >> 32 != previous_segment:
             delete_consumed_segments(self.path)
-        control_map = self._control.map
-        if control_map[ROOM_WAITERS : ROOM_WAITERS + 64] != _NO_WAITERS:
+        if self._control.bytes[ROOM_WAITING]:
             self._waker.wake(ROOM_WAITERS)
 
     def _rollback(self, item: Message | Batch, start: int) -> None:

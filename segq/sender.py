@@ -23,19 +23,24 @@ import itertools
 import os
 import threading
 import time
+import zlib
 from types import TracebackType
 from typing import Iterable, Union
 
 from . import _segment
-from ._control import DATA_WAITERS, DEFAULT_SEGMENT_SIZE, OWNER, ROOM_WAITERS, SYNCED, TAIL, WORD, Control, split_word
-from ._format import (
-    END_MARKER,
-    HEADER_SIZE,
-    RECORD_HEADER,
-    SEGMENT_HEADER_SIZE,
-    encode_batch,
-    record_crc,
+from ._control import (
+    DATA_WAITERS,
+    DATA_WAITING,
+    DEFAULT_SEGMENT_SIZE,
+    OWNER_INDEX,
+    ROOM_WAITERS,
+    SYNCED,
+    TAIL,
+    TAIL_INDEX,
+    Control,
+    split_word,
 )
+from ._format import END_MARKER, HEADER_SIZE, LENGTH_CRC, RECORD_HEADER, SEGMENT_HEADER_SIZE, encode_batch, record_crc
 from ._lock import LockFile
 from ._segment import MappedSegment, StrPath
 from ._state import Position, list_cursors, read_position
@@ -48,7 +53,9 @@ SyncPolicy = Union[str, float, int]
 DEFAULT_MAX_RECORD_SIZE = 8 << 20
 _MIN_SEGMENT_SIZE = 256
 _registration_counter = itertools.count()
-_NO_WAITERS = bytes(64)
+_pack_header = RECORD_HEADER.pack_into
+_crc32 = zlib.crc32
+_LENGTH_CRC = LENGTH_CRC
 
 
 def parse_sync(sync: SyncPolicy) -> float | None:
@@ -118,8 +125,14 @@ class Sender:
         self._waker = Waker(self._control)
         self._room_waiter: Waiter | None = None
         self._segment: MappedSegment | None = None
-        self._segment_number = -1
-        self._segment_limit = 0  # last offset a record may end at (room kept for the end marker)
+        self._forget_segment()
+        self._words = self._control.words
+        self._control_bytes = self._control.bytes
+        self._acquire = self._control.append_lock.acquire
+        self._release = self._control.append_lock.release
+        self._pid = self._control.pid
+        self._size_limit = max_record_size  # -1 once closed, so the hot path needs one compare
+        self._sync_always = self._sync_interval == 0.0
         self._last_word = 0  # tail word after this sender's last append
         self._unsynced_segments: set[int] = set()
         self._sync_thread_lock = threading.Lock()
@@ -141,48 +154,51 @@ class Sender:
         ``Full`` if ``timeout`` runs out while the backlog is at
         ``max_queue_bytes``, ``Closed`` after ``close()``.
         """
+        # The hot path: every attribute it needs is cached on self, and the
+        # segment bounds are kept as tail words so one compare checks both
+        # "still the same segment" and "the record fits".
         if type(data) is not bytes:
             data = _as_bytes(data)
         size = len(data)
-        if size > self.max_record_size:
-            raise RecordTooLarge(
-                f"record of {size} bytes is over max_record_size={self.max_record_size}; nothing was written",
-                size=size,
-                limit=self.max_record_size,
-            )
-        if self._closed:
-            raise Closed("send() on a closed Sender")
+        if size > self._size_limit:
+            self._refuse(size)
         if self.max_queue_bytes is not None:
             self._wait_for_room(size + HEADER_SIZE, timeout)
-        control = self._control
-        control_map = control.map
-        lock = control.append_lock
-        if lock.acquire(False):
-            control_map[OWNER : OWNER + 8] = control.pid_word
-        else:
-            control.acquire_slow(self._zero_past_tail)
+        words = self._words
+        if not self._acquire(False):
+            self._control.acquire_slow(self._zero_past_tail)
         try:
-            word = WORD.unpack_from(control_map, TAIL)[0]
-            offset = word & 0xFFFF_FFFF
-            payload_start = offset + HEADER_SIZE
-            end = payload_start + size
-            if word >> 32 != self._segment_number or end > self._segment_limit:
+            word = words[TAIL_INDEX]
+            if word != self._last_word:
+                # Someone else appended since our last send: say who holds the lock now.
+                words[OWNER_INDEX] = self._pid
+            end_word = word + HEADER_SIZE + size
+            if end_word > self._limit_word:
                 word = self._make_room(word, HEADER_SIZE + size)
-                offset = word & 0xFFFF_FFFF
-                payload_start = offset + HEADER_SIZE
-                end = payload_start + size
-            segment_map = self._segment.map  # type: ignore[union-attr]
-            segment_map[payload_start:end] = data
-            RECORD_HEADER.pack_into(segment_map, offset, size, record_crc(size, data))
-            word += end - offset
-            WORD.pack_into(control_map, TAIL, word)
+                end_word = word + HEADER_SIZE + size
+            offset = word - self._base_word
+            segment_map = self._segment_map
+            segment_map[offset + HEADER_SIZE : offset + HEADER_SIZE + size] = data
+            _pack_header(
+                segment_map, offset, size, _crc32(data, _LENGTH_CRC[size]) if size < 4096 else record_crc(size, data)
+            )
+            words[TAIL_INDEX] = end_word
         finally:
-            lock.release()
-        self._last_word = word
-        if control_map[DATA_WAITERS : DATA_WAITERS + 64] != _NO_WAITERS:
+            self._release()
+        self._last_word = end_word
+        if self._control_bytes[DATA_WAITING]:
             self._waker.wake(DATA_WAITERS)
-        if self._sync_interval == 0.0:
-            self._sync_through(word)
+        if self._sync_always:
+            self._sync_through(end_word)
+
+    def _refuse(self, size: int) -> None:
+        if self._closed:
+            raise Closed("send() on a closed Sender")
+        raise RecordTooLarge(
+            f"record of {size} bytes is over max_record_size={self.max_record_size}; nothing was written",
+            size=size,
+            limit=self.max_record_size,
+        )
 
     def send_batch(self, records: Iterable[bytes], timeout: float | None = None) -> None:
         """Append many records as one atomic, contiguous write.
@@ -192,6 +208,8 @@ class Sender:
         not fit in one segment, ``RecordTooLarge`` is raised and nothing is
         written.  An empty batch writes nothing.
         """
+        if self._closed:
+            raise Closed("send_batch() on a closed Sender")
         payloads = [record if type(record) is bytes else _as_bytes(record) for record in records]
         if not payloads:
             return
@@ -205,42 +223,41 @@ class Sender:
                 )
         blob = encode_batch(payloads)
         capacity = self.segment_size - SEGMENT_HEADER_SIZE - HEADER_SIZE
-        if len(blob) > capacity:
+        if len(blob) > capacity:  # the framed batch must fit in one segment
             raise RecordTooLarge(
                 f"batch of {len(payloads)} records ({len(blob)} bytes framed) does not fit in one "
                 f"{self.segment_size}-byte segment; nothing was written (send it in smaller batches)",
                 size=len(blob),
                 limit=capacity,
             )
-        if self._closed:
-            raise Closed("send_batch() on a closed Sender")
         if self.max_queue_bytes is not None:
             self._wait_for_room(len(blob), timeout)
-        control = self._control
-        lock = control.append_lock
-        if lock.acquire(False):
-            control.map[OWNER : OWNER + 8] = control.pid_word
-        else:
-            control.acquire_slow(self._zero_past_tail)
+        words = self._words
+        if not self._acquire(False):
+            self._control.acquire_slow(self._zero_past_tail)
         try:
-            word = control.word(TAIL)
-            offset = word & 0xFFFF_FFFF
-            if word >> 32 != self._segment_number or offset + len(blob) > self._segment_limit:
+            word = words[TAIL_INDEX]
+            if word != self._last_word:
+                words[OWNER_INDEX] = self._pid
+            end_word = word + len(blob)
+            if end_word > self._limit_word:
                 word = self._make_room(word, len(blob))
-                offset = word & 0xFFFF_FFFF
-            segment_map = self._segment.map  # type: ignore[union-attr]
+                end_word = word + len(blob)
+            offset = word - self._base_word
+            segment_map = self._segment_map
             # Payloads first, the first header last: a crash mid-copy leaves a
             # batch whose first record is incomplete, which recovery drops whole.
-            segment_map[offset + HEADER_SIZE : offset + len(blob)] = blob[HEADER_SIZE:]
+            with memoryview(blob) as view:
+                segment_map[offset + HEADER_SIZE : offset + len(blob)] = view[HEADER_SIZE:]
             segment_map[offset : offset + HEADER_SIZE] = blob[:HEADER_SIZE]
-            word += len(blob)
-            control.store(TAIL, word)
+            words[TAIL_INDEX] = end_word
         finally:
-            lock.release()
-        self._last_word = word
-        self._waker.wake(DATA_WAITERS)
-        if self._sync_interval == 0.0:
-            self._sync_through(word)
+            self._release()
+        self._last_word = end_word
+        if self._control_bytes[DATA_WAITING]:
+            self._waker.wake(DATA_WAITERS)
+        if self._sync_always:
+            self._sync_through(end_word)
 
     def _make_room(self, word: int, needed: int) -> int:
         """Map the tail segment, rolling over to a new one if ``needed`` bytes do not fit.
@@ -250,7 +267,7 @@ class Sender:
         number, offset = split_word(word)
         if number != self._segment_number:
             self._map_segment(number)
-        if offset + needed <= self._segment_limit:
+        if word + needed <= self._limit_word:
             return word
         following = number + 1
         durable = self._sync_interval is not None
@@ -277,8 +294,7 @@ class Sender:
     def _map_segment(self, number: int) -> None:
         if self._segment is not None:
             self._segment.close()
-            self._segment = None
-            self._segment_number = -1
+            self._forget_segment()
         try:
             segment = MappedSegment(self.path, number, writable=True)
         except FileNotFoundError:
@@ -288,7 +304,17 @@ class Sender:
             ) from None
         self._segment = segment
         self._segment_number = number
-        self._segment_limit = segment.size - HEADER_SIZE
+        self._segment_map = segment.map
+        self._base_word = number << 32
+        # Room is kept at the end for the end-of-segment marker.
+        self._limit_word = self._base_word + segment.size - HEADER_SIZE
+
+    def _forget_segment(self) -> None:
+        self._segment = None
+        self._segment_number = -1
+        self._segment_map = None
+        self._base_word = 0
+        self._limit_word = 0  # no segment: every append takes the slow path
 
     def _zero_past_tail(self, word: int) -> None:
         number, offset = split_word(word)
@@ -416,6 +442,7 @@ class Sender:
                 self._sync_through(self._last_word)
         finally:
             self._closed = True
+            self._size_limit = -1
             if self._room_waiter is not None:
                 self._room_waiter.close()
             self._waker.close()
