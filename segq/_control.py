@@ -31,7 +31,7 @@ import secrets
 import struct
 import threading
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 import portalocker
 
@@ -104,6 +104,14 @@ def _semaphore_name(token: int) -> str:
     return f"/segq-{token:016x}"
 
 
+class AppendLock(Protocol):
+    """What the append lock offers: a semaphore's acquire and release."""
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool: ...
+
+    def release(self) -> None: ...
+
+
 class _FlockAppendLock:
     """Fallback append lock for platforms without named semaphores."""
 
@@ -127,23 +135,26 @@ class _FlockAppendLock:
         self._thread_lock.release()
 
 
-def _open_semaphore(token: int, create: bool) -> object | None:
+def _open_semaphore(token: int, create: bool) -> AppendLock | None:
     try:
-        from _multiprocessing import SemLock  # type: ignore[attr-defined]
+        from _multiprocessing import SemLock  # type: ignore[import-not-found]
     except ImportError:
         return None
     name = _semaphore_name(token)
+    semaphore: AppendLock
     try:
         if create:
-            return SemLock(1, 1, 1, name, False)
-        return SemLock._rebuild(0, 1, 1, name)
+            semaphore = SemLock(1, 1, 1, name, False)
+        else:
+            semaphore = SemLock._rebuild(0, 1, 1, name)
     except (OSError, AttributeError, TypeError):
         return None
+    return semaphore
 
 
 def _unlink_semaphore(token: int) -> None:
     try:
-        from _multiprocessing import sem_unlink  # type: ignore[attr-defined]
+        from _multiprocessing import sem_unlink
 
         sem_unlink(_semaphore_name(token))
     except (ImportError, OSError):
@@ -208,7 +219,7 @@ class Control:
                 raise CorruptionError(self.path, 0, "control file has a bad magic number")
             if version != CONTROL_VERSION:
                 raise UnsupportedFormat(f"{self.path}: control format {version}, this segq reads {CONTROL_VERSION}")
-        self.append_lock = _open_semaphore(self.word(TOKEN), create=False) or _FlockAppendLock(
+        self.append_lock: AppendLock = _open_semaphore(self.word(TOKEN), create=False) or _FlockAppendLock(
             os.path.join(self.queue_dir, "segq.append.lock")
         )
 
@@ -269,8 +280,8 @@ class Control:
                     f"{scan.status.value} in a record below the last published one (offset {hint_offset})",
                 )
         if scan.status is not RecordStatus.EMPTY and scan.stop_extent + HEADER_SIZE <= segment.size:
-            following = decode_record(segment.map, scan.stop_extent, segment.size)
-            if following.status in (RecordStatus.OK, RecordStatus.END):
+            after = decode_record(segment.map, scan.stop_extent, segment.size)
+            if after.status in (RecordStatus.OK, RecordStatus.END):
                 raise CorruptionError(segment.path, scan.stop, f"{scan.status.value}, followed by valid records")
         dirty = _segment.dirty_end(segment.map, scan.end, segment.size)
         if dirty > scan.end:
@@ -310,7 +321,7 @@ class Control:
         last_tail = self.word(TAIL)
         stalled_since = time.monotonic()
         while True:
-            if append_lock.acquire(True, _STEAL_CHECK_SECONDS):  # type: ignore[attr-defined]
+            if append_lock.acquire(True, _STEAL_CHECK_SECONDS):
                 self.words[OWNER_INDEX] = self.pid
                 return
             if self._closed:
@@ -380,7 +391,6 @@ class Control:
             self.store(CLEAN_TAIL, tail)
             self.store(CLEAN_CHECK, tail ^ token ^ _CLEAN_SALT)
             _unlink_semaphore(token)
-        self.append_lock = None
         self.words.release()
         self.bytes.release()
         try:

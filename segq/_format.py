@@ -16,12 +16,14 @@ written here yet".
 from __future__ import annotations
 
 import enum
+import mmap
 import struct
 import zlib
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 __all__ = [
     "FORMAT_VERSION",
+    "Buffer",
     "RECORD_HEADER",
     "LENGTH_CRC",
     "HEADER_SIZE",
@@ -43,6 +45,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 
+Buffer = Union[bytes, bytearray, memoryview, mmap.mmap]
+
 RECORD_HEADER = struct.Struct("<II")
 HEADER_SIZE = RECORD_HEADER.size
 CONTINUES = 0x8000_0000
@@ -55,7 +59,7 @@ _LENGTH = struct.Struct("<I")
 LENGTH_CRC = [zlib.crc32(_LENGTH.pack(n)) for n in range(4096)]
 
 
-def record_crc(length_word: int, payload: bytes | memoryview) -> int:
+def record_crc(length_word: int, payload: Buffer) -> int:
     """Return the CRC-32 of ``length_word`` (4 bytes, little-endian) followed by ``payload``."""
     if length_word < 4096:
         return zlib.crc32(payload, LENGTH_CRC[length_word])
@@ -116,7 +120,7 @@ class Record(NamedTuple):
 _ZERO_HEADER = bytes(HEADER_SIZE)
 
 
-def decode_record(buffer: bytes | memoryview, offset: int, limit: int) -> Record:
+def decode_record(buffer: Buffer, offset: int, limit: int) -> Record:
     """Decode the frame at ``offset``; bytes at ``limit`` and beyond are not looked at.
 
     A header or payload cut by ``limit`` is ``INCOMPLETE``; a CRC mismatch is
@@ -167,7 +171,7 @@ def encode_segment_header(number: int) -> bytes:
     return _SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, SEGMENT_HEADER_SIZE, number, zlib.crc32(body), 0)
 
 
-def decode_segment_header(data: bytes | memoryview) -> int:
+def decode_segment_header(data: Buffer) -> int:
     """Return the segment number stored in a header, or raise :class:`SegmentHeaderError`."""
     if len(data) < SEGMENT_HEADER_SIZE:
         raise SegmentHeaderError(f"file is {len(data)} bytes, shorter than the {SEGMENT_HEADER_SIZE}-byte header")

@@ -35,7 +35,7 @@ _EXCLUSIVE = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKIN
 
 def _start_time(pid: int) -> float | None:
     try:
-        return psutil.Process(pid).create_time()
+        return float(psutil.Process(pid).create_time())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
         return None
 
@@ -53,7 +53,7 @@ def process_is_alive(pid: int, start_time: float | None) -> bool:
             return False
         if start_time is None:
             return True
-        return abs(process.create_time() - start_time) < 0.01
+        return bool(abs(process.create_time() - start_time) < 0.01)
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
     except psutil.AccessDenied:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from . import _format
-from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordStatus, SegmentHeaderError
+from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, Buffer, RecordStatus, SegmentHeaderError
 from .errors import CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
@@ -141,7 +141,7 @@ def create_segment(queue_dir: StrPath, number: int, size: int, *, durable: bool)
             pass
 
 
-def read_segment_header(path: str, data: bytes | memoryview) -> int:
+def read_segment_header(path: str, data: Buffer) -> int:
     """Return the segment number in ``data``'s header, or raise a ``SegqError`` naming ``path``."""
     try:
         return _format.decode_segment_header(data)
@@ -209,7 +209,7 @@ class ScanResult:
     records: int
 
 
-def scan_records(buffer: bytes | memoryview | mmap.mmap, start: int, limit: int) -> ScanResult:
+def scan_records(buffer: Buffer, start: int, limit: int) -> ScanResult:
     """Walk the records from ``start`` until one is not ``OK``; never raises on bad bytes."""
     decode = _format.decode_record
     offset = start
@@ -240,13 +240,12 @@ def scan_records(buffer: bytes | memoryview | mmap.mmap, start: int, limit: int)
 _CHUNK = 1 << 16
 
 
-def dirty_end(buffer: bytes | memoryview | mmap.mmap, start: int, limit: int) -> int:
+def dirty_end(buffer: Buffer, start: int, limit: int) -> int:
     """Return the offset just past the last non-zero byte in ``[start, limit)`` (``start`` if none)."""
     position = limit
     while position > start:
         low = max(start, position - _CHUNK)
-        chunk = buffer[low:position]
-        stripped = chunk.rstrip(b"\x00")
+        stripped = bytes(buffer[low:position]).rstrip(b"\x00")
         if stripped:
             return low + len(stripped)
         position = low

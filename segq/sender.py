@@ -312,7 +312,6 @@ class Sender:
     def _forget_segment(self) -> None:
         self._segment = None
         self._segment_number = -1
-        self._segment_map = None
         self._base_word = 0
         self._limit_word = 0  # no segment: every append takes the slow path
 
