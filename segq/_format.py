@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import enum
 import mmap
+import os
 import struct
 import zlib
-from typing import NamedTuple, Union
+from typing import Callable, NamedTuple, Union
 
 __all__ = [
     "FORMAT_VERSION",
@@ -41,6 +42,10 @@ __all__ = [
     "encode_segment_header",
     "decode_segment_header",
     "SegmentHeaderError",
+    "frame_into",
+    "read_record",
+    "decode_run",
+    "SPEEDUPS",
 ]
 
 FORMAT_VERSION = 1
@@ -185,3 +190,62 @@ def decode_segment_header(data: Buffer) -> int:
     if zlib.crc32(bytes(data[:24])) != crc or header_size != SEGMENT_HEADER_SIZE:
         raise SegmentHeaderError("header checksum mismatch")
     return int(number)
+
+
+# -- hot-path primitives ---------------------------------------------------
+#
+# ``frame_into``, ``read_record``, ``decode_run`` and ``encode_batch`` come in
+# two versions with the same behaviour: the pure-Python ones below, and C ones
+# in the optional ``_speedups`` extension (three interpreter operations become
+# one call).  SEGQ_PURE_PYTHON=1 in the environment forces the Python ones.
+
+
+def _frame_into(target: Buffer, offset: int, payload: bytes) -> int:
+    """Write ``payload`` at ``offset + 8`` and then its header at ``offset``; return the end offset."""
+    size = len(payload)
+    end = offset + HEADER_SIZE + size
+    target[offset + HEADER_SIZE : end] = payload  # type: ignore[index]
+    RECORD_HEADER.pack_into(target, offset, size, record_crc(size, payload))
+    return end
+
+
+def _read_record(buffer: bytes, offset: int) -> bytes | None:
+    """Return the payload of the intact record at ``offset``, or None (short, damaged, end marker)."""
+    if offset < 0 or offset + HEADER_SIZE > len(buffer):
+        return None
+    length_word, crc = RECORD_HEADER.unpack_from(buffer, offset)
+    end = offset + HEADER_SIZE + (length_word & LENGTH_MASK)
+    if length_word == END_OF_SEGMENT or end > len(buffer):
+        return None
+    payload = buffer[offset + HEADER_SIZE : end]
+    return payload if record_crc(length_word, payload) == crc else None
+
+
+def _decode_run(buffer: bytes, offset: int, max_count: int) -> tuple[list[bytes], int]:
+    """Return up to ``max_count`` payloads of intact records from ``offset``, and the offset after them."""
+    payloads: list[bytes] = []
+    while len(payloads) < max_count:
+        payload = _read_record(buffer, offset)
+        if payload is None:
+            break
+        payloads.append(payload)
+        offset += HEADER_SIZE + len(payload)
+    return payloads, offset
+
+
+_python_encode_batch = encode_batch
+frame_into: Callable[[Buffer, int, bytes], int] = _frame_into
+read_record: Callable[[bytes, int], bytes | None] = _read_record
+decode_run: Callable[[bytes, int, int], tuple[list[bytes], int]] = _decode_run
+SPEEDUPS = False
+if not os.environ.get("SEGQ_PURE_PYTHON"):
+    try:
+        from . import _speedups  # type: ignore[attr-defined]
+    except ImportError:
+        pass
+    else:
+        frame_into = _speedups.frame_into
+        read_record = _speedups.read_record
+        decode_run = _speedups.decode_run
+        encode_batch = _speedups.encode_batch  # noqa: F811 (the C twin of the function above)
+        SPEEDUPS = True

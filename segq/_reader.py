@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import os
 import time
-import zlib
 
-from . import _segment
+from . import _format, _segment
 from ._control import TAIL_INDEX, Control
 from ._format import (
     END_OF_SEGMENT,
     HEADER_SIZE,
-    LENGTH_CRC,
     LENGTH_MASK,
     RECORD_HEADER,
     SEGMENT_HEADER_SIZE,
@@ -31,9 +29,8 @@ from .errors import CorruptionError, SegqError
 __all__ = ["RecordReader"]
 
 _CHUNK = 1 << 17
-_crc32 = zlib.crc32
-_unpack_header = RECORD_HEADER.unpack_from
-_LENGTH_CRC = LENGTH_CRC
+_read_record = _format.read_record
+_decode_run = _format.decode_run
 
 
 class RecordReader:
@@ -62,18 +59,38 @@ class RecordReader:
         read = self.position
         if read >= self._words[TAIL_INDEX]:
             return None
-        buffer = self._buffer
-        start = read - self._buffer_word + HEADER_SIZE
-        if HEADER_SIZE <= start <= len(buffer):
-            length_word, crc = _unpack_header(buffer, start - HEADER_SIZE)
-            size = length_word & LENGTH_MASK
-            end = start + size
-            if end <= len(buffer):  # false for the end marker: its size is 2**31 - 1
-                data = buffer[start:end]
-                if (_crc32(data, _LENGTH_CRC[length_word]) if length_word < 4096 else record_crc(length_word, data)) == crc:
-                    self.position = read + HEADER_SIZE + size
-                    return data
+        data = _read_record(self._buffer, read - self._buffer_word)
+        if data is not None:
+            self.position = read + HEADER_SIZE + len(data)
+            return data
         return self._next_slow()
+
+    def next_many(self, max_count: int) -> tuple[list[bytes], list[tuple[int, int]]]:
+        """Return up to ``max_count`` records that are there now, and where they start.
+
+        The second list has one ``(index, position)`` pair per run of records
+        that lie back to back (a run ends where a segment does): record
+        ``index`` starts at ``position`` and the rest of its run follow it.
+        """
+        records: list[bytes] = []
+        runs: list[tuple[int, int]] = []
+        words = self._words
+        while len(records) < max_count:
+            read = self.position
+            if read >= words[TAIL_INDEX]:
+                break
+            payloads, end = _decode_run(self._buffer, read - self._buffer_word, max_count - len(records))
+            if payloads:
+                runs.append((len(records), read))
+                records += payloads
+                self.position = self._buffer_word + end
+                continue
+            record = self._next_slow()
+            if record is None:
+                break
+            runs.append((len(records), self.position - HEADER_SIZE - len(record)))
+            records.append(record)
+        return records, runs
 
     def _next_slow(self) -> bytes | None:
         """Read the next record when the fast path cannot: refill, cross segments, check damage."""

@@ -254,25 +254,22 @@ class Receiver:
         self._check_ready()
         if max_count < 1:
             raise UsageError(f"recv_batch needs max_count >= 1, not {max_count}")
-        data = self._next_record()
-        if data is None:
+        records, runs = self._reader.next_many(max_count)
+        if not records:
             if not self._wait(timeout):
                 raise Empty(f"no record in {self.path} after {timeout} s")
-            data = self._next_record()
-            if data is None:
+            records, runs = self._reader.next_many(max_count)
+            if not records:
                 raise Empty(f"no record in {self.path} after {timeout} s")
-        start = self._reader.position - HEADER_SIZE - len(data)
-        messages = []
-        next_record = self._next_record
-        while True:
-            end = self._reader.position
-            messages.append(Message(_IN_BATCH, data, end - HEADER_SIZE - len(data), end))  # type: ignore[arg-type]
-            if len(messages) >= max_count:
-                break
-            data = next_record()
-            if data is None:
-                break
-        batch = Batch(self, messages, start, self._reader.position)
+        messages: list[Message] = []
+        append = messages.append
+        runs.append((len(records), 0))
+        for (first, position), (following, _) in zip(runs, runs[1:]):
+            for data in records[first:following]:
+                end = position + HEADER_SIZE + len(data)
+                append(Message(_IN_BATCH, data, position, end))  # type: ignore[arg-type]
+                position = end
+        batch = Batch(self, messages, runs[0][1], self._reader.position)
         self._pending = batch
         return batch
 

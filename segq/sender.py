@@ -23,11 +23,10 @@ import itertools
 import os
 import threading
 import time
-import zlib
 from types import TracebackType
 from typing import Iterable, Union
 
-from . import _segment
+from . import _format, _segment
 from ._control import (
     DATA_WAITERS,
     DATA_WAITING,
@@ -40,7 +39,7 @@ from ._control import (
     Control,
     split_word,
 )
-from ._format import END_MARKER, HEADER_SIZE, LENGTH_CRC, RECORD_HEADER, SEGMENT_HEADER_SIZE, encode_batch, record_crc
+from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE
 from ._lock import LockFile
 from ._segment import MappedSegment, StrPath
 from ._state import Position, list_cursors, read_position
@@ -53,9 +52,7 @@ SyncPolicy = Union[str, float, int]
 DEFAULT_MAX_RECORD_SIZE = 8 << 20
 _MIN_SEGMENT_SIZE = 256
 _registration_counter = itertools.count()
-_pack_header = RECORD_HEADER.pack_into
-_crc32 = zlib.crc32
-_LENGTH_CRC = LENGTH_CRC
+_frame_into = _format.frame_into
 
 
 def parse_sync(sync: SyncPolicy) -> float | None:
@@ -176,12 +173,7 @@ class Sender:
             if end_word > self._limit_word:
                 word = self._make_room(word, HEADER_SIZE + size)
                 end_word = word + HEADER_SIZE + size
-            offset = word - self._base_word
-            segment_map = self._segment_map
-            segment_map[offset + HEADER_SIZE : offset + HEADER_SIZE + size] = data
-            _pack_header(
-                segment_map, offset, size, _crc32(data, _LENGTH_CRC[size]) if size < 4096 else record_crc(size, data)
-            )
+            _frame_into(self._segment_map, word - self._base_word, data)
             words[TAIL_INDEX] = end_word
         finally:
             self._release()
@@ -221,7 +213,7 @@ class Sender:
                     size=len(payload),
                     limit=self.max_record_size,
                 )
-        blob = encode_batch(payloads)
+        blob = _format.encode_batch(payloads)
         capacity = self.segment_size - SEGMENT_HEADER_SIZE - HEADER_SIZE
         if len(blob) > capacity:  # the framed batch must fit in one segment
             raise RecordTooLarge(

@@ -1,0 +1,261 @@
+/* Optional C versions of segq's record framing hot paths.
+ *
+ * Each function here does exactly what its pure-Python twin in _format.py
+ * does, byte for byte (tests/test_speedups.py checks that on random input);
+ * segq works without this module (set SEGQ_PURE_PYTHON=1 to see).  It exists
+ * because a small record's send in pure Python is bounded by three
+ * interpreter-level operations -- a slice copy, zlib.crc32 and struct.pack --
+ * that together cost more than the rest of the send; here they are one call.
+ *
+ * The record layout (docs/format.md): u32 le length word, u32 le CRC-32 of
+ * the four length bytes followed by the payload, then the payload.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define HEADER_SIZE 8
+#define LENGTH_MASK 0x7FFFFFFFu
+#define CONTINUES 0x80000000u
+
+/* CRC-32 (ISO-HDLC, as zlib), slicing by eight. */
+static uint32_t crc_table[8][256];
+
+static void crc_init(void) {
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++)
+            c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[0][n] = c;
+    }
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = crc_table[0][n];
+        for (int t = 1; t < 8; t++) {
+            c = crc_table[0][c & 0xFF] ^ (c >> 8);
+            crc_table[t][n] = c;
+        }
+    }
+}
+
+static uint32_t crc_update(uint32_t crc, const unsigned char *p, size_t n) {
+    crc = ~crc;
+    while (n >= 8) {
+        uint32_t lo = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+        uint32_t hi = (uint32_t)p[4] | (uint32_t)p[5] << 8 | (uint32_t)p[6] << 16 | (uint32_t)p[7] << 24;
+        lo ^= crc;
+        crc = crc_table[7][lo & 0xFF] ^ crc_table[6][(lo >> 8) & 0xFF] ^ crc_table[5][(lo >> 16) & 0xFF] ^
+              crc_table[4][lo >> 24] ^ crc_table[3][hi & 0xFF] ^ crc_table[2][(hi >> 8) & 0xFF] ^
+              crc_table[1][(hi >> 16) & 0xFF] ^ crc_table[0][hi >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n--)
+        crc = crc_table[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+    return ~crc;
+}
+
+static void put_u32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16);
+    p[3] = (unsigned char)(v >> 24);
+}
+
+static uint32_t get_u32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint32_t record_crc(uint32_t length_word, const unsigned char *payload, size_t size) {
+    unsigned char length[4];
+    put_u32(length, length_word);
+    return crc_update(crc_update(0, length, 4), payload, size);
+}
+
+/* frame_into(target, offset, payload): write payload at offset + 8, then its header at offset. */
+static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "frame_into(target, offset, payload) takes 3 arguments");
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
+    if (offset == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer target, payload;
+    if (PyObject_GetBuffer(args[0], &target, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[2], &payload, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&target);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (offset < 0 || payload.len > (Py_ssize_t)LENGTH_MASK || offset > target.len - HEADER_SIZE - payload.len) {
+        PyErr_SetString(PyExc_ValueError, "record does not fit in the target buffer");
+    } else {
+        unsigned char *at = (unsigned char *)target.buf + offset;
+        uint32_t length_word = (uint32_t)payload.len;
+        memcpy(at + HEADER_SIZE, payload.buf, (size_t)payload.len);
+        put_u32(at + 4, record_crc(length_word, payload.buf, (size_t)payload.len));
+        put_u32(at, length_word);
+        result = PyLong_FromSsize_t(offset + HEADER_SIZE + payload.len);
+    }
+    PyBuffer_Release(&payload);
+    PyBuffer_Release(&target);
+    return result;
+}
+
+/* read_record(buffer, offset): the payload of the intact record at offset, or None.
+ *
+ * None means "not here in full, or the checksum fails, or an end marker":
+ * the caller's slow path decides which.
+ */
+static PyObject *read_record(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "read_record(buffer, offset) takes 2 arguments");
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
+    if (offset == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer buffer;
+    if (PyObject_GetBuffer(args[0], &buffer, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *result = Py_None;
+    if (offset >= 0 && offset <= buffer.len - HEADER_SIZE) {
+        const unsigned char *at = (const unsigned char *)buffer.buf + offset;
+        uint32_t length_word = get_u32(at);
+        Py_ssize_t size = (Py_ssize_t)(length_word & LENGTH_MASK);
+        if (length_word != 0xFFFFFFFFu && size <= buffer.len - HEADER_SIZE - offset &&
+            record_crc(length_word, at + HEADER_SIZE, (size_t)size) == get_u32(at + 4)) {
+            result = PyBytes_FromStringAndSize((const char *)at + HEADER_SIZE, size);
+            PyBuffer_Release(&buffer);
+            return result;
+        }
+    }
+    PyBuffer_Release(&buffer);
+    Py_RETURN_NONE;
+}
+
+/* encode_batch(payloads): frame a list of bytes-like objects; all but the last CONTINUE. */
+static PyObject *encode_batch(PyObject *module, PyObject *payloads) {
+    if (!PyList_Check(payloads)) {
+        PyErr_SetString(PyExc_TypeError, "encode_batch takes a list");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(payloads), total = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(payloads, i);
+        if (!PyBytes_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "encode_batch takes a list of bytes");
+            return NULL;
+        }
+        Py_ssize_t size = PyBytes_GET_SIZE(item);
+        if (size > (Py_ssize_t)LENGTH_MASK || total > PY_SSIZE_T_MAX - HEADER_SIZE - size) {
+            PyErr_SetString(PyExc_OverflowError, "batch too large");
+            return NULL;
+        }
+        total += HEADER_SIZE + size;
+    }
+    PyObject *blob = PyBytes_FromStringAndSize(NULL, total);
+    if (blob == NULL)
+        return NULL;
+    unsigned char *at = (unsigned char *)PyBytes_AS_STRING(blob);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(payloads, i);
+        Py_ssize_t size = PyBytes_GET_SIZE(item);
+        uint32_t length_word = (uint32_t)size | (i < count - 1 ? CONTINUES : 0);
+        const unsigned char *payload = (const unsigned char *)PyBytes_AS_STRING(item);
+        put_u32(at, length_word);
+        put_u32(at + 4, record_crc(length_word, payload, (size_t)size));
+        memcpy(at + HEADER_SIZE, payload, (size_t)size);
+        at += HEADER_SIZE + size;
+    }
+    return blob;
+}
+
+/* decode_run(buffer, offset, max_count): payloads of up to max_count intact records from offset.
+ *
+ * Returns (payloads, next_offset); stops early, without error, at anything
+ * that is not an intact record (an end marker, a short record, a checksum
+ * mismatch) so the caller's slow path can look at it.
+ */
+static PyObject *decode_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "decode_run(buffer, offset, max_count) takes 3 arguments");
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
+    if (offset == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t max_count = PyLong_AsSsize_t(args[2]);
+    if (max_count == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer buffer;
+    if (PyObject_GetBuffer(args[0], &buffer, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *payloads = PyList_New(0);
+    if (payloads == NULL) {
+        PyBuffer_Release(&buffer);
+        return NULL;
+    }
+    const unsigned char *base = (const unsigned char *)buffer.buf;
+    while (PyList_GET_SIZE(payloads) < max_count && offset >= 0 && offset <= buffer.len - HEADER_SIZE) {
+        uint32_t length_word = get_u32(base + offset);
+        Py_ssize_t size = (Py_ssize_t)(length_word & LENGTH_MASK);
+        if (length_word == 0xFFFFFFFFu || size > buffer.len - HEADER_SIZE - offset ||
+            record_crc(length_word, base + offset + HEADER_SIZE, (size_t)size) != get_u32(base + offset + 4))
+            break;
+        PyObject *payload = PyBytes_FromStringAndSize((const char *)base + offset + HEADER_SIZE, size);
+        if (payload == NULL || PyList_Append(payloads, payload) < 0) {
+            Py_XDECREF(payload);
+            Py_DECREF(payloads);
+            PyBuffer_Release(&buffer);
+            return NULL;
+        }
+        Py_DECREF(payload);
+        offset += HEADER_SIZE + size;
+    }
+    PyBuffer_Release(&buffer);
+    PyObject *result = Py_BuildValue("(Nn)", payloads, offset);
+    return result;
+}
+
+static PyObject *crc32(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "crc32(data, value=0) takes 1 or 2 arguments");
+        return NULL;
+    }
+    uint32_t value = 0;
+    if (nargs == 2) {
+        value = (uint32_t)PyLong_AsUnsignedLongMask(args[1]);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    Py_buffer data;
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    value = crc_update(value, data.buf, (size_t)data.len);
+    PyBuffer_Release(&data);
+    return PyLong_FromUnsignedLong(value);
+}
+
+static PyMethodDef methods[] = {
+    {"frame_into", (PyCFunction)(void (*)(void))frame_into, METH_FASTCALL,
+     "frame_into(target, offset, payload) -> end offset: write one record into a writable buffer."},
+    {"read_record", (PyCFunction)(void (*)(void))read_record, METH_FASTCALL,
+     "read_record(buffer, offset) -> payload or None: decode one intact record."},
+    {"encode_batch", encode_batch, METH_O, "encode_batch(list of bytes) -> bytes: frame a batch."},
+    {"decode_run", (PyCFunction)(void (*)(void))decode_run, METH_FASTCALL,
+     "decode_run(buffer, offset, max_count) -> (payloads, next offset)."},
+    {"crc32", (PyCFunction)(void (*)(void))crc32, METH_FASTCALL, "crc32(data, value=0): zlib-compatible CRC-32."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "segq._speedups", "Optional C versions of segq's record framing.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+    crc_init();
+    return PyModule_Create(&module_def);
+}

@@ -1,0 +1,75 @@
+"""The optional C speedups behave exactly like their pure-Python twins."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from segq import _format
+
+speedups = pytest.importorskip("segq._speedups")
+
+payloads = st.binary(max_size=300)
+
+
+@given(st.binary(max_size=2000), st.integers(0, 2**32 - 1))
+def test_crc32_matches_zlib(data: bytes, value: int) -> None:
+    assert speedups.crc32(data, value) == zlib.crc32(data, value)
+
+
+@given(st.lists(payloads, max_size=30))
+def test_encode_batch_matches_python(batch: list[bytes]) -> None:
+    assert speedups.encode_batch(batch) == _format._python_encode_batch(batch)
+
+
+@given(payloads, st.integers(0, 40))
+def test_frame_into_matches_python(payload: bytes, offset: int) -> None:
+    size = offset + len(payload) + 8 + 5
+    c_target, py_target = bytearray(size), bytearray(size)
+    assert speedups.frame_into(c_target, offset, payload) == _format._frame_into(py_target, offset, payload)
+    assert c_target == py_target
+
+
+def test_frame_into_refuses_what_does_not_fit() -> None:
+    with pytest.raises(ValueError):
+        speedups.frame_into(bytearray(10), 0, b"abc")
+    with pytest.raises(ValueError):
+        speedups.frame_into(bytearray(100), -1, b"abc")
+
+
+@given(st.binary(max_size=200), st.integers(-5, 210), st.integers(0, 10))
+def test_decoding_any_bytes_matches_python(buffer: bytes, offset: int, count: int) -> None:
+    assert speedups.read_record(buffer, offset) == _format._read_record(buffer, offset)
+    assert speedups.decode_run(buffer, offset, count) == _format._decode_run(buffer, offset, count)
+
+
+@given(st.lists(payloads, min_size=1, max_size=10), st.data())
+def test_decoding_framed_records_matches_python(batch: list[bytes], data: st.DataObject) -> None:
+    framed = _format._python_encode_batch(batch)
+    cut = data.draw(st.integers(0, len(framed)))
+    damaged = bytearray(framed[:cut])
+    if damaged and data.draw(st.booleans()):
+        damaged[data.draw(st.integers(0, len(damaged) - 1))] ^= 0x40
+    buffer = bytes(damaged)
+    assert speedups.decode_run(buffer, 0, 100) == _format._decode_run(buffer, 0, 100)
+
+
+def test_the_core_suite_passes_in_pure_python() -> None:
+    """Run the core tests again without the extension: the fallback must pass them too."""
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, SEGQ_PURE_PYTHON="1")
+    tests = ["test_format.py", "test_queue.py", "test_statemachine.py", "test_golden.py", "test_state.py"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(os.path.join(here, t) for t in tests)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
