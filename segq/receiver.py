@@ -19,6 +19,7 @@ from typing import Iterator
 
 from ._control import DATA_WAITERS, ROOM_WAITERS, ROOM_WAITING, Control
 from ._format import HEADER_SIZE
+from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._reader import RecordReader
 from ._segment import StrPath
@@ -188,6 +189,7 @@ class Receiver:
         if self._sync_interval:
             self._sync_thread = threading.Thread(target=self._sync_loop, name="segq-commit-sync", daemon=True)
             self._sync_thread.start()
+        close_at_exit(self)
 
     def _wait(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -40,6 +40,7 @@ from ._control import (
     split_word,
 )
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE
+from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._segment import MappedSegment, StrPath
 from ._state import Position, list_cursors, read_position
@@ -141,6 +142,7 @@ class Sender:
         if self._sync_interval:
             self._sync_thread = threading.Thread(target=self._sync_loop, name="segq-group-commit", daemon=True)
             self._sync_thread.start()
+        close_at_exit(self)
 
     # -- sending ---------------------------------------------------------
 

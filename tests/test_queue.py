@@ -313,3 +313,19 @@ def test_threads_share_a_sender(queue_dir: pathlib.Path) -> None:
 def test_positions_are_comparable_and_printable() -> None:
     assert segq.Position(1, 100) < segq.Position(2, 32) < segq.Position(2, 33)
     assert str(segq.Position(3, 4096)) == "segment 3 offset 4096"
+
+
+def test_interpreter_exit_closes_what_was_left_open(queue_dir: pathlib.Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import segq, sys\n"
+        "tx = segq.Sender(sys.argv[1], sync=30.0)\n"  # the group commit would not run for 30 s
+        "tx.send(b'kept')\n"
+        "rx = segq.Receiver(sys.argv[1], 'left-open')\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(queue_dir)], check=True, timeout=60)
+    assert not any((queue_dir / "senders").iterdir())  # the sender's lock file is gone: it was closed
+    with segq.Receiver(queue_dir, "left-open") as rx:  # not Locked: closed at exit
+        assert drain(rx) == [b"kept"]

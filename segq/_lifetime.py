@@ -1,0 +1,44 @@
+"""Closing what the program left open when the interpreter exits.
+
+A Sender with a sync policy owes a final sync, and a Receiver with one a
+final cursor sync; both hold lock files.  ``atexit`` closes every object
+still open, newest first, so a program that forgets ``close()`` (or ends by
+``sys.exit`` or an unhandled exception) keeps the promises of its sync
+policy.  SIGKILL and ``os._exit`` skip this, and lose nothing that a
+returned ``send`` or ``commit`` promised: see the durability table in the README.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import weakref
+from typing import Protocol
+
+__all__ = ["close_at_exit"]
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+_open: "weakref.WeakValueDictionary[int, _Closable]" = weakref.WeakValueDictionary()
+_opened = itertools.count()
+
+
+def close_at_exit(item: _Closable) -> None:
+    """Have ``item.close()`` called at interpreter exit if it is still alive then."""
+    _open[next(_opened)] = item
+
+
+@atexit.register
+def _close_everything() -> None:
+    for key in sorted(_open.keys(), reverse=True):
+        item = _open.get(key)
+        if item is None:
+            continue
+        try:
+            item.close()
+        except Exception:  # noqa: BLE001 - at exit, one failure must not stop the others
+            logging.getLogger(__name__).exception("closing %r at exit failed", item)
