@@ -20,6 +20,7 @@ from .errors import (
 )
 from .receiver import Batch, Message, Receiver
 from .sender import Sender
+from .aio import AsyncBatch, AsyncMessage, AsyncReceiver, AsyncSender
 
 __all__ = [
     "Sender",
@@ -37,6 +38,10 @@ __all__ = [
     "UsageError",
     "Closed",
     "ClaimLost",
+    "AsyncSender",
+    "AsyncReceiver",
+    "AsyncMessage",
+    "AsyncBatch",
 ]
 
 __version__ = "0.1.0"

@@ -191,9 +191,21 @@ class Receiver:
             self._sync_thread.start()
         close_at_exit(self)
 
-    def _wait(self, timeout: float | None) -> bool:
+    def _wait_for_record(self, timeout: float | None, *, peek: bool = False) -> bytes:
+        """Block until a record is readable and return it (``peek``: leave it unread); ``Empty`` at the deadline."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._data_waiter().wait(DATA_WAITERS, self._reader.available, deadline)
+        waiter = self._data_waiter()
+        while True:
+            # "Available" can precede "readable" by a moment (the tail moved
+            # onto an end-of-segment marker), so wait until a read succeeds.
+            if not waiter.wait(DATA_WAITERS, self._reader.available, deadline):
+                raise Empty(f"no record in {self.path} after {timeout} s")
+            position = self._reader.position
+            data = self._next_record()
+            if data is not None:
+                if peek:
+                    self._reader.position = position
+                return data
 
     # -- for segq.aio, which waits on an event loop instead of in poll() --
 
@@ -228,11 +240,7 @@ class Receiver:
             self._check_ready()
         data = self._next_record()
         if data is None:
-            if not self._wait(timeout):
-                raise Empty(f"no record in {self.path} after {timeout} s")
-            data = self._next_record()
-            if data is None:
-                raise Empty(f"no record in {self.path} after {timeout} s")
+            data = self._wait_for_record(timeout)
         end = self._reader.position
         message = Message(self, data, end - HEADER_SIZE - len(data), end)
         self._pending = message
@@ -258,11 +266,8 @@ class Receiver:
             raise UsageError(f"recv_batch needs max_count >= 1, not {max_count}")
         records, runs = self._reader.next_many(max_count)
         if not records:
-            if not self._wait(timeout):
-                raise Empty(f"no record in {self.path} after {timeout} s")
+            self._wait_for_record(timeout, peek=True)
             records, runs = self._reader.next_many(max_count)
-            if not records:
-                raise Empty(f"no record in {self.path} after {timeout} s")
         messages: list[Message] = []
         append = messages.append
         runs.append((len(records), 0))

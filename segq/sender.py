@@ -132,7 +132,6 @@ class Sender:
         self._size_limit = max_record_size  # -1 once closed, so the hot path needs one compare
         self._sync_always = self._sync_interval == 0.0
         self._last_word = 0  # tail word after this sender's last append
-        self._unsynced_segments: set[int] = set()
         self._sync_thread_lock = threading.Lock()
         self._sync_file = open(os.path.join(self.path, "segq.sync.lock"), "a+b")
         self._room_floor = Position.bottom(0)
@@ -269,11 +268,10 @@ class Sender:
             self._clear_abandoned_segment(following)
         segment_map = self._segment.map  # type: ignore[union-attr]
         segment_map[offset : offset + HEADER_SIZE] = END_MARKER
-        self._unsynced_segments.add(number)
         self._map_segment(following)
-        word = following << 32 | SEGMENT_HEADER_SIZE
-        self._control.store(TAIL, word)
-        return word
+        # Not published here: the caller publishes the tail past its record,
+        # which also covers the marker (a reader never sees an empty new segment).
+        return following << 32 | SEGMENT_HEADER_SIZE
 
     def _clear_abandoned_segment(self, number: int) -> None:
         # A sender died after creating this segment and before sealing the one
@@ -387,24 +385,16 @@ class Sender:
                 portalocker.unlock(self._sync_file)
 
     def _fdatasync_segments(self, first: int, last: int) -> None:
-        if first < last:
-            for number in _segment.list_segments(self.path):
-                if first <= number < last and number != self._segment_number:
-                    try:
-                        fd = os.open(_segment.segment_path(self.path, number), os.O_RDONLY)
-                    except FileNotFoundError:
-                        continue  # consumed and deleted: nothing left to lose
-                    try:
-                        os.fdatasync(fd)
-                    finally:
-                        os.close(fd)
-        if self._segment is not None and self._segment_number == last:
-            os.fdatasync(self._segment.fd)
-        else:
+        # Segments are opened by path, not through self._segment: a send on
+        # another thread may swap that while this runs (it holds only the
+        # append lock, this only the sync lock), and an open costs little
+        # next to an fdatasync.
+        numbers = [last] if first >= last else [n for n in _segment.list_segments(self.path) if first <= n <= last]
+        for number in numbers:
             try:
-                fd = os.open(_segment.segment_path(self.path, last), os.O_RDONLY)
+                fd = os.open(_segment.segment_path(self.path, number), os.O_RDONLY)
             except FileNotFoundError:
-                return
+                continue  # consumed and deleted: nothing left to lose
             try:
                 os.fdatasync(fd)
             finally:

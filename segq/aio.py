@@ -1,0 +1,606 @@
+"""asyncio classes: the same core, waiting registered with the event loop.
+
+Theory of operation
+-------------------
+``AsyncSender`` and ``AsyncReceiver`` wrap a blocking ``Sender`` and
+``Receiver`` and share all their code: framing, locking, commit, rollback and
+the one-pending-message rule are theirs.  What changes is *waiting*.
+
+A blocking receiver waits in ``Waiter.wait`` (``_wake``): raise its flag,
+check again, ``poll`` its FIFO, drain, lower the flag.  ``_LoopWait.until``
+is that loop with the ``poll`` replaced by a future that ``loop.add_reader``
+on the FIFO resolves, so a waiting receiver is one registered descriptor: no
+thread, no timer firing faster than the core's 1-second safety re-check (a
+lost wake-up costs latency, never a hang).  Where there is no descriptor to
+watch (the 64-slot waiter table is full, or the loop has no ``add_reader``,
+e.g. Windows' proactor loop) it falls back to 5 ms polls, as the core does.
+
+Receiving tries the non-blocking call first (``try_recv``; for batches
+``recv_batch(timeout=0)``) and only waits when it returns nothing.  The try
+and the moment a message becomes pending are one synchronous step, and every
+``await`` lies between tries, so a cancelled ``recv`` (``task.cancel()``,
+``asyncio.timeout``, ``asyncio.wait_for``) leaves nothing pending, no flag
+raised and no reader registered, and loses nothing: the record stays in the
+queue for the next ``recv``.
+
+What runs on the loop, and what does not
+----------------------------------------
+A send, a commit and a rollback are memory copies into shared maps (a few
+microseconds), so they run on the loop.  So does opening, which is file
+I/O of the same order as opening a socket.  Three things may take long:
+
+* an ``fdatasync``/``msync``: ``sync="always"`` sends and commits, ``sync()``,
+  and the final sync of ``close()`` under a sync policy.  They run off the
+  loop: ``sync="always"`` objects own one worker thread (made on first use),
+  which also keeps their sends and commits in order and never concurrent;
+  the others use the loop's default executor for ``sync()``/``close()``.
+* backpressure (``max_queue_bytes``): a send that finds no room waits for a
+  receiver's commit on the loop, exactly as a receiver waits for data, then
+  retries with ``timeout=0``.  Cancelling such a send writes nothing.
+* the append lock, if its holder died holding it (taken over after a
+  second).  Not worth a thread for a once-in-a-crash stall.
+
+A send already handed to the worker thread (``sync="always"``) is not undone
+by cancelling its caller: the record is sent, whole, or not at all.
+
+Iteration
+---------
+``async for msg in rx`` commits each message when the loop asks for the next
+one.  A message whose loop body raised or broke out is rolled back, not
+committed, when the loop's iterator is dropped (at once in CPython, as a
+generator is closed); ``async with`` commits on a clean exit and rolls back
+on an exception, cancellation included.
+
+Work queue
+----------
+``AsyncWorkQueue`` is not here yet: ``segq.WorkQueue`` had not landed (nor
+been exported) when this module was written.  Its blocking wait watches more
+than the wake FIFO: the pidfds of the workers holding claims and the next
+lease end or retry time, all computed inside ``WorkQueue._wait``.  Once that
+is split into a non-blocking "what to wait on" hook (waiter, extra
+descriptors, ready check, wake-up time), ``AsyncWorkQueue`` wraps
+``WorkQueue`` as ``AsyncReceiver`` wraps ``Receiver``: ``claim`` tries
+without blocking, then waits on the loop (``_LoopWait`` watching every
+descriptor); ``ack``/``nack``/``renew`` are awaitable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any, TypeVar
+
+from ._control import DATA_WAITERS, DEFAULT_SEGMENT_SIZE, ROOM_WAITERS
+from ._format import HEADER_SIZE
+from ._segment import StrPath
+from ._state import Position
+from ._wake import Waiter
+from .errors import Closed, Empty, Full, UsageError
+from .receiver import Batch, Message, Receiver
+from .sender import DEFAULT_MAX_RECORD_SIZE, Sender, SyncPolicy, _as_bytes, parse_sync
+
+__all__ = ["AsyncBatch", "AsyncMessage", "AsyncReceiver", "AsyncSender"]
+
+_T = TypeVar("_T")
+
+# The same bound as the blocking waiter's: a lost wake-up costs at most this.
+_SAFETY_SECONDS = 1.0
+# Where no descriptor can be watched, poll as often as the blocking fallback does.
+_POLL_SECONDS = 0.005
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _LoopWait:
+    """``Waiter.wait`` for the running event loop: one object's waits, one at a time.
+
+    ``until`` raises the waiter's flag, re-checks ``ready``, and sleeps on a
+    future resolved by ``add_reader`` on the waiter's FIFO (or by a timer);
+    whatever ends it (ready, deadline, cancellation, ``stop``), the reader is
+    removed and the flag lowered before it returns or raises.
+    """
+
+    def __init__(self, waiter: Callable[[], Waiter], region: int, what: str) -> None:
+        self._get_waiter = waiter
+        self._region = region
+        self._what = what  # for the error when two tasks wait at once
+        self._woken: asyncio.Future[None] | None = None
+        self.active = False
+        self._stopped = False
+
+    async def until(self, ready: Callable[[], bool], deadline: float | None) -> bool:
+        """Wait until ``ready()`` or ``deadline`` (``loop.time()``); return ``ready()``.
+
+        Returns False at once after ``stop()``.  Raises ``UsageError`` if
+        another task is waiting on the same object.
+        """
+        if self.active:
+            raise UsageError(f"another task is already waiting on {self._what}")
+        if self._stopped:
+            return False
+        if ready():
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = self._get_waiter()
+        self.active = True
+        try:
+            waiter.raise_flag(self._region)
+            woken = False
+            while not self._stopped:
+                if ready():  # after raising the flag: a send now is sure to wake us
+                    return True  # (lower_flag swallows the wake bytes)
+                if woken:
+                    # Woken for nothing yet: swallow the bytes, then look again
+                    # before sleeping, so a send in between is not missed.
+                    waiter.drain()
+                    woken = False
+                    continue
+                now = loop.time()
+                if deadline is not None and now >= deadline:
+                    return False
+                limit = _SAFETY_SECONDS if deadline is None else min(_SAFETY_SECONDS, deadline - now)
+                await self._sleep(loop, waiter.fileno(), limit)
+                woken = True
+            return False
+        finally:
+            waiter.lower_flag(self._region)
+            self.active = False
+
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, fd: int, limit: float) -> None:
+        woken: asyncio.Future[None] = loop.create_future()
+        watching = False
+        if fd >= 0:
+            try:
+                loop.add_reader(fd, _resolve, woken)
+                watching = True
+            except NotImplementedError:
+                pass
+        timer = loop.call_later(limit if watching else min(limit, _POLL_SECONDS), _resolve, woken)
+        self._woken = woken
+        try:
+            await woken
+        finally:
+            self._woken = None
+            timer.cancel()
+            if watching:
+                loop.remove_reader(fd)
+
+    async def stop(self) -> None:
+        """End the current wait (its caller sees the object closing) and every later one."""
+        self._stopped = True
+        if self._woken is not None:
+            _resolve(self._woken)
+        while self.active:
+            # The waiting task lowers its flag and removes its reader on its next step.
+            await asyncio.sleep(0)
+
+
+# -- messages and batches ---------------------------------------------------
+
+
+class _AsyncPending:
+    """What AsyncMessage and AsyncBatch share: settle once, by hand or by ``async with``."""
+
+    __slots__ = ("_item", "_owner")
+
+    def __init__(self, owner: AsyncReceiver, item: Message | Batch) -> None:
+        self._owner = owner
+        self._item = item
+
+    @property
+    def pending(self) -> bool:
+        """True until committed or rolled back."""
+        return self._item.pending
+
+    async def commit(self) -> None:
+        """Mark it handled: it will not be delivered to this receiver name again."""
+        await self._owner._commit(self._item.commit)
+
+    async def rollback(self) -> None:
+        """Give it back: the next ``recv`` returns it again."""
+        self._item.rollback()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if not self.pending:
+            return
+        if kind is None:
+            await self.commit()
+        else:
+            await self.rollback()
+
+
+class AsyncMessage(_AsyncPending):
+    """One received record; ``data`` is its payload.  Pending until committed.
+
+    ``async with msg:`` commits on a clean exit and rolls back on an exception
+    (cancellation included).
+    """
+
+    __slots__ = ()
+    _item: Message
+
+    @property
+    def data(self) -> bytes:
+        """The record's payload."""
+        return self._item.data
+
+    @property
+    def position(self) -> Position:
+        """Where the record starts in the queue."""
+        return self._item.position
+
+    async def __aenter__(self) -> AsyncMessage:
+        return self
+
+    def __repr__(self) -> str:
+        return f"<segq.AsyncMessage {len(self._item.data)} bytes at {self._item.position}>"
+
+
+class AsyncBatch(_AsyncPending):
+    """Messages received together, committed or rolled back together.
+
+    Iterate it for the messages (read their ``data``; commit the batch, not them).
+    """
+
+    __slots__ = ()
+    _item: Batch
+
+    @property
+    def messages(self) -> list[Message]:
+        """The batch's messages, in queue order."""
+        return self._item.messages
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(self._item.messages)
+
+    def __len__(self) -> int:
+        return len(self._item.messages)
+
+    def __getitem__(self, index: int) -> Message:
+        return self._item.messages[index]
+
+    async def __aenter__(self) -> AsyncBatch:
+        return self
+
+    def __repr__(self) -> str:
+        return f"<segq.AsyncBatch of {len(self._item.messages)} messages>"
+
+
+class _Iteration:
+    """``async for msg in rx``: commit each message when the next one is asked for."""
+
+    def __init__(self, owner: AsyncReceiver) -> None:
+        self._owner = owner
+        self._current: AsyncMessage | None = None
+
+    def __aiter__(self) -> _Iteration:
+        return self
+
+    async def __anext__(self) -> AsyncMessage:
+        current = self._current
+        if current is not None and current.pending:
+            await current.commit()
+        self._current = None
+        self._current = await self._owner.recv()
+        return self._current
+
+    def __del__(self) -> None:
+        # The loop was left (break, or its body raised) with this message in
+        # hand: give it back, as the blocking receiver's generator does on close.
+        current = self._current
+        if current is not None and current.pending:
+            try:
+                current._item.rollback()
+            except UsageError:
+                pass  # settled meanwhile (a commit finishing on the worker thread)
+
+
+# -- the receiver -----------------------------------------------------------
+
+
+class AsyncReceiver:
+    """Read the queue at ``path`` in send order, as consumer ``name``, from a coroutine.
+
+    The same semantics as ``segq.Receiver`` (which it wraps): at-least-once,
+    one pending message or batch at a time, one live receiver per name.
+    Waiting is done by the running event loop: no thread, no busy polling.
+
+    >>> import asyncio, segq, tempfile
+    >>> async def main(path):
+    ...     async with segq.AsyncSender(path) as tx:
+    ...         await tx.send(b"job 1")
+    ...     async with segq.AsyncReceiver(path) as rx:
+    ...         async with await rx.recv(timeout=1) as msg:
+    ...             print(msg.data)
+    >>> asyncio.run(main(tempfile.mkdtemp()))
+    b'job 1'
+    """
+
+    def __init__(self, path: StrPath, name: str = "default", *, sync: SyncPolicy = "never") -> None:
+        policy = parse_sync(sync)
+        self._receiver = Receiver(path, name, sync=sync)
+        self.path = self._receiver.path
+        self.name = self._receiver.name
+        self._closed = False
+        self._sync_on_close = policy is not None
+        # sync="always" commits msync: one worker thread runs them, in order.
+        self._worker = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="segq-aio-commit") if policy == 0.0 else None
+        )
+        self._wait = _LoopWait(self._receiver._data_waiter, DATA_WAITERS, f"receiver {self.name!r}")
+
+    # -- receiving -------------------------------------------------------
+
+    async def recv(self, timeout: float | None = None) -> AsyncMessage:
+        """Return the next message, waiting on the loop; raise ``Empty`` after ``timeout`` seconds.
+
+        The message is pending until committed or rolled back (``async with
+        await rx.recv() as msg`` does either).  Raises ``UsageError`` if one is
+        already pending, or if another task is waiting on this receiver.
+        Cancelling a waiting ``recv`` leaves nothing pending.
+        """
+        message = await self._receive(self._receiver.try_recv, timeout)
+        return AsyncMessage(self, message)
+
+    def try_recv(self) -> AsyncMessage | None:
+        """Return the next message if one is ready, else None; never waits."""
+        self._check_open()
+        message = self._receiver.try_recv()
+        return None if message is None else AsyncMessage(self, message)
+
+    async def recv_batch(self, max_count: int, timeout: float | None = None) -> AsyncBatch:
+        """Return 1 to ``max_count`` messages: as many as are ready once the first is.
+
+        Raises ``Empty`` if none arrives within ``timeout`` seconds.
+        """
+        attempt = functools.partial(_none_if_empty, self._receiver.recv_batch, max_count, timeout=0)
+        return AsyncBatch(self, await self._receive(attempt, timeout))
+
+    async def _receive(self, attempt: Callable[[], _T | None], timeout: float | None) -> _T:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            self._check_open()
+            item = attempt()  # the only step that makes something pending: no await in it
+            if item is not None:
+                return item
+            if not await self._wait.until(self._receiver._data_ready, deadline):
+                self._check_open()
+                raise Empty(f"no record in {self.path} after {timeout} s")
+            # Ready, yet the try may still find nothing (the tail just moved to
+            # a new segment's start): try again, wait again.
+
+    def __aiter__(self) -> _Iteration:
+        """Yield messages forever; each is committed when the loop asks for the next one.
+
+        A message whose loop body raised (or broke out) is rolled back, not committed.
+        """
+        return _Iteration(self)
+
+    # -- commit and rollback ---------------------------------------------
+
+    async def _commit(self, commit: Callable[[], None]) -> None:
+        """Run a blocking commit: on the loop, or on the worker thread when it msyncs."""
+        if self._worker is None:
+            commit()
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._worker, commit)
+
+    async def commit(self) -> None:
+        """Commit the pending message or batch."""
+        await self._commit(self._receiver.commit)
+
+    async def rollback(self) -> None:
+        """Roll back the pending message or batch."""
+        self._receiver.rollback()
+
+    @property
+    def committed_position(self) -> Position:
+        """The position after the last committed message."""
+        return self._receiver.committed_position
+
+    # -- lifetime --------------------------------------------------------
+
+    @staticmethod
+    def remove(path: StrPath, name: str) -> None:
+        """Unregister receiver ``name`` (see ``Receiver.remove``); raises ``Locked`` if it is open."""
+        Receiver.remove(path, name)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed(f"receiver {self.name!r} is closed")
+
+    async def close(self) -> None:
+        """Release the receiver; a waiting ``recv`` raises ``Closed``, a pending message comes again.
+
+        Idempotent.  Under a sync policy the final sync runs off the loop.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        await self._wait.stop()
+        if self._worker is not None or self._sync_on_close:
+            await asyncio.get_running_loop().run_in_executor(self._worker, self._receiver.close)
+        else:
+            self._receiver.close()
+        if self._worker is not None:
+            self._worker.shutdown(wait=False)
+
+    async def __aenter__(self) -> AsyncReceiver:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"at {self.committed_position}"
+        return f"<segq.AsyncReceiver {self.path!r} name={self.name!r} {state}>"
+
+
+def _none_if_empty(receive: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | None:
+    try:
+        return receive(*args, **kwargs)
+    except Empty:
+        return None
+
+
+# -- the sender -------------------------------------------------------------
+
+
+class AsyncSender:
+    """Append records to the queue at ``path`` from a coroutine, creating the queue if missing.
+
+    Takes the options of ``segq.Sender`` (which it wraps) and keeps its
+    guarantees: when ``await tx.send(data)`` returns, the record survives a
+    crash of this process.  Sends are memory copies and run on the loop;
+    ``sync="always"`` sends run on one worker thread (the fdatasync would
+    stall the loop); a send held back by ``max_queue_bytes`` waits on the loop.
+    """
+
+    def __init__(
+        self,
+        path: StrPath,
+        *,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
+        sync: SyncPolicy = "never",
+        max_queue_bytes: int | None = None,
+    ) -> None:
+        policy = parse_sync(sync)
+        self._sender = Sender(
+            path,
+            segment_size=segment_size,
+            max_record_size=max_record_size,
+            sync=sync,
+            max_queue_bytes=max_queue_bytes,
+        )
+        self.path = self._sender.path
+        self._closed = False
+        self._sync_on_close = policy is not None
+        self._worker = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="segq-aio-sync") if policy == 0.0 else None
+        )
+        self._room_waiter: Waiter | None = None
+        self._room_wait = _LoopWait(self._get_room_waiter, ROOM_WAITERS, "this sender's room")
+        # One send at a time waits for room: its FIFO is watched by one task.
+        self._room_turn = asyncio.Lock()
+
+    @property
+    def segment_size(self) -> int:
+        return self._sender.segment_size
+
+    @property
+    def max_record_size(self) -> int:
+        return self._sender.max_record_size
+
+    @property
+    def max_queue_bytes(self) -> int | None:
+        return self._sender.max_queue_bytes
+
+    # -- sending ---------------------------------------------------------
+
+    async def send(self, data: bytes, timeout: float | None = None) -> None:
+        """Append one record; when this returns it survives a crash of this process.
+
+        Raises ``RecordTooLarge`` (nothing written), ``Full`` if ``timeout``
+        runs out while the backlog is at ``max_queue_bytes``, ``Closed`` after
+        ``close()``.  Cancelling a send that waits for room writes nothing.
+        """
+        payload = data if type(data) is bytes else _as_bytes(data)
+        await self._append(functools.partial(self._sender.send, payload), HEADER_SIZE + len(payload), timeout)
+
+    async def send_batch(self, records: Iterable[bytes], timeout: float | None = None) -> None:
+        """Append many records as one atomic, contiguous write (see ``Sender.send_batch``)."""
+        payloads = [record if type(record) is bytes else _as_bytes(record) for record in records]
+        framed = sum(HEADER_SIZE + len(payload) for payload in payloads)
+        await self._append(functools.partial(self._sender.send_batch, payloads), framed, timeout)
+
+    async def _append(self, write: Callable[[float | None], None], framed: int, timeout: float | None) -> None:
+        """Run ``write(timeout)``, the blocking send; never let it wait for room on the loop's thread."""
+        if self._closed:
+            raise Closed("send() on a closed AsyncSender")
+        limit = self._sender.max_queue_bytes
+        if limit is None:
+            await self._call(write, None)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        async with self._room_turn:
+            while True:
+                if self._closed:
+                    raise Closed("send() on a closed AsyncSender")
+                try:
+                    await self._call(write, 0)  # room now, or Full without waiting
+                    return
+                except Full:
+                    if framed > limit:
+                        raise  # it can never fit: the sender said so
+                has_room = lambda: self._sender._backlog(refresh=True) + framed <= limit
+                if not await self._room_wait.until(has_room, deadline):
+                    if self._closed:
+                        raise Closed("send() on a closed AsyncSender")
+                    raise Full(f"backlog stayed over max_queue_bytes={limit} for {timeout} s; nothing was written")
+
+    async def _call(self, write: Callable[[float | None], None], timeout: float | None) -> None:
+        if self._worker is None:
+            write(timeout)
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._worker, write, timeout)
+
+    def _get_room_waiter(self) -> Waiter:
+        if self._room_waiter is None:
+            self._room_waiter = Waiter(self._sender._control)
+        return self._room_waiter
+
+    # -- durability ------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Push buffered records to the OS: a no-op, as for ``Sender``."""
+        if self._closed:
+            raise Closed("flush() on a closed AsyncSender")
+        self._sender.flush()
+
+    async def sync(self) -> None:
+        """Make every record this sender sent so far survive power loss (the fdatasync runs off the loop)."""
+        if self._closed:
+            raise Closed("sync() on a closed AsyncSender")
+        await asyncio.get_running_loop().run_in_executor(self._worker, self._sender.sync)
+
+    # -- lifetime --------------------------------------------------------
+
+    async def close(self) -> None:
+        """Finish: a send waiting for room raises ``Closed``; sync if the policy asks.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._room_wait.stop()
+        if self._room_waiter is not None:
+            self._room_waiter.close()
+        if self._worker is not None or self._sync_on_close:
+            await asyncio.get_running_loop().run_in_executor(self._worker, self._sender.close)
+        else:
+            self._sender.close()
+        if self._worker is not None:
+            self._worker.shutdown(wait=False)
+
+    async def __aenter__(self) -> AsyncSender:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<segq.AsyncSender {self.path!r} {state}>"
