@@ -36,6 +36,7 @@ __all__ = [
     "RecordStatus",
     "Record",
     "record_crc",
+    "as_payload",
     "encode_record",
     "encode_batch",
     "decode_record",
@@ -72,6 +73,16 @@ def record_crc(length_word: int, payload: Buffer) -> int:
 
 
 END_MARKER = RECORD_HEADER.pack(END_OF_SEGMENT, zlib.crc32(_LENGTH.pack(END_OF_SEGMENT)))
+
+
+def as_payload(data: object) -> bytes:
+    """Return a bytes-like ``data`` as bytes; refuse ``str`` and non-buffers with a clear TypeError."""
+    if isinstance(data, str):
+        raise TypeError("segq records are bytes, not str: encode the text first (e.g. text.encode())")
+    try:
+        return bytes(memoryview(data))  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"segq records are bytes-like objects, not {type(data).__name__}") from None
 
 
 def encode_record(payload: bytes, *, continues: bool = False) -> bytes:

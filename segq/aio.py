@@ -74,13 +74,13 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ._control import DATA_WAITERS, DEFAULT_SEGMENT_SIZE, ROOM_WAITERS
-from ._format import HEADER_SIZE
+from ._format import HEADER_SIZE, as_payload
 from ._segment import StrPath
 from ._state import Position
 from ._wake import Waiter
 from .errors import Closed, Empty, Full, UsageError
 from .receiver import Batch, Message, Receiver
-from .sender import DEFAULT_MAX_RECORD_SIZE, Sender, SyncPolicy, _as_bytes, parse_sync
+from .sender import DEFAULT_MAX_RECORD_SIZE, Sender, SyncPolicy, parse_sync
 
 __all__ = ["AsyncBatch", "AsyncMessage", "AsyncReceiver", "AsyncSender"]
 
@@ -490,8 +490,7 @@ class AsyncSender:
         self._worker = (
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="segq-aio-sync") if policy == 0.0 else None
         )
-        self._room_waiter: Waiter | None = None
-        self._room_wait = _LoopWait(self._get_room_waiter, ROOM_WAITERS, "this sender's room")
+        self._room_wait = _LoopWait(self._sender._get_room_waiter, ROOM_WAITERS, "this sender's room")
         # One send at a time waits for room: its FIFO is watched by one task.
         self._room_turn = asyncio.Lock()
 
@@ -516,12 +515,12 @@ class AsyncSender:
         runs out while the backlog is at ``max_queue_bytes``, ``Closed`` after
         ``close()``.  Cancelling a send that waits for room writes nothing.
         """
-        payload = data if type(data) is bytes else _as_bytes(data)
+        payload = data if type(data) is bytes else as_payload(data)
         await self._append(functools.partial(self._sender.send, payload), HEADER_SIZE + len(payload), timeout)
 
     async def send_batch(self, records: Iterable[bytes], timeout: float | None = None) -> None:
         """Append many records as one atomic, contiguous write (see ``Sender.send_batch``)."""
-        payloads = [record if type(record) is bytes else _as_bytes(record) for record in records]
+        payloads = [record if type(record) is bytes else as_payload(record) for record in records]
         framed = sum(HEADER_SIZE + len(payload) for payload in payloads)
         await self._append(functools.partial(self._sender.send_batch, payloads), framed, timeout)
 
@@ -545,8 +544,7 @@ class AsyncSender:
                 except Full:
                     if framed > limit:
                         raise  # it can never fit: the sender said so
-                has_room = lambda: self._sender._backlog(refresh=True) + framed <= limit
-                if not await self._room_wait.until(has_room, deadline):
+                if not await self._room_wait.until(lambda: self._sender._has_room(framed), deadline):
                     if self._closed:
                         raise Closed("send() on a closed AsyncSender")
                     raise Full(f"backlog stayed over max_queue_bytes={limit} for {timeout} s; nothing was written")
@@ -557,10 +555,6 @@ class AsyncSender:
         else:
             await asyncio.get_running_loop().run_in_executor(self._worker, write, timeout)
 
-    def _get_room_waiter(self) -> Waiter:
-        if self._room_waiter is None:
-            self._room_waiter = Waiter(self._sender._control)
-        return self._room_waiter
 
     # -- durability ------------------------------------------------------
 
@@ -584,8 +578,6 @@ class AsyncSender:
             return
         self._closed = True
         await self._room_wait.stop()
-        if self._room_waiter is not None:
-            self._room_waiter.close()
         if self._worker is not None or self._sync_on_close:
             await asyncio.get_running_loop().run_in_executor(self._worker, self._sender.close)
         else:

@@ -39,7 +39,7 @@ from ._control import (
     Control,
     split_word,
 )
-from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE
+from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE, as_payload
 from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._segment import MappedSegment, StrPath
@@ -156,7 +156,7 @@ class Sender:
         # segment bounds are kept as tail words so one compare checks both
         # "still the same segment" and "the record fits".
         if type(data) is not bytes:
-            data = _as_bytes(data)
+            data = as_payload(data)
         size = len(data)
         if size > self._size_limit:
             self._refuse(size)
@@ -203,7 +203,7 @@ class Sender:
         """
         if self._closed:
             raise Closed("send_batch() on a closed Sender")
-        payloads = [record if type(record) is bytes else _as_bytes(record) for record in records]
+        payloads = [record if type(record) is bytes else as_payload(record) for record in records]
         if not payloads:
             return
         for payload in payloads:
@@ -339,17 +339,26 @@ class Sender:
     def _wait_for_room(self, size: int, timeout: float | None) -> None:
         limit = self.max_queue_bytes
         assert limit is not None
-        if self._backlog(refresh=False) + size <= limit or self._backlog(refresh=True) + size <= limit:
+        if self._backlog(refresh=False) + size <= limit or self._has_room(size):
             return
         if size > limit:
             raise Full(f"a {size}-byte record can never fit under max_queue_bytes={limit}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._get_room_waiter().wait(ROOM_WAITERS, lambda: self._has_room(size), deadline):
+            raise Full(f"backlog stayed over max_queue_bytes={limit} for {timeout} s; nothing was written")
+
+    # -- for segq.aio, which waits for room on an event loop ---------------
+
+    def _has_room(self, size: int) -> bool:
+        """Tell whether ``size`` more framed bytes fit under ``max_queue_bytes`` now."""
+        limit = self.max_queue_bytes
+        return limit is None or self._backlog(refresh=True) + size <= limit
+
+    def _get_room_waiter(self) -> Waiter:
+        """Return this sender's room waiter (made on first use)."""
         if self._room_waiter is None:
             self._room_waiter = Waiter(self._control)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._room_waiter.wait(
-            ROOM_WAITERS, lambda: self._backlog(refresh=True) + size <= limit, deadline
-        ):
-            raise Full(f"backlog stayed over max_queue_bytes={limit} for {timeout} s; nothing was written")
+        return self._room_waiter
 
     # -- durability ------------------------------------------------------
 
@@ -448,10 +457,3 @@ class Sender:
         return f"<segq.Sender {self.path!r} {state}>"
 
 
-def _as_bytes(data: object) -> bytes:
-    if isinstance(data, str):
-        raise TypeError("segq records are bytes, not str: encode the text first (e.g. text.encode())")
-    try:
-        return bytes(memoryview(data))  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"segq records are bytes-like objects, not {type(data).__name__}") from None
