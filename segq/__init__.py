@@ -45,3 +45,5 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+from . import recovery  # noqa: E402  (segq.recovery, the public recovery module)

@@ -85,7 +85,12 @@ class RecordReader:
                 records += payloads
                 self.position = self._buffer_word + end
                 continue
-            record = self._next_slow()
+            try:
+                record = self._next_slow()
+            except CorruptionError:
+                if records:
+                    break  # return the records before the damage; the next call raises at it
+                raise
             if record is None:
                 break
             runs.append((len(records), self.position - HEADER_SIZE - len(record)))
@@ -129,6 +134,15 @@ class RecordReader:
             self._open_segment(segment)
         tail_segment, tail_offset = tail >> 32, tail & 0xFFFF_FFFF
         limit = tail_offset if tail_segment == segment else self._segment_size
+        if offset + needed > limit:
+            # A record never runs past the tail or the file: its length is
+            # damaged (or the file was cut), and reading it would allocate it.
+            raise CorruptionError(
+                _segment.segment_path(self.path, segment),
+                offset,
+                f"a record of {needed - HEADER_SIZE} bytes would run past the end of the data at offset {limit}"
+                " (a damaged length, or a file truncated by another program)",
+            )
         count = max(min(_CHUNK, limit - offset), needed)
         try:
             buffer = os.pread(self._fd, count, offset)

@@ -1,0 +1,640 @@
+"""The ``segq`` command: use, inspect and repair queues from the shell.
+
+Every command is a thin layer over the library.  Errors become one
+``Error: ...`` line on stderr and exit status 1; bad usage exits 2 (click's
+rule); nothing prints a traceback.  This is the only module that writes to
+the terminal.  ``send`` and ``recv`` stop cleanly on SIGTERM and SIGINT:
+the signal only interrupts a wait (for input, for a record, for room in the
+output pipe), never a read or write that happened, an append or a commit;
+so ``send`` sends every line it read and ``recv`` commits exactly the
+records it wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import logging
+import os
+import select
+import signal
+import stat
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import IO, Any, ClassVar, NoReturn, TypeVar
+
+import click
+
+from . import __version__, recovery
+from ._control import DEFAULT_SEGMENT_SIZE
+from ._segment import list_segments, segment_path
+from .errors import Empty, SegqError
+from .receiver import Receiver
+from .sender import Sender
+
+__all__ = ["cli", "main"]
+
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+_SEPARATORS = {"lines": b"\n", "null": b"\0", "raw": b""}
+
+
+class CommandError(click.ClickException):
+    """An error the user can act on: printed as one ``Error: ...`` line, exit status 1."""
+
+    exit_code = 1
+
+
+class _Group(click.Group):
+    """Turns every library error into a ``CommandError``: one line, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except SegqError as error:
+            raise CommandError(str(error)) from None
+        except OSError as error:
+            where = f"{error.filename}: " if error.filename else ""
+            raise CommandError(f"{where}{error.strerror or error}") from None
+        except KeyboardInterrupt:
+            raise SystemExit(128 + signal.SIGINT) from None
+        except Exception as error:  # noqa: BLE001 - the promise is: never a traceback
+            raise CommandError(f"unexpected {type(error).__name__}: {error} (please report this)") from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="segq", message="%(prog)s %(version)s")
+def cli() -> None:
+    """segq: a durable, append-only, segmented file queue.
+
+    A queue is a directory.  `segq send` appends stdin to it, `segq recv`
+    prints what a named receiver has not committed yet; `segq info`,
+    `segq verify` and `segq recover` inspect and repair it.  Run
+    `segq demo` to watch a consumer killed mid-stream lose nothing.
+    """
+    logger = logging.getLogger("segq")
+    if not logger.handlers:
+        # The commands report what the library did; its log lines would repeat them.
+        logger.addHandler(logging.NullHandler())
+
+
+def main() -> None:
+    """Run the ``segq`` command (the console script and ``python -m segq``)."""
+    cli(prog_name="segq")
+
+
+# -- output helpers ----------------------------------------------------------------
+
+
+def _size(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def _where(queue_dir: str, path: str) -> str:
+    """Show ``path`` relative to the queue directory (the report names the queue once)."""
+    relative = os.path.relpath(path, queue_dir)
+    return path if relative.startswith("..") else relative
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int) -> Iterator[Callable[[int], None] | None]:
+    """Yield a progress callback drawing a bar on a terminal, or None in a pipe."""
+    if total <= 0 or not sys.stderr.isatty():
+        yield None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
+class _EchoHandler(logging.Handler):
+    """Library warnings (a torn tail cut on open, a lock taken over) as ``segq: ...`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"segq: {record.getMessage()}", err=True)
+
+
+@contextlib.contextmanager
+def _library_warnings() -> Iterator[None]:
+    """Show the library's warnings while a queue is open (repairs made on open are news to the user)."""
+    logger = logging.getLogger("segq")
+    handler = _EchoHandler(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+class _Stopped(Exception):
+    """A SIGTERM or SIGINT arrived while it was safe to stop."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Signals:
+    """SIGTERM and SIGINT stop the command, but only inside ``interruptible()`` blocks.
+
+    Outside them (an append, a commit) the signal is remembered and acted on
+    at the next ``interruptible()``, so a stop never splits what must be whole.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._interruptible = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        if self._interruptible:
+            self._interruptible = False
+            raise _Stopped(signum)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        if self.received is not None:
+            raise _Stopped(self.received)
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+
+def _exit_for_signal(signum: int) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
+def _queue_argument(command: _Command) -> _Command:
+    return click.argument("path", type=click.Path(path_type=str))(command)
+
+
+def _framing_options(command: _Command) -> _Command:
+    command = click.option(
+        "--raw", "framing", flag_value="raw", help="The whole input is one record (recv: records back to back)."
+    )(command)
+    command = click.option("--null", "framing", flag_value="null", help="Records end with a NUL byte.")(command)
+    return click.option(
+        "--lines", "framing", flag_value="lines", default=True, help="Records end with a newline (the default)."
+    )(command)
+
+
+# -- send and recv ---------------------------------------------------------------------
+
+
+class _SizeParam(click.ParamType[int]):
+    name = "size"
+    _UNITS: ClassVar[dict[str, int]] = {
+        "": 1,
+        "k": 1 << 10,
+        "kib": 1 << 10,
+        "m": 1 << 20,
+        "mib": 1 << 20,
+        "g": 1 << 30,
+        "gib": 1 << 30,
+    }
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        digits = text.rstrip("kmgib")
+        try:
+            return int(digits) * self._UNITS[text[len(digits) :]]
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size (examples: 65536, 64K, 64MiB)", param, ctx)
+
+
+class _SyncParam(click.ParamType["str | float"]):
+    name = "never|always|SECONDS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str | float:
+        if value in ("never", "always"):
+            return str(value)
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if seconds <= 0:
+            self.fail(f"{value!r}: use never, always or a number of seconds > 0", param, ctx)
+        return seconds
+
+
+@cli.command()
+@_queue_argument
+@_framing_options
+@click.option(
+    "--segment-size",
+    type=_SizeParam(),
+    help="Size of new segment files [default: the queue's, or 64MiB for a new queue].",
+)
+@click.option(
+    "--sync",
+    type=_SyncParam(),
+    default="never",
+    show_default=True,
+    help="Power-loss durability: never, always (fsync per write), or a group-commit interval in seconds.",
+)
+def send(path: str, framing: str, segment_size: int | None, sync: str | float) -> None:
+    """Append stdin to the queue at PATH, one record per line.
+
+    The queue is created if missing.  Input is sent as it arrives, in atomic
+    batches; once sent, a record survives a crash of any process.  SIGTERM
+    or SIGINT stops it between records: what was read is sent, a last line
+    without its newline is not.  Exits 128+N on signal N.
+    """
+    if segment_size is None:
+        segment_size = _current_segment_size(path)
+    stdin = _Stream(sys.stdin.buffer, signals := _Signals())
+    with _library_warnings(), signals:
+        try:
+            with Sender(path, segment_size=segment_size, sync=sync) as sender:
+                if framing == "raw":
+                    sender.send(b"".join(iter(stdin.read, b"")))
+                else:
+                    _send_stream(sender, stdin, _SEPARATORS[framing])
+        except _Stopped as stop:
+            _exit_for_signal(stop.signum)
+
+
+def _current_segment_size(path: str) -> int:
+    """Return the size of the queue's last segment (so new ones match it), or the default for a new queue."""
+    segments = list_segments(path) if os.path.isdir(path) else []
+    if segments:
+        with contextlib.suppress(OSError):
+            return os.path.getsize(segment_path(path, segments[-1]))
+    return DEFAULT_SEGMENT_SIZE
+
+
+class _Stream:
+    """Standard input or output where a signal interrupts only the wait, never a read or write done.
+
+    A real file descriptor is polled (interruptibly) and then read or
+    written without interruption, in pieces that cannot block; a stream
+    without one (click's test runner) is used directly.
+    """
+
+    def __init__(self, stream: IO[bytes], signals: _Signals) -> None:
+        self.stream = stream
+        self.signals = signals
+        try:
+            self.fd: int | None = stream.fileno()
+            mode = os.fstat(self.fd).st_mode
+            # A pipe that polls writable takes PIPE_BUF bytes without blocking.
+            self.piece = select.PIPE_BUF if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) else 1 << 20
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            self.fd = None
+            self.piece = 1 << 20
+
+    def _wait(self, event: int) -> None:
+        assert self.fd is not None
+        poller = select.poll()
+        poller.register(self.fd, event)
+        with self.signals.interruptible():
+            poller.poll()
+
+    def read(self) -> bytes:
+        """Return what is available (at least a byte), or b"" at the end of input."""
+        if self.fd is None:
+            with self.signals.interruptible():
+                return getattr(self.stream, "read1", self.stream.read)(1 << 20)
+        self._wait(select.POLLIN)
+        return os.read(self.fd, 1 << 20)
+
+    def write(self, data: bytes) -> int:
+        """Write ``data``; return how much was written when a signal stopped it (all of it otherwise)."""
+        if self.fd is None:
+            self.stream.write(data)
+            self.stream.flush()
+            return len(data)
+        written = 0
+        with memoryview(data) as view:
+            while written < len(data):
+                try:
+                    self._wait(select.POLLOUT)
+                except _Stopped:
+                    return written
+                written += os.write(self.fd, view[written : written + self.piece])
+        return written
+
+
+def _send_stream(sender: Sender, stdin: _Stream, separator: bytes) -> None:
+    partial = b""
+    while chunk := stdin.read():
+        records = (partial + chunk).split(separator)
+        partial = records.pop()
+        _send_records(sender, records)
+        if len(partial) > sender.max_record_size:
+            sender.send(partial)  # raises RecordTooLarge with the limit in its message
+    if partial:
+        _send_records(sender, [partial])
+
+
+def _send_records(sender: Sender, records: list[bytes]) -> None:
+    """Send in batches: each is one atomic append, small next to a segment so little space is left unused."""
+    limit = min(1 << 20, sender.segment_size // 16)
+    batch: list[bytes] = []
+    size = 0
+    for record in records:
+        framed = len(record) + 8
+        if batch and size + framed > limit:
+            sender.send_batch(batch)
+            batch, size = [], 0
+        if framed > limit:
+            sender.send(record)  # alone; raises RecordTooLarge past max_record_size
+            continue
+        batch.append(record)
+        size += framed
+    if batch:
+        sender.send_batch(batch)
+
+
+@cli.command()
+@_queue_argument
+@click.option("--name", default="default", show_default=True, help="Receiver name: each name sees every record.")
+@click.option("-n", "--count", type=click.IntRange(min=1), help="Stop after N records.")
+@click.option("-f", "--follow", is_flag=True, help="Keep waiting for new records (until -n, --timeout or a signal).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    help="Stop when no record arrives for this many seconds (default: at once without --follow).",
+)
+@_framing_options
+def recv(path: str, name: str, count: int | None, follow: bool, timeout: float | None, framing: str) -> None:
+    """Print what a receiver has not committed yet, one record per line.
+
+    A record is committed only after it was written to stdout, so a
+    consumer killed mid-pipe loses nothing: what it had not written comes
+    again.  SIGTERM or SIGINT stops it with every record it wrote committed
+    (exit 128+N on signal N).  Without --follow it stops when the queue is
+    empty; when stdout is closed it exits quietly with status 0.
+    """
+    if not follow and not os.path.isdir(path):
+        raise CommandError(f"no queue at {path} (use --follow to wait for one to be created)")
+    separator = _SEPARATORS[framing]
+    wait = timeout if timeout is not None else (None if follow else 0.0)
+    stdout = _Stream(sys.stdout.buffer, signals := _Signals())
+    with _library_warnings(), signals:
+        try:
+            with Receiver(path, name) as receiver:
+                _receive(receiver, stdout, separator, count, wait)
+        except _Stopped as stop:
+            _exit_for_signal(stop.signum)
+        except BrokenPipeError:
+            _quiet_stdout()
+
+
+def _receive(receiver: Receiver, stdout: _Stream, separator: bytes, count: int | None, wait: float | None) -> None:
+    remaining = count
+    while remaining is None or remaining > 0:
+        try:
+            with stdout.signals.interruptible():
+                batch = receiver.recv_batch(min(remaining or 1000, 1000), timeout=wait)
+        except Empty:
+            return
+        framed = [message.data + separator for message in batch]
+        written = stdout.write(b"".join(framed))
+        if written < sum(map(len, framed)):
+            # Stopped by a signal mid-batch: commit exactly the records written whole.
+            whole = sum(1 for end in itertools.accumulate(map(len, framed)) if end <= written)
+            batch.rollback()
+            if whole:
+                receiver.recv_batch(whole, timeout=0).commit()
+            raise _Stopped(stdout.signals.received or signal.SIGTERM)
+        batch.commit()
+        if remaining is not None:
+            remaining -= len(batch)
+
+
+def _quiet_stdout() -> None:
+    # The reader went away: point stdout at /dev/null so the interpreter's
+    # final flush does not complain about the broken pipe.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+# -- inspection ----------------------------------------------------------------------------
+
+
+@cli.command()
+@_queue_argument
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object (stable keys) instead of text.")
+def info(path: str, as_json: bool) -> None:
+    """Describe a queue: segments, bytes, backlogs, lock holders.
+
+    Each consumer's backlog counts the records (and bytes) it has not
+    committed; each lock file names its PID and whether that process lives.
+    """
+    with _progress("counting", recovery.queue_bytes(path)) as progress:
+        snapshot = recovery.info(path, progress=progress)
+    if as_json:
+        _print_json(snapshot.to_json())
+        return
+    segments = snapshot.segments
+    numbers = f" ({segments[0][0]}..{segments[-1][0]})" if len(segments) > 1 else ""
+    click.echo(f"queue      {snapshot.path} (format {snapshot.format_version})")
+    click.echo(
+        f"segments   {len(segments)}{numbers}, {_size(snapshot.segment_bytes)} in files, "
+        f"{_size(snapshot.bytes_on_disk)} on disk"
+    )
+    click.echo(f"records    {snapshot.records:,} retained; the tail is at {snapshot.tail}")
+    if not snapshot.consumers:
+        click.echo("consumers  none registered (a new receiver starts at the oldest record)")
+    for consumer in snapshot.consumers:
+        label = f"{consumer.kind:<9}  {consumer.name}"
+        if consumer.position is None:
+            click.echo(f"{label}: metadata unreadable ({consumer.problem}); run `segq recover`")
+        else:
+            click.echo(
+                f"{label} at {consumer.position}: {consumer.backlog_records:,} records "
+                f"({_size(consumer.backlog_bytes)}) not committed"
+            )
+    for holder in snapshot.locks:
+        state = "alive" if holder.alive else "dead: `segq unlock` removes it"
+        click.echo(f"lock       {_where(snapshot.path, holder.path)}  PID {holder.pid} ({state})  {holder.what}")
+    for group in snapshot.groups:
+        click.echo(
+            f"group      {group.get('group')}: {len(group.get('claims', []))} claims in flight, "
+            f"{len(group.get('waiting', []))} waiting, {group.get('dead_letters_pending', 0)} dead letters pending"
+        )
+
+
+@cli.command()
+@_queue_argument
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object (stable keys) instead of text.")
+def verify(path: str, as_json: bool) -> None:
+    """Check every record's checksum; exit 1 on damage.
+
+    Lists each damaged span by file and offset, and bytes an unfinished
+    write left past the last record (not damage: cut when the queue next
+    opens).  Shows a progress bar on a terminal.
+    """
+    with _progress("verifying", recovery.queue_bytes(path)) as progress:
+        report = recovery.verify(path, progress=progress)
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        click.echo(
+            f"verified {report.path}: {report.segments} segments, {report.records:,} records, {_size(report.bytes)}"
+        )
+        for damage in report.damaged:
+            click.echo(
+                f"damaged  {_where(report.path, damage.path)} offset {damage.offset}: "
+                f"{damage.problem} ({damage.end - damage.offset} bytes)"
+            )
+        for torn in report.torn:
+            click.echo(
+                f"torn     {_where(report.path, torn.path)} bytes {torn.start}..{torn.end}: "
+                "an unfinished write, cut when the queue next opens"
+            )
+    if not report.ok:
+        spans = len(report.damaged)
+        raise CommandError(
+            f"{spans} damaged span{'s' if spans > 1 else ''} in {report.path}; "
+            f"`segq recover {report.path}` repairs what it can"
+        )
+
+
+# -- repair ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@_queue_argument
+@click.option("--name", default="default", show_default=True, help="The receiver whose position to recover.")
+@click.option("--loss", is_flag=True, help="Skip the rest of a damaged segment instead of stopping at it.")
+@click.option("--dry-run", is_flag=True, help="Report what would be done; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as a JSON object (stable keys).")
+def recover(path: str, name: str, loss: bool, dry_run: bool, as_json: bool) -> None:
+    """Unlock dead owners, repair torn tails, restart a receiver.
+
+    The default, replay, strategy loses nothing: the receiver restarts at
+    its saved position (or at the oldest segment if that is unreadable), so
+    a few records may come again, and it stops at a damaged record.  --loss
+    moves a receiver whose segment is damaged ahead of it to the next
+    segment, and reports how many records that gives up.  Running either
+    twice changes nothing the second time.
+    """
+    strategy = recovery.recover_with_loss if loss else recovery.recover
+    with _progress("scanning", recovery.queue_bytes(path)) as progress:
+        report = strategy(path, name, dry_run=dry_run, progress=progress)
+    if as_json:
+        _print_json(report.to_json())
+        return
+    _print_recovery(report)
+
+
+def _print_recovery(report: recovery.RecoveryReport) -> None:
+    queue_dir = report.path
+    verb = "would recover" if report.dry_run else "recovered"
+    click.echo(f"{verb} {queue_dir} ({report.strategy} strategy){' -- dry run, nothing changed' * report.dry_run}")
+    for holder in report.unlocked:
+        click.echo(f"  unlocked   {_where(queue_dir, holder.path)} ({holder.what}, dead PID {holder.pid})")
+    for cut in report.cut:
+        click.echo(f"  cut        {_where(queue_dir, cut.path)} bytes {cut.start}..{cut.end} ({cut.reason})")
+    for seal in report.sealed:
+        click.echo(f"  sealed     {_where(queue_dir, seal.path)} at offset {seal.start} ({seal.reason})")
+    for created in report.created:
+        click.echo(f"  created    {_where(queue_dir, created)}")
+    for damage in report.damaged:
+        click.echo(f"  damaged    {_where(queue_dir, damage.path)} offset {damage.offset}: {damage.problem}")
+    for name, position in report.receivers.items():
+        previous = report.previous.get(name)
+        change = "unchanged" if previous == position else f"was {previous or 'unreadable'}"
+        click.echo(f"  receiver   {name!r} starts at {position} ({change})")
+    if report.strategy == "loss":
+        click.echo(f"  dropped    {report.dropped_records:,} records ({_size(report.dropped_bytes)})")
+    if report.deleted_segments:
+        click.echo(f"  deleted    segments {', '.join(map(str, report.deleted_segments))}")
+    for note in report.notes:
+        click.echo(f"  note: {note}")
+    if not report.changed and not report.damaged:
+        click.echo("  nothing needed repair")
+
+
+@cli.command()
+@_queue_argument
+def unlock(path: str) -> None:
+    """Remove the lock files of dead processes.
+
+    Fails, naming the PID, if a live process holds a lock (after removing the
+    dead ones).
+    """
+    queue_dir = os.fspath(path)
+    holders = recovery.lock_holders(queue_dir)
+    removed = [holder for holder in holders if not holder.alive and recovery.unlock(holder.path)]
+    for holder in removed:
+        click.echo(f"removed {_where(queue_dir, holder.path)} ({holder.what}, dead PID {holder.pid})")
+    live = [holder for holder in holders if holder.alive]
+    if live:
+        names = ", ".join(f"PID {holder.pid} ({holder.what})" for holder in live)
+        raise CommandError(f"{queue_dir} is locked by live {names}; stop {'it' if len(live) == 1 else 'them'} first")
+    if not removed:
+        click.echo(f"no stale lock files in {queue_dir}")
+
+
+@cli.command()
+@_queue_argument
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation on a terminal.")
+def clear(path: str, yes: bool) -> None:
+    """Drop every record in the queue.
+
+    Every receiver moves to the tail and consumed segments are deleted.
+    Refuses, naming the PID, while a live receiver has the queue open.
+    """
+    if not yes and sys.stdin.isatty() and sys.stdout.isatty():
+        click.confirm(f"Drop every record in {path}?", abort=True)
+    report = recovery.clear(path)
+    moved = ", ".join(f"{name!r} now at {position}" for name, position in report.receivers.items())
+    click.echo(f"cleared {report.path}: dropped {report.dropped_records:,} records" + (f"; {moved}" if moved else ""))
+    if report.deleted_segments:
+        click.echo(f"deleted segments {', '.join(map(str, report.deleted_segments))}")
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--records",
+    type=click.IntRange(100, 5_000_000),
+    default=20_000,
+    show_default=True,
+    help="How many records the producer sends.",
+)
+@click.option("--keep", is_flag=True, help="Keep the demo's queue directory and print where it is.")
+def demo(records: int, keep: bool) -> None:
+    """Watch a consumer SIGKILLed mid-stream lose nothing.
+
+    In a temporary directory, a producer process (`segq send`) and a
+    consumer process (`segq recv --follow`) run through a queue; the
+    consumer is SIGKILLed part-way, the queue is recovered, a new consumer
+    finishes, and every record is accounted for.
+    """
+    from ._demo import run_demo
+
+    run_demo(records, keep=keep, echo=click.echo)
