@@ -31,7 +31,7 @@ import secrets
 import struct
 import threading
 import time
-from typing import Callable, Protocol
+from typing import IO, Callable, Protocol
 
 import portalocker
 
@@ -92,6 +92,7 @@ _CLEAN_SALT = 0x5345_4751_434C_4541
 DEFAULT_SEGMENT_SIZE = 64 << 20
 
 _STEAL_CHECK_SECONDS = 0.25
+_UNFINISHED_RETRY_SECONDS = 5.0
 _STEAL_AFTER_SECONDS = 1.0
 
 
@@ -183,6 +184,15 @@ class Control:
         try:
             self._attach()
         except BaseException:
+            # The map holds a duplicate of the descriptor, and so the flock:
+            # closing the handle alone would keep every other opener waiting.
+            mapping = getattr(self, "map", None)
+            for view in (getattr(self, "words", None), getattr(self, "bytes", None)):
+                if view is not None:
+                    view.release()
+            if mapping is not None:
+                mapping.close()
+            portalocker.unlock(self._handle)
             self._handle.close()
             raise
         self.pid = os.getpid()
@@ -193,18 +203,18 @@ class Control:
         import mmap
 
         handle = self._handle
-        try:
-            portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
-            alone = True
-        except portalocker.LockException:
-            portalocker.lock(handle, portalocker.LockFlags.SHARED)
-            alone = False
+        alone = self._lock(handle)
         if os.fstat(handle.fileno()).st_size < CONTROL_SIZE:
             if not alone:
                 # Someone created the file but has not sized it yet: they hold
                 # it exclusively while doing so, and we hold it shared now.
                 raise SegqError(f"{self.path} is truncated; run `segq recover {self.queue_dir}`")
-            os.ftruncate(handle.fileno(), CONTROL_SIZE)
+            # Written, not just sized: a full disk fails here, not as SIGBUS in a mapped write.
+            size = os.fstat(handle.fileno()).st_size
+            try:
+                os.pwrite(handle.fileno(), bytes(CONTROL_SIZE - size), size)
+            except OSError as error:
+                raise os_error(error, "create", self.path) from None
         self.map = mmap.mmap(handle.fileno(), CONTROL_SIZE)
         # Views for the hot paths: indexing a memoryview loads or stores one
         # aligned native word (or byte), about three times cheaper than struct.
@@ -223,16 +233,40 @@ class Control:
             os.path.join(self.queue_dir, "segq.append.lock")
         )
 
+    def _lock(self, handle: IO[bytes]) -> bool:
+        """Lock the control file, exclusively if no one else has it; return whether we are alone.
+
+        The process that builds the control file holds it exclusively until
+        the file is complete, so one that gets it shared and finds it
+        unfinished (short, or without its magic) knows the builder was killed
+        midway.  It lets go and tries again: whoever then finds itself alone
+        rebuilds the file.  Past a few seconds the caller reports the damage.
+        """
+        deadline = time.monotonic() + _UNFINISHED_RETRY_SECONDS
+        while True:
+            try:
+                portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
+                return True
+            except portalocker.LockException:
+                portalocker.lock(handle, portalocker.LockFlags.SHARED)
+            if os.pread(handle.fileno(), len(_MAGIC), 0) == _MAGIC or time.monotonic() > deadline:
+                return False
+            portalocker.unlock(handle)
+            time.sleep(0.001 + 0.01 * secrets.randbelow(100) / 100)
+
     def _rebuild(self) -> None:
         """Recompute everything in the control file from the segments (we are alone)."""
         control = self.map
         magic, version, _ = _HEADER.unpack_from(control, 0)
         known = magic == _MAGIC and version == CONTROL_VERSION
         if magic == _MAGIC and version != CONTROL_VERSION:
-            raise UnsupportedFormat(f"{self.path}: control format {version}, this segq reads {CONTROL_VERSION}")
+            # No process has it open and it is only a cache: rebuild it in our format.
+            log.warning("%s: control format %d, rebuilding it as format %d", self.path, version, CONTROL_VERSION)
         old_token = self.word(TOKEN) if known else 0
-        hint = self.word(TAIL) if known else None
         clean = known and self.word(CLEAN_CHECK) == self.word(CLEAN_TAIL) ^ old_token ^ _CLEAN_SALT
+        # After a clean shutdown the hint is the tail saved with its check; the
+        # live tail word has no check, and a damaged one must not say where to scan.
+        hint = (self.word(CLEAN_TAIL) if clean else self.word(TAIL)) if known else None
         tail = self._find_tail(hint, clean)
         if old_token:
             _unlink_semaphore(old_token)
@@ -260,6 +294,43 @@ class Control:
                 hint_segment, hint_offset = split_word(hint)
                 if hint_segment == last and SEGMENT_HEADER_SIZE <= hint_offset <= segment.size - HEADER_SIZE:
                     start = hint_offset
+            tail = self._repair_tail(segment, start, hint)
+        finally:
+            segment.close()
+        # An empty last segment after an unsealed one: the tail is back in that
+        # one (and after a power loss, possibly further back still).
+        index = len(segments) - 1
+        while index > 0 and segments[index - 1] == segments[index] - 1:
+            if tail != segments[index] << 32 | SEGMENT_HEADER_SIZE:
+                break
+            earlier = self._unsealed_tail(segments[index - 1], hint, clean)
+            if earlier is None:
+                break
+            tail, index = earlier, index - 1
+        return tail
+
+    def _unsealed_tail(self, number: int, hint: int | None, clean: bool) -> int | None:
+        """Return the tail in segment ``number`` if it was never sealed, else None.
+
+        A sender creates the next segment before it seals the old one with the
+        end marker.  One killed in between leaves an empty last segment after
+        an unsealed one: the tail is still in the unsealed one, and the next
+        rollover reuses the empty segment (``Sender._clear_abandoned_segment``).
+        """
+        start = SEGMENT_HEADER_SIZE
+        if clean and hint is not None:
+            hint_segment, hint_offset = split_word(hint)
+            if hint_segment == number + 1:
+                return None  # a tail was published in the next segment, which happens after sealing
+            if hint_segment == number:
+                start = hint_offset
+        segment = MappedSegment(self.queue_dir, number, writable=True)
+        try:
+            if not SEGMENT_HEADER_SIZE <= start <= segment.size - HEADER_SIZE:
+                start = SEGMENT_HEADER_SIZE
+            if _segment.scan_records(segment.map, start, segment.size).status is RecordStatus.END:
+                return None
+            log.warning("%s: never sealed (a sender died while starting the next segment)", segment.path)
             return self._repair_tail(segment, start, hint)
         finally:
             segment.close()
@@ -271,7 +342,11 @@ class Control:
             following = segment.number + 1
             _segment.create_segment(self.queue_dir, following, self.segment_size, durable=True)
             return following << 32 | SEGMENT_HEADER_SIZE
-        if hint is not None:
+        dirty = _segment.dirty_end(segment.map, scan.end, segment.size)
+        if hint is not None and dirty > scan.end:
+            # Only bytes that are there can be damaged: with nothing at all past
+            # the last complete record, the published tail's records never
+            # reached the disk (power loss), or the tail word is what is damaged.
             hint_segment, hint_offset = split_word(hint)
             if hint_segment == segment.number and hint_offset > scan.end and hint_offset <= segment.size:
                 raise CorruptionError(
@@ -283,7 +358,6 @@ class Control:
             after = decode_record(segment.map, scan.stop_extent, segment.size)
             if after.status in (RecordStatus.OK, RecordStatus.END):
                 raise CorruptionError(segment.path, scan.stop, f"{scan.status.value}, followed by valid records")
-        dirty = _segment.dirty_end(segment.map, scan.end, segment.size)
         if dirty > scan.end:
             log.warning(
                 "%s: cutting a torn tail, bytes %d..%d (a write interrupted by a crash)",
@@ -397,5 +471,6 @@ class Control:
             self.map.close()
         except BufferError:
             pass  # a view is still held somewhere; the mapping goes with it
+        portalocker.unlock(handle)  # the map's duplicate descriptor would otherwise keep the flock
         handle.close()
 

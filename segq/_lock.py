@@ -18,6 +18,7 @@ and start again if it does not.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from dataclasses import dataclass
 from typing import IO
@@ -167,10 +168,18 @@ class LockFile:
             if not same_file:
                 handle.close()
                 continue
-            handle.seek(0)
-            handle.truncate()
-            handle.write(_my_identity())
-            handle.flush()
+            try:
+                # Unbuffered, so a full disk fails here and not again in close().
+                os.ftruncate(handle.fileno(), 0)
+                os.write(handle.fileno(), _my_identity().encode("ascii"))
+            except OSError as error:
+                if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    handle.close()
+                    raise os_error(error, "write lock file", self.path) from None
+                # The flock is what excludes, the text only tells who: on a full
+                # disk hold the lock nameless, so a consumer can still open and
+                # drain the queue, which is what frees space.
+                logging.getLogger(__name__).warning("%s: disk full, lock held without the owner's PID", self.path)
             self._handle = handle
             return
 
@@ -195,24 +204,39 @@ def unlock(lock_path: StrPath) -> bool:
     """Remove the lock file at ``lock_path`` if its owner is dead; return whether one was removed.
 
     No-op (False) if the file is absent.  Raises :class:`Locked` if the owner
-    is alive, including when the owner is this process.
+    is alive, including when the owner is this process.  The file is removed
+    while holding its OS lock, so a process taking it over at that moment is
+    never robbed of it.
     """
     path = os.fspath(lock_path)
-    owner = read_owner(path)
-    if owner is None:
-        return False
-    if owner.alive:
-        raise Locked(
-            f"{path} is held by live {owner.describe()}; stop that process first",
-            path=path,
-            pid=owner.pid,
-        )
     try:
-        os.unlink(path)
+        handle = open(path, "rb")
     except FileNotFoundError:
         return False
+    except IsADirectoryError:
+        raise SegqError(f"{path} is a directory, not a lock file") from None
     except OSError as error:
-        if error.errno == errno.EISDIR:
-            raise SegqError(f"{path} is a directory, not a lock file") from None
-        raise os_error(error, "remove lock file", path) from None
+        raise os_error(error, "open lock file", path) from None
+    with handle:
+        try:
+            portalocker.lock(handle, _EXCLUSIVE)
+        except portalocker.LockException:
+            owner = read_owner(path)
+            pid = owner.pid if owner is not None else None
+            raise Locked(
+                f"{path} is held by live {owner.describe() if owner else 'an unknown process'}; stop that process first",
+                path=path,
+                pid=pid,
+            ) from None
+        pid, start_time = _parse_owner(handle.read(200).decode("ascii", "replace"))
+        if pid is not None and start_time is not None and process_is_alive(pid, start_time):
+            raise Locked(f"{path} is held by live PID {pid}; stop that process first", path=path, pid=pid)
+        try:
+            if os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+                return False  # replaced meanwhile by a new owner's file
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        except OSError as error:
+            raise os_error(error, "remove lock file", path) from None
     return True

@@ -15,9 +15,11 @@ never garbage.  Durability against power loss comes from ``sync`` (msync).
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
+import secrets
 import struct
 import zlib
 from dataclasses import dataclass
@@ -121,10 +123,8 @@ class CursorFile:
         self.path = os.fspath(path)
         try:
             if initial is not None:
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            else:
-                self.fd = os.open(self.path, os.O_RDWR)
+                _create_cursor_file(self.path, initial)
+            self.fd = os.open(self.path, os.O_RDWR)
         except FileNotFoundError:
             raise SegqError(f"no consumer state at {self.path}") from None
         except OSError as error:
@@ -226,6 +226,47 @@ class CursorFile:
         if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _create_cursor_file(path: str, initial: Position) -> None:
+    """Create the cursor file at ``path`` holding ``initial``, whole or not at all.
+
+    Like a segment it is written under a temporary name, synced and linked
+    into place: a crash never leaves an empty cursor behind, a full disk fails
+    here with an error (not later, as SIGBUS in a write to a mapped hole),
+    and the new name survives power loss.  If the file exists, it is kept.
+    """
+    from ._segment import fsync_directory
+
+    directory = os.path.dirname(path)
+    if os.path.exists(path):
+        return
+    os.makedirs(directory, exist_ok=True)
+    content = bytearray(_FILE_SIZE)
+    content[0:16] = _PREFIX
+    body = _BODY.pack(_MAGIC, _VERSION, 0, 1, initial.segment, initial.offset)
+    content[_SLOT_SIZE : _SLOT_SIZE + _BODY.size] = body
+    _CRC.pack_into(content, _SLOT_SIZE + _BODY.size, zlib.crc32(body))
+    temporary = f"{path}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            if os.write(fd, content) != _FILE_SIZE:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return  # another process created it first
+        fsync_directory(directory)
+        fsync_directory(os.path.dirname(directory) or ".")  # the cursor directory's own entry
+    finally:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
 
 
 def read_position(path: StrPath) -> Position:

@@ -17,7 +17,7 @@ import time
 from types import TracebackType
 from typing import Iterator
 
-from ._control import DATA_WAITERS, ROOM_WAITERS, ROOM_WAITING, Control
+from ._control import DATA_WAITERS, ROOM_WAITERS, ROOM_WAITING, TAIL_INDEX, Control
 from ._format import HEADER_SIZE
 from ._lifetime import close_at_exit
 from ._lock import LockFile
@@ -25,7 +25,7 @@ from ._reader import RecordReader
 from ._segment import StrPath
 from ._state import Position, check_name, cursor_path, delete_consumed_segments, register_cursor
 from ._wake import Waiter, Waker
-from .errors import Closed, Empty, UsageError
+from .errors import Closed, CorruptionError, Empty, UsageError
 from .sender import SyncPolicy, parse_sync
 
 __all__ = ["Receiver", "Message", "Batch"]
@@ -171,11 +171,18 @@ class Receiver:
             os.makedirs(os.path.dirname(self._lock.path), exist_ok=True)
             self._lock.acquire()
             self._cursor = register_cursor(self.path, "r", name)
+            position = self._cursor.position
+            if position.segment << 32 | position.offset > self._control.words[TAIL_INDEX]:
+                self._cursor.close()
+                raise CorruptionError(
+                    self._cursor.path,
+                    0,
+                    f"position {position} is past the end of the queue ({Position(*self._control.tail())})",
+                )
         except BaseException:
             self._lock.release()
             self._control.close()
             raise
-        position = self._cursor.position
         self._committed = position.segment << 32 | position.offset
         self._reader = RecordReader(self._control, self._committed, consumer=f"receiver {name!r}")
         self._next_record = self._reader.next

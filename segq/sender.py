@@ -268,10 +268,17 @@ class Sender:
             self._clear_abandoned_segment(following)
         segment_map = self._segment.map  # type: ignore[union-attr]
         segment_map[offset : offset + HEADER_SIZE] = END_MARKER
+        if durable:
+            # The seal reaches the disk before anything in the next segment can
+            # (the kernel writes pages back in any order): after a power loss a
+            # later segment never holds records behind an unsealed one.
+            os.fdatasync(self._segment.fd)  # type: ignore[union-attr]
         self._map_segment(following)
         # Not published here: the caller publishes the tail past its record,
         # which also covers the marker (a reader never sees an empty new segment).
-        return following << 32 | SEGMENT_HEADER_SIZE
+        # Again, because a segment left by a sender killed mid-rollover may be
+        # smaller than this record: then it is sealed empty and skipped.
+        return self._make_room(following << 32 | SEGMENT_HEADER_SIZE, needed)
 
     def _clear_abandoned_segment(self, number: int) -> None:
         # A sender died after creating this segment and before sealing the one
@@ -314,6 +321,10 @@ class Sender:
         segment_map = self._segment.map  # type: ignore[union-attr]
         dirty = _segment.dirty_end(segment_map, offset, self._segment.size)  # type: ignore[union-attr]
         segment_map[offset:dirty] = bytes(dirty - offset)
+        # The dead holder may have sealed this segment and written into the
+        # next one without publishing it: nothing there was sent.
+        if os.path.exists(_segment.segment_path(self.path, number + 1)):
+            self._clear_abandoned_segment(number + 1)
 
     # -- backpressure ----------------------------------------------------
 

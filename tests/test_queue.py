@@ -329,3 +329,16 @@ def test_interpreter_exit_closes_what_was_left_open(queue_dir: pathlib.Path) -> 
     assert not any((queue_dir / "senders").iterdir())  # the sender's lock file is gone: it was closed
     with segq.Receiver(queue_dir, "left-open") as rx:  # not Locked: closed at exit
         assert drain(rx) == [b"kept"]
+
+
+def test_a_smaller_leftover_next_segment_is_skipped(queue_dir: pathlib.Path) -> None:
+    from segq._segment import create_segment
+
+    with segq.Sender(queue_dir, segment_size=16384) as tx:
+        for _ in range(100):
+            tx.send(b"x" * 100)
+    create_segment(queue_dir, 1, 16384, durable=False)  # left by a sender killed mid-rollover
+    with segq.Sender(queue_dir, segment_size=1 << 20) as tx:
+        tx.send_batch([b"y" * 1000] * 100)  # fits this sender's segments, not the leftover one
+    with segq.Receiver(queue_dir) as rx:
+        assert drain(rx) == [b"x" * 100] * 100 + [b"y" * 1000] * 100
