@@ -37,6 +37,7 @@ import portalocker
 
 from . import _segment
 from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordStatus, decode_record
+from ._scan import scan_segment
 from ._segment import MappedSegment, StrPath, os_error
 from .errors import Closed, CorruptionError, SegqError, UnsupportedFormat
 
@@ -328,7 +329,9 @@ class Control:
         try:
             if not SEGMENT_HEADER_SIZE <= start <= segment.size - HEADER_SIZE:
                 start = SEGMENT_HEADER_SIZE
-            if _segment.scan_records(segment.map, start, segment.size).status is RecordStatus.END:
+            # "Sealed" is decided by a scan that resumes past damage: a damaged
+            # record in front of the end marker does not make a segment unsealed.
+            if scan_segment(self.queue_dir, number, last=False).sealed:
                 return None
             log.warning("%s: never sealed (a sender died while starting the next segment)", segment.path)
             return self._repair_tail(segment, start, hint)

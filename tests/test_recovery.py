@@ -330,11 +330,6 @@ def test_loss_does_not_skip_a_good_segment_for_damage_further_on(queue_dir: path
     assert drain(queue_dir) == (records[PER_SEGMENT * 3 :], None)
 
 
-@pytest.mark.xfail(
-    reason="core (uncommitted Control._unsealed_tail): a damaged record in the sealed segment before an empty "
-    "last one is taken for a missing end marker, so the repaired queue still refuses to open",
-    strict=False,
-)
 def test_a_damaged_last_segment_is_sealed_so_the_queue_opens_again(queue_dir: pathlib.Path) -> None:
     records = fill(queue_dir, PER_SEGMENT + 10)
     segq.Receiver(queue_dir).close()
