@@ -20,6 +20,7 @@ from .errors import (
 )
 from .receiver import Batch, Message, Receiver
 from .sender import Sender
+from .workqueue import DeadLetter, Job, JobBatch, WorkQueue
 from .aio import AsyncBatch, AsyncMessage, AsyncReceiver, AsyncSender
 
 __all__ = [
@@ -38,6 +39,10 @@ __all__ = [
     "UsageError",
     "Closed",
     "ClaimLost",
+    "WorkQueue",
+    "Job",
+    "JobBatch",
+    "DeadLetter",
     "AsyncSender",
     "AsyncReceiver",
     "AsyncMessage",

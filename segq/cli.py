@@ -542,10 +542,18 @@ def recover(path: str, name: str, loss: bool, dry_run: bool, as_json: bool) -> N
     strategy = recovery.recover_with_loss if loss else recovery.recover
     with _progress("scanning", recovery.queue_bytes(path)) as progress:
         report = strategy(path, name, dry_run=dry_run, progress=progress)
+    # Work-queue groups are consumers too: give back dead workers' claims and
+    # repair their journals (replay strategy: nothing acked is lost).
+    groups = [recovery.recover_group(path, group, dry_run=dry_run) for group in recovery.list_groups(path)]
     if as_json:
-        _print_json(report.to_json())
+        _print_json({**report.to_json(), "groups": [group.to_dict() for group in groups]})
         return
     _print_recovery(report)
+    for group in groups:
+        for repair in group.repairs:
+            click.echo(f"  group      {group.group!r}: {repair}")
+        if group.returned:
+            click.echo(f"  group      {group.group!r}: gave back {len(group.returned)} claims of dead workers")
 
 
 def _print_recovery(report: recovery.RecoveryReport) -> None:
@@ -574,6 +582,28 @@ def _print_recovery(report: recovery.RecoveryReport) -> None:
         click.echo(f"  note: {note}")
     if not report.changed and not report.damaged:
         click.echo("  nothing needed repair")
+
+
+@cli.command("requeue-dead")
+@_queue_argument
+@click.option("--group", default="default", show_default=True, help="The work-queue group whose dead letters to requeue.")
+@click.option("--dead-letter", "dead_letter", type=click.Path(), default=None, help="The dead-letter queue, if not PATH/dead/GROUP.")
+@click.option("-n", "--count", type=click.IntRange(min=1), default=None, help="Requeue at most N letters.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object (stable keys) instead of text.")
+def requeue_dead(path: str, group: str, dead_letter: str | None, count: int | None, as_json: bool) -> None:
+    """Move a group's dead letters back into the queue as new records.
+
+    Each letter's original payload is sent again with fresh attempts, then the
+    letter is committed in the dead-letter queue (read with its "default"
+    receiver).  A crash mid-way can requeue a letter twice, never lose one.
+    """
+    from . import workqueue
+
+    moved = workqueue.requeue_dead(path, group, dead_letter=dead_letter, limit=count)
+    if as_json:
+        _print_json({"group": group, "requeued": moved})
+    else:
+        click.echo(f"requeued {moved} dead letter{'s' if moved != 1 else ''} of group {group!r}")
 
 
 @cli.command()

@@ -64,6 +64,7 @@ from ._inspect import (
     saved_position,
     verify,
 )
+from ._groupadmin import GroupRecovery, list_groups, recover_group
 from ._lock import LockFile, read_owner
 from ._scan import Damage, Progress, QueueScans, Repair, SegmentScan, missing_segments, position_json, scan_segment
 from ._segment import StrPath, create_segment, fsync_directory, list_segments, os_error, segment_path
@@ -80,6 +81,9 @@ __all__ = [
     "guess_recv_metadata_with_loss",
     "recover",
     "recover_with_loss",
+    "recover_group",
+    "GroupRecovery",
+    "list_groups",
     "verify",
     "info",
     "clear",

@@ -321,3 +321,24 @@ def test_demo_runs_and_accounts_for_every_record() -> None:
     import shutil
 
     shutil.rmtree(kept)
+
+
+def test_requeue_dead_and_recover_cover_work_queue_groups(queue_dir: pathlib.Path) -> None:
+    with segq.Sender(queue_dir, segment_size=8192) as tx:
+        tx.send(b"poison")
+    with segq.WorkQueue(queue_dir, "workers", max_attempts=1) as wq:
+        wq.claim(timeout=5).nack(reason="bad input")  # the last attempt: dead-lettered
+        with pytest.raises(segq.Empty):
+            wq.claim(timeout=0)
+
+    result = run("recover", queue_dir, "--json")
+    assert result.exit_code == 0, result.output
+    assert [group["group"] for group in json.loads(result.output)["groups"]] == ["workers"]
+
+    result = run("requeue-dead", queue_dir, "--group", "workers", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"group": "workers", "requeued": 1}
+    with segq.WorkQueue(queue_dir, "workers", max_attempts=1) as wq:
+        job = wq.claim(timeout=5)
+        assert job.data == b"poison" and job.attempt == 1
+        job.ack()

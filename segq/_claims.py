@@ -1,0 +1,500 @@
+"""A work-queue group's state: records, their claims, and the journal entries that change them.
+
+Theory of operation
+-------------------
+Every record of the queue is, for a group, in one of the states of
+:class:`RecordState`; :data:`TRANSITIONS` is the whole state machine.  The
+group keeps only what it needs to tell them apart:
+
+- the *claim head*: records at or past it were never claimed (PENDING);
+- the *low-water mark*: records below it are done and forgotten (PASSED);
+- between the two, every record is in exactly one of three tables:
+  ``claims`` (CLAIMED: token, lease end, owner, attempt), ``waiting``
+  (WAITING: given back, claimable again from ``available_at``) or ``done``
+  (DONE: acked or dead-lettered, but a record before it is not).
+
+The mark moves when the record at it becomes DONE, over every DONE record
+after it.  Records never straddle segments, so when no record starts at the
+mark while the head is past it, the mark is at an end-of-segment marker and
+moves to the next segment's first record.
+
+A :class:`GroupState` is pure data: no I/O.  ``apply`` replays one journal
+entry (``_journal``); the work queue calls the same methods for its own
+operations after appending their entries, so the state a process computes
+and the state a replay computes are one code path.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import math
+import struct
+import zlib
+from typing import Any, Iterable
+
+from ._format import SEGMENT_HEADER_SIZE
+from ._journal import ENTRY_HEADER, HEADER_SIZE, Journal, Kind, entry, entry_prefix_crc, recover_hint
+from .errors import CorruptionError, SegqError
+
+__all__ = [
+    "RecordState",
+    "Event",
+    "TRANSITIONS",
+    "IllegalTransition",
+    "Claim",
+    "Waiting",
+    "GroupState",
+    "Owner",
+    "STATE_BODY",
+    "CLAIM_BODY",
+    "CLAIM_RECORD",
+    "CLAIM_ONE",
+    "ACK_ONE",
+    "LIST_HEAD",
+    "PAIR",
+    "RETURN_BODY",
+    "RENEW_HEAD",
+    "encode_return",
+    "describe_word",
+    "load_state",
+    "replay",
+]
+
+Owner = tuple[int, float]  # PID and process start time: a reused PID is another owner
+
+
+class RecordState(enum.Enum):
+    """Where a record stands for one group."""
+
+    PENDING = "pending"  # at or past the claim head: never claimed
+    CLAIMED = "claimed"  # held by a worker until its lease ends
+    WAITING = "waiting"  # given back; claimable again from its available_at
+    DONE = "done"  # acked or dead-lettered, above the low-water mark
+    PASSED = "passed"  # below the low-water mark: done and forgotten
+
+
+class Event(enum.Enum):
+    """What can happen to a record."""
+
+    CLAIM = "claim"
+    ACK = "ack"
+    DEAD = "dead-letter"
+    RETURN = "return"  # nack, lease run out, owner died, worker closed
+    RENEW = "renew"
+
+
+#: The state machine: (state, event) -> next state.  Anything else is illegal.
+TRANSITIONS: dict[tuple[RecordState, Event], RecordState] = {
+    (RecordState.PENDING, Event.CLAIM): RecordState.CLAIMED,
+    (RecordState.WAITING, Event.CLAIM): RecordState.CLAIMED,
+    (RecordState.CLAIMED, Event.ACK): RecordState.DONE,
+    (RecordState.CLAIMED, Event.DEAD): RecordState.DONE,
+    (RecordState.CLAIMED, Event.RETURN): RecordState.WAITING,
+    (RecordState.CLAIMED, Event.RENEW): RecordState.CLAIMED,
+}
+
+
+class IllegalTransition(SegqError):
+    """An event does not apply to the record's state; ``state`` and ``event`` say which."""
+
+    def __init__(self, start: int, state: RecordState, event: Event, detail: str = "") -> None:
+        self.start = start
+        self.state = state
+        self.event = event
+        super().__init__(f"cannot {event.value} the record at {describe_word(start)}: it is {state.value}{detail}")
+
+
+def describe_word(word: int) -> str:
+    """Print a position word as ``segment S offset O``."""
+    return f"segment {word >> 32} offset {word & 0xFFFF_FFFF}"
+
+
+class Claim:
+    """A CLAIMED record: who holds it, until when, and which claim (token) it is."""
+
+    __slots__ = ("end", "token", "expires", "owner", "attempt")
+
+    def __init__(self, end: int, token: int, expires: float, owner: Owner, attempt: int) -> None:
+        self.end = end
+        self.token = token
+        self.expires = expires
+        self.owner = owner
+        self.attempt = attempt
+
+
+class Waiting:
+    """A WAITING record: how many attempts it had, when it may go again, and why it came back."""
+
+    __slots__ = ("end", "attempts", "available_at", "reason")
+
+    def __init__(self, end: int, attempts: int, available_at: float, reason: str) -> None:
+        self.end = end
+        self.attempts = attempts
+        self.available_at = available_at
+        self.reason = reason
+
+
+# Entry bodies (docs/workqueue.md).
+STATE_BODY = struct.Struct("<QQQQ")  # head, mark, next token, dead-letter total
+CLAIM_BODY = struct.Struct("<QdIdI")  # token, lease end, owner PID, owner start time, count
+CLAIM_RECORD = struct.Struct("<QQI")  # start, end, attempt
+CLAIM_ONE = struct.Struct("<QdIdIQQI")  # a CLAIM of one record, packed in one call
+LIST_HEAD = struct.Struct("<I")  # count of the pairs that follow (ACK, DEAD, DONE)
+PAIR = struct.Struct("<QQ")  # (start, token) in ACK/DEAD/RENEW, (start, end) in DONE
+ACK_ONE = struct.Struct("<IQQ")  # an ACK of one record
+RETURN_BODY = struct.Struct("<QQdIH")  # start, token (end in WAITING), available_at, attempts, reason length
+RENEW_HEAD = struct.Struct("<dI")  # lease end, count
+_MAX_REASON = 4000
+
+
+def encode_return(kind: int, start: int, token_or_end: int, available_at: float, attempts: int, reason: str) -> bytes:
+    """Return a framed RETURN (or snapshot WAITING) entry; long reasons are cut to 4000 bytes."""
+    text = reason.encode("utf-8", "replace")[:_MAX_REASON]
+    return entry(kind, RETURN_BODY.pack(start, token_or_end, available_at, attempts, len(text)) + text)
+
+
+def _pairs(body: bytes) -> Iterable[tuple[int, int]]:
+    (count,) = LIST_HEAD.unpack_from(body, 0)
+    if LIST_HEAD.size + count * PAIR.size != len(body):
+        raise ValueError("list length does not match the entry size")
+    return PAIR.iter_unpack(body[LIST_HEAD.size :])
+
+
+class GroupState:
+    """One group's records between its low-water mark and its claim head."""
+
+    def __init__(self, head: int, mark: int, next_token: int = 1, dead_total: int = 0) -> None:
+        self.head = head
+        self.mark = mark
+        self.next_token = next_token
+        self.dead_total = dead_total
+        self.claims: dict[int, Claim] = {}
+        self.waiting: dict[int, Waiting] = {}
+        self.done: dict[int, int] = {}  # start -> end
+        self.owners: dict[Owner, int] = {}  # owner -> number of its claims
+        self.next_expiry = math.inf  # no claim's lease ends before this (a lower bound)
+        self._delayed: list[tuple[float, int]] = []  # heap of (available_at, start) of WAITING records
+        self._ready: list[int] = []  # heap of starts of WAITING records whose time has come
+
+    # -- what a record is ------------------------------------------------
+
+    def state_of(self, start: int) -> RecordState:
+        """Return the state of the record starting at ``start``."""
+        if start in self.claims:
+            return RecordState.CLAIMED
+        if start in self.waiting:
+            return RecordState.WAITING
+        if start in self.done:
+            return RecordState.DONE
+        if start >= self.head:
+            return RecordState.PENDING
+        return RecordState.PASSED
+
+    def _illegal(self, start: int, event: Event, token: int = 0) -> IllegalTransition:
+        state = self.state_of(start)
+        detail = ""
+        if state is RecordState.CLAIMED and token:
+            detail = f" by another claim (token {self.claims[start].token}, not {token})"
+        return IllegalTransition(start, state, event, detail)
+
+    def held(self, start: int, token: int) -> Claim | None:
+        """Return the claim ``token`` on the record at ``start`` if it is still in force."""
+        claim = self.claims.get(start)
+        if claim is None or claim.token != token:
+            return None
+        return claim
+
+    # -- transitions -----------------------------------------------------
+
+    def claim(self, token: int, expires: float, owner: Owner, start: int, end: int, attempt: int) -> None:
+        """PENDING or WAITING -> CLAIMED."""
+        if self.waiting.pop(start, None) is None:
+            head = self.head
+            if start < head or start in self.claims:
+                raise self._illegal(start, Event.CLAIM)
+            if start != head and self.mark == head:
+                # The reader stepped over an end-of-segment marker at the head,
+                # where the mark waits too: move the mark over it as well.
+                self.mark = start
+            self.head = end
+        self.claims[start] = Claim(end, token, expires, owner, attempt)
+        owners = self.owners
+        owners[owner] = owners.get(owner, 0) + 1
+        if expires < self.next_expiry:
+            self.next_expiry = expires
+        if token >= self.next_token:
+            self.next_token = token + 1
+
+    def _release(self, start: int, token: int, event: Event) -> Claim:
+        claim = self.claims.get(start)
+        if claim is None or claim.token != token:
+            raise self._illegal(start, event, token)
+        del self.claims[start]
+        owners = self.owners
+        left = owners[claim.owner] - 1
+        if left:
+            owners[claim.owner] = left
+        else:
+            del owners[claim.owner]
+        return claim
+
+    def settle(self, start: int, token: int, dead: bool = False) -> None:
+        """CLAIMED -> DONE (ack, or dead-lettered when ``dead``); move the mark if it can."""
+        claim = self._release(start, token, Event.DEAD if dead else Event.ACK)
+        if dead:
+            self.dead_total += 1
+        if start == self.mark:
+            self.mark = claim.end
+            if self.done or self.mark < self.head:
+                self._advance_mark()
+        else:
+            self.done[start] = claim.end
+
+    def give_back(self, start: int, token: int, available_at: float, attempts: int, reason: str) -> None:
+        """CLAIMED -> WAITING: claimable again from ``available_at``."""
+        claim = self._release(start, token, Event.RETURN)
+        self.waiting[start] = Waiting(claim.end, attempts, available_at, reason)
+        heapq.heappush(self._delayed, (available_at, start))
+
+    def renew(self, start: int, token: int, expires: float) -> None:
+        """CLAIMED -> CLAIMED with a new lease end."""
+        claim = self.held(start, token)
+        if claim is None:
+            raise self._illegal(start, Event.RENEW, token)
+        claim.expires = expires
+        if expires < self.next_expiry:
+            self.next_expiry = expires
+
+    def _advance_mark(self) -> None:
+        mark, head, done = self.mark, self.head, self.done
+        while mark < head:
+            end = done.pop(mark, None)
+            if end is not None:
+                mark = end
+            elif mark in self.claims or mark in self.waiting or mark >> 32 >= head >> 32:
+                break
+            else:
+                # No record starts here yet the head is past: an end-of-segment marker.
+                mark = ((mark >> 32) + 1) << 32 | SEGMENT_HEADER_SIZE
+        self.mark = mark
+
+    def raise_mark(self, floor: int) -> None:
+        """Forget every record below ``floor`` (known done elsewhere) and move the mark there."""
+        for table in (self.claims, self.waiting, self.done):
+            for start in [start for start in table if start < floor]:
+                del table[start]
+        self.owners = {}
+        for claim in self.claims.values():
+            self.owners[claim.owner] = self.owners.get(claim.owner, 0) + 1
+        self.mark = floor
+        self.head = max(self.head, floor)
+        self._advance_mark()
+
+    # -- what can be claimed --------------------------------------------
+
+    def take_ready(self, now: float, limit: int) -> list[int]:
+        """Remove and return up to ``limit`` WAITING records claimable at ``now``, lowest first."""
+        delayed, ready, waiting = self._delayed, self._ready, self.waiting
+        while delayed and delayed[0][0] <= now:
+            available_at, start = heapq.heappop(delayed)
+            item = waiting.get(start)
+            if item is not None and item.available_at == available_at:
+                heapq.heappush(ready, start)
+        picked: list[int] = []
+        while ready and len(picked) < limit:
+            start = heapq.heappop(ready)
+            item = waiting.get(start)
+            if item is None or item.available_at > now or (picked and picked[-1] == start):
+                continue  # claimed meanwhile, or given back again for later, or a duplicate
+            picked.append(start)
+        return picked
+
+    def has_ready(self, now: float) -> bool:
+        """Tell whether a WAITING record is claimable at ``now`` (may be true for a stale entry)."""
+        return bool(self._ready) or bool(self._delayed and self._delayed[0][0] <= now)
+
+    def next_available(self) -> float:
+        """Return when the next WAITING record becomes claimable (inf if none waits)."""
+        while self._delayed:
+            available_at, start = self._delayed[0]
+            item = self.waiting.get(start)
+            if item is not None and item.available_at == available_at:
+                return available_at
+            heapq.heappop(self._delayed)
+        return math.inf
+
+    def expired(self, now: float) -> list[int]:
+        """Return the CLAIMED records whose lease ended by ``now``, lowest first; refresh next_expiry."""
+        found = []
+        earliest = math.inf
+        for start, claim in self.claims.items():
+            if claim.expires <= now:
+                found.append(start)
+            elif claim.expires < earliest:
+                earliest = claim.expires
+        self.next_expiry = earliest
+        found.sort()
+        return found
+
+    # -- the journal -----------------------------------------------------
+
+    def apply(self, kind: int, body: bytes) -> None:
+        """Replay one journal entry.  Raises ``IllegalTransition``, or ValueError on a bad body."""
+        if kind == Kind.CLAIM or kind == Kind.HELD:
+            token, expires, pid, started, count = CLAIM_BODY.unpack_from(body, 0)
+            if CLAIM_BODY.size + count * CLAIM_RECORD.size != len(body):
+                raise ValueError("CLAIM record count does not match the entry size")
+            owner = (pid, started)
+            for start, end, attempt in CLAIM_RECORD.iter_unpack(body[CLAIM_BODY.size :]):
+                if kind == Kind.HELD:
+                    # A snapshot's claim: the STATE entry already put the head past it.
+                    if start in self.claims or start in self.waiting or start in self.done:
+                        raise self._illegal(start, Event.CLAIM)
+                    self.waiting[start] = Waiting(end, attempt - 1, math.inf, "")
+                self.claim(token, expires, owner, start, end, attempt)
+        elif kind == Kind.ACK or kind == Kind.DEAD:
+            dead = kind == Kind.DEAD
+            for start, token in _pairs(body):
+                self.settle(start, token, dead)
+        elif kind == Kind.RETURN or kind == Kind.WAITING:
+            start, second, available_at, attempts, length = RETURN_BODY.unpack_from(body, 0)
+            if RETURN_BODY.size + length != len(body):
+                raise ValueError("reason length does not match the entry size")
+            reason = body[RETURN_BODY.size :].decode("utf-8", "replace")
+            if kind == Kind.RETURN:
+                self.give_back(start, second, available_at, attempts, reason)
+            else:
+                if start in self.claims or start in self.waiting or start in self.done:
+                    raise self._illegal(start, Event.RETURN)
+                self.waiting[start] = Waiting(second, attempts, available_at, reason)
+                heapq.heappush(self._delayed, (available_at, start))
+        elif kind == Kind.RENEW:
+            expires, count = RENEW_HEAD.unpack_from(body, 0)
+            if RENEW_HEAD.size + count * PAIR.size != len(body):
+                raise ValueError("RENEW record count does not match the entry size")
+            for start, token in PAIR.iter_unpack(body[RENEW_HEAD.size :]):
+                self.renew(start, token, expires)
+        elif kind == Kind.DONE:
+            for start, end in _pairs(body):
+                self.done[start] = end
+        elif kind == Kind.STATE:
+            raise ValueError("a STATE entry may only start a journal")
+        else:
+            raise ValueError(f"unknown journal entry kind {kind}")
+
+    @classmethod
+    def from_state_entry(cls, body: bytes) -> "GroupState":
+        """Return the state a journal's first entry (STATE) describes."""
+        if len(body) != STATE_BODY.size:
+            raise ValueError("STATE entry has the wrong size")
+        head, mark, next_token, dead_total = STATE_BODY.unpack(body)
+        if mark > head:
+            raise ValueError(f"mark {describe_word(mark)} is past the head {describe_word(head)}")
+        return cls(head, mark, next_token, dead_total)
+
+    def snapshot(self) -> bytes:
+        """Return the journal entries that rebuild this state (a compacted journal's body)."""
+        parts = [entry(Kind.STATE, STATE_BODY.pack(self.head, self.mark, self.next_token, self.dead_total))]
+        by_claim: dict[tuple[int, float, Owner], list[tuple[int, Claim]]] = {}
+        for start, claim in sorted(self.claims.items()):
+            by_claim.setdefault((claim.token, claim.expires, claim.owner), []).append((start, claim))
+        for (token, expires, owner), members in by_claim.items():
+            for chunk in _chunks(members, 50_000):
+                records = b"".join(CLAIM_RECORD.pack(start, claim.end, claim.attempt) for start, claim in chunk)
+                head = CLAIM_BODY.pack(token, expires, owner[0], owner[1], len(chunk))
+                parts.append(entry(Kind.HELD, head + records))
+        for start, item in sorted(self.waiting.items()):
+            parts.append(encode_return(Kind.WAITING, start, item.end, item.available_at, item.attempts, item.reason))
+        for chunk in _chunks(sorted(self.done.items()), 100_000):
+            body = LIST_HEAD.pack(len(chunk)) + b"".join(PAIR.pack(start, end) for start, end in chunk)
+            parts.append(entry(Kind.DONE, body))
+        return b"".join(parts)
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:  # type: ignore[type-arg]
+    for index in range(0, len(items), size):
+        yield items[index : index + size]
+
+
+def _entry_word(kind: int, size: int) -> int:
+    word: int = struct.unpack("<I", entry_prefix_crc(kind, size)[0])[0]
+    return word
+
+
+_CLAIM_ONE_WORD = _entry_word(Kind.CLAIM, CLAIM_ONE.size)
+_ACK_ONE_WORD = _entry_word(Kind.ACK, ACK_ONE.size)
+_PREFIX_CRC = {
+    _CLAIM_ONE_WORD: entry_prefix_crc(Kind.CLAIM, CLAIM_ONE.size)[1],
+    _ACK_ONE_WORD: entry_prefix_crc(Kind.ACK, ACK_ONE.size)[1],
+}
+_LENGTH_MASK = 0xFF_FFFF
+
+
+def replay(
+    state: GroupState, buffer: Any, path: str, start: int, end: int, *, optimistic: bool = False
+) -> int:
+    """Apply the entries of ``buffer[start:end]`` (a journal map) to ``state``; return where it stopped.
+
+    A bad entry raises ``CorruptionError`` naming ``path`` and its offset.
+    With ``optimistic`` (reading without the group lock, where a weakly
+    ordered CPU may show the end word before the bytes below it) a bad entry
+    just stops the replay; the caller finishes under the lock.
+    """
+    offset = start
+    unpack_header = ENTRY_HEADER.unpack_from
+    crc32 = zlib.crc32
+    prefix_crc = _PREFIX_CRC
+    claim_one, ack_one = _CLAIM_ONE_WORD, _ACK_ONE_WORD
+    unpack_claim, unpack_ack = CLAIM_ONE.unpack, ACK_ONE.unpack
+    problem = ""
+    while offset < end:
+        if offset + 8 > end:
+            problem = "journal entry header cut short"
+            break
+        word, crc = unpack_header(buffer, offset)
+        body_end = offset + 8 + (word & _LENGTH_MASK)
+        if body_end > end:
+            problem = "journal entry runs past the journal's end"
+            break
+        body = buffer[offset + 8 : body_end]
+        state_crc = prefix_crc.get(word)
+        if state_crc is None:
+            state_crc = crc32(buffer[offset : offset + 4])
+        if crc32(body, state_crc) != crc:
+            problem = "journal entry checksum mismatch"
+            break
+        try:
+            if word == claim_one:
+                token, expires, pid, started, _, record_start, record_end, attempt = unpack_claim(body)
+                state.claim(token, expires, (pid, started), record_start, record_end, attempt)
+            elif word == ack_one:
+                _, record_start, token = unpack_ack(body)
+                state.settle(record_start, token)
+            else:
+                state.apply(word >> 24, body)
+        except (IllegalTransition, ValueError, struct.error) as error:
+            problem = f"{Kind.NAMES.get(word >> 24, word >> 24)} entry: {error}"
+            break
+        offset = body_end
+    if problem and not optimistic:
+        raise CorruptionError(path, offset, problem, hint=recover_hint(path))
+    return offset
+
+
+def load_state(journal: Journal, end: int | None = None) -> GroupState:
+    """Replay a whole journal (up to ``end``) into a fresh state."""
+    stop = journal.end if end is None else end
+    entries = journal.entries(HEADER_SIZE, stop)
+    try:
+        kind, body, offset = next(entries)
+    except StopIteration:
+        raise CorruptionError(journal.path, HEADER_SIZE, "journal holds no STATE entry") from None
+    if kind != Kind.STATE:
+        raise CorruptionError(journal.path, offset, f"journal starts with {Kind.NAMES.get(kind, kind)}, not STATE")
+    try:
+        state = GroupState.from_state_entry(body)
+    except ValueError as error:
+        raise CorruptionError(journal.path, offset, f"STATE entry: {error}") from None
+    replay(state, journal.map, journal.path, offset + 8 + len(body), stop)
+    return state

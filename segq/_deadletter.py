@@ -1,0 +1,101 @@
+"""Dead letters: the envelope a record gets when it runs out of attempts.
+
+A dead-letter queue is an ordinary segq queue (``<queue>/dead/<group>`` by
+default); each of its records is one :class:`DeadLetter` envelope:
+
+====== ==== ==========================================================
+offset size field (little-endian)
+====== ==== ==========================================================
+0      4    magic ``sqDL``
+4      2    envelope version, 1
+6      2    header size H (40 in version 1; a reader skips to H)
+8      4    attempts the record had
+12     4    reason length R (bytes of UTF-8)
+16     8    the record's position in its queue, ``segment << 32 | offset``
+24     8    when it was dead-lettered, seconds since the epoch (float64)
+32     2    group name length G
+34     6    reserved, zero
+H      G    group name (UTF-8)
+H+G    R    reason (UTF-8)
+H+G+R  ...  the original payload, unchanged
+====== ==== ==========================================================
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from ._segment import StrPath, list_segments, segment_path
+from ._state import Position, check_name
+from .errors import SegqError
+
+__all__ = ["DeadLetter", "dead_letter_path", "dead_letter_segment_size"]
+
+_LETTER = struct.Struct("<4sHHIIQdH6x")
+_LETTER_MAGIC = b"sqDL"
+_LETTER_VERSION = 1
+
+
+def dead_letter_path(path: StrPath, group: str = "default") -> str:
+    """Return the default dead-letter queue of ``group``: ``<path>/dead/<group>``."""
+    return os.path.join(path, "dead", check_name(group, "group name"))
+
+
+def dead_letter_segment_size(path: StrPath) -> int:
+    """Size dead-letter segments so the largest record of the queue at ``path`` fits in an envelope."""
+    segments = list_segments(path)
+    size = 1 << 20
+    if segments:
+        try:
+            size = max(size, os.path.getsize(segment_path(path, segments[-1])))
+        except OSError:
+            pass  # deleted meanwhile: the default will do
+    return size + 8192
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A record that ran out of attempts, as stored in the dead-letter queue.
+
+    >>> letter = DeadLetter(b"job", attempts=5, reason="ValueError: bad", group="default")
+    >>> DeadLetter.decode(letter.encode()).data
+    b'job'
+    """
+
+    data: bytes
+    attempts: int
+    reason: str
+    group: str
+    position: Position = Position(0, 0)  # where the record was in its queue
+    dead_at: float = 0.0  # when it was dead-lettered (seconds since the epoch)
+
+    def encode(self) -> bytes:
+        """Return the envelope: a 40-byte header, the group name, the reason, then the payload."""
+        group = self.group.encode("utf-8", "replace")
+        reason = self.reason.encode("utf-8", "replace")
+        word = self.position.segment << 32 | self.position.offset
+        header = _LETTER.pack(
+            _LETTER_MAGIC, _LETTER_VERSION, _LETTER.size, self.attempts, len(reason), word, self.dead_at, len(group)
+        )
+        return header + group + reason + bytes(self.data)
+
+    @classmethod
+    def decode(cls, raw: bytes | bytearray | memoryview) -> "DeadLetter":
+        """Decode a dead-letter record (``msg.data`` of a Receiver on the dead-letter queue).
+
+        Raises ``SegqError`` if ``raw`` is not a dead letter.
+        """
+        raw = bytes(raw)
+        if len(raw) < _LETTER.size or raw[:4] != _LETTER_MAGIC:
+            raise SegqError("not a segq dead letter (bad magic number)")
+        _, version, header_size, attempts, reason_size, word, dead_at, group_size = _LETTER.unpack_from(raw, 0)
+        if version != _LETTER_VERSION or header_size < _LETTER.size:
+            raise SegqError(f"dead letter of envelope version {version}; this segq reads {_LETTER_VERSION}")
+        body = header_size + group_size + reason_size
+        if body > len(raw):
+            raise SegqError(f"dead letter cut short: {len(raw)} bytes, its header needs {body}")
+        group = raw[header_size : header_size + group_size].decode("utf-8", "replace")
+        reason = raw[header_size + group_size : body].decode("utf-8", "replace")
+        return cls(raw[body:], attempts, reason, group, Position(word >> 32, word & 0xFFFF_FFFF), dead_at)

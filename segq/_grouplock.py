@@ -1,0 +1,228 @@
+"""The group lock: one short critical section at a time per work-queue group, across processes.
+
+Theory of operation
+-------------------
+Every transaction on a group (claim, ack, nack, renew, compaction, recovery)
+holds this lock.  It must exclude threads and processes, cost next to nothing
+when free (a claim+ack takes it twice), and never stay held by a dead process.
+
+On Linux it is a process-shared, *robust* pthread mutex living in a 4 KiB
+memory-mapped file, ``groups/<group>/mutex``, called through ctypes.  Taking
+a free mutex is an atomic instruction in user space: no system call (measured
+in the claim+ack loop: 5.9 us per claim+ack, against 8.3 us with an ``flock``
+pair per transaction, whose system calls cost far more in a busy loop than in
+a micro-benchmark).  When a holder dies, the kernel marks the mutex and the
+next locker gets ``EOWNERDEAD``: it declares the mutex consistent and goes on,
+because the state the lock protects is a journal whose uncommitted tail is
+ignored (``_journal``).  The mutex is also error-checking: a thread that
+relocks it gets an error, not a deadlock.
+
+The file starts with a header (magic, version, a tag naming the C library
+and machine that laid the mutex out) and holds the mutex at offset 64.  It
+is initialised once, by the first process to find no header, under an
+``flock`` on ``groups/<group>/lock``; the header is written after the mutex,
+so a half-initialised file is initialised again.
+
+Where robust mutexes are missing (macOS), the lock is an ``flock`` on
+``groups/<group>/lock`` plus a thread lock (an ``flock`` is held per open
+file, so it does not exclude the threads sharing one).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import platform
+import struct
+import threading
+from typing import Any, Callable
+
+from ._segment import os_error
+from .errors import SegqError, UnsupportedFormat
+
+__all__ = ["GroupLock", "robust_mutexes_available"]
+
+log = logging.getLogger(__name__)
+
+_MUTEX_FILE = "mutex"
+_FLOCK_FILE = "lock"
+_FILE_SIZE = 4096
+_MAGIC = b"segq\x00mtx"
+_VERSION = 1
+_HEADER = struct.Struct("<8sI4x32s")  # magic, version, layout tag
+_MUTEX_OFFSET = 64
+_PTHREAD_PROCESS_SHARED = 1
+_PTHREAD_MUTEX_ROBUST = 1
+_PTHREAD_MUTEX_ERRORCHECK = 2
+
+_libc: Any = None
+
+
+def _load_libc() -> Any:
+    """Return libc with the robust-mutex functions typed, or None where they are missing."""
+    global _libc
+    if _libc is None:
+        _libc = False
+        if platform.system() == "Linux":
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                for name in ("pthread_mutex_lock", "pthread_mutex_unlock", "pthread_mutex_consistent"):
+                    function = getattr(libc, name)
+                    function.argtypes = [ctypes.c_void_p]
+                    function.restype = ctypes.c_int
+                libc.pthread_mutexattr_setrobust  # noqa: B018 - probe
+                _libc = libc
+            except (OSError, AttributeError):
+                pass
+    return _libc or None
+
+
+def robust_mutexes_available() -> bool:
+    """Tell whether this platform gives the group lock as a robust mutex (else flock)."""
+    return _load_libc() is not None
+
+
+def _layout_tag() -> bytes:
+    libc_name = platform.libc_ver()[0] or "other"
+    return f"{libc_name}/{platform.machine()}/{ctypes.sizeof(ctypes.c_void_p)}".encode()[:32].ljust(32, b"\0")
+
+
+class GroupLock:
+    """The lock of one group directory, held by ``acquire()`` until ``release()``.
+
+    ``acquire`` and ``release`` are also exposed raw, for the hot path, as
+    ``lock_function(lock_argument)`` (returns non-zero when the lock needs
+    :meth:`recover`) and ``unlock_function(lock_argument)``.
+    """
+
+    def __init__(self, group_dir: str) -> None:
+        self.group_dir = group_dir
+        self._flock_fd = -1
+        self._mutex_fd = -1
+        self._map: mmap.mmap | None = None
+        self._window: Any = None
+        self._thread_lock = threading.Lock()
+        try:
+            self._flock_fd = os.open(os.path.join(group_dir, _FLOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise os_error(error, "open group lock in", group_dir) from None
+        libc = _load_libc()
+        if libc is None:
+            self.robust = False
+            self.lock_function: Callable[[Any], int | None] = self._flock_acquire
+            self.unlock_function: Callable[[Any], int | None] = self._flock_release
+            self.lock_argument: Any = None
+            return
+        self.robust = True
+        try:
+            self._open_mutex(libc)
+        except BaseException:
+            self.close()
+            raise
+        self.lock_function = libc.pthread_mutex_lock
+        self.unlock_function = libc.pthread_mutex_unlock
+        self._consistent = libc.pthread_mutex_consistent
+
+    def _open_mutex(self, libc: Any) -> None:
+        path = os.path.join(self.group_dir, _MUTEX_FILE)
+        try:
+            self._mutex_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            if os.fstat(self._mutex_fd).st_size < _FILE_SIZE:
+                os.ftruncate(self._mutex_fd, _FILE_SIZE)
+        except OSError as error:
+            raise os_error(error, "open group mutex", path) from None
+        self._map = mmap.mmap(self._mutex_fd, _FILE_SIZE)
+        self._window = (ctypes.c_char * _FILE_SIZE).from_buffer(self._map)
+        self.lock_argument = ctypes.c_void_p(ctypes.addressof(self._window) + _MUTEX_OFFSET)
+        tag = _layout_tag()
+        fcntl.flock(self._flock_fd, fcntl.LOCK_EX)
+        try:
+            magic, version, found_tag = _HEADER.unpack_from(self._map, 0)
+            if magic == _MAGIC:
+                if version != _VERSION:
+                    raise UnsupportedFormat(f"{path}: group mutex version {version}, this segq reads {_VERSION}")
+                if found_tag != tag:
+                    raise UnsupportedFormat(
+                        f"{path}: the group mutex was laid out by {found_tag.rstrip(bytes(1)).decode(errors='replace')}, "
+                        f"this process is {tag.rstrip(bytes(1)).decode()}; all workers of a group must share one C library"
+                    )
+                return
+            attributes = ctypes.create_string_buffer(64)
+            checks = (
+                libc.pthread_mutexattr_init(attributes),
+                libc.pthread_mutexattr_setpshared(attributes, _PTHREAD_PROCESS_SHARED),
+                libc.pthread_mutexattr_setrobust(attributes, _PTHREAD_MUTEX_ROBUST),
+                libc.pthread_mutexattr_settype(attributes, _PTHREAD_MUTEX_ERRORCHECK),
+                libc.pthread_mutex_init(self.lock_argument, attributes),
+            )
+            libc.pthread_mutexattr_destroy(attributes)
+            if any(checks):
+                raise SegqError(f"cannot initialise the group mutex {path}: {os.strerror(max(checks))}")
+            _HEADER.pack_into(self._map, 0, _MAGIC, _VERSION, tag)
+        finally:
+            fcntl.flock(self._flock_fd, fcntl.LOCK_UN)
+
+    # -- flock fallback --------------------------------------------------
+
+    def _flock_acquire(self, _: Any) -> int:
+        self._thread_lock.acquire()
+        try:
+            fcntl.flock(self._flock_fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        return 0
+
+    def _flock_release(self, _: Any) -> int:
+        fcntl.flock(self._flock_fd, fcntl.LOCK_UN)
+        self._thread_lock.release()
+        return 0
+
+    # -- the lock --------------------------------------------------------
+
+    def acquire(self) -> None:
+        """Take the lock, waiting for it; recover it if its holder died."""
+        result = self.lock_function(self.lock_argument)
+        if result:
+            self.recover(result)
+
+    def recover(self, result: int) -> None:
+        """Handle a non-zero result of ``lock_function``: keep the lock if its holder died, else raise."""
+        if result == errno.EOWNERDEAD:
+            self._consistent(self.lock_argument)
+            log.warning("%s: the holder of the group lock died; taking it over", self.group_dir)
+            return
+        if result == errno.EDEADLK:
+            raise SegqError(f"{self.group_dir}: this thread already holds the group lock (a segq bug)")
+        raise SegqError(
+            f"{self.group_dir}: cannot take the group lock: {os.strerror(result)}; "
+            "close every worker of the group and delete its 'mutex' file"
+        )
+
+    def release(self) -> None:
+        """Drop the lock."""
+        self.unlock_function(self.lock_argument)
+
+    def __enter__(self) -> "GroupLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def close(self) -> None:
+        """Close the files; the lock must not be held.  Idempotent."""
+        self._window = None
+        self.lock_argument = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        for name in ("_mutex_fd", "_flock_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)

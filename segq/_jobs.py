@@ -1,0 +1,165 @@
+"""Jobs: the claimed records a worker holds, and what it may do with them.
+
+A job's life, seen from its worker, is :data:`JOB_TRANSITIONS`: held until
+acked, nacked or lost (its lease ran out and the record went back).  The
+record's life, seen from the group, is ``_claims.TRANSITIONS``.
+"""
+
+from __future__ import annotations
+
+import enum
+from types import TracebackType
+from typing import TYPE_CHECKING, Iterator
+
+from ._state import Position
+from .errors import ClaimLost, Closed
+
+if TYPE_CHECKING:
+    from .workqueue import WorkQueue
+
+__all__ = ["JobState", "JOB_TRANSITIONS", "Job", "JobBatch", "reason_of"]
+
+
+class JobState(enum.Enum):
+    """Where a job stands for the worker holding it."""
+
+    HELD = "held"
+    ACKED = "acked"
+    NACKED = "nacked"
+    LOST = "lost"  # its lease ran out (or its claim went back) before the worker settled it
+
+
+#: A job's life, seen from its worker: (state, call) -> next state.
+JOB_TRANSITIONS: dict[tuple[JobState, str], JobState] = {
+    (JobState.HELD, "ack"): JobState.ACKED,
+    (JobState.HELD, "nack"): JobState.NACKED,
+    (JobState.HELD, "renew"): JobState.HELD,
+    (JobState.HELD, "lose"): JobState.LOST,
+}
+
+_HELD = JobState.HELD
+_ACKED = JobState.ACKED
+_NACKED = JobState.NACKED
+_LOST = JobState.LOST
+
+
+class Job:
+    """One claimed record.  ``data`` is its payload, ``attempt`` counts claims of it from 1.
+
+    Settle it with ``ack`` (done for good) or ``nack`` (give it back); as a
+    context manager it is acked on normal exit and nacked on an exception.
+    """
+
+    __slots__ = ("data", "attempt", "lease_expires_at", "state", "_queue", "_start", "_token")
+
+    def __init__(
+        self, queue: "WorkQueue", data: bytes, start: int, token: int, attempt: int, expires: float
+    ) -> None:
+        self.data = data
+        self.attempt = attempt
+        self.lease_expires_at = expires  # in the queue's clock (time.time by default)
+        self.state = _HELD
+        self._queue = queue
+        self._start = start
+        self._token = token
+
+    @property
+    def position(self) -> Position:
+        """Where the record starts in the queue."""
+        return Position(self._start >> 32, self._start & 0xFFFF_FFFF)
+
+    def ack(self) -> None:
+        """Mark the record done for good.  Raises ``ClaimLost`` (and changes nothing) if the claim is gone."""
+        self._queue._ack(self)
+
+    def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
+        """Give the record back: claimable again after ``delay`` seconds.
+
+        On the job's ``max_attempts``-th attempt the record goes to the
+        dead-letter queue instead, with ``reason``.  Raises ``ClaimLost`` if
+        the claim is gone.
+        """
+        self._queue._nack([self], delay, reason)
+
+    def renew(self, lease: float | None = None) -> None:
+        """Extend the lease to ``lease`` seconds from now (default: the queue's lease)."""
+        self._queue._renew([self], lease)
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if self.state is not _HELD:
+            return
+        if kind is None:
+            self.ack()
+        else:
+            try:
+                self.nack(reason=reason_of(value))
+            except (ClaimLost, Closed):
+                pass  # the record went back anyway; the body's exception matters more
+
+    def __repr__(self) -> str:
+        return f"<segq.Job {len(self.data)} bytes at {self.position}, attempt {self.attempt}, {self.state.value}>"
+
+
+class JobBatch:
+    """Jobs claimed together by ``claim_batch``: one lease; settle them together or one by one."""
+
+    __slots__ = ("jobs", "_queue")
+
+    def __init__(self, queue: "WorkQueue", jobs: list[Job]) -> None:
+        self.jobs = jobs
+        self._queue = queue
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self.jobs)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, index: int) -> Job:
+        return self.jobs[index]
+
+    def _held(self) -> list[Job]:
+        return [job for job in self.jobs if job.state is _HELD]
+
+    def ack(self) -> None:
+        """Ack every job still held, in one transaction; ``ClaimLost`` (nothing changed) if any is gone."""
+        self._queue._ack_many(self._held())
+
+    def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
+        """Give back every job still held, in one transaction."""
+        self._queue._nack(self._held(), delay, reason)
+
+    def renew(self, lease: float | None = None) -> None:
+        """Extend the lease of every job still held."""
+        self._queue._renew(self._held(), lease)
+
+    def __enter__(self) -> "JobBatch":
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if not self._held():
+            return
+        if kind is None:
+            self.ack()
+        else:
+            try:
+                self.nack(reason=reason_of(value))
+            except (ClaimLost, Closed):
+                pass
+
+    def __repr__(self) -> str:
+        return f"<segq.JobBatch of {len(self.jobs)} jobs>"
+
+
+def reason_of(error: BaseException | None) -> str:
+    if error is None:
+        return ""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
