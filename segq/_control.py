@@ -295,7 +295,7 @@ class Control:
                 hint_segment, hint_offset = split_word(hint)
                 if hint_segment == last and SEGMENT_HEADER_SIZE <= hint_offset <= segment.size - HEADER_SIZE:
                     start = hint_offset
-            tail = self._repair_tail(segment, start, hint)
+            tail = self._repair_tail(segment, start, hint, clean_start=start != SEGMENT_HEADER_SIZE)
         finally:
             segment.close()
         # An empty last segment after an unsealed one: the tail is back in that
@@ -338,14 +338,19 @@ class Control:
         finally:
             segment.close()
 
-    def _repair_tail(self, segment: MappedSegment, start: int, hint: int | None) -> int:
+    def _repair_tail(self, segment: MappedSegment, start: int, hint: int | None, clean_start: bool = False) -> int:
         """Find the end of the last complete record from ``start``; cut what lies past it."""
         scan = _segment.scan_records(segment.map, start, segment.size)
         if scan.status is RecordStatus.END:
             following = segment.number + 1
             _segment.create_segment(self.queue_dir, following, self.segment_size, durable=True)
             return following << 32 | SEGMENT_HEADER_SIZE
-        dirty = _segment.dirty_end(segment.map, scan.end, segment.size)
+        if clean_start:
+            # Shut down cleanly with the append lock free: nobody died
+            # mid-append, so past the tail the segment is zero (no full read).
+            dirty = scan.end
+        else:
+            dirty = _segment.dirty_end_in_file(segment.fd, scan.end, segment.size)
         if hint is not None and dirty > scan.end:
             # Only bytes that are there can be damaged: with nothing at all past
             # the last complete record, the published tail's records never
@@ -465,8 +470,12 @@ class Control:
         else:
             tail = self.word(TAIL)
             token = self.word(TOKEN)
-            self.store(CLEAN_TAIL, tail)
-            self.store(CLEAN_CHECK, tail ^ token ^ _CLEAN_SALT)
+            # Clean only if no one died holding the append lock: then nothing
+            # torn lies past the tail and the next open need not look there.
+            if self.append_lock.acquire(False):
+                self.append_lock.release()
+                self.store(CLEAN_TAIL, tail)
+                self.store(CLEAN_CHECK, tail ^ token ^ _CLEAN_SALT)
             _unlink_semaphore(token)
         self.words.release()
         self.bytes.release()

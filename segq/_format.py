@@ -16,6 +16,7 @@ written here yet".
 from __future__ import annotations
 
 import enum
+import importlib
 import mmap
 import os
 import struct
@@ -251,7 +252,7 @@ decode_run: Callable[[bytes, int, int], tuple[list[bytes], int]] = _decode_run
 SPEEDUPS = False
 if not os.environ.get("SEGQ_PURE_PYTHON"):
     try:
-        from . import _speedups  # type: ignore[attr-defined]
+        _speedups = importlib.import_module(f"{__package__}._speedups")
     except ImportError:
         pass
     else:

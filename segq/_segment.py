@@ -33,10 +33,12 @@ __all__ = [
     "list_segments",
     "create_segment",
     "MappedSegment",
+    "SegmentWindow",
     "read_segment_header",
     "ScanResult",
     "scan_records",
     "dirty_end",
+    "dirty_end_in_file",
     "fsync_directory",
     "os_error",
 ]
@@ -192,6 +194,62 @@ class MappedSegment:
             self.fd = -1
 
 
+class SegmentWindow:
+    """A writable segment whose memory map covers only a window around the tail.
+
+    Mapping a whole 64 MiB segment would make every page a sender ever
+    touched count in its resident memory; a window keeps that flat however
+    long the queue grows.  Moving the window costs one mmap per ``WINDOW``
+    bytes appended.
+    """
+
+    WINDOW = 1 << 20
+
+    def __init__(self, queue_dir: StrPath, number: int) -> None:
+        self.number = number
+        self.path = segment_path(queue_dir, number)
+        self.map: mmap.mmap | None = None
+        self.start = self.end = 0  # the file range the map covers
+        try:
+            self.fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            raise os_error(error, "open segment", self.path) from None
+        try:
+            self.size = os.fstat(self.fd).st_size
+            if self.size < SEGMENT_HEADER_SIZE + HEADER_SIZE:
+                raise CorruptionError(self.path, 0, f"segment is only {self.size} bytes long")
+            found = read_segment_header(self.path, os.pread(self.fd, SEGMENT_HEADER_SIZE, 0))
+            if found != number:
+                raise CorruptionError(self.path, 0, f"header says segment {found}, file name says {number}")
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def show(self, offset: int, length: int) -> mmap.mmap:
+        """Map a window that covers ``[offset, offset + length)``; return the map (file offset ``start`` is map offset 0)."""
+        if self.map is not None and self.start <= offset and offset + length <= self.end:
+            return self.map
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        end = min(self.size, max(start + self.WINDOW, offset + length))
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+        self.map = mmap.mmap(self.fd, end - start, access=mmap.ACCESS_WRITE, offset=start)
+        self.start, self.end = start, end
+        return self.map
+
+    def close(self) -> None:
+        """Unmap and close; safe to call twice."""
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 @dataclass(frozen=True)
 class ScanResult:
     """Where a walk over a segment's records stopped, and why.
@@ -238,6 +296,23 @@ def scan_records(buffer: Buffer, start: int, limit: int) -> ScanResult:
 
 
 _CHUNK = 1 << 16
+_FILE_CHUNK = 1 << 20
+
+
+def dirty_end_in_file(fd: int, start: int, limit: int) -> int:
+    """Like :func:`dirty_end`, reading the file with ``pread``.
+
+    Reading a whole preallocated segment through a memory map would put every
+    page of it in the process's resident memory; ``pread`` does not.
+    """
+    position = limit
+    while position > start:
+        low = max(start, position - _FILE_CHUNK)
+        stripped = os.pread(fd, position - low, low).rstrip(b"\x00")
+        if stripped:
+            return low + len(stripped)
+        position = low
+    return start
 
 
 def dirty_end(buffer: Buffer, start: int, limit: int) -> int:

@@ -20,6 +20,7 @@ old one, and only then publishes a tail in the new one.
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import threading
 import time
@@ -122,8 +123,10 @@ class Sender:
             raise
         self._waker = Waker(self._control)
         self._room_waiter: Waiter | None = None
-        self._segment: MappedSegment | None = None
-        self._forget_segment()
+        self._window: _segment.SegmentWindow | None = None
+        self._segment_number = -1
+        self._base_word = 0
+        self._limit_word = 0
         self._words = self._control.words
         self._control_bytes = self._control.bytes
         self._acquire = self._control.append_lock.acquire
@@ -253,27 +256,30 @@ class Sender:
             self._sync_through(end_word)
 
     def _make_room(self, word: int, needed: int) -> int:
-        """Map the tail segment, rolling over to a new one if ``needed`` bytes do not fit.
+        """Show the tail segment's window around ``needed`` bytes at the tail, rolling over if they do not fit.
 
         Called with the append lock held; returns the (possibly new) tail word.
         """
         number, offset = split_word(word)
         if number != self._segment_number:
-            self._map_segment(number)
-        if word + needed <= self._limit_word:
+            self._open_segment(number)
+        window = self._window
+        assert window is not None
+        if offset + needed <= window.size - HEADER_SIZE:  # room is kept for the end marker
+            self._show(offset, needed)
             return word
         following = number + 1
         durable = self._sync_interval is not None
         if not _segment.create_segment(self.path, following, self.segment_size, durable=durable):
             self._clear_abandoned_segment(following)
-        segment_map = self._segment.map  # type: ignore[union-attr]
-        segment_map[offset : offset + HEADER_SIZE] = END_MARKER
+        self._show(offset, HEADER_SIZE)
+        self._segment_map[offset - window.start : offset - window.start + HEADER_SIZE] = END_MARKER
         if durable:
             # The seal reaches the disk before anything in the next segment can
             # (the kernel writes pages back in any order): after a power loss a
             # later segment never holds records behind an unsealed one.
-            os.fdatasync(self._segment.fd)  # type: ignore[union-attr]
-        self._map_segment(following)
+            os.fdatasync(window.fd)
+        self._open_segment(following)
         # Not published here: the caller publishes the tail past its record,
         # which also covers the marker (a reader never sees an empty new segment).
         # Again, because a segment left by a sender killed mid-rollover may be
@@ -283,44 +289,46 @@ class Sender:
     def _clear_abandoned_segment(self, number: int) -> None:
         # A sender died after creating this segment and before sealing the one
         # before it: nothing in it was ever published.
+        self._zero_from(number, SEGMENT_HEADER_SIZE)
+
+    def _zero_from(self, number: int, offset: int) -> None:
+        """Zero whatever was written in segment ``number`` from ``offset`` on (nothing there was published)."""
         segment = MappedSegment(self.path, number, writable=True)
         try:
-            dirty = _segment.dirty_end(segment.map, SEGMENT_HEADER_SIZE, segment.size)
-            segment.map[SEGMENT_HEADER_SIZE:dirty] = bytes(dirty - SEGMENT_HEADER_SIZE)
+            dirty = _segment.dirty_end_in_file(segment.fd, offset, segment.size)
+            segment.map[offset:dirty] = bytes(dirty - offset)
         finally:
             segment.close()
 
-    def _map_segment(self, number: int) -> None:
-        if self._segment is not None:
-            self._segment.close()
-            self._forget_segment()
+    def _open_segment(self, number: int) -> None:
+        self._close_segment()
         try:
-            segment = MappedSegment(self.path, number, writable=True)
+            self._window = _segment.SegmentWindow(self.path, number)
         except FileNotFoundError:
             raise SegqError(
                 f"{_segment.segment_path(self.path, number)} is missing but the queue's tail is in it; "
                 f"run `segq recover {self.path}`"
             ) from None
-        self._segment = segment
         self._segment_number = number
-        self._segment_map = segment.map
-        self._base_word = number << 32
-        # Room is kept at the end for the end-of-segment marker.
-        self._limit_word = self._base_word + segment.size - HEADER_SIZE
 
-    def _forget_segment(self) -> None:
-        self._segment = None
+    def _show(self, offset: int, needed: int) -> None:
+        window = self._window
+        assert window is not None
+        self._segment_map: mmap.mmap = window.show(offset, needed)
+        self._base_word = (window.number << 32) + window.start
+        self._limit_word = (window.number << 32) + min(window.end, window.size - HEADER_SIZE)
+
+    def _close_segment(self) -> None:
+        if self._window is not None:
+            self._window.close()
+        self._window = None
         self._segment_number = -1
         self._base_word = 0
-        self._limit_word = 0  # no segment: every append takes the slow path
+        self._limit_word = 0  # nothing shown: every append takes the slow path
 
     def _zero_past_tail(self, word: int) -> None:
         number, offset = split_word(word)
-        if number != self._segment_number:
-            self._map_segment(number)
-        segment_map = self._segment.map  # type: ignore[union-attr]
-        dirty = _segment.dirty_end(segment_map, offset, self._segment.size)  # type: ignore[union-attr]
-        segment_map[offset:dirty] = bytes(dirty - offset)
+        self._zero_from(number, offset)
         # The dead holder may have sealed this segment and written into the
         # next one without publishing it: nothing there was sent.
         if os.path.exists(_segment.segment_path(self.path, number + 1)):
@@ -405,7 +413,7 @@ class Sender:
                 portalocker.unlock(self._sync_file)
 
     def _fdatasync_segments(self, first: int, last: int) -> None:
-        # Segments are opened by path, not through self._segment: a send on
+        # Segments are opened by path, not through self._window: a send on
         # another thread may swap that while this runs (it holds only the
         # append lock, this only the sync lock), and an open costs little
         # next to an fdatasync.
@@ -449,8 +457,7 @@ class Sender:
             if self._room_waiter is not None:
                 self._room_waiter.close()
             self._waker.close()
-            if self._segment is not None:
-                self._segment.close()
+            self._close_segment()
             self._sync_file.close()
             self._registration.release()
             self._control.close()
