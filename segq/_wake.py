@@ -104,6 +104,7 @@ class Waiter:
         self._control = control
         self.slot = -1
         self.fd = -1
+        self._raised = 0  # the region whose flag is up, 0 for none
         self._table = _SlotTable(control)
         with self._table:
             for slot in range(SLOT_COUNT):
@@ -124,6 +125,11 @@ class Waiter:
             set_flag(control, ROOM_WAITERS, slot, False)
             SLOT.pack_into(control.map, SLOTS + slot * SLOT.size, os.getpid(), generation + 1)
 
+    @property
+    def raised(self) -> bool:
+        """True while a flag of this waiter is up."""
+        return self._raised != 0
+
     def fileno(self) -> int:
         """Return the FIFO's descriptor, readable when a waker has written."""
         return self.fd
@@ -133,6 +139,7 @@ class Waiter:
         if self.slot >= 0:
             with self._table:
                 set_flag(self._control, region, self.slot, True)
+            self._raised = region
             _fence()
 
     def lower_flag(self, region: int) -> None:
@@ -140,6 +147,7 @@ class Waiter:
         if self.slot >= 0:
             with self._table:
                 set_flag(self._control, region, self.slot, False)
+            self._raised = 0
             self.drain()
 
     def drain(self) -> None:
@@ -149,11 +157,19 @@ class Waiter:
         except (BlockingIOError, OSError):
             pass
 
-    def wait(self, region: int, ready: Callable[[], bool], deadline: float | None) -> bool:
-        """Block until ``ready()`` is true or ``deadline`` (monotonic) passes; return ``ready()``."""
+    def wait(
+        self, region: int, ready: Callable[[], bool], deadline: float | None, *, keep_raised: bool = False
+    ) -> bool:
+        """Block until ``ready()`` is true or ``deadline`` (monotonic) passes; return ``ready()``.
+
+        ``keep_raised`` leaves the flag up afterwards (the caller lowers it with
+        :meth:`lower_flag` once it finds work without waiting): a receiver that
+        waits for every record then pays no flag syscalls per record.
+        """
         if ready():
             return True
-        self.raise_flag(region)
+        if self._raised != region:
+            self.raise_flag(region)
         try:
             while True:
                 if ready():
@@ -167,10 +183,14 @@ class Waiter:
                     continue
                 poller = select.poll()
                 poller.register(self.fd, select.POLLIN)
-                if poller.poll(limit * 1000.0):
+                if poller.poll(limit * 1000.0) and not ready():
+                    # Drained only when the wake-up brought nothing: after a real
+                    # one the caller gets its record a system call sooner, and
+                    # the stale byte is swallowed before the next sleep.
                     self.drain()
         finally:
-            self.lower_flag(region)
+            if not keep_raised:
+                self.lower_flag(region)
 
     def close(self) -> None:
         """Give the slot back and remove the FIFO."""

@@ -205,7 +205,9 @@ class Receiver:
         while True:
             # "Available" can precede "readable" by a moment (the tail moved
             # onto an end-of-segment marker), so wait until a read succeeds.
-            if not waiter.wait(DATA_WAITERS, self._reader.available, deadline):
+            # The flag stays up on return: a receiver that waits for every
+            # record (a slow stream) keeps it up and pays no syscalls for it.
+            if not waiter.wait(DATA_WAITERS, self._reader.available, deadline, keep_raised=True):
                 raise Empty(f"no record in {self.path} after {timeout} s")
             position = self._reader.position
             data = self._next_record()
@@ -248,6 +250,8 @@ class Receiver:
         data = self._next_record()
         if data is None:
             data = self._wait_for_record(timeout)
+        elif self._waiter is not None and self._waiter.raised:
+            self._waiter.lower_flag(DATA_WAITERS)  # busy now: sends need not wake us
         end = self._reader.position
         message = Message(self, data, end - HEADER_SIZE - len(data), end)
         self._pending = message
@@ -275,6 +279,8 @@ class Receiver:
         if not records:
             self._wait_for_record(timeout, peek=True)
             records, runs = self._reader.next_many(max_count)
+        elif self._waiter is not None and self._waiter.raised:
+            self._waiter.lower_flag(DATA_WAITERS)  # busy now: sends need not wake us
         messages: list[Message] = []
         append = messages.append
         runs.append((len(records), 0))
