@@ -21,7 +21,7 @@ from .errors import (
 from .receiver import Batch, Message, Receiver
 from .sender import Sender
 from .workqueue import DeadLetter, Job, JobBatch, WorkQueue
-from .aio import AsyncBatch, AsyncMessage, AsyncReceiver, AsyncSender
+from .aio import AsyncBatch, AsyncJob, AsyncJobBatch, AsyncMessage, AsyncReceiver, AsyncSender, AsyncWorkQueue
 
 __all__ = [
     "Sender",
@@ -47,6 +47,9 @@ __all__ = [
     "AsyncReceiver",
     "AsyncMessage",
     "AsyncBatch",
+    "AsyncWorkQueue",
+    "AsyncJob",
+    "AsyncJobBatch",
 ]
 
 __version__ = "0.1.0"

@@ -53,15 +53,29 @@ on an exception, cancellation included.
 
 Work queue
 ----------
-``AsyncWorkQueue`` is not here yet: ``segq.WorkQueue`` had not landed (nor
-been exported) when this module was written.  Its blocking wait watches more
-than the wake FIFO: the pidfds of the workers holding claims and the next
-lease end or retry time, all computed inside ``WorkQueue._wait``.  Once that
-is split into a non-blocking "what to wait on" hook (waiter, extra
-descriptors, ready check, wake-up time), ``AsyncWorkQueue`` wraps
-``WorkQueue`` as ``AsyncReceiver`` wraps ``Receiver``: ``claim`` tries
-without blocking, then waits on the loop (``_LoopWait`` watching every
-descriptor); ``ack``/``nack``/``renew`` are awaitable.
+``AsyncWorkQueue`` wraps ``WorkQueue`` as ``AsyncReceiver`` wraps
+``Receiver``: its jobs (``AsyncJob``, ``AsyncJobBatch``) wrap ``Job`` and
+``JobBatch`` with awaitable ``ack``/``nack``/``renew``.  A claim tries
+without blocking (``try_claim``; for batches ``claim_batch(timeout=0)``)
+and, finding nothing, asks ``WorkQueue._wait_plan`` what to wait on: the
+wake FIFO, the pidfds of the workers holding claims (readable when one
+dies) and the next lease end or retry time.  ``_LoopWait`` watches the FIFO
+and dups of those pidfds (the originals may be closed by the queue's
+liveness watch meanwhile) with ``add_reader`` and sets its timer to the
+earliest of the wake-up time, the deadline and the 1-second safety
+re-check; whichever comes first, the claim tries again.  As for ``recv``,
+the try is one synchronous step, so a cancelled ``claim`` leaves nothing
+claimed.  Many tasks may claim through one object: the first to wait
+watches the descriptors, the others wait for that wait to end (for any
+reason: work, a timeout, a cancellation) and then look again, so the
+object takes one waiter slot however many tasks use it.
+
+Under ``sync="always"`` claims, acks, nacks and renewals msync the group's
+journal, so they run on the object's worker thread.  A claim cancelled
+while it runs there cannot be undone: the job it took is nacked at once
+(claimable again, its attempt counted).  ``async for job in wq`` acks each
+job when the loop asks for the next one and nacks it when the body raised
+or broke out; ``async with`` acks on a clean exit, nacks on an exception.
 """
 
 from __future__ import annotations
@@ -69,20 +83,24 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-from collections.abc import Callable, Iterable, Iterator
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 from ._control import DATA_WAITERS, DEFAULT_SEGMENT_SIZE, ROOM_WAITERS
 from ._format import HEADER_SIZE, as_payload
+from ._jobs import Job, JobBatch, JobState, reason_of
 from ._segment import StrPath
 from ._state import Position
 from ._wake import Waiter
-from .errors import Closed, Empty, Full, UsageError
+from .errors import ClaimLost, Closed, Empty, Full, UsageError
 from .receiver import Batch, Message, Receiver
 from .sender import DEFAULT_MAX_RECORD_SIZE, Sender, SyncPolicy, parse_sync
+from .workqueue import WorkQueue
 
-__all__ = ["AsyncBatch", "AsyncMessage", "AsyncReceiver", "AsyncSender"]
+__all__ = ["AsyncBatch", "AsyncJob", "AsyncJobBatch", "AsyncMessage", "AsyncReceiver", "AsyncSender", "AsyncWorkQueue"]
 
 _T = TypeVar("_T")
 
@@ -92,17 +110,18 @@ _SAFETY_SECONDS = 1.0
 _POLL_SECONDS = 0.005
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+def _resolve(future: asyncio.Future[bool], extra: bool = False) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(extra)
 
 
 class _LoopWait:
     """``Waiter.wait`` for the running event loop: one object's waits, one at a time.
 
     ``until`` raises the waiter's flag, re-checks ``ready``, and sleeps on a
-    future resolved by ``add_reader`` on the waiter's FIFO (or by a timer);
-    whatever ends it (ready, deadline, cancellation, ``stop``), the reader is
+    future resolved by ``add_reader`` on the waiter's FIFO and on any extra
+    descriptors (or by a timer); whatever ends it (ready, an extra descriptor,
+    the wake-up time, the deadline, cancellation, ``stop``), the readers are
     removed and the flag lowered before it returns or raises.
     """
 
@@ -110,15 +129,24 @@ class _LoopWait:
         self._get_waiter = waiter
         self._region = region
         self._what = what  # for the error when two tasks wait at once
-        self._woken: asyncio.Future[None] | None = None
+        self._woken: asyncio.Future[bool] | None = None
         self.active = False
         self._stopped = False
 
-    async def until(self, ready: Callable[[], bool], deadline: float | None) -> bool:
+    async def until(
+        self,
+        ready: Callable[[], bool],
+        deadline: float | None,
+        *,
+        fds: Sequence[int] = (),
+        wake_at: float | None = None,
+    ) -> bool:
         """Wait until ``ready()`` or ``deadline`` (``loop.time()``); return ``ready()``.
 
-        Returns False at once after ``stop()``.  Raises ``UsageError`` if
-        another task is waiting on the same object.
+        Also returns True (without ``ready()``) when one of ``fds`` becomes
+        readable or ``wake_at`` (``loop.time()``) comes before the deadline:
+        the caller should look again.  Returns False at once after ``stop()``.
+        Raises ``UsageError`` if another task is waiting on the same object.
         """
         if self.active:
             raise UsageError(f"another task is already waiting on {self._what}")
@@ -144,32 +172,45 @@ class _LoopWait:
                 now = loop.time()
                 if deadline is not None and now >= deadline:
                     return False
-                limit = _SAFETY_SECONDS if deadline is None else min(_SAFETY_SECONDS, deadline - now)
-                await self._sleep(loop, waiter.fileno(), limit)
+                if wake_at is not None and now >= wake_at:
+                    return True
+                limit = _SAFETY_SECONDS
+                for end in (deadline, wake_at):
+                    if end is not None:
+                        limit = min(limit, end - now)
+                if await self._sleep(loop, waiter.fileno(), fds, limit):
+                    return True  # an extra descriptor became readable
                 woken = True
             return False
         finally:
             waiter.lower_flag(self._region)
             self.active = False
 
-    async def _sleep(self, loop: asyncio.AbstractEventLoop, fd: int, limit: float) -> None:
-        woken: asyncio.Future[None] = loop.create_future()
-        watching = False
-        if fd >= 0:
-            try:
-                loop.add_reader(fd, _resolve, woken)
-                watching = True
-            except NotImplementedError:
-                pass
-        timer = loop.call_later(limit if watching else min(limit, _POLL_SECONDS), _resolve, woken)
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, fd: int, fds: Sequence[int], limit: float) -> bool:
+        """Sleep until ``fd`` or one of ``fds`` is readable or ``limit`` seconds pass; True for ``fds``."""
+        woken: asyncio.Future[bool] = loop.create_future()
+        watched: list[int] = []
+        timer: asyncio.TimerHandle | None = None
         self._woken = woken
         try:
-            await woken
+            try:
+                if fd >= 0:
+                    loop.add_reader(fd, _resolve, woken)
+                    watched.append(fd)
+                for extra in fds:
+                    loop.add_reader(extra, _resolve, woken, True)
+                    watched.append(extra)
+            except NotImplementedError:
+                pass  # no readers on this loop: poll
+            polling = fd < 0 or not watched
+            timer = loop.call_later(min(limit, _POLL_SECONDS) if polling else limit, _resolve, woken)
+            return await woken
         finally:
             self._woken = None
-            timer.cancel()
-            if watching:
-                loop.remove_reader(fd)
+            if timer is not None:
+                timer.cancel()
+            for each in watched:
+                loop.remove_reader(each)
 
     async def stop(self) -> None:
         """End the current wait (its caller sees the object closing) and every later one."""
@@ -177,7 +218,7 @@ class _LoopWait:
         if self._woken is not None:
             _resolve(self._woken)
         while self.active:
-            # The waiting task lowers its flag and removes its reader on its next step.
+            # The waiting task lowers its flag and removes its readers on its next step.
             await asyncio.sleep(0)
 
 
@@ -596,3 +637,363 @@ class AsyncSender:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<segq.AsyncSender {self.path!r} {state}>"
+
+
+# -- the work queue ---------------------------------------------------------
+
+
+class _AsyncHold:
+    """What AsyncJob and AsyncJobBatch share: awaitable ``ack``/``nack``/``renew``, and ``async with``."""
+
+    __slots__ = ("_item", "_owner")
+
+    def __init__(self, owner: AsyncWorkQueue, item: Job | JobBatch) -> None:
+        self._owner = owner
+        self._item = item
+
+    def _held(self) -> bool:
+        raise NotImplementedError
+
+    async def ack(self) -> None:
+        """Mark it done for good.  Raises ``ClaimLost`` (and changes nothing) if the claim is gone."""
+        await self._owner._call(self._item.ack)
+
+    async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
+        """Give it back: claimable again after ``delay`` seconds (dead-lettered on the last attempt)."""
+        await self._owner._call(functools.partial(self._item.nack, delay, reason))
+
+    async def renew(self, lease: float | None = None) -> None:
+        """Extend the lease to ``lease`` seconds from now (default: the queue's lease)."""
+        await self._owner._call(functools.partial(self._item.renew, lease))
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if not self._held():
+            return
+        if kind is None:
+            await self.ack()
+        else:
+            try:
+                await self.nack(reason=reason_of(value))
+            except (ClaimLost, Closed):
+                pass  # the record went back anyway; the body's exception matters more
+
+
+class AsyncJob(_AsyncHold):
+    """One claimed record (a ``segq.Job``); ``ack``, ``nack`` and ``renew`` are awaitable.
+
+    ``async with job:`` acks on a clean exit and nacks on an exception
+    (cancellation included).
+    """
+
+    __slots__ = ()
+    _item: Job
+
+    def _held(self) -> bool:
+        return self._item.state is JobState.HELD
+
+    @property
+    def data(self) -> bytes:
+        """The record's payload."""
+        return self._item.data
+
+    @property
+    def attempt(self) -> int:
+        """How many times the record was claimed, this claim included (from 1)."""
+        return self._item.attempt
+
+    @property
+    def position(self) -> Position:
+        """Where the record starts in the queue."""
+        return self._item.position
+
+    @property
+    def lease_expires_at(self) -> float:
+        """When the lease ends, in the queue's clock (``time.time`` by default)."""
+        return self._item.lease_expires_at
+
+    @property
+    def state(self) -> JobState:
+        """HELD until acked, nacked or lost."""
+        return self._item.state
+
+    async def __aenter__(self) -> AsyncJob:
+        return self
+
+    def __repr__(self) -> str:
+        job = self._item
+        return f"<segq.AsyncJob {len(job.data)} bytes at {job.position}, attempt {job.attempt}, {job.state.value}>"
+
+
+class AsyncJobBatch(_AsyncHold):
+    """Jobs claimed together by ``claim_batch``: one lease; settle them together or one by one."""
+
+    __slots__ = ("jobs",)
+    _item: JobBatch
+
+    def __init__(self, owner: AsyncWorkQueue, batch: JobBatch) -> None:
+        super().__init__(owner, batch)
+        self.jobs = [AsyncJob(owner, job) for job in batch.jobs]
+
+    def _held(self) -> bool:
+        return any(job.state is JobState.HELD for job in self._item.jobs)
+
+    def __iter__(self) -> Iterator[AsyncJob]:
+        return iter(self.jobs)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, index: int) -> AsyncJob:
+        return self.jobs[index]
+
+    async def __aenter__(self) -> AsyncJobBatch:
+        return self
+
+    def __repr__(self) -> str:
+        return f"<segq.AsyncJobBatch of {len(self.jobs)} jobs>"
+
+
+class _JobIteration:
+    """``async for job in wq``: ack each job when the next one is asked for."""
+
+    def __init__(self, owner: AsyncWorkQueue) -> None:
+        self._owner = owner
+        self._current: AsyncJob | None = None
+
+    def __aiter__(self) -> _JobIteration:
+        return self
+
+    async def __anext__(self) -> AsyncJob:
+        current = self._current
+        if current is not None and current._held() and not self._owner._closed:
+            await current.ack()
+        self._current = None
+        self._current = await self._owner.claim()
+        return self._current
+
+    def __del__(self) -> None:
+        # The loop was left (break, or its body raised) with this job in hand:
+        # give it back, as the blocking WorkQueue's generator does on close.
+        current = self._current
+        if current is None or not current._held() or self._owner._closed:
+            return
+        give_back = functools.partial(current._item.nack, reason="the loop over the work queue was left")
+        worker = self._owner._worker
+        if worker is not None:
+            try:
+                worker.submit(_quietly, give_back)  # its msync stays off the loop
+                return
+            except RuntimeError:
+                pass  # the worker is shut down: the queue is closing
+        _quietly(give_back)
+
+
+def _quietly(settle: Callable[[], None]) -> None:
+    try:
+        settle()
+    except (ClaimLost, Closed, UsageError):
+        pass  # settled or lost meanwhile, or the queue closed (which gave the job back)
+
+
+class AsyncWorkQueue:
+    """Share the records of the queue at ``path`` among the workers of ``group``, from coroutines.
+
+    Takes the options of ``segq.WorkQueue`` (which it wraps) and keeps its
+    semantics: leases, retries, dead letters, a dead worker's claims coming
+    back at once.  Waiting for work is done by the running event loop: no
+    thread, no busy polling.  Many tasks may claim through one object (one
+    of them watches the wake-up descriptors, the others wait for its turn to
+    end).  ``sync="always"`` claims and settles run on one worker thread
+    (their msync would stall the loop).
+
+    >>> import asyncio, segq, tempfile
+    >>> async def main(path):
+    ...     async with segq.AsyncSender(path) as tx:
+    ...         await tx.send(b"resize photo 1")
+    ...     async with segq.AsyncWorkQueue(path, lease=60) as wq:
+    ...         async with await wq.claim(timeout=1) as job:
+    ...             print(job.data, job.attempt)
+    >>> asyncio.run(main(tempfile.mkdtemp()))
+    b'resize photo 1' 1
+    """
+
+    def __init__(
+        self,
+        path: StrPath,
+        group: str = "default",
+        *,
+        lease: float = 30.0,
+        max_attempts: int = 5,
+        dead_letter: StrPath | None = None,
+        sync: SyncPolicy = "never",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        policy = parse_sync(sync)
+        self._queue = WorkQueue(
+            path, group, lease=lease, max_attempts=max_attempts, dead_letter=dead_letter, sync=sync, clock=clock
+        )
+        self.path = self._queue.path
+        self.group = self._queue.group
+        self.dead_letter = self._queue.dead_letter
+        self._closed = False
+        self._sync_on_close = policy is not None
+        # sync="always" claims and settles msync: one worker thread runs them, in order.
+        self._worker = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="segq-aio-group") if policy == 0.0 else None
+        )
+        # One task at a time watches the FIFO; the others wait for its wait to end.
+        self._wait = _LoopWait(self._queue._claim_waiter, DATA_WAITERS, f"work queue group {self.group!r}")
+        self._turn_over: asyncio.Future[bool] | None = None
+
+    @property
+    def lease(self) -> float:
+        return self._queue.lease
+
+    @property
+    def max_attempts(self) -> int:
+        return self._queue.max_attempts
+
+    # -- claiming --------------------------------------------------------
+
+    async def claim(self, timeout: float | None = None) -> AsyncJob:
+        """Return the next record to work on, waiting on the loop; ``Empty`` after ``timeout`` seconds.
+
+        The job is held until acked or nacked, or until its lease runs out
+        (``async with await wq.claim() as job`` acks or nacks it).  Cancelling
+        a waiting ``claim`` leaves nothing claimed.
+        """
+        return AsyncJob(self, await self._claim(self._queue.try_claim, timeout))
+
+    async def claim_batch(self, max_count: int, timeout: float | None = None) -> AsyncJobBatch:
+        """Return 1 to ``max_count`` jobs claimed in one transaction, sharing one lease.
+
+        Waits like ``claim`` for the first; takes as many more as are claimable.
+        """
+        attempt = functools.partial(_none_if_empty, self._queue.claim_batch, max_count, timeout=0)
+        return AsyncJobBatch(self, await self._claim(attempt, timeout))
+
+    async def try_claim(self) -> AsyncJob | None:
+        """Return the next record to work on if one is claimable now, else None; never waits for one.
+
+        A coroutine (unlike ``AsyncReceiver.try_recv``) because under
+        ``sync="always"`` the claim's msync runs on the worker thread.
+        """
+        self._check_open()
+        job = await self._try(self._queue.try_claim)
+        return None if job is None else AsyncJob(self, job)
+
+    async def _claim(self, attempt: Callable[[], _T | None], timeout: float | None) -> _T:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            self._check_open()
+            item = await self._try(attempt)
+            if item is not None:
+                return item
+            if deadline is not None and loop.time() >= deadline:
+                raise Empty(f"no record for group {self.group!r} in {self.path} after {timeout} s")
+            if self._wait.active:
+                # Another task of this object is waiting: its wait ending, for
+                # whatever reason, is this task's cue to look again.
+                if self._turn_over is None:
+                    self._turn_over = loop.create_future()
+                remaining = None if deadline is None else max(0.0, deadline - loop.time())
+                await asyncio.wait([self._turn_over], timeout=remaining)
+                continue
+            plan = self._queue._wait_plan()
+            wake_at = None if plan.wake_at is None else loop.time() + max(0.0, plan.wake_at - time.monotonic())
+            # Watch copies of the pidfds: the originals belong to the WorkQueue's
+            # liveness watch, which may close them (a holder died) while we sleep.
+            pidfds: list[int] = []
+            try:
+                for fd in plan.pidfds:
+                    pidfds.append(os.dup(fd))
+                await self._wait.until(plan.ready, deadline, fds=pidfds, wake_at=wake_at)
+            finally:
+                for fd in pidfds:
+                    os.close(fd)
+                turn_over, self._turn_over = self._turn_over, None
+                if turn_over is not None:
+                    _resolve(turn_over)
+            # Whatever ended the wait (work, a holder's death, a lease end, a
+            # retry time, the deadline, close), the next turn looks again.
+
+    async def _try(self, attempt: Callable[[], _T | None]) -> _T | None:
+        """Run one non-blocking claim attempt: on the loop, or on the worker thread when it msyncs."""
+        if self._worker is None:
+            return attempt()  # no await between the claim and its return to the caller
+        future = asyncio.get_running_loop().run_in_executor(self._worker, attempt)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The claim runs on regardless; whatever it claims has no taker: give it back.
+            future.add_done_callback(self._give_back_orphan)
+            raise
+
+    def _give_back_orphan(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        claimed = future.result()
+        if claimed is None or self._worker is None:
+            return
+        give_back = functools.partial(claimed.nack, reason="the claiming task was cancelled")
+        try:
+            self._worker.submit(_quietly, give_back)
+        except RuntimeError:
+            pass  # the worker is shut down: close() gave the job back
+
+    def __aiter__(self) -> _JobIteration:
+        """Yield jobs forever; each is acked when the loop asks for the next one.
+
+        A job whose loop body raised (or broke out) is nacked, not acked.
+        """
+        return _JobIteration(self)
+
+    async def _call(self, settle: Callable[[], None]) -> None:
+        """Run a blocking ack, nack or renew: on the loop, or on the worker thread when it msyncs."""
+        if self._worker is None:
+            settle()
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._worker, settle)
+
+    # -- lifetime --------------------------------------------------------
+
+    @staticmethod
+    def remove(path: StrPath, group: str) -> None:
+        """Unregister ``group`` (see ``WorkQueue.remove``); raises ``Locked`` if it is open anywhere."""
+        WorkQueue.remove(path, group)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed(f"work queue {self.group!r} is closed")
+
+    async def close(self) -> None:
+        """Give back the jobs still held (counting the attempt), then release everything.
+
+        A waiting ``claim`` raises ``Closed``.  Idempotent.  Under a sync
+        policy the final sync runs off the loop.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        await self._wait.stop()
+        if self._worker is not None or self._sync_on_close:
+            await asyncio.get_running_loop().run_in_executor(self._worker, self._queue.close)
+        else:
+            self._queue.close()
+        if self._worker is not None:
+            self._worker.shutdown(wait=False)
+
+    async def __aenter__(self) -> AsyncWorkQueue:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"lease={self.lease:g}s max_attempts={self.max_attempts}"
+        return f"<segq.AsyncWorkQueue {self.path!r} group={self.group!r} {state}>"

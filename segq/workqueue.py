@@ -43,7 +43,7 @@ import time
 import weakref
 import zlib
 from types import TracebackType
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 from . import _journal
 from ._claims import (
@@ -118,6 +118,15 @@ _LOST = JobState.LOST
 
 
 # -- the work queue ------------------------------------------------------
+
+
+class WaitPlan(NamedTuple):
+    """What a claimer with nothing to claim watches (``WorkQueue._wait_plan``)."""
+
+    waiter: Waiter  # its FIFO is written by senders and by whoever gives a record back
+    pidfds: list[int]  # the workers holding claims: readable when one dies
+    ready: Callable[[], bool]  # True when a claim may succeed (cheap: three loads)
+    wake_at: float | None  # monotonic: the next lease end or retry time, None if none
 
 
 class WorkQueue:
@@ -675,15 +684,23 @@ class WorkQueue:
 
     # -- waiting ---------------------------------------------------------
 
-    def _wait(self, deadline: float | None) -> bool:
-        """Sleep until a claim may succeed or ``deadline`` (monotonic) passes; False on the deadline."""
-        if self._closed:
-            raise Closed(f"work queue {self.group!r} is closed")
+    def _claim_waiter(self) -> Waiter:
+        """Return the calling thread's Waiter (made on first use)."""
         waiter = getattr(self._waiters, "waiter", None)
         if waiter is None:
             # One per thread: a Waiter's FIFO wakes one sleeper reliably, not several.
             waiter = self._waiters.waiter = Waiter(self._control)
             self._all_waiters.append(waiter)
+        return waiter
+
+    def _wait_plan(self) -> WaitPlan:
+        """Return what a claimer with nothing to claim must watch; never blocks.
+
+        The blocking ``_wait`` polls it; ``segq.aio`` registers it with the event loop.
+        """
+        if self._closed:
+            raise Closed(f"work queue {self.group!r} is closed")
+        waiter = self._claim_waiter()
         self._enter()
         try:
             state = self._state
@@ -695,10 +712,7 @@ class WorkQueue:
         finally:
             self._unlock()
         control_map = self._control.map
-        wake_at = deadline
-        if due < math.inf:
-            due_mono = time.monotonic() + max(0.0, due - self._clock())
-            wake_at = due_mono if wake_at is None else min(wake_at, due_mono)
+        wake_at = None if due == math.inf else time.monotonic() + max(0.0, due - self._clock())
 
         def ready() -> bool:
             try:
@@ -709,6 +723,12 @@ class WorkQueue:
             except ValueError:
                 return True  # the journal was replaced (and unmapped) by another thread's compaction
 
+        return WaitPlan(waiter, pidfds, ready, wake_at)
+
+    def _wait(self, deadline: float | None) -> bool:
+        """Sleep until a claim may succeed or ``deadline`` (monotonic) passes; False on the deadline."""
+        waiter, pidfds, ready, due = self._wait_plan()
+        wake_at = deadline if due is None else due if deadline is None else min(deadline, due)
         poller = select.poll()
         if waiter.fileno() >= 0:
             poller.register(waiter.fileno(), select.POLLIN)
