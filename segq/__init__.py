@@ -43,6 +43,7 @@ __all__ = [
     "Job",
     "JobBatch",
     "DeadLetter",
+    "recovery",
     "AsyncSender",
     "AsyncReceiver",
     "AsyncMessage",

@@ -344,15 +344,61 @@ class _Iteration:
                 pass  # settled meanwhile (a commit finishing on the worker thread)
 
 
+# -- what the async classes share -----------------------------------------
+
+
+class _LoopOwner:
+    """An async wrapper's lifetime: its blocking object, optional worker thread and loop wait.
+
+    Subclasses set ``_closed``, ``_worker`` (one thread for ``sync="always"``
+    work, else None), ``_sync_on_close``, ``_wait`` and ``_close_blocking``
+    (the wrapped object's ``close``).
+    """
+
+    _closed: bool
+    _worker: concurrent.futures.ThreadPoolExecutor | None
+    _sync_on_close: bool
+    _wait: _LoopWait
+    _close_blocking: Callable[[], None]
+
+    async def close(self) -> None:
+        """Release everything; a waiting call raises ``Closed``.  Idempotent.
+
+        Under a sync policy the final sync runs off the loop.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        await self._wait.stop()
+        if self._worker is not None or self._sync_on_close:
+            await asyncio.get_running_loop().run_in_executor(self._worker, self._close_blocking)
+        else:
+            self._close_blocking()
+        if self._worker is not None:
+            self._worker.shutdown(wait=False)
+
+    async def __aenter__(self: _Owner) -> _Owner:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+_Owner = TypeVar("_Owner", bound=_LoopOwner)
+
+
 # -- the receiver -----------------------------------------------------------
 
 
-class AsyncReceiver:
+class AsyncReceiver(_LoopOwner):
     """Read the queue at ``path`` in send order, as consumer ``name``, from a coroutine.
 
     The same semantics as ``segq.Receiver`` (which it wraps): at-least-once,
     one pending message or batch at a time, one live receiver per name.
     Waiting is done by the running event loop: no thread, no busy polling.
+    ``close()`` rolls back a pending message: it comes again.
 
     >>> import asyncio, segq, tempfile
     >>> async def main(path):
@@ -377,6 +423,7 @@ class AsyncReceiver:
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="segq-aio-commit") if policy == 0.0 else None
         )
         self._wait = _LoopWait(self._receiver._data_waiter, DATA_WAITERS, f"receiver {self.name!r}")
+        self._close_blocking = self._receiver.close
 
     # -- receiving -------------------------------------------------------
 
@@ -459,30 +506,6 @@ class AsyncReceiver:
         if self._closed:
             raise Closed(f"receiver {self.name!r} is closed")
 
-    async def close(self) -> None:
-        """Release the receiver; a waiting ``recv`` raises ``Closed``, a pending message comes again.
-
-        Idempotent.  Under a sync policy the final sync runs off the loop.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        await self._wait.stop()
-        if self._worker is not None or self._sync_on_close:
-            await asyncio.get_running_loop().run_in_executor(self._worker, self._receiver.close)
-        else:
-            self._receiver.close()
-        if self._worker is not None:
-            self._worker.shutdown(wait=False)
-
-    async def __aenter__(self) -> AsyncReceiver:
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        await self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"at {self.committed_position}"
         return f"<segq.AsyncReceiver {self.path!r} name={self.name!r} {state}>"
@@ -498,7 +521,7 @@ def _none_if_empty(receive: Callable[..., _T], *args: Any, **kwargs: Any) -> _T 
 # -- the sender -------------------------------------------------------------
 
 
-class AsyncSender:
+class AsyncSender(_LoopOwner):
     """Append records to the queue at ``path`` from a coroutine, creating the queue if missing.
 
     Takes the options of ``segq.Sender`` (which it wraps) and keeps its
@@ -531,7 +554,8 @@ class AsyncSender:
         self._worker = (
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="segq-aio-sync") if policy == 0.0 else None
         )
-        self._room_wait = _LoopWait(self._sender._get_room_waiter, ROOM_WAITERS, "this sender's room")
+        self._wait = _LoopWait(self._sender._get_room_waiter, ROOM_WAITERS, "this sender's room")
+        self._close_blocking = self._sender.close
         # One send at a time waits for room: its FIFO is watched by one task.
         self._room_turn = asyncio.Lock()
 
@@ -585,7 +609,7 @@ class AsyncSender:
                 except Full:
                     if framed > limit:
                         raise  # it can never fit: the sender said so
-                if not await self._room_wait.until(lambda: self._sender._has_room(framed), deadline):
+                if not await self._wait.until(lambda: self._sender._has_room(framed), deadline):
                     if self._closed:
                         raise Closed("send() on a closed AsyncSender")
                     raise Full(f"backlog stayed over max_queue_bytes={limit} for {timeout} s; nothing was written")
@@ -612,27 +636,6 @@ class AsyncSender:
         await asyncio.get_running_loop().run_in_executor(self._worker, self._sender.sync)
 
     # -- lifetime --------------------------------------------------------
-
-    async def close(self) -> None:
-        """Finish: a send waiting for room raises ``Closed``; sync if the policy asks.  Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        await self._room_wait.stop()
-        if self._worker is not None or self._sync_on_close:
-            await asyncio.get_running_loop().run_in_executor(self._worker, self._sender.close)
-        else:
-            self._sender.close()
-        if self._worker is not None:
-            self._worker.shutdown(wait=False)
-
-    async def __aenter__(self) -> AsyncSender:
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        await self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -797,7 +800,7 @@ def _quietly(settle: Callable[[], None]) -> None:
         pass  # settled or lost meanwhile, or the queue closed (which gave the job back)
 
 
-class AsyncWorkQueue:
+class AsyncWorkQueue(_LoopOwner):
     """Share the records of the queue at ``path`` among the workers of ``group``, from coroutines.
 
     Takes the options of ``segq.WorkQueue`` (which it wraps) and keeps its
@@ -845,6 +848,7 @@ class AsyncWorkQueue:
         )
         # One task at a time watches the FIFO; the others wait for its wait to end.
         self._wait = _LoopWait(self._queue._claim_waiter, DATA_WAITERS, f"work queue group {self.group!r}")
+        self._close_blocking = self._queue.close
         self._turn_over: asyncio.Future[bool] | None = None
 
     @property
@@ -968,31 +972,6 @@ class AsyncWorkQueue:
     def _check_open(self) -> None:
         if self._closed:
             raise Closed(f"work queue {self.group!r} is closed")
-
-    async def close(self) -> None:
-        """Give back the jobs still held (counting the attempt), then release everything.
-
-        A waiting ``claim`` raises ``Closed``.  Idempotent.  Under a sync
-        policy the final sync runs off the loop.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        await self._wait.stop()
-        if self._worker is not None or self._sync_on_close:
-            await asyncio.get_running_loop().run_in_executor(self._worker, self._queue.close)
-        else:
-            self._queue.close()
-        if self._worker is not None:
-            self._worker.shutdown(wait=False)
-
-    async def __aenter__(self) -> AsyncWorkQueue:
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        await self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"lease={self.lease:g}s max_attempts={self.max_attempts}"

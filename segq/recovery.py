@@ -65,7 +65,7 @@ from ._inspect import (
     verify,
 )
 from ._groupadmin import GroupRecovery, list_groups, recover_group
-from ._lock import LockFile, read_owner
+from ._lock import LockFile, unlock
 from ._scan import Damage, Progress, QueueScans, Repair, SegmentScan, missing_segments, position_json, scan_segment
 from ._segment import StrPath, create_segment, fsync_directory, list_segments, os_error, segment_path
 from ._state import CursorFile, Position, check_name, cursor_path, delete_consumed_segments, list_cursors
@@ -101,49 +101,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def unlock(lock_path: StrPath) -> bool:
-    """Remove the lock file at ``lock_path`` if its owner process is dead; return whether one was removed.
-
-    No-op (False) if the file is absent.  A PID reused by a newer process is
-    dead: the start time in the file tells them apart.  Raises ``Locked``,
-    naming the PID, if the owner is alive.  The file's OS lock is held while
-    it is removed, so a process taking it over at that moment is not fooled.
-    """
-    path = os.fspath(lock_path)
-    while True:
-        try:
-            handle = open(path, "rb")
-        except FileNotFoundError:
-            return False
-        except IsADirectoryError:
-            raise SegqError(f"{path} is a directory, not a lock file") from None
-        except OSError as error:
-            raise os_error(error, "open lock file", path) from None
-        with handle:
-            owner = read_owner(path)
-            try:
-                portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
-                held = False
-            except portalocker.LockException:
-                held = True
-            if owner is None:
-                continue
-            if held or owner.alive:
-                raise Locked(
-                    f"{path} is held by live PID {owner.pid}; stop that process first", path=path, pid=owner.pid
-                )
-            try:
-                if os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
-                    continue  # replaced since we opened it: look at the new one
-                os.unlink(path)
-            except FileNotFoundError:
-                return False
-            except OSError as error:
-                raise os_error(error, "remove lock file", path) from None
-        log.warning("%s: removed the lock file of dead PID %s", path, owner.pid)
-        return True
 
 
 def _unlock_all(holders: list[LockHolder]) -> list[LockHolder]:

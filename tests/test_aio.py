@@ -381,7 +381,7 @@ async def test_backpressure_waits_on_the_loop_and_a_cancelled_send_writes_nothin
 
         threads_before = threading.active_count()
         cancelled = asyncio.create_task(tx.send(b"n" * len(record)))  # never sent
-        await eventually(lambda: tx._room_wait._woken is not None, "the send to wait for room")
+        await eventually(lambda: tx._wait._woken is not None, "the send to wait for room")
         assert threading.active_count() == threads_before
         cancelled.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -389,7 +389,7 @@ async def test_backpressure_waits_on_the_loop_and_a_cancelled_send_writes_nothin
         assert sum(rx._receiver._control.map[ROOM_WAITERS : ROOM_WAITERS + SLOT_COUNT]) == 0
 
         blocked = asyncio.create_task(tx.send(b"l" * len(record)))
-        await eventually(lambda: tx._room_wait._woken is not None, "the send to wait for room")
+        await eventually(lambda: tx._wait._woken is not None, "the send to wait for room")
         assert not blocked.done()
         async with await rx.recv(timeout=PATIENCE):
             pass  # committing makes room: the send goes through
