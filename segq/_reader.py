@@ -164,21 +164,11 @@ class RecordReader:
         self.close()
         path = _segment.segment_path(self.path, number)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd, self._segment_size = _segment.open_segment(path, number, writable=False)
         except FileNotFoundError:
             raise SegqError(
                 f"{path} is missing but {self._consumer} reads from it; run `segq recover {self.path}`"
             ) from None
-        except OSError as error:
-            raise _segment.os_error(error, "open segment", path) from None
-        try:
-            found = _segment.read_segment_header(path, os.pread(fd, SEGMENT_HEADER_SIZE, 0))
-            if found != number:
-                raise CorruptionError(path, 0, f"header says segment {found}, file name says {number}")
-            self._segment_size = os.fstat(fd).st_size
-        except BaseException:
-            os.close(fd)
-            raise
         self._fd = fd
         self._fd_segment = number
 

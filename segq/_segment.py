@@ -32,6 +32,7 @@ __all__ = [
     "segment_path",
     "list_segments",
     "create_segment",
+    "open_segment",
     "MappedSegment",
     "SegmentWindow",
     "read_segment_header",
@@ -153,27 +154,41 @@ def read_segment_header(path: str, data: Buffer) -> int:
         raise CorruptionError(path, 0, f"segment header: {error}") from None
 
 
+def open_segment(path: str, number: int, *, writable: bool) -> tuple[int, int]:
+    """Open segment ``number`` at ``path`` and check its header; return ``(fd, size)``.
+
+    Raises ``FileNotFoundError`` if it is missing, ``CorruptionError`` or
+    ``UnsupportedFormat`` if its header is not one of ours.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise os_error(error, "open segment", path) from None
+    try:
+        size = os.fstat(fd).st_size
+        if size < SEGMENT_HEADER_SIZE + HEADER_SIZE:
+            raise CorruptionError(path, 0, f"segment is only {size} bytes long")
+        found = read_segment_header(path, os.pread(fd, SEGMENT_HEADER_SIZE, 0))
+        if found != number:
+            raise CorruptionError(path, 0, f"header says segment {found}, file name says {number}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, size
+
+
 class MappedSegment:
     """One segment file, open and memory-mapped (read-write or read-only)."""
 
     def __init__(self, queue_dir: StrPath, number: int, *, writable: bool) -> None:
         self.number = number
         self.path = segment_path(queue_dir, number)
+        self.fd, self.size = open_segment(self.path, number, writable=writable)
         try:
-            self.fd = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
-        except FileNotFoundError:
-            raise
-        except OSError as error:
-            raise os_error(error, "open segment", self.path) from None
-        try:
-            self.size = os.fstat(self.fd).st_size
-            if self.size < SEGMENT_HEADER_SIZE + HEADER_SIZE:
-                raise CorruptionError(self.path, 0, f"segment is only {self.size} bytes long")
             access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
             self.map = mmap.mmap(self.fd, self.size, access=access)
-            found = read_segment_header(self.path, self.map[:SEGMENT_HEADER_SIZE])
-            if found != number:
-                raise CorruptionError(self.path, 0, f"header says segment {found}, file name says {number}")
         except BaseException:
             self.close()
             raise
@@ -210,22 +225,7 @@ class SegmentWindow:
         self.path = segment_path(queue_dir, number)
         self.map: mmap.mmap | None = None
         self.start = self.end = 0  # the file range the map covers
-        try:
-            self.fd = os.open(self.path, os.O_RDWR)
-        except FileNotFoundError:
-            raise
-        except OSError as error:
-            raise os_error(error, "open segment", self.path) from None
-        try:
-            self.size = os.fstat(self.fd).st_size
-            if self.size < SEGMENT_HEADER_SIZE + HEADER_SIZE:
-                raise CorruptionError(self.path, 0, f"segment is only {self.size} bytes long")
-            found = read_segment_header(self.path, os.pread(self.fd, SEGMENT_HEADER_SIZE, 0))
-            if found != number:
-                raise CorruptionError(self.path, 0, f"header says segment {found}, file name says {number}")
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self.fd, self.size = open_segment(self.path, number, writable=True)
 
     def show(self, offset: int, length: int) -> mmap.mmap:
         """Map a window that covers ``[offset, offset + length)``; return the map (file offset ``start`` is map offset 0)."""
