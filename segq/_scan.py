@@ -48,7 +48,7 @@ from ._format import (
     RecordStatus,
     decode_record,
 )
-from ._segment import StrPath, dirty_end, list_segments, os_error, read_segment_header, segment_path
+from ._segment import StrPath, dirty_end_in_file, list_segments, os_error, read_segment_header, segment_path
 from ._state import Position
 from .errors import CorruptionError
 
@@ -347,7 +347,7 @@ def scan_segment(
                 except CorruptionError as error:
                     scan.unreadable = error.problem
                 if not scan.unreadable:
-                    _scan_records(buffer, scan, last, progress)
+                    _scan_records(buffer, fd, scan, last, progress)
                     scan.marks = {mark: _place(buffer, scan, mark) for mark in marks}
             finally:
                 buffer.close()
@@ -361,7 +361,7 @@ def scan_segment(
         os.close(fd)
 
 
-def _scan_records(buffer: mmap.mmap, scan: SegmentScan, last: bool, progress: Progress | None) -> None:
+def _scan_records(buffer: mmap.mmap, fd: int, scan: SegmentScan, last: bool, progress: Progress | None) -> None:
     size = scan.size
     view = memoryview(buffer)
     try:
@@ -399,7 +399,7 @@ def _scan_records(buffer: mmap.mmap, scan: SegmentScan, last: bool, progress: Pr
                 scan.records -= batch_records
                 scan.data_end = batch_start
         if not scan.sealed:
-            dirty = dirty_end(buffer, scan.data_end, size)
+            dirty = dirty_end_in_file(fd, scan.data_end, size)
             if dirty > scan.data_end:
                 scan.torn_end = dirty
         if progress is not None:

@@ -299,13 +299,36 @@ _CHUNK = 1 << 16
 _FILE_CHUNK = 1 << 20
 
 
+def _end_of_data(fd: int, start: int, limit: int) -> int:
+    """Return where the file's last data region before ``limit`` ends (``limit`` if unknown).
+
+    Preallocated, never-written space reads as zeros and is a hole to
+    ``SEEK_DATA``/``SEEK_HOLE`` (ext4, xfs, tmpfs), so it need not be read.
+    """
+    if not hasattr(os, "SEEK_DATA"):
+        return limit
+    end = start
+    position = start
+    try:
+        while position < limit:
+            data = os.lseek(fd, position, os.SEEK_DATA)
+            if data >= limit:
+                break
+            position = os.lseek(fd, data, os.SEEK_HOLE)
+            end = min(position, limit)
+    except OSError as error:
+        if error.errno != errno.ENXIO:  # ENXIO: no data past position
+            return limit
+    return end
+
+
 def dirty_end_in_file(fd: int, start: int, limit: int) -> int:
     """Like :func:`dirty_end`, reading the file with ``pread``.
 
     Reading a whole preallocated segment through a memory map would put every
     page of it in the process's resident memory; ``pread`` does not.
     """
-    position = limit
+    position = min(limit, _end_of_data(fd, start, limit))
     while position > start:
         low = max(start, position - _FILE_CHUNK)
         stripped = os.pread(fd, position - low, low).rstrip(b"\x00")
