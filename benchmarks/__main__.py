@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from . import plots, report, sysinfo, targets
+from . import plots, procs, report, sysinfo, targets
 from .config import FULL, QUICK
 from .context import Context
 from .peers import ADAPTERS
@@ -34,7 +36,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(the raw-file limits always run)")
     p.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()),
                    help="where the per-run queue directories go (default: %(default)s)")
+    p.add_argument("--note", default="",
+                   help="a line for the report header, e.g. which segq snapshot was measured")
     return p.parse_args(argv)
+
+
+def _module_path(name: str) -> str:
+    """Return where ``name`` would be imported from, or "not found"."""
+    spec = importlib.util.find_spec(name)
+    return str(Path(spec.origin).parent) if spec and spec.origin else "not found"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             adapters.append(cls)
 
+    procs.preload(sorted({cls.module for cls in adapters}))
     ctx = Context(mode=mode, tmp_root=args.tmp.resolve(), adapters=adapters)
+    # The machine may be shared: record how busy it was, since every number
+    # here is only as good as the quiet it was measured in.
+    load_start = os.getloadavg()
     started = time.monotonic()
     for name in args.only or WORKLOADS:
         doc = (WORKLOADS[name].__doc__ or "").strip().splitlines()[0]
@@ -64,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = sysinfo.collect(ctx.tmp_root, REPO, mode.name, unavailable)
     meta["repeats"] = mode.repeats
     meta["command"] = shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)])
+    meta["note"] = args.note
+    meta["segq_path"] = _module_path("segq")
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
+    meta["loadavg_start"], meta["loadavg_end"] = load_start, os.getloadavg()
     checked = targets.evaluate(ctx.results)
     titles = {k: (f.__doc__ or "").strip().splitlines()[0] for k, f in WORKLOADS.items()}
     md = report.write(args.out, meta, ctx.results, checked, titles)

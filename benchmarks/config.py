@@ -16,7 +16,7 @@ CHUNK = MIB
 #: Producer processes in the fan-in and group-commit workloads.
 PRODUCERS = 4
 #: Cap on the bytes one in-process run writes, whatever the calibration says.
-MAX_RUN_BYTES = 1024 * MIB
+MAX_RUN_BYTES = 256 * MIB
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class Mode:
     repeats: int
     #: Aimed wall time of one timed run; N is calibrated to hit it.
     target_s: float
+    #: The same for runs across processes, where start-up skew of a few ms
+    #: would swamp a short run.
+    stream_target_s: float
     #: Calibration run size, and the bounds on the calibrated N.
     probe_records: int
     min_records: int
@@ -41,6 +44,8 @@ class Mode:
     growth_budget_s: float
     #: Payload bytes read per scan repeat.
     scan_bytes: int
+    #: A consumer process that receives nothing for this long fails the run.
+    idle_timeout_s: float
     #: Watchdog for one in-process run, and for one group of child processes.
     run_timeout_s: float
     child_timeout_s: float
@@ -50,15 +55,17 @@ QUICK = Mode(
     name="quick",
     repeats=3,
     target_s=0.05,
-    probe_records=300,
-    min_records=100,
+    stream_target_s=0.15,
+    probe_records=100,
+    min_records=50,
     max_records=200_000,
-    latency_msgs=300,
+    latency_msgs=200,
     latency_rate=1000.0,
     growth_base=10_000,
     growth_multipliers=(1, 10, 100),
     growth_budget_s=6.0,
-    scan_bytes=8 * MIB,
+    scan_bytes=4 * MIB,
+    idle_timeout_s=5.0,
     run_timeout_s=60.0,
     child_timeout_s=60.0,
 )
@@ -67,6 +74,7 @@ FULL = Mode(
     name="full",
     repeats=5,
     target_s=0.5,
+    stream_target_s=1.0,
     probe_records=2_000,
     min_records=500,
     max_records=2_000_000,
@@ -76,6 +84,7 @@ FULL = Mode(
     growth_multipliers=(1, 10, 100),
     growth_budget_s=45.0,
     scan_bytes=256 * MIB,
+    idle_timeout_s=15.0,
     run_timeout_s=300.0,
     child_timeout_s=300.0,
 )

@@ -154,6 +154,11 @@ class Adapter(abc.ABC):
         return None
 
     @classmethod
+    def details(cls) -> str:
+        """Return build facts that change its speed (e.g. C extensions), or ""."""
+        return ""
+
+    @classmethod
     def version(cls) -> str:
         """Return the installed version of the library, or a reason it is unknown."""
         try:
@@ -238,6 +243,17 @@ class SegqAdapter(Adapter):
         for end in (self._tx, self._rx):
             if end is not None:
                 end.close()
+
+    @classmethod
+    def details(cls) -> str:
+        # segq frames records in C when its optional extension is built, and
+        # in pure Python otherwise (or with SEGQ_PURE_PYTHON=1).
+        try:
+            fmt = importlib.import_module("segq._format")
+        except ImportError:
+            return ""
+        speedups = getattr(fmt, "SPEEDUPS", None)
+        return "" if speedups is None else f"C speedups {'on' if speedups else 'off'}"
 
 
 class PersistQueueFileAdapter(Adapter):

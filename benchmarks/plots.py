@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .procs import deadline
+from .report import LIBRARY_ORDER
 from .results import LIMIT, OK, SEGQ, ResultSet
 
 COLORS = {SEGQ: "#d62728", "peer": "#1f77b4", LIMIT: "#7f7f7f"}
@@ -53,25 +54,25 @@ def _throughput(plt, results: ResultSet):  # type: ignore[no-untyped-def]
     cols = 3
     nrows = math.ceil(len(cases) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(6.2 * cols, 2.5 * nrows), squeeze=False)
-    for ax, case in zip(axes.flat, cases):
-        rows = [m for m in results.rows(case) if m.status == OK]
-        ax.barh([_short(m.library) for m in rows], [m.median for m in rows],
-                color=[COLORS[m.kind] for m in rows])
+    for ax, case in zip(axes.flat, cases, strict=False):  # the grid may have spare cells
+        rows = [(m, m.median) for m in results.rows(case, LIBRARY_ORDER) if m.median is not None]
+        values = [v for _, v in rows]
+        ax.barh([_short(m.library) for m, _ in rows], values, color=[COLORS[m.kind] for m, _ in rows])
         ax.set_xscale("log")
         ax.invert_yaxis()
-        ax.set_title(f"{rows[0].title} [{rows[0].unit}]", fontsize=9)
+        ax.set_title(f"{rows[0][0].title} [{rows[0][0].unit}]", fontsize=9)
         ax.tick_params(labelsize=8)
-        for i, m in enumerate(rows):
-            ax.text(m.median, i, f" {m.median:,.0f}", va="center", fontsize=7)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:,.0f}", va="center", fontsize=7)
         # Bars on a log axis start at the left limit: put it well below the
         # smallest value so every bar shows, and leave room for the labels.
-        values = [m.median for m in rows]
         ax.set_xlim(min(values) / 4, max(values) * 8)
         ax.xaxis.set_minor_formatter(NullFormatter())
     for ax in list(axes.flat)[len(cases):]:
         ax.axis("off")
     fig.suptitle("Throughput, median (log scale; red = segq, blue = peers, grey = raw-file limits)")
-    fig.tight_layout()
+    # Keep the top strip for the suptitle, which tight_layout ignores.
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     return fig
 
 
@@ -84,7 +85,7 @@ def _latency(plt, results: ResultSet):  # type: ignore[no-untyped-def]
     from matplotlib.ticker import NullFormatter
 
     pcts = ("p50", "p99", "p99.9")
-    libs = [m.library for m in results.rows("latency_p50") if m.status == OK]
+    libs = [m.library for m in results.rows("latency_p50", LIBRARY_ORDER) if m.status == OK]
     if not libs:
         return None
     fig, ax = plt.subplots(figsize=(max(7, 1.9 * len(libs)), 4.8))

@@ -1,12 +1,14 @@
 """Run measurement code in bounded child processes, and bound in-process runs too.
 
-Children start clean: no file handles or library state from the parent. They
-are forked from a 'forkserver' that has imported only this module (a fresh
-interpreter started like 'spawn'), which cuts the start of a child from about
-230 ms to 20 ms; with ~80 child groups per run that is what keeps ``--quick``
-under a minute. Where forkserver is unavailable, 'spawn' is used. A group of children
-shares one deadline: on overrun, or when one of them fails, all are killed and
-the parent raises, so the harness never hangs on a stuck queue.
+Children start clean: no file handles or library state from the parent. By
+default they are forked from a 'forkserver' (a fresh interpreter, started like
+'spawn') that has already imported the harness and the libraries under test:
+a child then starts in ~20 ms instead of ~230 ms+ (segq alone takes ~0.1-0.2 s
+to import), which over ~80 child groups is what keeps ``--quick`` under a
+minute. Groups that measure memory ask for ``clean=True`` and get 'spawn', so
+a child's RSS holds only the library it measures. A group of children shares
+one deadline: on overrun, or when one of them fails, all are killed and the
+parent raises, so the harness never hangs on a stuck queue.
 
 The child bodies (``produce``, ``consume``, ``grow``) live here too because
 the start methods pickle a target by module and name.
@@ -31,8 +33,6 @@ from .peers import Adapter, Role, by_name
 
 #: Every message of the two-process workloads starts with (sequence, send time in ns).
 HEADER = struct.Struct("<qq")
-#: A consumer that sees nothing for this long gives up (the group deadline is the hard stop).
-IDLE_TIMEOUT_S = 15.0
 
 
 class MeasurementTimeout(Exception):
@@ -103,24 +103,32 @@ def _child_main(fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any], idx: 
         out.put(("done", idx, result))
 
 
-def _mp_context() -> Any:
-    if "forkserver" not in mp.get_all_start_methods():
+_preload: list[str] = [__name__]
+
+
+def preload(modules: list[str]) -> None:
+    """Have the fork server import ``modules`` (call before the first group)."""
+    _preload[:] = [__name__, *modules]
+
+
+def _mp_context(clean: bool) -> Any:
+    if clean or "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    # Only the harness is preloaded: each child imports the library it
-    # measures itself, so no library's memory shows up in another's RSS.
-    ctx.set_forkserver_preload([__name__])
+    ctx.set_forkserver_preload(_preload)
     return ctx
 
 
-def run_group(jobs: list[Job], timeout: float) -> list[dict[str, Any]]:
+def run_group(jobs: list[Job], timeout: float, *, clean: bool = False) -> list[dict[str, Any]]:
     """Start ``jobs`` as child processes, release them together, return their results.
 
     Every child first reports "ready"; once all have, the shared start event is
     set. Raises ChildError when a child fails, exits without reporting, or the
     group is not done within ``timeout`` seconds; all children are killed then.
+    ``clean`` starts each child as a new interpreter ('spawn') that imports
+    only what it uses, for measuring memory.
     """
-    ctx = _mp_context()
+    ctx = _mp_context(clean)
     out = ctx.Queue()
     go = ctx.Event()
     procs = [
@@ -214,29 +222,36 @@ def produce(*, ready: Callable[[], None], wait_go: Callable[[], None], endpoint:
 
 
 def consume(*, ready: Callable[[], None], wait_go: Callable[[], None], endpoint: Endpoint,
-            total: int, latency: bool = False) -> dict[str, Any]:
+            total: int, idle_timeout: float, latency: bool = False) -> dict[str, Any]:
     """Receive and acknowledge ``total`` records; with ``latency``, time each one.
 
     Latency is taken as soon as a record is handed over, before its ack, so
-    queues are compared on delivery alone (Pipe has no ack at all).
+    queues are compared on delivery alone (Pipe has no ack at all). A wait of
+    ``idle_timeout`` seconds with nothing received fails the run; a wait that
+    returns empty before its timeout is counted in ``early_empty`` (a bug in
+    the queue) and retried.
     """
     with endpoint.open(Role.CONSUMER) as q:
         ready()
         lat = array("q")
-        clock = time.perf_counter_ns
+        clock, monotonic = time.perf_counter_ns, time.monotonic
+        early_empty = 0
         for got in range(total):
-            if latency:
-                item = q.take_wait(IDLE_TIMEOUT_S)
+            started = monotonic()
+            while True:
+                item = q.take_wait(idle_timeout)
                 now = clock()
                 if item is not None:
-                    lat.append(now - HEADER.unpack_from(item[0])[1])
-                    q.ack(item[1])
-            else:
-                item = q.get(IDLE_TIMEOUT_S)  # type: ignore[assignment]
-            if item is None:
-                raise ChildError(f"nothing received for {IDLE_TIMEOUT_S:.0f} s "
-                                 f"after {got} of {total} records")
-        return {"t_last_ns": clock(), "latencies_ns": lat.tolist()}
+                    break
+                if monotonic() - started >= idle_timeout:
+                    raise ChildError(f"nothing received for {idle_timeout:.0f} s "
+                                     f"after {got} of {total} records")
+                # The wait gave up before its timeout: count it, wait again.
+                early_empty += 1
+            if latency:
+                lat.append(now - HEADER.unpack_from(item[0])[1])
+            q.ack(item[1])
+        return {"t_last_ns": clock(), "latencies_ns": lat.tolist(), "early_empty": early_empty}
 
 
 def memory_kib() -> dict[str, int]:

@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .peers import ADAPTERS
 from .results import LIMIT, OK, PEER, SEGQ, Measurement, ResultSet
 
 #: Bump when a key of results.json changes meaning.
 SCHEMA = 1
+#: Rows of one kind are listed in registry order, whatever order they ran in.
+LIBRARY_ORDER = [cls.name for cls in ADAPTERS]
 
 
 def fmt_value(v: float | None) -> str:
@@ -39,10 +42,18 @@ def _row(results: ResultSet, m: Measurement) -> list[str]:
     arrow = "" if m.higher_is_better else " (lower is better)"
     shown = fmt_value(m.median) if m.status == OK else m.status
     repeats = f"{len(m.repeats)} × {m.n:,}" if m.status == OK and m.n else str(len(m.repeats))
+    # Diagnostics the body reported besides the value (range over the
+    # repeats), when they say something.
+    extras = [f"{k}: {fmt_value(min(vs))}" + ("" if min(vs) == max(vs) else f"–{fmt_value(max(vs))}")
+              for k, vs in m.extra.items() if any(vs)]
     return [m.title, m.library, shown, m.unit + arrow,
             fmt_ratio(ratio) if m.kind == PEER else "",
             fmt_ratio(ratio) if m.kind == LIMIT else "",
-            repeats if m.status == OK else "", m.note]
+            repeats if m.status == OK else "", "; ".join(filter(None, [m.note, *extras]))]
+
+
+def _load(avg: list[float]) -> str:
+    return " / ".join(f"{x:.2f}" for x in avg)
 
 
 def header_lines(meta: dict[str, Any]) -> list[str]:
@@ -54,17 +65,24 @@ def header_lines(meta: dict[str, Any]) -> list[str]:
         f"- Date: {meta['date']}; mode: {meta['mode']} ({meta['repeats']} repeats, median shown)",
         f"- Machine: {meta['cpu']}, {meta['cores']} cores, {meta['kernel']}",
         f"- Temp dir: {meta['tmp_dir']} on {meta['tmp_filesystem']}",
-        f"- Python: {meta['python']}; repo HEAD: {meta['repo_head']}",
+        f"- Python: {meta['python']}; repo HEAD: {meta['repo_head']}; segq imported from {meta['segq_path']}",
+        f"- Load average (1/5/15 min) at start {_load(meta['loadavg_start'])}, "
+        f"at end {_load(meta['loadavg_end'])}; run took {meta['elapsed_s']:.0f} s",
         f"- Versions: {versions}",
         f"- Command: `{meta['command']}`",
-    ]
+    ] + ([f"- Note: {meta['note']}"] if meta.get("note") else [])
+
+
+def _with_unit(v: float | None, unit: str) -> str:
+    if unit == "×":
+        return fmt_ratio(v)
+    return "—" if v is None else f"{fmt_value(v)} {unit}"
 
 
 def targets_lines(targets: list[dict[str, Any]]) -> list[str]:
     """Return the PASS/FAIL table of the targets."""
-    rows = [[t["goal"], t["measured"],
-             "—" if t["value"] is None else f"{t['value']:.3g}{t['unit']}",
-             f"{t['op']} {t['threshold']:g}{t['unit']}", t["verdict"]] for t in targets]
+    rows = [[t["goal"], t["measured"], _with_unit(t["value"], t["unit"]),
+             f"{t['op']} {_with_unit(t['threshold'], t['unit'])}", t["verdict"]] for t in targets]
     return _table(["Target", "Measured as", "Value", "Needs", "Result"], rows)
 
 
@@ -79,7 +97,8 @@ def markdown(meta: dict[str, Any], results: ResultSet, targets: list[dict[str, A
     header = ["Case", "Library", "Median", "Unit", "segq/peer", "segq/limit", "Repeats × N", "Note"]
     for workload in results.workloads():
         lines += ["", f"## {workload}: {titles.get(workload, '')}", ""]
-        rows = [_row(results, m) for case in results.cases(workload) for m in results.rows(case)]
+        rows = [_row(results, m) for case in results.cases(workload)
+                for m in results.rows(case, LIBRARY_ORDER)]
         lines += _table(header, rows)
     return "\n".join(lines) + "\n"
 

@@ -29,6 +29,8 @@ class Measurement:
     n: int | None = None  # records per repeat, where that means something
     status: str = OK
     note: str = ""
+    #: Other values the body returned per repeat (diagnostics, not compared).
+    extra: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def median(self) -> float | None:
@@ -76,10 +78,16 @@ class ResultSet:
         """Return the case ids of ``workload`` in first-seen order."""
         return list(dict.fromkeys(m.case for m in self._items if m.workload == workload))
 
-    def rows(self, case: str) -> list[Measurement]:
-        """Return every row of ``case``: segq first, then peers, then limits."""
-        order = {SEGQ: 0, PEER: 1, LIMIT: 2}
-        return sorted((m for m in self._items if m.case == case), key=lambda m: order[m.kind])
+    def rows(self, case: str, libraries: list[str] | None = None) -> list[Measurement]:
+        """Return every row of ``case``: segq first, then peers, then limits.
+
+        Within a kind, rows follow ``libraries`` when given, else the order
+        they were recorded in.
+        """
+        kinds = {SEGQ: 0, PEER: 1, LIMIT: 2}
+        place = {name: i for i, name in enumerate(libraries or [])}
+        return sorted((m for m in self._items if m.case == case),
+                      key=lambda m: (kinds[m.kind], place.get(m.library, len(place))))
 
     def ratio(self, case: str, library: str) -> float | None:
         """Return segq's median over ``library``'s median in ``case``, if both exist."""

@@ -40,12 +40,14 @@ def filesystem_of(path: Path) -> str:
 
 def git_head(repo: Path) -> str:
     """Return the repo's HEAD commit, with "+dirty" when the work tree has changes."""
-    def git(*args: str) -> str:
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
+                              text=True, timeout=10)
     try:
-        head = git("rev-parse", "--short", "HEAD") or "no commits"
-        return head + ("+dirty" if git("status", "--porcelain") else "")
+        if git("rev-parse", "--git-dir").returncode != 0:
+            return f"not a git checkout ({repo})"
+        head = git("rev-parse", "--short", "HEAD").stdout.strip() or "no commits"
+        return head + ("+dirty" if git("status", "--porcelain").stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -54,8 +56,11 @@ def collect(tmp_root: Path, repo: Path, mode: str, unavailable: dict[str, str]) 
     """Return the header facts for the report and the JSON file."""
     versions = {}
     for cls in ADAPTERS:
-        versions[cls.name] = (f"unavailable: {unavailable[cls.name]}"
-                              if cls.name in unavailable else cls.version())
+        if cls.name in unavailable:
+            versions[cls.name] = f"unavailable: {unavailable[cls.name]}"
+        else:
+            details = cls.details()
+            versions[cls.name] = cls.version() + (f" ({details})" if details else "")
     return {
         "date": dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
         "mode": mode,

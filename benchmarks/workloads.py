@@ -14,14 +14,14 @@ import multiprocessing as mp
 import struct
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from . import limits
 from .config import BATCH, MAX_RUN_BYTES, PRODUCERS, RECORD_SIZES, size_label, size_text
-from .context import Case, Context
+from .context import Case, Context, Plan
 from .peers import Adapter, SegqAdapter
 from .procs import Endpoint, Job, consume, grow, produce, run_group
 from .results import LIMIT, NA, SEGQ, SKIPPED
@@ -33,6 +33,9 @@ WARMUP_MSGS = 50
 #: still, so their large backlogs would only be skipped for time).
 GROWTH_PEERS = ("queuelib FifoDiskQueue", "persist-queue Queue")
 SEQ = struct.Struct("<q")
+#: Extra value of the consumer bodies: waits that returned empty before their
+#: timeout although records were coming (reported in the row's note).
+EARLY_EMPTY = "early_empty"
 SCAN_RECEIVER = "bench-scan"
 
 # Cases referenced by more than one workload or by the targets.
@@ -97,6 +100,10 @@ def _put_body(cls: type[Adapter], size: int, durable: bool, d: Path, n: int) -> 
 def _endpoints(cls: type[Adapter], d: Path, durable: bool = False) -> Iterator[tuple[Endpoint, Endpoint]]:
     """Yield (producer, consumer) endpoints: the directory, or the two ends of a Pipe."""
     if cls.on_disk:
+        # Create the queue before the children race to: two SQLite-based
+        # peers opening a new database at once can fail with "database is
+        # locked" while switching it to WAL.
+        cls(d).close()
         ep = Endpoint(cls.name, str(d), durable)
         yield ep, ep
         return
@@ -120,13 +127,16 @@ def _stream_body(ctx: Context, cls: type[Adapter], producers: int, with_consumer
     per = max(1, n // producers)
     total = per * producers
     with _endpoints(cls, d, durable) as (pe, ce):
-        jobs = [Job(consume, {"endpoint": ce, "total": total})] if with_consumer else []
+        jobs = [Job(consume, {"endpoint": ce, "total": total,
+                              "idle_timeout": ctx.mode.idle_timeout_s})] if with_consumer else []
         jobs += [Job(produce, {"endpoint": pe, "n": per, "size": SMALL})
                  for _ in range(producers)]
         res = run_group(jobs, ctx.mode.child_timeout_s)
     start = min(r["t_start_ns"] for r in res if "t_start_ns" in r)
-    end = res[0]["t_last_ns"] if with_consumer else max(r["t_end_ns"] for r in res)
-    return {"rate": total / ((end - start) / 1e9)}
+    if not with_consumer:
+        return {"rate": total / ((max(r["t_end_ns"] for r in res) - start) / 1e9)}
+    return {"rate": total / ((res[0]["t_last_ns"] - start) / 1e9),
+            EARLY_EMPTY: res[0]["early_empty"]}
 
 
 def _percentile(sorted_values: list[int], pct: float) -> float:
@@ -139,19 +149,22 @@ def _latency_body(ctx: Context, cls: type[Adapter], d: Path, n: int) -> dict[str
     """Send ``n`` timestamped messages at ``mode.latency_rate``/s; return percentiles in µs."""
     with _endpoints(cls, d) as (pe, ce):
         cons, _ = run_group([
-            Job(consume, {"endpoint": ce, "total": n, "latency": True}),
+            Job(consume, {"endpoint": ce, "total": n, "latency": True,
+                          "idle_timeout": ctx.mode.idle_timeout_s}),
             Job(produce, {"endpoint": pe, "n": n, "size": SMALL, "rate": ctx.mode.latency_rate}),
         ], ctx.mode.child_timeout_s)
     lat = sorted(cons["latencies_ns"][min(WARMUP_MSGS, n // 10):])
-    return {c.value_key: _percentile(lat, float(c.value_key[1:])) / 1e3 for c in LATENCY}
+    values = {c.value_key: _percentile(lat, float(c.value_key[1:])) / 1e3 for c in LATENCY}
+    return {**values, EARLY_EMPTY: cons["early_empty"]}
 
 
 def _grow_body(ctx: Context, cls: type[Adapter], d: Path, n: int) -> dict[str, float]:
     """Put then get+ack ``n`` records in a child; return rates and its peak RSS in MiB."""
     (res,) = run_group([Job(grow, {"endpoint": Endpoint(cls.name, str(d)), "n": n, "size": SMALL})],
-                       ctx.mode.child_timeout_s)
+                       ctx.mode.child_timeout_s, clean=True)
     return {"put": n / res["put_s"], "get": n / res["get_s"], "rss": res["rss_peak_kib"] / 1024,
-            "anon": res["rss_anon_kib"] / 1024}
+            "anon": res["rss_anon_kib"] / 1024, "rss_file_mib": res["rss_file_kib"] / 1024,
+            "rss_at_start_mib": res["rss_start_kib"] / 1024}
 
 
 def _fill_segq(d: Path, n: int, size: int) -> None:
@@ -206,10 +219,8 @@ def _find_verify() -> tuple[str, Callable[[str], Any]] | None:
     """Return segq's verify function and its dotted name, if it has one."""
     owners: list[Any] = []
     for mod in ("segq", "segq.recovery"):
-        try:
+        with suppress(ImportError):
             owners.append(importlib.import_module(mod))
-        except ImportError:
-            pass
     for owner in owners:
         for attr in ("verify", "scan", "check"):
             fn = getattr(owner, attr, None)
@@ -248,11 +259,11 @@ def single(ctx: Context) -> None:
         put = Case(f"put/{lbl}", f"put, {txt}, one per call", key="put")
         get = Case(f"get/{lbl}", f"get+ack, {txt}, one per call", key="get")
         cap = MAX_RUN_BYTES // size
-        for cls in ctx.pick(on_disk=True):
-            ctx.measure("single", cls.name, cls.kind, [put, get],
-                        partial(_put_get_body, cls, size, False), max_n=cap)
-        ctx.measure("single", limits.WRITE_LOOP, LIMIT, [put], partial(_write_loop, size, False), max_n=cap)
-        ctx.measure("single", limits.READ_LOOP, LIMIT, [get], partial(_read_loop, size), max_n=cap)
+        plans = [Plan(cls.name, cls.kind, [put, get], partial(_put_get_body, cls, size, False), max_n=cap)
+                 for cls in ctx.pick(on_disk=True)]
+        plans += [Plan(limits.WRITE_LOOP, LIMIT, [put], partial(_write_loop, size, False), max_n=cap),
+                  Plan(limits.READ_LOOP, LIMIT, [get], partial(_read_loop, size), max_n=cap)]
+        ctx.measure_all("single", plans)
 
 
 def batch(ctx: Context) -> None:
@@ -262,21 +273,23 @@ def batch(ctx: Context) -> None:
         put = Case(f"put_batch/{lbl}", f"put, {txt}, batches of {BATCH}", key="put")
         get = Case(f"get_batch/{lbl}", f"get+ack, {txt}, batches of {BATCH}", key="get")
         cap = MAX_RUN_BYTES // size
+        plans = []
         for cls in ctx.pick(on_disk=True):
-            if not cls.batch:
+            if cls.batch:
+                plans.append(Plan(cls.name, cls.kind, [put, get], partial(_put_get_body, cls, size, True),
+                                  max_n=cap))
+            else:
                 for case in (put, get):
                     ctx.mark("batch", cls.name, cls.kind, case, NA, "no batch API")
-                continue
-            ctx.measure("batch", cls.name, cls.kind, [put, get],
-                        partial(_put_get_body, cls, size, True), max_n=cap)
-        ctx.measure("batch", limits.WRITE_CHUNKS, LIMIT, [put], partial(_write_chunks, size), max_n=cap)
-        ctx.measure("batch", limits.READ_CHUNKS, LIMIT, [get],
-                    partial(_read_chunks, size, "get", False), max_n=cap)
+        plans += [Plan(limits.WRITE_CHUNKS, LIMIT, [put], partial(_write_chunks, size), max_n=cap),
+                  Plan(limits.READ_CHUNKS, LIMIT, [get], partial(_read_chunks, size, "get", False),
+                       max_n=cap)]
+        ctx.measure_all("batch", plans)
 
 
-def _pipeline_throughput(ctx: Context, cls: type[Adapter]) -> None:
-    ctx.measure("pipeline", cls.name, cls.kind, [PIPELINE],
-                partial(_stream_body, ctx, cls, 1, True, False), note=_poll_note(cls))
+def _pipeline_plan(ctx: Context, cls: type[Adapter]) -> Plan:
+    return Plan(cls.name, cls.kind, [PIPELINE], partial(_stream_body, ctx, cls, 1, True, False),
+                target_s=ctx.mode.stream_target_s, note=_poll_note(cls))
 
 
 def _poll_note(cls: type[Adapter]) -> str:
@@ -285,34 +298,41 @@ def _poll_note(cls: type[Adapter]) -> str:
 
 def pipeline(ctx: Context) -> None:
     """Producer and consumer in two processes: throughput, and latency at a low rate."""
+    usable = []
     for cls in ctx.pick():
-        if not cls.cross_process:
+        if cls.cross_process:
+            usable.append(cls)
+        else:
             for case in (PIPELINE, *LATENCY):
                 ctx.mark("pipeline", cls.name, cls.kind, case, NA, cls.cross_process_note)
-            continue
-        _pipeline_throughput(ctx, cls)
-        ctx.measure("pipeline", cls.name, cls.kind, LATENCY, partial(_latency_body, ctx, cls),
-                    n=ctx.mode.latency_msgs, note=_poll_note(cls))
+    ctx.measure_all("pipeline", [_pipeline_plan(ctx, cls) for cls in usable])
+    ctx.measure_all("pipeline", [
+        Plan(cls.name, cls.kind, LATENCY, partial(_latency_body, ctx, cls), n=ctx.mode.latency_msgs,
+             note=_poll_note(cls))
+        for cls in usable])
 
 
 def durable(ctx: Context) -> None:
     """Put one record per call with each library's most durable setting; then group commit."""
     lbl, txt = size_label(SMALL), size_text(SMALL)
     put = Case(f"durable_put/{lbl}", f"durable put, {txt}, one per call", key="put")
+    plans = []
     for cls in ctx.pick(on_disk=True):
         if cls.durable_mode is None:
             ctx.mark("durable", cls.name, cls.kind, put, NA, "no durable setting")
-            continue
-        ctx.measure("durable", cls.name, cls.kind, [put], partial(_put_body, cls, SMALL, True),
-                    note=cls.durable_mode)
-    ctx.measure("durable", limits.FDATASYNC_LOOP, LIMIT, [put], partial(_write_loop, SMALL, True))
+        else:
+            plans.append(Plan(cls.name, cls.kind, [put], partial(_put_body, cls, SMALL, True),
+                              note=cls.durable_mode))
+    plans.append(Plan(limits.FDATASYNC_LOOP, LIMIT, [put], partial(_write_loop, SMALL, True)))
+    ctx.measure_all("durable", plans)
     if not ctx.has(SegqAdapter.name):
         return
-    for k in (1, PRODUCERS):
-        case = Case(f"durable_p{k}/{lbl}",
-                    f'{k} producer process{"es" if k > 1 else ""}, sync="always", {txt}', key="rate")
-        ctx.measure("durable", SegqAdapter.name, SEGQ, [case],
-                    partial(_stream_body, ctx, SegqAdapter, k, False, True))
+    ctx.measure_all("durable", [
+        Plan(SegqAdapter.name, SEGQ,
+             [Case(f"durable_p{k}/{lbl}", f'{k} producer process{"es" if k > 1 else ""}, '
+                   f'sync="always", {txt}', key="rate")],
+             partial(_stream_body, ctx, SegqAdapter, k, False, True), target_s=ctx.mode.stream_target_s)
+        for k in (1, PRODUCERS)])
 
 
 def fanin(ctx: Context) -> None:
@@ -320,17 +340,23 @@ def fanin(ctx: Context) -> None:
     k = PRODUCERS
     case = Case(f"fanin_p{k}/{size_label(SMALL)}",
                 f"{k} producer processes → 1 consumer, {size_text(SMALL)}", key="rate")
+    usable = []
     for cls in ctx.pick(on_disk=True):
-        if not cls.cross_process:
+        if cls.cross_process:
+            usable.append(cls)
+        else:
             ctx.mark("fanin", cls.name, cls.kind, case, NA, cls.cross_process_note)
-            continue
-        if ctx.results.get(PIPELINE.id, cls.name) is None:
-            _pipeline_throughput(ctx, cls)  # the one-producer rate this is compared with
-        rows = ctx.measure("fanin", cls.name, cls.kind, [case],
-                           partial(_stream_body, ctx, cls, k, True, False), note=_poll_note(cls))
-        one, many = ctx.results.median(PIPELINE.id, cls.name), rows[case.id].median
+    # The one-producer rate each is compared with, if `pipeline` did not run.
+    ctx.measure_all("pipeline", [_pipeline_plan(ctx, cls) for cls in usable
+                                 if ctx.results.get(PIPELINE.id, cls.name) is None])
+    rows = ctx.measure_all("fanin", [
+        Plan(cls.name, cls.kind, [case], partial(_stream_body, ctx, cls, k, True, False),
+             target_s=ctx.mode.stream_target_s, note=_poll_note(cls))
+        for cls in usable])
+    for cls, row in zip(usable, rows, strict=True):
+        one, many = ctx.results.median(PIPELINE.id, cls.name), row[case.id].median
         if one and many:
-            rows[case.id].note = f"{many / one:.2f}× one producer. {rows[case.id].note}".strip()
+            row[case.id].note = "; ".join(filter(None, [f"{many / one:.2f}× one producer", row[case.id].note]))
 
 
 def growth(ctx: Context) -> None:
@@ -345,11 +371,10 @@ def growth(ctx: Context) -> None:
         # fit the time budget; segq, the subject, gets every point.
         per_record = 0.0
         if cls.kind != SEGQ:
-            try:
-                per_record = ctx.per_record_s(f"growth:{cls.name}",
+            # On failure the measurement below fails too, and is recorded as an error.
+            with suppress(Exception):
+                per_record = ctx.per_record_s("growth", cls.name,
                                               partial(_put_get_body, cls, SMALL, False), probe)
-            except Exception:
-                pass  # the measurement below fails too, and is recorded as an error
         for mult in m.growth_multipliers:
             n = m.growth_base * mult
             cases = [
@@ -385,17 +410,16 @@ def scan(ctx: Context) -> None:
     for size in RECORD_SIZES:
         lbl, txt = size_label(size), size_text(size)
         n = ctx.mode.scan_bytes // size
-        cases = [Case(f"scan/{lbl}", f"Receiver scan (recv_batch 1000), {txt}", unit="MB/s",
-                      key="scan")]
-        ctx.measure("scan", SegqAdapter.name, SEGQ, cases, partial(_scan_body, size), n=n)
+        scan_case = Case(f"scan/{lbl}", f"Receiver scan (recv_batch 1000), {txt}", unit="MB/s", key="scan")
+        plans = [Plan(SegqAdapter.name, SEGQ, [scan_case], partial(_scan_body, size), n=n)]
+        cases = [scan_case]
         if verify is not None:
             vcase = Case(f"verify/{lbl}", f"{verify[0]}(), {txt}", unit="MB/s", key="scan")
-            ctx.measure("scan", SegqAdapter.name, SEGQ, [vcase],
-                        partial(_verify_body, verify[1], size), n=n)
+            plans.append(Plan(SegqAdapter.name, SEGQ, [vcase], partial(_verify_body, verify[1], size), n=n))
             cases.append(vcase)
-        for case in cases:
-            ctx.measure("scan", limits.READ_CHUNKS, LIMIT, [case],
-                        partial(_read_chunks, size, "scan", True), n=n)
+        # The limit shares the case ids, so one measurement is recorded per case.
+        plans.append(Plan(limits.READ_CHUNKS, LIMIT, cases, partial(_read_chunks, size, "scan", True), n=n))
+        ctx.measure_all("scan", plans)
 
 
 #: Workloads by CLI name, in run order.
