@@ -105,6 +105,7 @@ class Waiter:
         self.slot = -1
         self.fd = -1
         self._raised = 0  # the region whose flag is up, 0 for none
+        self._poller: select.poll | None = None  # made on the first blocking wait
         self._table = _SlotTable(control)
         with self._table:
             for slot in range(SLOT_COUNT):
@@ -181,9 +182,10 @@ class Waiter:
                 if self.fd < 0:
                     time.sleep(min(limit, 0.005))
                     continue
-                poller = select.poll()
-                poller.register(self.fd, select.POLLIN)
-                if poller.poll(limit * 1000.0) and not ready():
+                if self._poller is None:
+                    self._poller = select.poll()
+                    self._poller.register(self.fd, select.POLLIN)
+                if self._poller.poll(limit * 1000.0) and not ready():
                     # Drained only when the wake-up brought nothing: after a real
                     # one the caller gets its record a system call sooner, and
                     # the stale byte is swallowed before the next sleep.
