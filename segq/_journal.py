@@ -41,7 +41,6 @@ words written with one aligned store (segq runs on little-endian hosts).
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import secrets
@@ -50,7 +49,7 @@ import sys
 import zlib
 from typing import Iterator
 
-from ._segment import StrPath, fsync_directory, os_error
+from ._segment import StrPath, fsync_directory, os_error, preallocate
 from .errors import CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
@@ -194,7 +193,7 @@ def prepare_journal(group_dir: StrPath, generation: int, body: bytes, *, capacit
     try:
         fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _preallocate(fd, capacity)
+            preallocate(fd, capacity)
             os.pwrite(fd, _encode_header(generation, capacity, HEADER_SIZE + len(body)) + body, 0)
             if durable:
                 os.fsync(fd)
@@ -246,17 +245,6 @@ def _remove_quietly(path: str) -> bool:
         return True
     except OSError:
         return False  # already gone (another process cleaned up), or not ours to remove
-
-
-def _preallocate(fd: int, size: int) -> None:
-    if hasattr(os, "posix_fallocate"):
-        try:
-            os.posix_fallocate(fd, 0, size)
-            return
-        except OSError as error:
-            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
-    os.ftruncate(fd, size)
 
 
 class Journal:

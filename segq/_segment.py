@@ -32,6 +32,7 @@ __all__ = [
     "segment_path",
     "list_segments",
     "create_segment",
+    "preallocate",
     "open_segment",
     "MappedSegment",
     "SegmentWindow",
@@ -95,7 +96,8 @@ def fsync_directory(path: StrPath) -> None:
         os.close(fd)
 
 
-def _preallocate(fd: int, size: int) -> None:
+def preallocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes of disk for ``fd`` now, so a full disk fails here and not at write-back."""
     if hasattr(os, "posix_fallocate"):
         try:
             os.posix_fallocate(fd, 0, size)
@@ -122,7 +124,7 @@ def create_segment(queue_dir: StrPath, number: int, size: int, *, durable: bool)
         raise os_error(error, "create segment", temporary) from None
     try:
         try:
-            _preallocate(fd, size)
+            preallocate(fd, size)
             os.pwrite(fd, _format.encode_segment_header(number), 0)
             if durable:
                 os.fsync(fd)
