@@ -339,6 +339,24 @@ class WorkQueue:
                 return
         self._applied = replay(self._state, journal.map, journal.path, self._applied, end)
 
+    def _append_small(self, kind: int, kind_word: int, kind_crc: int, body: bytes) -> None:
+        """Append one fixed-size entry, straight into the map when it fits and no sync is owed.
+
+        ``kind_word``/``kind_crc`` are the entry's precomputed header word and
+        the CRC-32 state after it (``entry_prefix_crc``), so the hot path packs
+        one header and runs one CRC; otherwise it goes through :meth:`_append`.
+        """
+        at = self._applied
+        stop = at + 8 + len(body)
+        if stop > self._capacity or self._sync_interval is not None:
+            self._append(entry(kind, body))
+            return
+        jmap = self._jmap
+        _ENTRY_HEADER.pack_into(jmap, at, kind_word, crc32(body, kind_crc))
+        jmap[at + 8 : stop] = body
+        WORD.pack_into(jmap, END, stop)
+        self._applied = stop
+
     def _append(self, data: bytes) -> None:
         """Append framed entries (compacting first if they do not fit).  Lock held, replica current."""
         start = self._applied
@@ -510,16 +528,7 @@ class WorkQueue:
                 expires = now + self.lease
                 owner = self._owner
                 body = CLAIM_ONE.pack(token, expires, owner[0], owner[1], 1, start, end, 1)
-                at = self._applied
-                stop = at + 8 + CLAIM_ONE.size
-                if stop > self._capacity or self._sync_interval is not None:
-                    self._append(entry(Kind.CLAIM, body))
-                else:
-                    jmap = self._jmap
-                    _ENTRY_HEADER.pack_into(jmap, at, _CLAIM_ONE_KIND, crc32(body, _CLAIM_ONE_CRC))
-                    jmap[at + 8 : stop] = body
-                    WORD.pack_into(jmap, END, stop)
-                    self._applied = stop
+                self._append_small(Kind.CLAIM, _CLAIM_ONE_KIND, _CLAIM_ONE_CRC, body)
                 mark = state.mark
                 state.claim(token, expires, owner, start, end, 1)
                 if state.mark != mark and (state.mark ^ mark) >> 32:
@@ -804,16 +813,7 @@ class WorkQueue:
             if claim is None or claim.token != token or claim.expires <= self._clock():
                 raise self._lost(job, "ack")
             body = ACK_ONE.pack(1, start, token)
-            at = self._applied
-            stop = at + 8 + ACK_ONE.size
-            if stop > self._capacity or self._sync_interval is not None:
-                self._append(entry(Kind.ACK, body))
-            else:
-                jmap = self._jmap
-                _ENTRY_HEADER.pack_into(jmap, at, _ACK_ONE_KIND, crc32(body, _ACK_ONE_CRC))
-                jmap[at + 8 : stop] = body
-                WORD.pack_into(jmap, END, stop)
-                self._applied = stop
+            self._append_small(Kind.ACK, _ACK_ONE_KIND, _ACK_ONE_CRC, body)
             old_mark = state.mark
             state.settle(start, token)
             if (state.mark ^ old_mark) >> 32:
