@@ -8,11 +8,9 @@ the once-a-second safety re-check), it switches the safety net off.
 from __future__ import annotations
 
 import asyncio
-import os
 import pathlib
 import queue
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 
@@ -23,8 +21,7 @@ import segq.aio
 from segq._control import DATA_WAITERS, ROOM_WAITERS, SLOT_COUNT
 from segq._wake import Waiter
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-PATIENCE = 30.0  # seconds: how long a test waits for something that should take microseconds
+from _loop import PATIENCE, child, count_raised, eventually
 
 SEND_FROM_CHILD = """
 import sys, time, segq
@@ -36,27 +33,8 @@ with segq.Sender(path) as tx:
 """
 
 
-@pytest.fixture
-def no_safety_net(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make a lost wake-up hang instead of costing a second: only the FIFO can wake a waiter."""
-    monkeypatch.setattr(segq.aio, "_SAFETY_SECONDS", 3600.0)
-
-
 def start_child_sender(queue_dir: pathlib.Path, count: int, pause: float = 0.0) -> subprocess.Popen[bytes]:
-    environment = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen(
-        [sys.executable, "-c", SEND_FROM_CHILD, str(queue_dir), str(count), str(pause)], env=environment
-    )
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    """Let the loop run until ``condition()`` holds; fail after PATIENCE seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + PATIENCE
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        await asyncio.sleep(0.002)
+    return child(SEND_FROM_CHILD, queue_dir, count, pause)
 
 
 def is_waiting(rx: segq.AsyncReceiver) -> bool:
@@ -65,8 +43,7 @@ def is_waiting(rx: segq.AsyncReceiver) -> bool:
 
 
 def raised_flags(rx: segq.AsyncReceiver, region: int = DATA_WAITERS) -> int:
-    control_map = rx._receiver._control.map
-    return sum(control_map[region : region + SLOT_COUNT])
+    return count_raised(rx._receiver._control.map, region)
 
 
 def assert_idle(rx: segq.AsyncReceiver) -> None:
@@ -386,7 +363,7 @@ async def test_backpressure_waits_on_the_loop_and_a_cancelled_send_writes_nothin
         cancelled.cancel()
         with pytest.raises(asyncio.CancelledError):
             await cancelled
-        assert sum(rx._receiver._control.map[ROOM_WAITERS : ROOM_WAITERS + SLOT_COUNT]) == 0
+        assert raised_flags(rx, ROOM_WAITERS) == 0
 
         blocked = asyncio.create_task(tx.send(b"l" * len(record)))
         await eventually(lambda: tx._wait._woken is not None, "the send to wait for room")

@@ -8,22 +8,17 @@ and not the once-a-second safety re-check, it switches the safety net off.
 from __future__ import annotations
 
 import asyncio
-import os
 import pathlib
 import signal
 import subprocess
-import sys
 import threading
-from collections.abc import Callable
 
 import pytest
 
 import segq
 import segq.aio
-from segq._control import DATA_WAITERS, SLOT_COUNT
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-PATIENCE = 30.0  # seconds: how long a test waits for something that should take microseconds
+from _loop import PATIENCE, child, count_raised, eventually
 
 SEND_FROM_CHILD = """
 import sys, segq
@@ -42,27 +37,6 @@ time.sleep(3600)
 """
 
 
-@pytest.fixture
-def no_safety_net(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make a lost wake-up hang instead of costing a second."""
-    monkeypatch.setattr(segq.aio, "_SAFETY_SECONDS", 3600.0)
-
-
-def child(script: str, *args: object, stdout: int | None = None) -> subprocess.Popen[bytes]:
-    environment = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=environment, stdout=stdout)
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    """Let the loop run until ``condition()`` holds; fail after PATIENCE seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + PATIENCE
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        await asyncio.sleep(0.002)
-
-
 async def send(queue_dir: pathlib.Path, *records: bytes) -> None:
     async with segq.AsyncSender(queue_dir) as tx:
         await tx.send_batch(records)
@@ -74,8 +48,7 @@ def is_waiting(wq: segq.AsyncWorkQueue) -> bool:
 
 
 def raised_flags(wq: segq.AsyncWorkQueue) -> int:
-    control_map = wq._queue._control.map
-    return sum(control_map[DATA_WAITERS : DATA_WAITERS + SLOT_COUNT])
+    return count_raised(wq._queue._control.map)
 
 
 def assert_idle(wq: segq.AsyncWorkQueue) -> None:
