@@ -39,7 +39,6 @@ __all__ = [
     "read_segment_header",
     "ScanResult",
     "scan_records",
-    "dirty_end",
     "dirty_end_in_file",
     "fsync_directory",
     "os_error",
@@ -297,7 +296,6 @@ def scan_records(buffer: Buffer, start: int, limit: int) -> ScanResult:
     return ScanResult(end, offset, record.status, min(max(record.end, offset + HEADER_SIZE), limit), records)
 
 
-_CHUNK = 1 << 16
 _FILE_CHUNK = 1 << 20
 
 
@@ -325,27 +323,15 @@ def _end_of_data(fd: int, start: int, limit: int) -> int:
 
 
 def dirty_end_in_file(fd: int, start: int, limit: int) -> int:
-    """Like :func:`dirty_end`, reading the file with ``pread``.
+    """Return the offset just past the last non-zero byte of ``fd`` in ``[start, limit)`` (``start`` if none).
 
-    Reading a whole preallocated segment through a memory map would put every
-    page of it in the process's resident memory; ``pread`` does not.
+    Read with ``pread``, holes skipped: reading a whole preallocated segment
+    through a memory map would put every page of it in resident memory.
     """
     position = min(limit, _end_of_data(fd, start, limit))
     while position > start:
         low = max(start, position - _FILE_CHUNK)
         stripped = os.pread(fd, position - low, low).rstrip(b"\x00")
-        if stripped:
-            return low + len(stripped)
-        position = low
-    return start
-
-
-def dirty_end(buffer: Buffer, start: int, limit: int) -> int:
-    """Return the offset just past the last non-zero byte in ``[start, limit)`` (``start`` if none)."""
-    position = limit
-    while position > start:
-        low = max(start, position - _CHUNK)
-        stripped = bytes(buffer[low:position]).rstrip(b"\x00")
         if stripped:
             return low + len(stripped)
         position = low

@@ -65,7 +65,7 @@ from ._claims import (
     load_state,
     replay,
 )
-from ._control import DATA_WAITERS, TAIL, WORD, Control
+from ._control import DATA_WAITERS, DATA_WAITING, TAIL, WORD, Control
 from ._deadletter import DeadLetter, dead_letter_path, dead_letter_segment_size
 from ._format import HEADER_SIZE
 from ._groupadmin import GroupRecovery, group_dir, group_info, list_groups, recover_group, requeue_dead
@@ -100,7 +100,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_NO_WAITERS = bytes(64)
 #: How often (seconds) a claimer checks whether the workers holding claims still live.
 LIVENESS_INTERVAL = 0.001
 monotonic = time.monotonic
@@ -687,8 +686,7 @@ class WorkQueue:
         log.info("%s: record at %s dead-lettered after %d attempts: %s", self.group, letter.position, attempts, reason)
 
     def _wake_claimers(self) -> None:
-        control_map = self._control.map
-        if control_map[DATA_WAITERS : DATA_WAITERS + 64] != _NO_WAITERS:
+        if self._control.bytes[DATA_WAITING]:  # the count byte a send checks too
             self._waker.wake(DATA_WAITERS)
 
     # -- waiting ---------------------------------------------------------
