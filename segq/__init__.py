@@ -22,6 +22,8 @@ from .receiver import Batch, Message, Receiver
 from .sender import Sender
 from .workqueue import DeadLetter, Job, JobBatch, WorkQueue
 from .aio import AsyncBatch, AsyncJob, AsyncJobBatch, AsyncMessage, AsyncReceiver, AsyncSender, AsyncWorkQueue
+from ._followups import Enqueue
+from .worker import arun_worker, run_worker
 
 __all__ = [
     "Sender",
@@ -51,6 +53,9 @@ __all__ = [
     "AsyncWorkQueue",
     "AsyncJob",
     "AsyncJobBatch",
+    "Enqueue",
+    "run_worker",
+    "arun_worker",
 ]
 
 __version__ = "0.1.0"

@@ -43,7 +43,7 @@ import time
 import weakref
 import zlib
 from types import TracebackType
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 from . import _journal
 from ._claims import (
@@ -732,14 +732,18 @@ class WorkQueue:
 
         return WaitPlan(waiter, pidfds, ready, wake_at)
 
-    def _wait(self, deadline: float | None) -> bool:
-        """Sleep until a claim may succeed or ``deadline`` (monotonic) passes; False on the deadline."""
+    def _wait(self, deadline: float | None, also: Sequence[int] = ()) -> bool:
+        """Sleep until a claim may succeed or ``deadline`` (monotonic) passes; False on the deadline.
+
+        Also returns (True) when a descriptor of ``also`` becomes readable:
+        ``run_worker``'s stop pipe.
+        """
         waiter, pidfds, ready, due = self._wait_plan()
         wake_at = deadline if due is None else due if deadline is None else min(deadline, due)
         poller = select.poll()
         if waiter.fileno() >= 0:
             poller.register(waiter.fileno(), select.POLLIN)
-        for fd in pidfds:
+        for fd in (*pidfds, *also):
             poller.register(fd, select.POLLIN)
         waiter.raise_flag(DATA_WAITERS)
         try:
