@@ -668,3 +668,10 @@ def demo(records: int, keep: bool) -> None:
     from ._demo import run_demo
 
     run_demo(records, keep=keep, echo=click.echo)
+
+
+# -- work: a durable xargs (segq._cli_work) ------------------------------------------------
+
+from ._cli_work import register as _register_work  # noqa: E402
+
+_register_work(cli, _library_warnings)

@@ -52,7 +52,7 @@ from .errors import ClaimLost, Empty, SegqError, UsageError
 from .sender import SyncPolicy
 from .workqueue import WorkQueue
 
-__all__ = ["run_worker", "arun_worker", "Handler", "AsyncHandler"]
+__all__ = ["run_worker", "arun_worker", "serve", "Handler", "AsyncHandler", "log_failed_settlement"]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _followups(job_position: object, result: object) -> list[Enqueue] | None:
     return None
 
 
-def _log_failed_settlement(job: Job | AsyncJob, call: str, error: SegqError) -> None:
+def log_failed_settlement(job: Job | AsyncJob, call: str, error: SegqError) -> None:
     if isinstance(error, ClaimLost):
         log.warning("lost claim: could not %s the job at %s (attempt %d): %s", call, job.position, job.attempt, error)
     else:
@@ -111,7 +111,7 @@ def _settle(job: Job, result: object, error: BaseException | None) -> None:
             log.warning("job at %s failed (attempt %d): %s", job.position, job.attempt, reason_of(error))
             job.nack(reason=reason_of(error))
     except SegqError as failure:
-        _log_failed_settlement(job, call, failure)
+        log_failed_settlement(job, call, failure)
 
 
 def _run_job(handler: Handler, job: Job) -> None:
@@ -132,6 +132,7 @@ class _StopPipe:
     def __init__(self, stop: threading.Event | None) -> None:
         self.read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopped = False
+        self.signal: int | None = None  # the signal that stopped the worker, if one did
         self._lock = threading.Lock()
         self._closed = False
         self._previous: dict[int, Any] = {}
@@ -156,6 +157,7 @@ class _StopPipe:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._restore_signals()  # a second signal acts as it did before us
+        self.signal = signum
         self._stopped = True
         self.poke()
 
@@ -308,6 +310,32 @@ def run_worker(
     >>> segq.run_worker(path, resize, lease=60, stop=done)
     b'resize photo-1.jpg'
     """
+    serve(
+        path,
+        handler,
+        group=group,
+        concurrency=concurrency,
+        lease=lease,
+        max_attempts=max_attempts,
+        stop=stop,
+        dead_letter=dead_letter,
+        sync=sync,
+    )
+
+
+def serve(
+    path: StrPath,
+    handler: Handler,
+    *,
+    group: str,
+    concurrency: int,
+    lease: float,
+    max_attempts: int,
+    stop: threading.Event | None,
+    dead_letter: StrPath | None,
+    sync: SyncPolicy,
+) -> int | None:
+    """Do what ``run_worker`` does; return the signal that stopped it (None for ``stop``)."""
     concurrency = _check_concurrency(concurrency)
     if not callable(handler):
         raise UsageError(f"handler must be callable, not {type(handler).__name__}")
@@ -322,6 +350,7 @@ def run_worker(
                 _serve_threads(work_queue, handler, concurrency, pipe)
     finally:
         pipe.close()
+    return pipe.signal
 
 
 def _claim(work_queue: WorkQueue, count: int, pipe: _StopPipe) -> list[Job]:
@@ -377,7 +406,7 @@ async def _settle_async(job: AsyncJob, result: object, error: BaseException | No
             log.warning("job at %s failed (attempt %d): %s", job.position, job.attempt, reason_of(error))
             await job.nack(reason=reason_of(error))
     except SegqError as failure:
-        _log_failed_settlement(job, call, failure)
+        log_failed_settlement(job, call, failure)
 
 
 async def _run_async_job(handler: AsyncHandler, job: AsyncJob) -> None:

@@ -1,0 +1,225 @@
+"""``segq work`` and ``segq enqueue``: a durable xargs over a work-queue group.
+
+``segq work PATH -- CMD`` runs CMD once per job (through ``segq.worker``):
+the job's data on its stdin, ``SEGQ_JOB_ID`` and ``SEGQ_ATTEMPT`` in its
+environment.  Exit status 0 acks the job (with ``--then QUEUE``, each line
+CMD printed becomes a job in QUEUE, atomically with the ack); any other exit
+nacks it with the last line of CMD's stderr as the reason.  A command still
+running as its lease is about to end is killed (its whole process group)
+and nacked, so the nack still counts.  Commands run in their own process
+group: a Ctrl-C at the terminal reaches ``segq work``, which stops claiming
+and waits for them, not the commands themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, ContextManager, Sequence
+
+import click
+
+from ._followups import Enqueue
+from ._jobs import Job
+from .errors import SegqError
+from .worker import log_failed_settlement, serve
+
+__all__ = ["register"]
+
+#: How long before its lease ends a command is killed, so that its nack still counts.
+KILL_MARGIN = 0.5
+
+
+def _job_id(job: Job) -> str:
+    job_id = getattr(job, "id", None)
+    if isinstance(job_id, str):
+        return job_id
+    position = job.position
+    return f"{position.segment}-{position.offset}"
+
+
+def _last_line(stderr: bytes) -> str:
+    for line in reversed(stderr.splitlines()):
+        text = line.decode("utf-8", "replace").strip()
+        if text:
+            return text
+    return ""
+
+
+class _Tally:
+    """Counts jobs done and failed; draws the progress line on a terminal."""
+
+    def __init__(self, show: bool) -> None:
+        self.done = 0
+        self.failed = 0
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if show:
+            self._thread = threading.Thread(target=self._draw_loop, name="segq-work-progress", daemon=True)
+            self._thread.start()
+
+    def count(self, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self.done += 1
+            else:
+                self.failed += 1
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        return f"{self.done:,} done, {self.failed:,} failed, {self.done / elapsed:,.1f} jobs/s"
+
+    def _draw_loop(self) -> None:
+        while not self._stop.wait(0.5):
+            click.echo(f"\r\x1b[K{self.line()}", err=True, nl=False)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            click.echo(f"\r\x1b[K{self.line()}", err=True)
+
+
+class _RunCommand:
+    """The handler: run the command on one job and settle it by its exit status."""
+
+    def __init__(self, command: Sequence[str], then: str | None, lease: float, tally: _Tally) -> None:
+        self._command = list(command)
+        self._then = then
+        self._lease = lease
+        self._tally = tally
+        self._stderr_lock = threading.Lock()
+
+    def __call__(self, job: Job) -> list[Enqueue] | None:
+        environment = dict(os.environ, SEGQ_JOB_ID=_job_id(job), SEGQ_ATTEMPT=str(job.attempt))
+        try:
+            process = subprocess.Popen(
+                self._command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE if self._then is not None else None,
+                stderr=subprocess.PIPE,
+                env=environment,
+                process_group=0,
+            )
+        except OSError as error:
+            self._fail(job, f"cannot run {self._command[0]}: {error.strerror or error}")
+            return None
+        time_left = job.lease_expires_at - time.time() - KILL_MARGIN
+        try:
+            stdout, stderr = process.communicate(job.data, timeout=max(0.0, time_left))
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            stdout, stderr = process.communicate()
+            self._forward(stderr)
+            self._fail(job, f"killed: still running when its lease of {self._lease:g} s was about to end")
+            return None
+        self._forward(stderr)
+        if process.returncode != 0:
+            status = (
+                f"killed by signal {-process.returncode}"
+                if process.returncode < 0
+                else f"exit status {process.returncode}"
+            )
+            last = _last_line(stderr)
+            self._fail(job, f"{last} ({status})" if last else status)
+            return None
+        self._tally.count(True)
+        if self._then is None:
+            return None
+        return [Enqueue(line, queue=self._then) for line in (stdout or b"").splitlines()]
+
+    def _forward(self, stderr: bytes | None) -> None:
+        if stderr:
+            with self._stderr_lock:
+                sys.stderr.buffer.write(stderr)
+                sys.stderr.buffer.flush()
+
+    def _fail(self, job: Job, reason: str) -> None:
+        self._tally.count(False)
+        try:
+            job.nack(reason=reason)
+        except SegqError as error:
+            log_failed_settlement(job, "nack", error)
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _check_command(command: Sequence[str]) -> None:
+    if not command:
+        raise click.UsageError("give the command to run after --, e.g. segq work jobs -- ./handle.sh")
+    program = command[0]
+    if os.sep in program:
+        if not os.access(program, os.X_OK):
+            raise click.BadParameter(f"{program} is not an executable file", param_hint="CMD")
+    elif shutil.which(program) is None:
+        raise click.BadParameter(f"{program}: command not found", param_hint="CMD")
+
+
+def register(cli: click.Group, library_warnings: Callable[[], ContextManager[None]]) -> None:
+    """Add ``work`` to the ``segq`` command group."""
+
+    @cli.command(context_settings={"ignore_unknown_options": True})
+    @click.argument("path", type=click.Path(path_type=str))
+    @click.option("--group", default="default", show_default=True, help="Work-queue group: workers sharing the jobs.")
+    @click.option("-j", "--jobs", "concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+                  help="Run up to N commands at once.")
+    @click.option("--lease", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+                  help="Seconds a command may run before it is killed and its job nacked.")
+    @click.option("--max-attempts", type=click.IntRange(min=1), default=5, show_default=True,
+                  help="After this many failed attempts a job goes to the dead-letter queue.")
+    @click.option("--then", "then", type=click.Path(path_type=str),
+                  help="Each line CMD prints becomes a job in this queue, atomically with the ack.")
+    @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+    def work(
+        path: str, group: str, concurrency: int, lease: float, max_attempts: int, then: str | None,
+        command: tuple[str, ...],
+    ) -> None:
+        """Run CMD once per job of the queue at PATH: a durable xargs.
+
+        The job's data goes to CMD's stdin; SEGQ_JOB_ID and SEGQ_ATTEMPT are
+        in its environment.  Exit status 0 acks the job; any other nacks it
+        with the last line of CMD's stderr as the reason (after
+        --max-attempts it goes to the dead-letter queue); a command still
+        running when its lease is about to end is killed and nacked.  With
+        --then QUEUE each line CMD prints becomes a job in QUEUE, atomically
+        with the ack.  SIGTERM or Ctrl-C stops claiming, waits for the
+        running commands and gives back the rest (exit 128+N on signal N).
+        A progress line shows on a terminal.
+
+        Example: segq work photos -j 4 --then uploads -- ./resize.sh
+        """
+        if command and command[0] == "--":
+            command = command[1:]
+        _check_command(command)
+        tally = _Tally(show=sys.stderr.isatty())
+        handler = _RunCommand(command, then, lease, tally)
+        try:
+            with library_warnings():
+                signum = serve(
+                    path,
+                    handler,
+                    group=group,
+                    concurrency=concurrency,
+                    lease=lease,
+                    max_attempts=max_attempts,
+                    stop=None,
+                    dead_letter=None,
+                    sync="never",
+                )
+        finally:
+            tally.close()
+        if signum is not None:
+            raise SystemExit(128 + signum)
+

@@ -1,0 +1,170 @@
+"""``segq work``: a durable xargs, driven as a real process (signals, process groups, leases)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import segq
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PATIENCE = 30.0
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def segq_command(*args: object, **options: object) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "segq", *map(str, args)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **options,  # type: ignore[call-overload]
+    )
+
+
+def run_segq(*args: object, input: bytes | None = None, timeout: float = PATIENCE) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "segq", *map(str, args)], env=ENV, input=input, capture_output=True, timeout=timeout
+    )
+
+
+def fill(queue_dir: pathlib.Path, *records: bytes) -> None:
+    with segq.Sender(queue_dir, segment_size=1 << 20) as tx:
+        tx.send_batch(records)
+
+
+def drain(queue_dir: pathlib.Path) -> list[bytes]:
+    """Claim and ack whatever is claimable (the test is over); return the data."""
+    left = []
+    with segq.WorkQueue(queue_dir, lease=60) as wq:
+        while (job := wq.try_claim()) is not None:
+            left.append(job.data)
+            job.ack()
+    return left
+
+
+def wait_for(condition: object, what: str) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_exit_zero_acks_and_other_exits_nack_with_the_last_stderr_line(
+    queue_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    fill(queue_dir, b"good", b"bad")
+    out = tmp_path / "out"
+    script = (
+        'read x; echo "$x $SEGQ_ATTEMPT $SEGQ_JOB_ID" >> ' + str(out) + '; '
+        '[ "$x" = good ] || { echo "first line" >&2; echo "no luck with $x" >&2; exit 3; }'
+    )
+    worker = segq_command("work", queue_dir, "--max-attempts", 2, "--", "sh", "-c", script)
+    wait_for(lambda: (queue_dir / "dead" / "default").exists() and _dead_letters(queue_dir), "the dead letter")
+    worker.send_signal(signal.SIGTERM)
+    _, stderr = worker.communicate(timeout=PATIENCE)
+    assert worker.returncode == 128 + signal.SIGTERM
+    assert stderr.count(b"no luck with bad") == 2  # the command's stderr is passed through
+    lines = out.read_bytes().splitlines()
+    assert lines[0] == b"good 1 0-32"
+    assert [line.rsplit(b" ", 1)[0] for line in lines[1:]] == [b"bad 1", b"bad 2"]
+    letter = _dead_letters(queue_dir)[0]
+    assert (letter.data, letter.attempts, letter.reason) == (b"bad", 2, "no luck with bad (exit status 3)")
+    assert drain(queue_dir) == []
+
+
+def test_a_command_outliving_its_lease_is_killed_and_nacked(queue_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    fill(queue_dir, b"slow")
+    pid_file = tmp_path / "pid"
+    started = time.monotonic()
+    # The command's own child (sleep) must die too: the whole process group is killed.
+    worker = segq_command(
+        "work", queue_dir, "--lease", 1.5, "--max-attempts", 1, "--",
+        "sh", "-c", f"sleep 60 & echo $! > {pid_file}; wait",
+    )
+    wait_for(lambda: (queue_dir / "dead" / "default").exists() and _dead_letters(queue_dir), "the dead letter")
+    elapsed = time.monotonic() - started
+    worker.send_signal(signal.SIGTERM)
+    worker.communicate(timeout=PATIENCE)
+    letter = _dead_letters(queue_dir)[0]
+    assert letter.reason.startswith("killed: still running when its lease of 1.5 s was about to end")
+    assert elapsed < PATIENCE
+    sleeper = int(pid_file.read_text())
+    wait_for(lambda: not _alive(sleeper), "the command's child to be gone")
+
+
+def _dead_letters(queue_dir: pathlib.Path) -> list[segq.DeadLetter]:
+    with segq.Receiver(queue_dir / "dead" / "default", "test-reader") as rx:
+        try:
+            batch = rx.recv_batch(1000, timeout=0)
+        except segq.Empty:
+            return []
+        batch.rollback()  # only looking
+        return [segq.DeadLetter.decode(message.data) for message in batch]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_minus_j_runs_that_many_commands_at_once(queue_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    fill(queue_dir, *(b"%d" % number for number in range(3)))
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    # Each command waits until three are running: only passes with -j 3.
+    script = f'read x; touch {gate}/$x; n=0; while [ $(ls {gate} | wc -l) -lt 3 ]; do sleep 0.01; done'
+    worker = segq_command("work", queue_dir, "-j", 3, "--", "sh", "-c", script)
+    wait_for(lambda: len(os.listdir(gate)) == 3, "three commands at once")
+    wait_for(lambda: segq.workqueue.group_info(queue_dir)["claims"] == [], "the acks")
+    worker.send_signal(signal.SIGTERM)
+    _, stderr = worker.communicate(timeout=PATIENCE)
+    assert stderr == b""  # quiet in a pipe: no progress line
+    assert drain(queue_dir) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_waits_for_running_commands_and_gives_back_the_rest(
+    queue_dir: pathlib.Path, tmp_path: pathlib.Path, signum: int
+) -> None:
+    fill(queue_dir, *(b"%d" % number for number in range(6)))
+    log = tmp_path / "log"
+    log.touch()
+    script = f'read x; echo "start $x" >> {log}; sleep 0.5; echo "end $x" >> {log}'
+    # A new session: the signal reaches segq only, as it would from kill(1); Ctrl-C's
+    # process-group SIGINT is kept from the commands by their own process group.
+    worker = segq_command("work", queue_dir, "-j", 2, "--", "sh", "-c", script, start_new_session=True)
+    wait_for(lambda: log.read_bytes().count(b"start") == 2, "two commands to start")
+    os.killpg(worker.pid, signum)  # what a terminal's Ctrl-C does: the whole foreground group
+    worker.communicate(timeout=PATIENCE)
+    assert worker.returncode == 128 + signum
+    lines = log.read_bytes().splitlines()
+    started = sorted(line.split()[1] for line in lines if line.startswith(b"start"))
+    ended = sorted(line.split()[1] for line in lines if line.startswith(b"end"))
+    assert started == ended and len(started) == 2
+    assert sorted(drain(queue_dir)) == sorted(set(b"%d" % n for n in range(6)) - set(ended))
+
+
+def test_work_refuses_a_command_that_does_not_exist(queue_dir: pathlib.Path) -> None:
+    fill(queue_dir, b"x")
+    result = run_segq("work", queue_dir, "--", "no-such-command-anywhere")
+    assert result.returncode == 2
+    assert b"no-such-command-anywhere: command not found" in result.stderr
+    assert b"Traceback" not in result.stderr
+    assert drain(queue_dir) == [b"x"]
+
+
+def test_work_without_a_command_is_a_usage_error(queue_dir: pathlib.Path) -> None:
+    fill(queue_dir, b"x")
+    result = run_segq("work", queue_dir)
+    assert result.returncode == 2
