@@ -89,7 +89,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ._control import DATA_WAITERS, DEFAULT_SEGMENT_SIZE, ROOM_WAITERS
+from ._control import CLAIM_WAITERS, DATA_WAITERS, DEFAULT_SEGMENT_SIZE, ROOM_WAITERS
 from ._format import HEADER_SIZE, as_payload
 from ._jobs import Job, JobBatch, JobState, reason_of
 from ._segment import StrPath
@@ -125,9 +125,10 @@ class _LoopWait:
     removed and the flag lowered before it returns or raises.
     """
 
-    def __init__(self, waiter: Callable[[], Waiter], region: int, what: str) -> None:
+    def __init__(self, waiter: Callable[[], Waiter], region: int, what: str, group: int = 0) -> None:
         self._get_waiter = waiter
         self._region = region
+        self._group = group  # the group tag a claimer waits under (CLAIM_WAITERS)
         self._what = what  # for the error when two tasks wait at once
         self._woken: asyncio.Future[bool] | None = None
         self.active = False
@@ -158,7 +159,7 @@ class _LoopWait:
         waiter = self._get_waiter()
         self.active = True
         try:
-            waiter.raise_flag(self._region)
+            waiter.raise_flag(self._region, self._group)
             woken = False
             while not self._stopped:
                 if ready():  # after raising the flag: a send now is sure to wake us
@@ -847,7 +848,9 @@ class AsyncWorkQueue(_LoopOwner):
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="segq-aio-group") if policy == 0.0 else None
         )
         # One task at a time watches the FIFO; the others wait for its wait to end.
-        self._wait = _LoopWait(self._queue._claim_waiter, DATA_WAITERS, f"work queue group {self.group!r}")
+        self._wait = _LoopWait(
+            self._queue._claim_waiter, CLAIM_WAITERS, f"work queue group {self.group!r}", self._queue._group_tag
+        )
         self._close_blocking = self._queue.close
         self._turn_over: asyncio.Future[bool] | None = None
 
@@ -915,6 +918,10 @@ class AsyncWorkQueue(_LoopOwner):
                 for fd in plan.pidfds:
                     pidfds.append(os.dup(fd))
                 await self._wait.until(plan.ready, deadline, fds=pidfds, wake_at=wake_at)
+            except asyncio.CancelledError:
+                # This claimer may have been the one a job woke: pass the turn on.
+                self._queue._pass_wake_on()
+                raise
             finally:
                 for fd in pidfds:
                     os.close(fd)

@@ -362,6 +362,7 @@ def _claim(work_queue: WorkQueue, count: int, pipe: _StopPipe) -> list[Job]:
             pass
         work_queue._wait(None, also=(pipe.read_fd,))
         pipe.drain()
+    work_queue._pass_wake_on()  # this worker may have been the one a job woke
     return []
 
 

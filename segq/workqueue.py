@@ -45,7 +45,7 @@ import zlib
 from types import TracebackType
 from typing import Callable, Iterator, NamedTuple, Sequence
 
-from . import _journal
+from . import _journal, _wake
 from ._claims import (
     ACK_ONE,
     CLAIM_BODY,
@@ -65,7 +65,7 @@ from ._claims import (
     load_state,
     replay,
 )
-from ._control import DATA_WAITERS, DATA_WAITING, TAIL, WORD, Control
+from ._control import CLAIM_WAITERS, DATA_WAITING, TAIL, WORD, Control
 from ._deadletter import DeadLetter, dead_letter_path, dead_letter_segment_size
 from ._format import HEADER_SIZE
 from ._groupadmin import GroupRecovery, group_dir, group_info, list_groups, recover_group, requeue_dead
@@ -76,7 +76,7 @@ from ._liveness import Liveness, my_owner
 from ._reader import RecordReader
 from ._segment import StrPath, os_error, segment_path
 from ._state import Position, check_name, cursor_path, delete_consumed_segments, register_cursor
-from ._wake import Waiter, Waker
+from ._wake import Waiter, Waker, group_tag
 from .errors import ClaimLost, Closed, CorruptionError, Empty, Locked, SegqError, UsageError
 from .sender import Sender, SyncPolicy, parse_sync
 
@@ -208,6 +208,7 @@ class WorkQueue:
         self._waiters = threading.local()
         self._all_waiters: list[Waiter] = []
         self._waker = Waker(self._control)
+        self._group_tag = group_tag(self.group)  # claimers of this group wait under it
         self._dead_sender: Sender | None = None
         self._held: set[Job] = set()  # jobs handed out and not settled, given back by close()
         self._empty_probe = 0  # where the head reader stopped when the queue looked empty
@@ -514,6 +515,7 @@ class WorkQueue:
                     jobs = self._claim_waiting(now, 1, [])
                     if jobs:
                         self._held.add(jobs[0])
+                        woke = woke or self._backlog_remains(now)
                         return jobs[0]
                 reader = self._head_reader
                 reader.position = state.head
@@ -532,6 +534,7 @@ class WorkQueue:
                 state.claim(token, expires, owner, start, end, 1)
                 if state.mark != mark and (state.mark ^ mark) >> 32:
                     self._mark_left_segment()
+                woke = woke or self._backlog_remains(now)
             finally:
                 self._unlock_function(lock_argument)
         finally:
@@ -559,6 +562,7 @@ class WorkQueue:
                 self._claim_waiting(now, max_count, jobs)
             if len(jobs) < max_count:
                 self._claim_from_head(now, max_count - len(jobs), jobs)
+            woke = woke or (bool(jobs) and self._backlog_remains(now))
         finally:
             self._unlock()
             if woke:
@@ -686,8 +690,29 @@ class WorkQueue:
         log.info("%s: record at %s dead-lettered after %d attempts: %s", self.group, letter.position, attempts, reason)
 
     def _wake_claimers(self) -> None:
+        """Wake one waiting claimer of this group (work came back, or a backlog remains)."""
         if self._control.bytes[DATA_WAITING]:  # the count byte a send checks too
-            self._waker.wake(DATA_WAITERS)
+            self._waker.wake_claimer(self._group_tag)
+
+    def _backlog_remains(self, now: float) -> bool:
+        """Tell, after a claim, whether a claimer waits and there is more to claim.  Lock held.
+
+        Then the claim passes one wake-up on (``_wake``): one job wakes one
+        worker, and a backlog keeps waking them one after another.
+        """
+        if not self._control.bytes[DATA_WAITING]:
+            return False
+        state = self._state
+        if WORD.unpack_from(self._control.map, TAIL)[0] > state.head:
+            return True
+        return bool(state.waiting) and state.has_ready(now)
+
+    def _pass_wake_on(self) -> None:
+        """Wake another claimer if there is work: for a claimer that was woken but leaves without claiming."""
+        with self._thread_lock:
+            if self._closed or not self._backlog_remains(self._clock()):
+                return
+        self._wake_claimers()
 
     # -- waiting ---------------------------------------------------------
 
@@ -745,7 +770,7 @@ class WorkQueue:
             poller.register(waiter.fileno(), select.POLLIN)
         for fd in (*pidfds, *also):
             poller.register(fd, select.POLLIN)
-        waiter.raise_flag(DATA_WAITERS)
+        waiter.raise_flag(CLAIM_WAITERS, self._group_tag)
         try:
             while True:
                 if ready():
@@ -753,7 +778,8 @@ class WorkQueue:
                 now = time.monotonic()
                 if wake_at is not None and now >= wake_at:
                     return deadline is None or now < deadline
-                limit = 1.0 if wake_at is None else min(1.0, wake_at - now)
+                safety = _wake._SAFETY_SECONDS  # read each time: tests switch the safety net off
+                limit = safety if wake_at is None else min(safety, wake_at - now)
                 if waiter.fileno() < 0:
                     time.sleep(min(limit, 0.005))
                     continue
@@ -763,7 +789,7 @@ class WorkQueue:
                 if events:
                     waiter.drain()
         finally:
-            waiter.lower_flag(DATA_WAITERS)
+            waiter.lower_flag(CLAIM_WAITERS)
 
     # -- settling --------------------------------------------------------
 
