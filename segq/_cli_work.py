@@ -179,12 +179,13 @@ def register(cli: click.Group, library_warnings: Callable[[], ContextManager[Non
                   help="Seconds a command may run before it is killed and its job nacked.")
     @click.option("--max-attempts", type=click.IntRange(min=1), default=5, show_default=True,
                   help="After this many failed attempts a job goes to the dead-letter queue.")
+    @click.option("--drain", is_flag=True, help="Exit (status 0) once nothing is claimable and no command runs.")
     @click.option("--then", "then", type=click.Path(path_type=str),
                   help="Each line CMD prints becomes a job in this queue, atomically with the ack.")
     @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
     def work(
-        path: str, group: str, concurrency: int, lease: float, max_attempts: int, then: str | None,
-        command: tuple[str, ...],
+        path: str, group: str, concurrency: int, lease: float, max_attempts: int, drain: bool,
+        then: str | None, command: tuple[str, ...],
     ) -> None:
         """Run CMD once per job of the queue at PATH: a durable xargs.
 
@@ -196,7 +197,8 @@ def register(cli: click.Group, library_warnings: Callable[[], ContextManager[Non
         --then QUEUE each line CMD prints becomes a job in QUEUE, atomically
         with the ack.  SIGTERM or Ctrl-C stops claiming, waits for the
         running commands and gives back the rest (exit 128+N on signal N).
-        A progress line shows on a terminal.
+        With --drain it exits once the queue has nothing to claim.  A
+        progress line shows on a terminal.
 
         Example: segq work photos -j 4 --then uploads -- ./resize.sh
         """
@@ -217,6 +219,7 @@ def register(cli: click.Group, library_warnings: Callable[[], ContextManager[Non
                     stop=None,
                     dead_letter=None,
                     sync="never",
+                    drain=drain,
                 )
         finally:
             tally.close()

@@ -212,6 +212,7 @@ class _ThreadPool:
         self._idle = concurrency
         self._size = concurrency
         self._want_idle = False  # the loop sleeps until a thread frees up
+        self.poke_always = False  # wake the loop after every job, not only when it waits for a thread
         self._running: set[Job] = set()
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._threads = [
@@ -248,7 +249,7 @@ class _ThreadPool:
                 with self._lock:
                     self._idle += 1
                     self._running.discard(job)
-                    poke = self._want_idle
+                    poke = self._want_idle or self.poke_always
                     self._want_idle = False
                 if poke:
                     self._pipe.poke()
@@ -334,8 +335,13 @@ def serve(
     stop: threading.Event | None,
     dead_letter: StrPath | None,
     sync: SyncPolicy,
+    drain: bool = False,
 ) -> int | None:
-    """Do what ``run_worker`` does; return the signal that stopped it (None for ``stop``)."""
+    """Do what ``run_worker`` does; return the signal that stopped it (None for ``stop``).
+
+    ``drain``: also stop once nothing is claimable and no job is running
+    (``segq work --drain``).
+    """
     concurrency = _check_concurrency(concurrency)
     if not callable(handler):
         raise UsageError(f"handler must be callable, not {type(handler).__name__}")
@@ -345,42 +351,55 @@ def serve(
             path, group, lease=lease, max_attempts=max_attempts, dead_letter=dead_letter, sync=sync
         ) as work_queue:
             if concurrency == 1:
-                _serve_inline(work_queue, handler, pipe)
+                _serve_inline(work_queue, handler, pipe, drain)
             else:
-                _serve_threads(work_queue, handler, concurrency, pipe)
+                _serve_threads(work_queue, handler, concurrency, pipe, drain)
     finally:
         pipe.close()
     return pipe.signal
 
 
-def _claim(work_queue: WorkQueue, count: int, pipe: _StopPipe) -> list[Job]:
-    """Claim 1..count jobs in one transaction, sleeping until there are some; [] once stopped."""
+def _claim(
+    work_queue: WorkQueue, count: int, pipe: _StopPipe, drained: Callable[[], bool] | None = None
+) -> list[Job]:
+    """Claim 1..count jobs in one transaction, sleeping until there are some; [] once stopped.
+
+    ``drained``: called when nothing is claimable; True stops the worker.
+    """
     while not pipe.stopped:
         try:
             return work_queue.claim_batch(count, timeout=0).jobs
         except Empty:
             pass
+        if drained is not None and drained():
+            pipe.stop()
+            break
         work_queue._wait(None, also=(pipe.read_fd,))
         pipe.drain()
     work_queue._pass_wake_on()  # this worker may have been the one a job woke
     return []
 
 
-def _serve_inline(work_queue: WorkQueue, handler: Handler, pipe: _StopPipe) -> None:
+def _serve_inline(work_queue: WorkQueue, handler: Handler, pipe: _StopPipe, drain: bool) -> None:
+    drained = (lambda: True) if drain else None
     while not pipe.stopped:
-        for job in _claim(work_queue, 1, pipe):
+        for job in _claim(work_queue, 1, pipe, drained):
             _run_job(handler, job)
 
 
-def _serve_threads(work_queue: WorkQueue, handler: Handler, concurrency: int, pipe: _StopPipe) -> None:
+def _serve_threads(
+    work_queue: WorkQueue, handler: Handler, concurrency: int, pipe: _StopPipe, drain: bool
+) -> None:
     pool = _ThreadPool(handler, concurrency, pipe)
+    pool.poke_always = drain  # a finished job may be the last: the loop must look again
+    drained = (lambda: pool.idle() == concurrency) if drain else None
     try:
         while not pipe.stopped:
             idle = pool.idle()
             if not idle:
                 pipe.sleep(None)
                 continue
-            pool.submit(_claim(work_queue, idle, pipe))
+            pool.submit(_claim(work_queue, idle, pipe, drained))
     finally:
         pool.finish()
 

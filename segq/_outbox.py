@@ -1,0 +1,329 @@
+"""Follow-ups enqueued atomically with an ack: the outbox in the group journal.
+
+Theory of operation
+-------------------
+``job.ack(enqueue=[...])`` is one transaction under the group lock
+(``workqueue``), in this order:
+
+1. check that the claim is still held (if not: ``ClaimLost``, nothing written);
+2. read each target queue's tail word (``floor``: every follow-up delivered
+   from now on lands at or above it);
+3. append an OUTBOX journal entry holding the ack of the claim *and* every
+   follow-up (its bytes, options, target queue and floor).  Storing the
+   journal's end word commits the ack and the follow-ups together: this is
+   the commit point;
+4. *pin* each target queue other than the job's own at its floor
+   (``cursors/o.<source>.pos`` there: a cursor, so the target keeps its
+   segments from the floor on while it holds);
+5. deliver the follow-ups in order: each is sent into its queue carrying the
+   reserved header ``segq-from: <source>:<token>:<index>``, where
+   ``<source>`` names the (queue, group) and ``<token>`` the claim;
+6. append SENT; 7. release the pins (park them past any position); unlock.
+
+A SIGKILL before 3 leaves the claim held (it comes back like any dead
+worker's) and no follow-up.  From 3 on the ack stands and the follow-ups
+must all land: the group lock is still held by the dead process, so the
+next process to take it (the robust mutex tells it the holder died) replays
+the journal and finds the OUTBOX entry *last*.  Before doing anything else
+it finishes it: pins the targets, scans each target from the floor for
+records carrying this outbox's markers, delivers the follow-ups it did not
+find, appends SENT and releases the pins.  Finishers work under the group
+lock, one at a time; the floor bounds the scan from below and the pin keeps
+everything above the floor on disk until SENT, so a follow-up delivered
+before the crash is always found: each lands exactly once.  A SENT last in
+the journal tells the next lock holder to release the pins again (the
+releaser may have died between 6 and 7); releasing twice is harmless.
+
+The job's own queue needs no pin: the group's own low-water mark is below
+the floor, so the queue keeps those segments anyway.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+
+from ._followups import Enqueue
+from ._segment import list_segments, segment_path
+from ._state import CursorFile, register_cursor
+from .errors import SegqError, UsageError
+from .sender import Sender, SyncPolicy
+
+__all__ = [
+    "FollowUp",
+    "OutboxEntry",
+    "Outbox",
+    "FROM_HEADER",
+    "PIN_KIND",
+    "PIN_RELEASED",
+    "source_id",
+    "follow_ups",
+]
+
+#: The reserved header each delivered follow-up carries: ``<source>:<token>:<index>``.
+FROM_HEADER = "segq-from"
+#: Pins are cursors of this kind in the target queue.
+PIN_KIND = "o"
+#: A released pin's segment number: past any real one, and skipped by retention.
+PIN_RELEASED = 0xFFFF_FFFF
+
+_HEAD = struct.Struct("<QQI")  # acked record's start, claim token, follow-up count
+# target path length, floor word, run_at (NaN: none), priority, dedup key length,
+# job id length, header count, data length
+_ITEM = struct.Struct("<HQdBHHHI")
+_HEADER_ITEM = struct.Struct("<HI")  # key length, value length
+
+
+@dataclass
+class FollowUp:
+    """One follow-up as the journal keeps it: resolved target, absolute time, bytes."""
+
+    target: str  # "" for the acked job's own queue
+    data: bytes
+    run_at: float | None = None
+    priority: int = 0
+    dedup_key: str | None = None
+    job_id: str | None = None
+    headers: dict[str, bytes] = field(default_factory=dict)
+    floor: int = 0  # the target's tail word when the ack committed
+
+
+@dataclass
+class OutboxEntry:
+    """An OUTBOX journal entry: the ack of (``start``, ``token``) and its follow-ups."""
+
+    start: int
+    token: int
+    items: list[FollowUp]
+
+    def encode(self) -> bytes:
+        parts = [_HEAD.pack(self.start, self.token, len(self.items))]
+        for item in self.items:
+            target = item.target.encode("utf-8")
+            dedup = (item.dedup_key or "").encode("utf-8")
+            job_id = (item.job_id or "").encode("utf-8")
+            run_at = math.nan if item.run_at is None else item.run_at
+            parts.append(
+                _ITEM.pack(
+                    len(target), item.floor, run_at, item.priority, len(dedup), len(job_id),
+                    len(item.headers), len(item.data),
+                )
+            )
+            parts += [target, dedup, job_id]
+            for key, value in item.headers.items():
+                name = key.encode("utf-8")
+                parts += [_HEADER_ITEM.pack(len(name), len(value)), name, value]
+            parts.append(item.data)
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, body: bytes) -> "OutboxEntry":
+        """Parse an OUTBOX body; ValueError (or struct.error) on a malformed one."""
+        start, token, count = _HEAD.unpack_from(body, 0)
+        at = _HEAD.size
+        items = []
+        for _ in range(count):
+            target_size, floor, run_at, priority, dedup_size, id_size, header_count, data_size = _ITEM.unpack_from(
+                body, at
+            )
+            at += _ITEM.size
+            target = body[at : at + target_size].decode("utf-8")
+            at += target_size
+            dedup = body[at : at + dedup_size].decode("utf-8")
+            at += dedup_size
+            job_id = body[at : at + id_size].decode("utf-8")
+            at += id_size
+            headers = {}
+            for _ in range(header_count):
+                name_size, value_size = _HEADER_ITEM.unpack_from(body, at)
+                at += _HEADER_ITEM.size
+                name = body[at : at + name_size].decode("utf-8")
+                at += name_size
+                headers[name] = body[at : at + value_size]
+                at += value_size
+            data = body[at : at + data_size]
+            at += data_size
+            if len(data) != data_size:
+                raise ValueError("OUTBOX entry ends inside a follow-up")
+            items.append(
+                FollowUp(
+                    target, data, None if math.isnan(run_at) else run_at, priority, dedup or None, job_id or None,
+                    headers, floor,
+                )
+            )
+        if at != len(body):
+            raise ValueError("OUTBOX entry has bytes past its last follow-up")
+        return cls(start, token, items)
+
+    @staticmethod
+    def claim_of(body: bytes) -> tuple[int, int]:
+        """Return the (start, token) an OUTBOX body acks."""
+        start, token, _ = _HEAD.unpack_from(body, 0)
+        return start, token
+
+
+def source_id(queue_path: str, group: str) -> str:
+    """Name the (queue, group) follow-ups come from: 16 hex digits, the same from every process."""
+    key = os.path.realpath(queue_path).encode("utf-8", "surrogateescape") + b"\0" + group.encode("utf-8")
+    return hashlib.blake2b(key, digest_size=8).hexdigest()
+
+
+def follow_ups(requests: list[Enqueue], now: float) -> list[FollowUp]:
+    """Resolve what ``ack(enqueue=...)`` was given: check types, make times absolute, encode headers."""
+    items = []
+    for request in requests:
+        if not isinstance(request, Enqueue):
+            raise UsageError(f"ack(enqueue=...) takes a list of segq.Enqueue, not {type(request).__name__}")
+        run_at: float | None
+        if request.delay is not None:
+            run_at = now + float(request.delay)
+        elif isinstance(request.run_at, datetime.datetime):
+            if request.run_at.tzinfo is None:
+                raise UsageError("run_at must be an aware datetime (UTC) or epoch seconds")
+            run_at = request.run_at.timestamp()
+        elif request.run_at is not None:
+            run_at = float(request.run_at)
+        else:
+            run_at = None
+        headers = {}
+        for key, value in (request.headers or {}).items():
+            if not isinstance(key, str) or not key:
+                raise UsageError(f"header names are non-empty str, not {key!r}")
+            if key.startswith("segq-"):
+                raise UsageError(f"header name {key!r}: names starting with 'segq-' are reserved")
+            headers[key] = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        target = "" if request.queue is None else os.fspath(request.queue)
+        items.append(
+            FollowUp(target, request.data, run_at, request.priority, request.dedup_key, request.job_id, headers)
+        )
+    return items
+
+
+def _segment_size_of(path: str) -> int | None:
+    """Return the size of the queue's last segment (new ones match it), or None for a new queue."""
+    try:
+        segments = list_segments(path)
+        return os.path.getsize(segment_path(path, segments[-1])) if segments else None
+    except (OSError, SegqError):
+        return None
+
+
+class Outbox:
+    """A WorkQueue's side of delivering follow-ups: target senders, pins, delivery and the crash scan."""
+
+    def __init__(self, queue_path: str, group: str, sync: SyncPolicy) -> None:
+        self._queue_path = queue_path
+        self.source = source_id(queue_path, group)
+        self._sync = sync
+        self._senders: dict[str, Sender] = {}
+        self._pins: dict[str, CursorFile] = {}
+
+    def path_of(self, item: FollowUp) -> str:
+        return item.target or self._queue_path
+
+    def sender(self, path: str) -> Sender:
+        """Return the (cached) Sender for a target queue, creating the queue if missing."""
+        sender = self._senders.get(path)
+        if sender is None:
+            size = _segment_size_of(path)
+            if size is None:
+                sender = Sender(path, sync=self._sync)
+            else:
+                sender = Sender(path, segment_size=size, sync=self._sync)
+            self._senders[path] = sender
+        return sender
+
+    def check(self, items: list[FollowUp]) -> None:
+        """Refuse, before anything is written, a follow-up its target could never take."""
+        for item in items:
+            sender = self.sender(self.path_of(item))
+            if len(item.data) > sender.max_record_size:
+                from .errors import RecordTooLarge
+
+                raise RecordTooLarge(
+                    f"a follow-up of {len(item.data)} bytes is larger than {self.path_of(item)} accepts "
+                    f"({sender.max_record_size} bytes); nothing was acked",
+                    size=len(item.data),
+                    limit=sender.max_record_size,
+                )
+
+    def set_floors(self, items: list[FollowUp]) -> None:
+        """Record each target's tail word now: deliveries from here on land at or above it."""
+        for item in items:
+            segment, offset = self.sender(self.path_of(item))._control.tail()
+            item.floor = segment << 32 | offset
+
+    def _pin(self, path: str) -> CursorFile:
+        pin = self._pins.get(path)
+        if pin is None:
+            pin = self._pins[path] = register_cursor(path, PIN_KIND, self.source)
+        return pin
+
+    def pin(self, items: list[FollowUp]) -> None:
+        """Hold every target but the own queue at its lowest floor (its segments from there are kept)."""
+        floors: dict[str, int] = {}
+        for item in items:
+            if item.target and os.path.realpath(item.target) != os.path.realpath(self._queue_path):
+                path = self.path_of(item)
+                floors[path] = min(floors.get(path, item.floor), item.floor)
+        for path, floor in floors.items():
+            self._pin(path).write_at(floor >> 32, floor & 0xFFFF_FFFF)
+
+    def release(self, items: list[FollowUp]) -> None:
+        """Park the pins past every position: they hold nothing back any more."""
+        for item in items:
+            if item.target and os.path.realpath(item.target) != os.path.realpath(self._queue_path):
+                pin = self._pin(self.path_of(item))
+                if pin.position.segment != PIN_RELEASED:
+                    pin.write_at(PIN_RELEASED, 0)
+
+    def marker(self, token: int, index: int) -> bytes:
+        return f"{self.source}:{token}:{index}".encode()
+
+    def deliver(self, entry: OutboxEntry, skip: set[int]) -> None:
+        """Send every follow-up of ``entry`` not in ``skip`` into its queue, in order, with its marker."""
+        for index, item in enumerate(entry.items):
+            if index in skip:
+                continue
+            headers = dict(item.headers)
+            headers[FROM_HEADER] = self.marker(entry.token, index)
+            _send(self.sender(self.path_of(item)), item, headers)
+
+    def delivered(self, entry: OutboxEntry) -> set[int]:
+        """Return the indices of ``entry``'s follow-ups already in their queues (scanning up from the floors)."""
+        found: set[int] = set()
+        prefix = f"{self.source}:{entry.token}:".encode()
+        floors: dict[str, int] = {}
+        for item in entry.items:
+            path = self.path_of(item)
+            floors[path] = min(floors.get(path, item.floor), item.floor)
+        for path, floor in floors.items():
+            for marker in _markers_from(self.sender(path), floor):
+                if marker.startswith(prefix):
+                    try:
+                        found.add(int(marker[len(prefix) :]))
+                    except ValueError:
+                        continue
+        return found
+
+    def close(self) -> None:
+        for sender in self._senders.values():
+            sender.close()
+        self._senders.clear()
+        for pin in self._pins.values():
+            pin.close()
+        self._pins.clear()
+
+
+def _send(sender: Sender, item: FollowUp, headers: dict[str, bytes]) -> None:
+    """Send one follow-up with its options and headers."""
+    raise NotImplementedError("delivery with headers arrives with the record-header format")
+
+
+def _markers_from(sender: Sender, floor: int) -> list[bytes]:
+    """Return the ``segq-from`` header of every record of the sender's queue from ``floor`` on."""
+    raise NotImplementedError("the scan arrives with the record-header format")
