@@ -173,7 +173,8 @@ def test_work_without_a_command_is_a_usage_error(queue_dir: pathlib.Path) -> Non
 def test_drain_exits_once_the_queue_is_empty(queue_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
     fill(queue_dir, *(b"%d" % number for number in range(20)))
     out = tmp_path / "out"
-    result = run_segq("work", queue_dir, "-j", 3, "--drain", "--", "sh", "-c", f"cat >> {out}; echo >> {out}")
+    out.mkdir()
+    result = run_segq("work", queue_dir, "-j", 3, "--drain", "--", "sh", "-c", f'cat > {out}/"$SEGQ_JOB_ID"')
     assert result.returncode == 0, result.stderr
-    assert sorted(out.read_bytes().split()) == sorted(b"%d" % number for number in range(20))
+    assert sorted(path.read_bytes() for path in out.iterdir()) == sorted(b"%d" % number for number in range(20))
     assert drain(queue_dir) == []
