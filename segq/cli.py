@@ -13,6 +13,7 @@ records it wrote.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import itertools
 import json
@@ -21,8 +22,11 @@ import os
 import select
 import signal
 import stat
+import struct
 import sys
+import termios
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import IO, Any, ClassVar, NoReturn, TypeVar
@@ -326,10 +330,16 @@ class _Stream:
         return os.read(self.fd, 1 << 20)
 
     def write(self, data: bytes) -> int:
-        """Write ``data``; return how much was written when a signal stopped it (all of it otherwise)."""
+        """Write ``data``; return how much was written when a signal stopped it (all of it otherwise).
+
+        Raises ``_WriteFailed`` (saying how much went out) when the reader closed its end.
+        """
         if self.fd is None:
-            self.stream.write(data)
-            self.stream.flush()
+            try:
+                self.stream.write(data)
+                self.stream.flush()
+            except BrokenPipeError:
+                raise _WriteFailed(0) from None
             return len(data)
         written = 0
         with memoryview(data) as view:
@@ -338,8 +348,19 @@ class _Stream:
                     self._wait(select.POLLOUT)
                 except _Stopped:
                     return written
-                written += os.write(self.fd, view[written : written + self.piece])
+                try:
+                    written += os.write(self.fd, view[written : written + self.piece])
+                except BrokenPipeError:
+                    raise _WriteFailed(written) from None
         return written
+
+
+class _WriteFailed(Exception):
+    """The reader closed the output after ``written`` bytes of a write went out."""
+
+    def __init__(self, written: int) -> None:
+        super().__init__(written)
+        self.written = written
 
 
 def _send_stream(sender: Sender, stdin: _Stream, separator: bytes) -> None:
@@ -383,48 +404,219 @@ def _send_records(sender: Sender, records: list[bytes]) -> None:
     type=click.FloatRange(min=0),
     help="Stop when no record arrives for this many seconds (default: at once without --follow).",
 )
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    help="Write up to N records before they are delivered, committed together once all are "
+    "[default: 1 into a pipe or with --ack-fd, 1000 into a file].",
+)
+@click.option(
+    "--ack-fd",
+    "ack_fd",
+    type=click.IntRange(min=0),
+    help="Commit a record only once acknowledged: one newline read from file descriptor FD per record, in order.",
+)
 @_framing_options
-def recv(path: str, name: str, count: int | None, follow: bool, timeout: float | None, framing: str) -> None:
+def recv(
+    path: str,
+    name: str,
+    count: int | None,
+    follow: bool,
+    timeout: float | None,
+    batch: int | None,
+    ack_fd: int | None,
+    framing: str,
+) -> None:
     """Print what a receiver has not committed yet, one record per line.
 
-    A record is committed only after it was written to stdout, so a
-    consumer killed mid-pipe loses nothing: what it had not written comes
-    again.  SIGTERM or SIGINT stops it with every record it wrote committed
-    (exit 128+N on signal N).  Without --follow it stops when the queue is
-    empty; when stdout is closed it exits quietly with status 0.
+    \b
+    A record is committed only once it is delivered:
+      into a file or device  when the write of it returned;
+      into a pipe            when the reader has read it out of the pipe;
+      with --ack-fd FD       when the reader acknowledged it on FD.
+    What was not delivered comes again, so `segq recv q | head -1` takes
+    one record per run.  recv writes at most --batch records ahead of
+    what was delivered and commits them together once all are (a signal
+    or a reader that goes away commits exactly the delivered ones).
+    SIGTERM or SIGINT stops it that way (exit 128+N on signal N).
+    Without --follow it stops when the queue is empty; when stdout (or
+    the acknowledgement descriptor) is closed it exits quietly with status 0.
     """
     if not follow and not os.path.isdir(path):
         raise CommandError(f"no queue at {path} (use --follow to wait for one to be created)")
     separator = _SEPARATORS[framing]
     wait = timeout if timeout is not None else (None if follow else 0.0)
     stdout = _Stream(sys.stdout.buffer, signals := _Signals())
+    delivery = _delivery(stdout, ack_fd)
     with _library_warnings(), signals:
         try:
             with Receiver(path, name) as receiver:
-                _receive(receiver, stdout, separator, count, wait)
+                _receive(receiver, delivery, separator, count, wait, batch or delivery.default_batch)
         except _Stopped as stop:
             _exit_for_signal(stop.signum)
-        except BrokenPipeError:
+        except _ReaderGone:
             _quiet_stdout()
 
 
-def _receive(receiver: Receiver, stdout: _Stream, separator: bytes, count: int | None, wait: float | None) -> None:
+class _ReaderGone(Exception):
+    """The reader closed its end (stdout, or the acknowledgement descriptor)."""
+
+
+class _Delivery:
+    """Records written to stdout count as delivered once the write returned (a file or a device).
+
+    ``deliver`` writes a batch and returns how many of its records were
+    delivered: all of them, unless a signal arrived (then ``stopped`` is
+    set) or the reader went away (``gone``).
+    """
+
+    default_batch = 1000
+
+    def __init__(self, stdout: _Stream) -> None:
+        self.stdout = stdout
+        self.stopped: int | None = None
+        self.gone = False
+
+    def deliver(self, framed: list[bytes]) -> int:
+        return _whole(framed, self._write(b"".join(framed)))
+
+    def _write(self, data: bytes) -> int:
+        try:
+            written = self.stdout.write(data)
+        except _WriteFailed as failure:
+            self.gone = True
+            return failure.written
+        if written < len(data):
+            self.stopped = self.stdout.signals.received or signal.SIGTERM
+        return written
+
+    def finish(self) -> NoReturn:
+        """Raise what ended delivery early: ``_Stopped`` for a signal, ``_ReaderGone`` for a closed reader."""
+        if self.stopped is not None:
+            raise _Stopped(self.stopped)
+        raise _ReaderGone()
+
+
+def _whole(framed: list[bytes], written: int) -> int:
+    """Return how many of the ``framed`` records lie wholly within the first ``written`` bytes."""
+    return sum(1 for end in itertools.accumulate(map(len, framed)) if end <= written)
+
+
+class _PipeDelivery(_Delivery):
+    """Records written into a pipe count as delivered once the reader has read them out of it.
+
+    Bytes still in the pipe when the reader exits are lost with it, so a
+    batch is committed only when the pipe is empty again (``FIONREAD`` on
+    the write end says how much is unread).  With one record in flight at
+    a time, a reader that reads ahead and exits (``head -1``) takes one.
+    """
+
+    default_batch = 1
+    _LONGEST_NAP = 0.02  # seconds between looks at a slow reader's pipe
+
+    def deliver(self, framed: list[bytes]) -> int:
+        written = self._write(b"".join(framed))
+        return _whole(framed, written - self._unread_after_wait())
+
+    def _unread_after_wait(self) -> int:
+        """Wait until the reader has read everything (or went away, or a signal came); return what is unread."""
+        fd = self.stdout.fd
+        assert fd is not None
+        poller = select.poll()
+        poller.register(fd, 0)  # POLLERR alone: the reader closed its end
+        nap = 0.0
+        spins = 0
+        while True:
+            unread = _unread(fd)
+            if unread == 0 or self.gone or self.stopped is not None:
+                return unread
+            if poller.poll(0):
+                self.gone = True
+                continue
+            try:
+                with self.stdout.signals.interruptible():
+                    if spins < 64:
+                        # A reader on another core usually empties the pipe
+                        # within microseconds; yield before sleeping.
+                        spins += 1
+                        os.sched_yield()
+                    else:
+                        nap = min(max(nap * 2, 0.0001), self._LONGEST_NAP)
+                        time.sleep(nap)
+            except _Stopped as stop:
+                self.stopped = stop.signum
+
+
+def _unread(fd: int) -> int:
+    count: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    return count
+
+
+class _AckDelivery(_Delivery):
+    """Records count as delivered once the reader acknowledged them: one newline on ``ack_fd`` per record."""
+
+    default_batch = 1
+
+    def __init__(self, stdout: _Stream, ack_fd: int) -> None:
+        super().__init__(stdout)
+        self.ack_fd = ack_fd
+
+    def deliver(self, framed: list[bytes]) -> int:
+        written = _whole(framed, self._write(b"".join(framed)))
+        acked = 0
+        poller = select.poll()
+        poller.register(self.ack_fd, select.POLLIN)
+        while acked < written and self.stopped is None:
+            try:
+                with self.stdout.signals.interruptible():
+                    poller.poll()
+            except _Stopped as stop:
+                self.stopped = stop.signum
+                break
+            acks = os.read(self.ack_fd, 1 << 16)
+            if not acks:
+                self.gone = True
+                break
+            acked += acks.count(b"\n")
+        if acked > written:
+            raise CommandError(
+                f"{acked} acknowledgements on file descriptor {self.ack_fd} for {written} records written: "
+                "send one newline per record, after reading it"
+            )
+        return acked
+
+
+def _delivery(stdout: _Stream, ack_fd: int | None) -> _Delivery:
+    """Pick how delivery is known: acknowledgements, an emptied pipe, or a returned write."""
+    if ack_fd is not None:
+        try:
+            os.fstat(ack_fd)
+        except OSError as error:
+            raise click.BadParameter(f"file descriptor {ack_fd} is not open ({error.strerror})", param_hint="--ack-fd")
+        return _AckDelivery(stdout, ack_fd)
+    if stdout.fd is not None and stat.S_ISFIFO(os.fstat(stdout.fd).st_mode):
+        return _PipeDelivery(stdout)
+    return _Delivery(stdout)
+
+
+def _receive(
+    receiver: Receiver, delivery: _Delivery, separator: bytes, count: int | None, wait: float | None, batch_size: int
+) -> None:
     remaining = count
     while remaining is None or remaining > 0:
         try:
-            with stdout.signals.interruptible():
-                batch = receiver.recv_batch(min(remaining or 1000, 1000), timeout=wait)
+            with delivery.stdout.signals.interruptible():
+                batch = receiver.recv_batch(min(remaining or batch_size, batch_size), timeout=wait)
         except Empty:
             return
-        framed = [message.data + separator for message in batch]
-        written = stdout.write(b"".join(framed))
-        if written < sum(map(len, framed)):
-            # Stopped by a signal mid-batch: commit exactly the records written whole.
-            whole = sum(1 for end in itertools.accumulate(map(len, framed)) if end <= written)
+        delivered = delivery.deliver([message.data + separator for message in batch])
+        if delivered < len(batch):
+            # Commit exactly the records delivered; the rest come again.
             batch.rollback()
-            if whole:
-                receiver.recv_batch(whole, timeout=0).commit()
-            raise _Stopped(stdout.signals.received or signal.SIGTERM)
+            while delivered:
+                delivered -= len(part := receiver.recv_batch(delivered, timeout=0))
+                part.commit()
+            delivery.finish()
         batch.commit()
         if remaining is not None:
             remaining -= len(batch)
