@@ -18,6 +18,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import select
 import signal
@@ -35,10 +36,13 @@ import click
 
 from . import __version__, recovery
 from ._control import DEFAULT_SEGMENT_SIZE
+from ._inspect import existing_queue, receiver_lock_path
+from ._scan import position_json
 from ._segment import list_segments, segment_path
+from ._state import check_name, list_cursors
 from .errors import Empty, SegqError
 from .receiver import Receiver
-from .sender import Sender
+from .sender import _MIN_SEGMENT_SIZE, Sender
 
 __all__ = ["cli", "main"]
 
@@ -101,6 +105,11 @@ def _size(count: float) -> str:
             return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"
         count /= 1024
     raise AssertionError("unreachable")
+
+
+def _count(number: int, noun: str) -> str:
+    """Return ``number`` with thousands separators and ``noun`` in the right number: "1 record", "2,000 records"."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
 def _where(queue_dir: str, path: str) -> str:
@@ -193,6 +202,20 @@ def _exit_for_signal(signum: int) -> NoReturn:
     raise SystemExit(128 + signum)
 
 
+class _NameParam(click.ParamType[str]):
+    """A receiver or group name, checked as the library checks it (a bad one is bad usage: exit 2)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.name = what.split()[0].upper()
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return check_name(value, self.what)
+        except SegqError as error:
+            self.fail(str(error), param, ctx)
+
+
 def _queue_argument(command: _Command) -> _Command:
     return click.argument("path", type=click.Path(path_type=str))(command)
 
@@ -211,7 +234,13 @@ def _framing_options(command: _Command) -> _Command:
 
 
 class _SizeParam(click.ParamType[int]):
+    """A byte count with an optional unit (64K, 64MiB), from ``minimum`` up to but not including ``limit``."""
+
     name = "size"
+
+    def __init__(self, minimum: int = 0, limit: int | None = None) -> None:
+        self.minimum = minimum
+        self.limit = limit
     _UNITS: ClassVar[dict[str, int]] = {
         "": 1,
         "k": 1 << 10,
@@ -228,9 +257,13 @@ class _SizeParam(click.ParamType[int]):
         text = str(value).strip().lower()
         digits = text.rstrip("kmgib")
         try:
-            return int(digits) * self._UNITS[text[len(digits) :]]
+            size = int(digits) * self._UNITS[text[len(digits) :]]
         except (ValueError, KeyError):
             self.fail(f"{value!r} is not a size (examples: 65536, 64K, 64MiB)", param, ctx)
+        if size < self.minimum or (self.limit is not None and size >= self.limit):
+            top = f" and below {_size(self.limit)}" if self.limit is not None else ""
+            self.fail(f"{value!r}: use at least {self.minimum} bytes{top}", param, ctx)
+        return size
 
 
 class _SyncParam(click.ParamType["str | float"]):
@@ -243,7 +276,7 @@ class _SyncParam(click.ParamType["str | float"]):
             seconds = float(value)
         except ValueError:
             seconds = -1.0
-        if seconds <= 0:
+        if not 0 < seconds < math.inf:  # also refuses nan
             self.fail(f"{value!r}: use never, always or a number of seconds > 0", param, ctx)
         return seconds
 
@@ -253,7 +286,7 @@ class _SyncParam(click.ParamType["str | float"]):
 @_framing_options
 @click.option(
     "--segment-size",
-    type=_SizeParam(),
+    type=_SizeParam(_MIN_SEGMENT_SIZE, 1 << 32),  # offsets in a segment are 32-bit
     help="Size of new segment files [default: the queue's, or 64MiB for a new queue].",
 )
 @click.option(
@@ -396,7 +429,13 @@ def _send_records(sender: Sender, records: list[bytes]) -> None:
 
 @cli.command()
 @_queue_argument
-@click.option("--name", default="default", show_default=True, help="Receiver name: each name sees every record.")
+@click.option(
+    "--name",
+    type=_NameParam("receiver name"),
+    default="default",
+    show_default=True,
+    help="Receiver name: each name sees every record.",
+)
 @click.option("-n", "--count", type=click.IntRange(min=1), help="Stop after N records.")
 @click.option("-f", "--follow", is_flag=True, help="Keep waiting for new records (until -n, --timeout or a signal).")
 @click.option(
@@ -636,14 +675,20 @@ def _quiet_stdout() -> None:
 @cli.command()
 @_queue_argument
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (stable keys) instead of text.")
-def info(path: str, as_json: bool) -> None:
+@click.option("--scan", is_flag=True, help="Also count records: reads every byte (a progress bar on a terminal).")
+def info(path: str, as_json: bool, scan: bool) -> None:
     """Describe a queue: segments, bytes, backlogs, lock holders.
 
-    Each consumer's backlog counts the records (and bytes) it has not
-    committed; each lock file names its PID and whether that process lives.
+    Each consumer's backlog is the bytes it has not committed (and, with
+    --scan, the records); each lock file names its PID and whether that
+    process lives.  Without --scan it reads no record, so it is quick on
+    any queue; JSON record counts are then null.  Needs only read access.
     """
-    with _progress("counting", recovery.queue_bytes(path)) as progress:
-        snapshot = recovery.info(path, progress=progress)
+    if scan:
+        with _progress("counting", recovery.queue_bytes(path)) as progress:
+            snapshot = recovery.info(path, scan=True, progress=progress)
+    else:
+        snapshot = recovery.info(path)
     if as_json:
         _print_json(snapshot.to_json())
         return
@@ -651,25 +696,34 @@ def info(path: str, as_json: bool) -> None:
     numbers = f" ({segments[0][0]}..{segments[-1][0]})" if len(segments) > 1 else ""
     click.echo(f"queue      {snapshot.path} (format {snapshot.format_version})")
     click.echo(
-        f"segments   {len(segments)}{numbers}, {_size(snapshot.segment_bytes)} in files, "
+        f"segments   {_count(len(segments), 'segment')}{numbers}, {_size(snapshot.segment_bytes)} in files, "
         f"{_size(snapshot.bytes_on_disk)} on disk"
     )
-    click.echo(f"records    {snapshot.records:,} retained; the tail is at {snapshot.tail}")
+    data = _size(sum(size for _, _, size in segments))
+    if snapshot.records is None:
+        click.echo(f"records    {data} retained (`--scan` counts them); the tail is at {snapshot.tail}")
+    else:
+        click.echo(f"records    {_count(snapshot.records, 'record')} ({data}) retained; the tail is at {snapshot.tail}")
     if not snapshot.consumers:
         click.echo("consumers  none registered (a new receiver starts at the oldest record)")
     for consumer in snapshot.consumers:
         label = f"{consumer.kind:<9}  {consumer.name}"
         if consumer.position is None:
             click.echo(f"{label}: metadata unreadable ({consumer.problem}); run `segq recover`")
+        elif consumer.backlog_records is None:
+            click.echo(f"{label} at {consumer.position}: {_size(consumer.backlog_bytes)} not committed")
         else:
             click.echo(
-                f"{label} at {consumer.position}: {consumer.backlog_records:,} records "
+                f"{label} at {consumer.position}: {_count(consumer.backlog_records, 'record')} "
                 f"({_size(consumer.backlog_bytes)}) not committed"
             )
     for holder in snapshot.locks:
         state = "alive" if holder.alive else "dead: `segq unlock` removes it"
         click.echo(f"lock       {_where(snapshot.path, holder.path)}  PID {holder.pid} ({state})  {holder.what}")
     for group in snapshot.groups:
+        if "problem" in group:
+            click.echo(f"group      {group['group']}: cannot be read ({group['problem']})")
+            continue
         click.echo(
             f"group      {group.get('group')}: {len(group.get('claims', []))} claims in flight, "
             f"{len(group.get('waiting', []))} waiting, {group.get('dead_letters_pending', 0)} dead letters pending"
@@ -692,7 +746,8 @@ def verify(path: str, as_json: bool) -> None:
         _print_json(report.to_json())
     else:
         click.echo(
-            f"verified {report.path}: {report.segments} segments, {report.records:,} records, {_size(report.bytes)}"
+            f"verified {report.path}: {_count(report.segments, 'segment')}, {_count(report.records, 'record')}, "
+            f"{_size(report.bytes)}"
         )
         for damage in report.damaged:
             click.echo(
@@ -717,7 +772,13 @@ def verify(path: str, as_json: bool) -> None:
 
 @cli.command()
 @_queue_argument
-@click.option("--name", default="default", show_default=True, help="The receiver whose position to recover.")
+@click.option(
+    "--name",
+    type=_NameParam("receiver name"),
+    default="default",
+    show_default=True,
+    help="The receiver whose position to recover.",
+)
 @click.option("--loss", is_flag=True, help="Skip the rest of a damaged segment instead of stopping at it.")
 @click.option("--dry-run", is_flag=True, help="Report what would be done; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as a JSON object (stable keys).")
@@ -767,7 +828,7 @@ def _print_recovery(report: recovery.RecoveryReport) -> None:
         change = "unchanged" if previous == position else f"was {previous or 'unreadable'}"
         click.echo(f"  receiver   {name!r} starts at {position} ({change})")
     if report.strategy == "loss":
-        click.echo(f"  dropped    {report.dropped_records:,} records ({_size(report.dropped_bytes)})")
+        click.echo(f"  dropped    {_count(report.dropped_records, 'record')} ({_size(report.dropped_bytes)})")
     if report.deleted_segments:
         click.echo(f"  deleted    segments {', '.join(map(str, report.deleted_segments))}")
     for note in report.notes:
@@ -778,7 +839,13 @@ def _print_recovery(report: recovery.RecoveryReport) -> None:
 
 @cli.command("requeue-dead")
 @_queue_argument
-@click.option("--group", default="default", show_default=True, help="The work-queue group whose dead letters to requeue.")
+@click.option(
+    "--group",
+    type=_NameParam("group name"),
+    default="default",
+    show_default=True,
+    help="The work-queue group whose dead letters to requeue.",
+)
 @click.option("--dead-letter", "dead_letter", type=click.Path(), default=None, help="The dead-letter queue, if not PATH/dead/GROUP.")
 @click.option("-n", "--count", type=click.IntRange(min=1), default=None, help="Requeue at most N letters.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (stable keys) instead of text.")
@@ -789,13 +856,145 @@ def requeue_dead(path: str, group: str, dead_letter: str | None, count: int | No
     letter is committed in the dead-letter queue (read with its "default"
     receiver).  A crash mid-way can requeue a letter twice, never lose one.
     """
-    from . import workqueue
-
-    moved = workqueue.requeue_dead(path, group, dead_letter=dead_letter, limit=count)
+    groups = _group_admin()
+    queue_dir = existing_queue(path)
+    if dead_letter is None:
+        _require_group(queue_dir, group)
+    elif not os.path.isdir(dead_letter):
+        raise CommandError(f"no dead-letter queue at {dead_letter}")
+    moved = groups.requeue_dead(queue_dir, group, dead_letter=dead_letter, limit=count)
     if as_json:
         _print_json({"group": group, "requeued": moved})
     else:
-        click.echo(f"requeued {moved} dead letter{'s' if moved != 1 else ''} of group {group!r}")
+        click.echo(f"requeued {_count(moved, 'dead letter')} of group {group!r}")
+
+
+# -- consumers: receivers and work-queue groups ------------------------------------------------
+
+
+def _group_admin() -> Any:
+    """Return the module of the work-queue group admin calls (list_groups, group_info, requeue_dead)."""
+    from . import _groupadmin  # the one place that says where the group admin lives
+
+    return _groupadmin
+
+
+def _require_group(queue_dir: str, group: str) -> None:
+    known = _group_admin().list_groups(queue_dir)
+    if group not in known:
+        listed = f"its groups: {', '.join(known)}" if known else "it has none"
+        raise CommandError(f"{queue_dir} has no work-queue group {group!r} ({listed})")
+
+
+@cli.command()
+@_queue_argument
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (stable keys) instead of text.")
+def receivers(path: str, as_json: bool) -> None:
+    """List the queue's receivers: position, lag, and who has each open.
+
+    The lag is the bytes a receiver has not committed (no record is read).
+    A receiver that no one reads pins every segment from its position on:
+    `segq remove-receiver` unregisters it.
+    """
+    snapshot = recovery.info(path)
+    holders = {holder.path: holder for holder in snapshot.locks}
+    rows: list[dict[str, Any]] = []
+    for consumer in snapshot.consumers:
+        if consumer.kind != "receiver":
+            continue
+        holder = holders.get(receiver_lock_path(snapshot.path, consumer.name))
+        rows.append(
+            {
+                "name": consumer.name,
+                "position": None if consumer.position is None else position_json(consumer.position),
+                "lag_bytes": consumer.backlog_bytes,
+                "holder": None if holder is None else {"pid": holder.pid, "alive": holder.alive},
+                "problem": consumer.problem,
+            }
+        )
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        click.echo(f"no receivers registered in {snapshot.path}")
+    for row in rows:
+        holder = row["holder"]
+        state = "not open" if holder is None else f"{'open by' if holder['alive'] else 'dead'} PID {holder['pid']}"
+        if row["problem"] is not None:
+            click.echo(f"{row['name']}: metadata unreadable ({row['problem']}); {state}")
+            continue
+        position = f"segment {row['position']['segment']} offset {row['position']['offset']}"
+        click.echo(f"{row['name']}: at {position}, {_size(row['lag_bytes'])} behind; {state}")
+
+
+@cli.command("remove-receiver")
+@_queue_argument
+@click.argument("name", type=_NameParam("receiver name"))
+def remove_receiver(path: str, name: str) -> None:
+    """Unregister receiver NAME, so it no longer holds back segment deletion.
+
+    Segments every other consumer has passed are deleted.  Refuses, naming
+    the PID, while a live process has that receiver open.
+    """
+    queue_dir = existing_queue(path)
+    names = [found for kind, found, _ in list_cursors(queue_dir) if kind == "r"]
+    if name not in names:
+        listed = f"its receivers: {', '.join(names)}" if names else "it has none"
+        raise CommandError(f"{queue_dir} has no receiver {name!r} ({listed})")
+    before = set(list_segments(queue_dir))
+    Receiver.remove(queue_dir, name)
+    deleted = sorted(before - set(list_segments(queue_dir)))
+    click.echo(f"removed receiver {name!r} from {queue_dir}")
+    if deleted:
+        click.echo(f"deleted segments {', '.join(map(str, deleted))}")
+
+
+@cli.command()
+@_queue_argument
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (stable keys) instead of text.")
+def groups(path: str, as_json: bool) -> None:
+    """List the queue's work-queue groups: claims in flight, retries, dead letters, lag.
+
+    `segq remove-group` unregisters one that no worker uses any more.
+    """
+    snapshot = recovery.info(path)
+    lags = {consumer.name: consumer.backlog_bytes for consumer in snapshot.consumers if consumer.kind == "group"}
+    rows = [{**group, "lag_bytes": lags.get(group["group"])} for group in snapshot.groups]
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        click.echo(f"no work-queue groups in {snapshot.path}")
+    for row in rows:
+        if "problem" in row:
+            click.echo(f"{row['group']}: cannot be read ({row['problem']})")
+            continue
+        lag = "" if row["lag_bytes"] is None else f", {_size(row['lag_bytes'])} behind"
+        click.echo(
+            f"{row['group']}: {_count(len(row['claims']), 'claim')} in flight, {len(row['waiting']):,} waiting to retry, "
+            f"{_count(row['dead_letters_pending'], 'dead letter')} pending{lag}; {'open' if row['open'] else 'not open'}"
+        )
+
+
+@cli.command("remove-group")
+@_queue_argument
+@click.argument("group", type=_NameParam("group name"))
+def remove_group(path: str, group: str) -> None:
+    """Unregister work-queue GROUP: its claims and attempts are dropped, its dead letters kept.
+
+    Segments every other consumer has passed are deleted.  Refuses while a
+    live process has a WorkQueue of the group open.
+    """
+    from . import WorkQueue
+
+    queue_dir = existing_queue(path)
+    _require_group(queue_dir, group)
+    before = set(list_segments(queue_dir))
+    WorkQueue.remove(queue_dir, group)
+    deleted = sorted(before - set(list_segments(queue_dir)))
+    click.echo(f"removed group {group!r} from {queue_dir}")
+    if deleted:
+        click.echo(f"deleted segments {', '.join(map(str, deleted))}")
 
 
 @cli.command()
@@ -830,9 +1029,10 @@ def clear(path: str, yes: bool) -> None:
     """
     if not yes and sys.stdin.isatty() and sys.stdout.isatty():
         click.confirm(f"Drop every record in {path}?", abort=True)
-    report = recovery.clear(path)
+    with _progress("clearing", recovery.queue_bytes(path)) as progress:
+        report = recovery.clear(path, progress=progress)
     moved = ", ".join(f"{name!r} now at {position}" for name, position in report.receivers.items())
-    click.echo(f"cleared {report.path}: dropped {report.dropped_records:,} records" + (f"; {moved}" if moved else ""))
+    click.echo(f"cleared {report.path}: dropped {_count(report.dropped_records, 'record')}" + (f"; {moved}" if moved else ""))
     if report.deleted_segments:
         click.echo(f"deleted segments {', '.join(map(str, report.deleted_segments))}")
 
