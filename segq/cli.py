@@ -35,11 +35,12 @@ from typing import IO, Any, ClassVar, NoReturn, TypeVar
 import click
 
 from . import __version__, recovery
-from ._control import DEFAULT_SEGMENT_SIZE
+from ._control import _MAGIC as CONTROL_MAGIC
+from ._control import CONTROL_NAME, DEFAULT_SEGMENT_SIZE
 from ._inspect import existing_queue, receiver_lock_path
 from ._scan import position_json
 from ._segment import list_segments, segment_path
-from ._state import check_name, list_cursors
+from ._state import CURSOR_DIR, check_name, list_cursors
 from .errors import Empty, SegqError
 from .receiver import Receiver
 from .sender import _MIN_SEGMENT_SIZE, Sender
@@ -304,6 +305,7 @@ def send(path: str, framing: str, segment_size: int | None, sync: str | float) -
     or SIGINT stops it between records: what was read is sent, a last line
     without its newline is not.  Exits 128+N on signal N.
     """
+    _refuse_a_foreign_directory(path)
     if segment_size is None:
         segment_size = _current_segment_size(path)
     stdin = _Stream(sys.stdin.buffer, signals := _Signals())
@@ -316,6 +318,23 @@ def send(path: str, framing: str, segment_size: int | None, sync: str | float) -
                     _send_stream(sender, stdin, _SEPARATORS[framing])
         except _Stopped as stop:
             _exit_for_signal(stop.signum)
+
+
+def _refuse_a_foreign_directory(path: str) -> None:
+    """Refuse to make a queue in a directory that holds other things (and could hold a file named segq.ctl)."""
+    try:
+        entries = os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # a new queue, or a file: the Sender says so
+    if not entries or list_segments(path) or os.path.isdir(os.path.join(path, CURSOR_DIR)):
+        return
+    with contextlib.suppress(OSError), open(os.path.join(path, CONTROL_NAME), "rb") as control:
+        if control.read(len(CONTROL_MAGIC)) == CONTROL_MAGIC:
+            return
+    raise CommandError(
+        f"{path} is not a segq queue and not empty ({_count(len(entries), 'file')}, e.g. {sorted(entries)[0]!r}): "
+        "send creates a queue only in a new or empty directory"
+    )
 
 
 def _current_segment_size(path: str) -> int:

@@ -143,3 +143,132 @@ def test_recv_ack_fd_commits_exactly_the_acknowledged_records(queue_dir: pathlib
 def test_recv_ack_fd_must_be_open(queue_dir: pathlib.Path) -> None:
     send_numbers(queue_dir, 1)
     assert "--ack-fd" in fails("recv", queue_dir, "--ack-fd", 987, code=2)
+
+
+# -- consumers: list and remove ---------------------------------------------------------------
+
+
+def test_receivers_lists_lag_and_remove_receiver_frees_the_segments_a_typo_pinned(queue_dir: pathlib.Path) -> None:
+    with segq.Sender(queue_dir, segment_size=4096) as sender:
+        sender.send_batch([b"%03d" % number for number in range(100)])
+        sender.send_batch([b"%03d" % number for number in range(100, 400)])
+    ok("recv", queue_dir, "--name", "wroker", "-n", 1)  # a typo: it pins every segment
+    ok("recv", queue_dir, "--name", "worker")
+    rows = json.loads(ok("receivers", queue_dir, "--json").stdout)
+    assert [(row["name"], row["holder"]) for row in rows] == [("worker", None), ("wroker", None)]
+    assert rows[0]["lag_bytes"] == 0 and rows[1]["lag_bytes"] == 399 * (8 + 3)
+    text = ok("receivers", queue_dir).stdout
+    assert "wroker: at segment 0 offset" in text and "not open" in text
+    assert len(segq._segment.list_segments(queue_dir)) > 1
+
+    assert "has no receiver 'nobody' (its receivers: worker, wroker)" in fails("remove-receiver", queue_dir, "nobody")
+    with segq.Receiver(queue_dir, "wroker"):
+        assert f"PID {os.getpid()}" in fails("remove-receiver", queue_dir, "wroker")
+    text = ok("remove-receiver", queue_dir, "wroker").stdout
+    assert text.startswith(f"removed receiver 'wroker' from {queue_dir}\ndeleted segments 0")
+    assert [row["name"] for row in json.loads(ok("receivers", queue_dir, "--json").stdout)] == ["worker"]
+    assert segq._segment.list_segments(queue_dir) == [segq._segment.list_segments(queue_dir)[-1]]
+    assert "bad receiver name" in fails("remove-receiver", queue_dir, "../x", code=2)
+
+
+def test_groups_lists_work_queue_groups_and_remove_group_unregisters_one(queue_dir: pathlib.Path) -> None:
+    with segq.Sender(queue_dir, segment_size=4096) as sender:
+        sender.send_batch([b"job-%d" % number for number in range(3)])
+    with segq.WorkQueue(queue_dir, "resize", max_attempts=1) as work:
+        work.claim(timeout=5).nack(reason="bad input")  # dead-lettered
+        work.claim(timeout=5).ack()
+    assert ok("groups", queue_dir).stdout.startswith(
+        "resize: 0 claims in flight, 0 waiting to retry, 1 dead letter pending, "
+    )
+    rows = json.loads(ok("groups", queue_dir, "--json").stdout)
+    assert [(row["group"], row["dead_letters_pending"], row["open"]) for row in rows] == [("resize", 1, False)]
+    assert rows[0]["lag_bytes"] > 0  # the third job is not claimed yet
+    assert "has no work-queue group 'thumbs' (its groups: resize)" in fails("remove-group", queue_dir, "thumbs")
+    with segq.WorkQueue(queue_dir, "resize"):
+        assert "open in a live process" in fails("remove-group", queue_dir, "resize")
+    assert ok("remove-group", queue_dir, "resize").stdout.startswith(f"removed group 'resize' from {queue_dir}")
+    assert ok("groups", queue_dir).stdout == f"no work-queue groups in {queue_dir}\n"
+    assert ok("clear", queue_dir, "--yes").stdout.startswith(f"cleared {queue_dir}")  # clear no longer refuses
+
+
+def test_clear_names_the_cli_command_that_removes_a_group(queue_dir: pathlib.Path) -> None:
+    with segq.Sender(queue_dir, segment_size=4096), segq.WorkQueue(queue_dir, "resize"):
+        pass
+    assert f"segq remove-group {queue_dir} GROUP" in fails("clear", queue_dir, "--yes")
+
+
+# -- exit codes and wording ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["send", "{q}", "--segment-size", "10"],
+        ["send", "{q}", "--segment-size", "5G"],
+        ["send", "{q}", "--sync", "0"],
+        ["send", "{q}", "--sync", "nan"],
+        ["send", "{q}", "--sync", "inf"],
+        ["recv", "{q}", "--name", "a/b"],
+        ["recv", "{q}", "-n", "0"],
+        ["recv", "{q}", "--batch", "0"],
+        ["recover", "{q}", "--name", ".hidden"],
+        ["requeue-dead", "{q}", "--group", ""],
+        ["remove-receiver", "{q}"],
+    ],
+)
+def test_bad_usage_exits_2_everywhere(queue_dir: pathlib.Path, arguments: list[str]) -> None:
+    ok("send", queue_dir, input=b"x\n")
+    fails(*[argument.format(q=queue_dir) for argument in arguments], input=b"y\n", code=2)
+    assert ok("recv", queue_dir).stdout == "x\n"  # nothing was done
+
+
+def test_a_very_long_bad_name_is_shown_once_and_truncated(queue_dir: pathlib.Path) -> None:
+    ok("send", queue_dir, input=b"x\n")
+    line = fails("recv", queue_dir, "--name", "x" * 10_000, code=2)
+    assert "(10,000 characters)" in line and len(line) < 300 and line.count("xxxxxxxxxx") == 4
+
+
+def test_requeue_dead_on_a_missing_queue_or_unknown_group_is_an_error(queue_dir: pathlib.Path) -> None:
+    assert "no queue at" in fails("requeue-dead", queue_dir)
+    ok("send", queue_dir, input=b"x\n")
+    assert f"{queue_dir} has no work-queue group 'default' (it has none)" in fails("requeue-dead", queue_dir)
+    assert "no dead-letter queue at" in fails("requeue-dead", queue_dir, "--dead-letter", queue_dir / "nope")
+
+
+def test_send_refuses_a_directory_that_holds_other_things(tmp_path: pathlib.Path) -> None:
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "segq.ctl").write_bytes(b"not ours")
+    assert "is not a segq queue and not empty (1 file, e.g. 'segq.ctl')" in fails("send", foreign, input=b"x\n")
+    assert (foreign / "segq.ctl").read_bytes() == b"not ours" and os.listdir(foreign) == ["segq.ctl"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ok("send", empty, input=b"x\n")
+    ok("send", empty, input=b"y\n")  # a queue now: sending again is fine
+    assert ok("recv", empty).stdout == "x\ny\n"
+
+
+def test_counts_are_pluralised(queue_dir: pathlib.Path) -> None:
+    ok("send", queue_dir, input=b"x\n")
+    assert "1 segment, " in ok("info", queue_dir).stdout
+    assert "1 record (" in ok("info", queue_dir, "--scan").stdout
+    assert ": 1 segment, 1 record, " in ok("verify", queue_dir).stdout
+    assert ok("clear", queue_dir, "--yes").stdout.startswith(f"cleared {queue_dir}: dropped 1 record\n")
+
+
+def test_info_reads_no_record_unless_asked_to_scan(queue_dir: pathlib.Path) -> None:
+    with segq.Sender(queue_dir, segment_size=4096) as sender:
+        sender.send_batch([b"%03d" % number for number in range(300)])
+    ok("recv", queue_dir, "-n", 10)
+    summary = json.loads(ok("info", queue_dir, "--json").stdout)
+    scanned = json.loads(ok("info", queue_dir, "--json", "--scan").stdout)
+    assert summary["scanned"] is False and scanned["scanned"] is True
+    assert summary["records"] is None and scanned["records"] == 300
+    assert [segment["bytes"] for segment in summary["segments"]] == [segment["bytes"] for segment in scanned["segments"]]
+    assert summary["consumers"][0]["backlog_bytes"] == scanned["consumers"][0]["backlog_bytes"] == 290 * 11
+    assert summary["consumers"][0]["backlog_records"] is None and scanned["consumers"][0]["backlog_records"] == 290
+    # A damaged record is not even looked at by the summary (it reads none); --scan finds it.
+    with open(segq._segment.segment_path(queue_dir, 0), "r+b") as segment:
+        segment.seek(SEGMENT_HEADER_SIZE + 20 * 11 + 8)
+        segment.write(b"?")
+    assert json.loads(ok("info", queue_dir, "--json").stdout)["segments"] == summary["segments"]
