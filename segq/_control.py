@@ -283,7 +283,7 @@ class Control:
     def _find_tail(self, hint: int | None, clean: bool) -> int:
         segments = _segment.list_segments(self.queue_dir)
         if not segments:
-            _segment.create_segment(self.queue_dir, 0, self.segment_size, durable=True)
+            _segment.create_segment(self.queue_dir, 0, _segment.next_segment_size(None, self.segment_size), durable=True)
             return SEGMENT_HEADER_SIZE
         last = segments[-1]
         segment = MappedSegment(self.queue_dir, last, writable=True)
@@ -343,7 +343,8 @@ class Control:
         scan = _segment.scan_records(segment.map, start, segment.size)
         if scan.status is RecordStatus.END:
             following = segment.number + 1
-            _segment.create_segment(self.queue_dir, following, self.segment_size, durable=True)
+            size = _segment.next_segment_size(segment.size, self.segment_size)
+            _segment.create_segment(self.queue_dir, following, size, durable=True)
             return following << 32 | SEGMENT_HEADER_SIZE
         if clean_start:
             # Shut down cleanly with the append lock free: nobody died

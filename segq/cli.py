@@ -39,7 +39,7 @@ from ._control import _MAGIC as CONTROL_MAGIC
 from ._control import CONTROL_NAME, DEFAULT_SEGMENT_SIZE
 from ._inspect import existing_queue, receiver_lock_path
 from ._scan import position_json
-from ._segment import list_segments, segment_path
+from ._segment import FIRST_SEGMENT_SIZE, list_segments, segment_path
 from ._state import CURSOR_DIR, check_name, list_cursors
 from .errors import Empty, SegqError
 from .receiver import Receiver
@@ -288,7 +288,8 @@ class _SyncParam(click.ParamType["str | float"]):
 @click.option(
     "--segment-size",
     type=_SizeParam(_MIN_SEGMENT_SIZE, 1 << 32),  # offsets in a segment are 32-bit
-    help="Size of new segment files [default: the queue's, or 64MiB for a new queue].",
+    help="Largest size of new segment files; they start at 1MiB and double up to it "
+    "[default: 64MiB, or the queue's if it has segments under 1MiB].",
 )
 @click.option(
     "--sync",
@@ -329,7 +330,8 @@ def _refuse_a_foreign_directory(path: str) -> None:
     if not entries or list_segments(path) or os.path.isdir(os.path.join(path, CURSOR_DIR)):
         return
     with contextlib.suppress(OSError), open(os.path.join(path, CONTROL_NAME), "rb") as control:
-        if control.read(len(CONTROL_MAGIC)) == CONTROL_MAGIC:
+        # Ours, or one a Sender began and never finished (zeros until its header is written).
+        if control.read(len(CONTROL_MAGIC)) in (CONTROL_MAGIC, bytes(len(CONTROL_MAGIC)), b""):
             return
     raise CommandError(
         f"{path} is not a segq queue and not empty ({_count(len(entries), 'file')}, e.g. {sorted(entries)[0]!r}): "
@@ -338,11 +340,17 @@ def _refuse_a_foreign_directory(path: str) -> None:
 
 
 def _current_segment_size(path: str) -> int:
-    """Return the size of the queue's last segment (so new ones match it), or the default for a new queue."""
+    """Return the segment size a queue was made with if it is under 1 MiB (so new segments match), else the default.
+
+    Segments grow from 1 MiB (``next_segment_size``), so a larger last
+    segment may still be growing: only a smaller one was chosen on purpose.
+    """
     segments = list_segments(path) if os.path.isdir(path) else []
     if segments:
         with contextlib.suppress(OSError):
-            return os.path.getsize(segment_path(path, segments[-1]))
+            size = os.path.getsize(segment_path(path, segments[-1]))
+            if size < FIRST_SEGMENT_SIZE:
+                return size
     return DEFAULT_SEGMENT_SIZE
 
 

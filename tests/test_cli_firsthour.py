@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 from click.testing import CliRunner, Result
@@ -17,6 +18,7 @@ from click.testing import CliRunner, Result
 import segq
 from segq._format import SEGMENT_HEADER_SIZE
 from segq._state import cursor_path, read_position
+from segq._segment import list_segments
 from segq.cli import cli
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -272,3 +274,134 @@ def test_info_reads_no_record_unless_asked_to_scan(queue_dir: pathlib.Path) -> N
         segment.seek(SEGMENT_HEADER_SIZE + 20 * 11 + 8)
         segment.write(b"?")
     assert json.loads(ok("info", queue_dir, "--json").stdout)["segments"] == summary["segments"]
+
+
+# -- small queues, a small disk, a read-only user ------------------------------------------------
+
+
+def test_a_tiny_queue_and_its_dead_letters_take_one_small_segment_each(queue_dir: pathlib.Path) -> None:
+    with segq.Sender(queue_dir) as sender:  # the default segment_size: 64 MiB
+        sender.send_batch([b"a", b"b", b"c"])
+    with segq.WorkQueue(queue_dir, max_attempts=1) as work:
+        for _ in range(3):
+            work.claim(timeout=5).nack(reason="poison")
+    dead = queue_dir / "dead" / "default"
+    sizes = [os.path.getsize(segq._segment.segment_path(path, 0)) for path in (queue_dir, dead)]
+    assert sizes == [segq._segment.FIRST_SEGMENT_SIZE] * 2
+    with segq.Receiver(dead) as receiver:
+        assert [segq.DeadLetter.decode(message.data).data for message in receiver.recv_batch(3, timeout=5)] == [
+            b"a",
+            b"b",
+            b"c",
+        ]
+
+
+def test_segments_double_up_to_segment_size_and_backpressure_counts_their_real_sizes(
+    queue_dir: pathlib.Path,
+) -> None:
+    first = segq._segment.FIRST_SEGMENT_SIZE
+    record = b"x" * (64 << 10)
+    with segq.Sender(queue_dir, segment_size=4 * first, max_queue_bytes=5 * first) as sender:
+        for _ in range(70):  # about 4.4 MiB: more than 1 + 2 MiB, under max_queue_bytes
+            sender.send(record, timeout=0)
+    sizes = [os.path.getsize(segq._segment.segment_path(queue_dir, number)) for number in list_segments(queue_dir)]
+    assert sizes == [first, 2 * first, 4 * first]
+    assert segq._segment.next_segment_size(4 * first, 4 * first) == 4 * first  # the cap holds
+    assert segq._segment.next_segment_size(None, 4096) == 4096  # a small segment_size is used as is
+    assert segq._segment.next_segment_size(None, first, needed=3 * first) > 3 * first  # a batch always fits
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Mount a 512 KiB tmpfs (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_says_which_segment_size_would_fit(small_filesystem: pathlib.Path) -> None:
+    queue = small_filesystem / "q"
+    line = fails("send", queue, input=b"x\n")
+    assert "the disk is full: a 1 MiB segment does not fit in the " in line
+    suggested = line.split("`segq send --segment-size ")[1].split("`")[0]
+    ok("send", queue, "--segment-size", suggested, input=b"x\n")
+    assert ok("recv", queue).stdout == "x\n"
+
+
+@pytest.fixture
+def reader_only_user() -> Iterator[tuple[int, int]]:
+    """Create a Unix user for the test (root only); yield its (uid, gid); delete it after."""
+    if os.geteuid() != 0:
+        pytest.skip("root ignores permissions, and only root can create a second user to test them")
+    name = f"segqro{os.getpid() % 100000}"
+    created = subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/false", name], capture_output=True)
+    if created.returncode != 0:
+        pytest.skip(f"cannot create a user here: {created.stderr.decode().strip()}")
+    try:
+        import pwd
+
+        entry = pwd.getpwnam(name)
+        yield entry.pw_uid, entry.pw_gid
+    finally:
+        subprocess.run(["userdel", name], check=True)
+
+
+def _run_as(uid: int, gid: int, commands: list[list[str]]) -> list[tuple[int, str]]:
+    """Run CLI commands in a forked child that has become ``uid`` (the interpreter is already loaded)."""
+    for command in commands:  # warm every import: the child may not be able to read the interpreter's files
+        CliRunner().invoke(cli, command)
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(reading)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            results: list[tuple[int, str]] = []
+            for command in commands:
+                result = CliRunner().invoke(cli, command)
+                results.append((result.exit_code, result.output))
+            os.write(writing, json.dumps(results).encode())
+        finally:
+            os._exit(0)
+    os.close(writing)
+    with os.fdopen(reading, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(child, 0)
+    return [tuple(result) for result in json.loads(data)]  # type: ignore[misc]
+
+
+def test_a_user_who_may_only_read_the_queue_can_inspect_it(reader_only_user: tuple[int, int]) -> None:
+    import shutil
+    import tempfile
+
+    parent = tempfile.mkdtemp(prefix="segq-read-only-")
+    try:
+        os.chmod(parent, 0o755)
+        queue = os.path.join(parent, "q")
+        send_numbers(pathlib.Path(queue), 100)
+        ok("recv", queue, "-n", 3)
+        for root, directories, files in os.walk(queue):
+            for entry in directories:
+                os.chmod(os.path.join(root, entry), 0o755)
+            for entry in files:
+                os.chmod(os.path.join(root, entry), 0o644)
+        results = _run_as(*reader_only_user, [["info", queue], ["info", queue, "--scan"], ["verify", queue], ["receivers", queue]])
+        assert [code for code, _ in results] == [0, 0, 0, 0], results
+        assert "receiver   default at segment 0" in results[0][1]
+        assert "97 records" in results[1][1]
+        assert ", 100 records, " in results[2][1]
+        assert "default: at segment 0" in results[3][1]
+        # Nothing was written: the reader could not have, and did not try.
+        assert ok("recv", queue, "-n", 1).stdout == "4\n"
+    finally:
+        shutil.rmtree(parent)
