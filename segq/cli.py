@@ -222,12 +222,23 @@ def _queue_argument(command: _Command) -> _Command:
 
 
 def _framing_options(command: _Command) -> _Command:
-    command = click.option(
-        "--raw", "framing", flag_value="raw", help="The whole input is one record (recv: records back to back)."
-    )(command)
+    command = click.option("--raw", "framing", flag_value="raw", help="Send the whole input as one record.")(command)
     command = click.option("--null", "framing", flag_value="null", help="Records end with a NUL byte.")(command)
     return click.option(
         "--lines", "framing", flag_value="lines", default=True, help="Records end with a newline (the default)."
+    )(command)
+
+
+def _output_framing_options(command: _Command) -> _Command:
+    command = click.option(
+        "--raw",
+        "framing",
+        flag_value="raw",
+        help="Write records back to back, nothing between them (for records that mark their own ends).",
+    )(command)
+    command = click.option("--null", "framing", flag_value="null", help="Write a NUL byte after each record.")(command)
+    return click.option(
+        "--lines", "framing", flag_value="lines", default=True, help="Write a newline after each record (the default)."
     )(command)
 
 
@@ -482,7 +493,7 @@ def _send_records(sender: Sender, records: list[bytes]) -> None:
     type=click.IntRange(min=0),
     help="Commit a record only once acknowledged: one newline read from file descriptor FD per record, in order.",
 )
-@_framing_options
+@_output_framing_options
 def recv(
     path: str,
     name: str,

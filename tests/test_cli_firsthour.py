@@ -405,3 +405,21 @@ def test_a_user_who_may_only_read_the_queue_can_inspect_it(reader_only_user: tup
         assert ok("recv", queue, "-n", 1).stdout == "4\n"
     finally:
         shutil.rmtree(parent)
+
+
+def test_a_taken_over_dead_receivers_lock_is_logged_at_warning(
+    queue_dir: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    send_numbers(queue_dir, 1)
+    code = f"import segq, os; r = segq.Receiver({str(queue_dir)!r}); print(flush=True); os.kill(os.getpid(), 9)"
+    subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, timeout=60)
+    dead = int((queue_dir / "cursors" / "r.default.lock").read_text().split()[0])
+    with caplog.at_level("WARNING", logger="segq"):
+        with segq.Receiver(queue_dir):
+            pass
+    assert f"receiver 'default' was held by PID {dead}, which is dead; taken over" in caplog.text
+    assert [record.levelname for record in caplog.records if "taken over" in record.message] == ["WARNING"]
+    # The CLI shows it too, as one "segq: ..." line on stderr.
+    subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, timeout=60)
+    shown = subprocess.run([sys.executable, "-m", "segq", "recv", str(queue_dir)], env=ENV, capture_output=True)
+    assert shown.returncode == 0 and b"which is dead; taken over" in shown.stderr and shown.stdout == b"1\n"
