@@ -60,6 +60,7 @@ __all__ = [
     "Control",
     "split_word",
     "DEFAULT_SEGMENT_SIZE",
+    "read_published_tail",
 ]
 
 log = logging.getLogger(__name__)
@@ -487,3 +488,25 @@ class Control:
         portalocker.unlock(handle)  # the map's duplicate descriptor would otherwise keep the flock
         handle.close()
 
+
+
+def read_published_tail(queue_dir: StrPath) -> tuple[int, int] | None:
+    """Return the tail ``(segment, offset)`` last published in the queue's control file, read-only; None if unknown.
+
+    A snapshot for inspection: the file may be missing, unfinished, or of
+    another version, and then there is no answer rather than an error.
+    """
+    try:
+        fd = os.open(os.path.join(queue_dir, CONTROL_NAME), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        header = os.pread(fd, TAIL + WORD.size, 0)
+    finally:
+        os.close(fd)
+    if len(header) < TAIL + WORD.size:
+        return None
+    magic, version, _ = _HEADER.unpack_from(header, 0)
+    if magic != _MAGIC or version != CONTROL_VERSION:
+        return None
+    return split_word(WORD.unpack_from(header, TAIL)[0])

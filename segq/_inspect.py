@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._control import CONTROL_NAME
+from ._control import CONTROL_NAME, read_published_tail
 from ._format import END_MARKER, FORMAT_VERSION, HEADER_SIZE, SEGMENT_HEADER_SIZE
 from ._lock import read_owner
 from ._scan import Damage, Progress, QueueScans, Repair, missing_segments, position_json, scan_segment
@@ -274,16 +274,24 @@ def _disk_usage(queue_dir: str) -> int:
     return total
 
 
-def _data_end(queue_dir: str, number: int) -> int:
+def _data_end(queue_dir: str, number: int, tail: tuple[int, int] | None) -> int:
     """Return where segment ``number``'s records end, without reading them (its end marker not counted).
 
-    Past the last record a segment is zero (preallocated), so the last
-    non-zero byte is found from the end, holes skipped: a look at one
-    region per segment, however much data it holds.
+    In the tail segment that is the published ``tail``.  Past the last
+    record a segment is zero (preallocated), so elsewhere the last non-zero
+    byte is found from the end, holes skipped: a look at the end of each
+    segment (the space a segment's last record did not fit into).
     """
+    if tail is not None and tail[0] == number:
+        return tail[1]
     fd = os.open(segment_path(queue_dir, number), os.O_RDONLY)
     try:
-        end = dirty_end_in_file(fd, SEGMENT_HEADER_SIZE, os.fstat(fd).st_size)
+        size = os.fstat(fd).st_size
+        # A sealed segment's unused end is smaller than one record: the last
+        # 64 KiB usually hold the end marker; otherwise search from the end.
+        start = max(SEGMENT_HEADER_SIZE, size - (64 << 10))
+        last = os.pread(fd, size - start, start).rstrip(b"\x00")
+        end = start + len(last) if last else dirty_end_in_file(fd, SEGMENT_HEADER_SIZE, start)
         if end - HEADER_SIZE >= SEGMENT_HEADER_SIZE and os.pread(fd, HEADER_SIZE, end - HEADER_SIZE) == END_MARKER:
             end -= HEADER_SIZE
     finally:
@@ -295,10 +303,17 @@ def _summary(queue_dir: str) -> QueueInfo:
     """Describe the queue from segment sizes and positions alone: O(segments), no record is read."""
     table: list[tuple[int, int | None, int]] = []
     sizes = {}
+    published = read_published_tail(queue_dir)
     for number in list_segments(queue_dir):
         try:
             sizes[number] = os.path.getsize(segment_path(queue_dir, number))
-            table.append((number, None, _data_end(queue_dir, number) - SEGMENT_HEADER_SIZE))
+            if (
+                published is not None
+                and published[0] == number
+                and not SEGMENT_HEADER_SIZE <= published[1] <= sizes[number]
+            ):
+                published = None  # not a tail in this file: look at the bytes instead
+            table.append((number, None, _data_end(queue_dir, number, published) - SEGMENT_HEADER_SIZE))
         except FileNotFoundError:
             continue  # consumed and deleted meanwhile
     tail = Position(table[-1][0], table[-1][2] + SEGMENT_HEADER_SIZE) if table else Position.bottom(0)
