@@ -5,9 +5,9 @@ Every command is a thin layer over the library.  Errors become one
 rule); nothing prints a traceback.  This is the only module that writes to
 the terminal.  ``send`` and ``recv`` stop cleanly on SIGTERM and SIGINT:
 the signal only interrupts a wait (for input, for a record, for room in the
-output pipe), never a read or write that happened, an append or a commit;
-so ``send`` sends every line it read and ``recv`` commits exactly the
-records it wrote.
+output pipe, for the reader to read or acknowledge), never a read or write
+that happened, an append or a commit; so ``send`` sends every line it read
+and ``recv`` commits exactly the records delivered (see ``recv --help``).
 """
 
 from __future__ import annotations

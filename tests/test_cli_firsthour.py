@@ -423,3 +423,38 @@ def test_a_taken_over_dead_receivers_lock_is_logged_at_warning(
     subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, timeout=60)
     shown = subprocess.run([sys.executable, "-m", "segq", "recv", str(queue_dir)], env=ENV, capture_output=True)
     assert shown.returncode == 0 and b"which is dead; taken over" in shown.stderr and shown.stdout == b"1\n"
+
+
+def _stderr_of(command: list[str], *, terminal: bool) -> bytes:
+    """Run segq with stderr on a pseudo-terminal or a pipe; return what it wrote there."""
+    import pty
+
+    if not terminal:
+        return subprocess.run(command, env=ENV, capture_output=True, timeout=60, check=True).stderr
+    controller, terminal_end = pty.openpty()
+    child = subprocess.Popen(command, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal_end)
+    os.close(terminal_end)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 1 << 16)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert child.wait(timeout=60) == 0
+    assert child.stdout is not None
+    child.stdout.close()
+    return shown
+
+
+def test_clear_shows_progress_on_a_terminal_and_is_quiet_in_a_pipe(queue_dir: pathlib.Path) -> None:
+    for terminal in (True, False):
+        with segq.Sender(queue_dir, segment_size=1 << 16) as sender:
+            for _ in range(30):
+                sender.send_batch([b"r" * 100] * 100)
+        ok("recv", queue_dir, "-n", 1)
+        shown = _stderr_of([sys.executable, "-m", "segq", "clear", "--yes", str(queue_dir)], terminal=terminal)
+        assert (b"clearing" in shown and b"100%" in shown) if terminal else shown == b""
