@@ -643,13 +643,17 @@ class _AckDelivery(_Delivery):
         acked = 0
         poller = select.poll()
         poller.register(self.ack_fd, select.POLLIN)
-        while acked < written and self.stopped is None:
-            try:
-                with self.stdout.signals.interruptible():
-                    poller.poll()
-            except _Stopped as stop:
-                self.stopped = stop.signum
-                break
+        while acked < written:
+            if self.stopped is not None or self.gone:
+                if not poller.poll(0):
+                    break  # stopping: take the acknowledgements already sent, wait for no more
+            else:
+                try:
+                    with self.stdout.signals.interruptible():
+                        poller.poll()
+                except _Stopped as stop:
+                    self.stopped = stop.signum
+                    continue
             acks = os.read(self.ack_fd, 1 << 16)
             if not acks:
                 self.gone = True
