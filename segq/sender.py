@@ -138,6 +138,8 @@ class Sender:
         self._sync_thread_lock = threading.Lock()
         self._sync_file = open(os.path.join(self.path, "segq.sync.lock"), "a+b")
         self._room_floor = Position.bottom(0)
+        self._segment_sizes: dict[int, int] = {}  # segments grow (next_segment_size): sizes differ
+        self._span = (-1, -1, 0)  # (first, last, bytes of segments first..last-1), the last one asked for
         self._closed = False
         self._stop_syncing = threading.Event()
         self._sync_thread: threading.Thread | None = None
@@ -270,7 +272,8 @@ class Sender:
             return word
         following = number + 1
         durable = self._sync_interval is not None
-        if not _segment.create_segment(self.path, following, self.segment_size, durable=durable):
+        size = _segment.next_segment_size(window.size, self.segment_size, needed)
+        if not _segment.create_segment(self.path, following, size, durable=durable):
             self._clear_abandoned_segment(following)
         self._show(offset, HEADER_SIZE)
         self._segment_map[offset - window.start : offset - window.start + HEADER_SIZE] = END_MARKER
@@ -341,7 +344,24 @@ class Sender:
             self._room_floor = self._consumed_floor()
         tail_segment, tail_offset = self._control.tail()
         floor = self._room_floor
-        return (tail_segment - floor.segment) * self.segment_size + tail_offset - floor.offset
+        return self._bytes_of_segments(floor.segment, tail_segment) + tail_offset - floor.offset
+
+    def _bytes_of_segments(self, first: int, last: int) -> int:
+        """Return the total size of segments ``first`` to ``last - 1``, each file's size looked up once."""
+        if self._span[:2] != (first, last):
+            sizes = self._segment_sizes
+            for number in [number for number in sizes if number < first]:
+                del sizes[number]
+            total = 0
+            for number in range(first, last):
+                if number not in sizes:
+                    try:
+                        sizes[number] = os.path.getsize(_segment.segment_path(self.path, number))
+                    except FileNotFoundError:
+                        sizes[number] = self.segment_size  # consumed meanwhile: count it at most this large
+                total += sizes[number]
+            self._span = (first, last, total)
+        return self._span[2]
 
     def _consumed_floor(self) -> Position:
         positions = []
