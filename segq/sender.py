@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from types import TracebackType
-from typing import Iterable, Union
+from typing import Iterable, Mapping, Union
 
 from . import _format, _segment
 from ._control import (
@@ -41,6 +41,7 @@ from ._control import (
     split_word,
 )
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE, as_payload
+from ._headers import Framed, HeaderValue, frame_body
 from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._segment import MappedSegment, StrPath
@@ -54,6 +55,8 @@ SyncPolicy = Union[str, float, int]
 DEFAULT_MAX_RECORD_SIZE = 8 << 20
 _MIN_SEGMENT_SIZE = 256
 _registration_counter = itertools.count()
+Headers = Mapping[str, HeaderValue]
+BatchItem = Union[bytes, bytearray, memoryview, "tuple[bytes | bytearray | memoryview, Headers | None]"]
 _frame_into = _format.frame_into
 
 
@@ -148,17 +151,27 @@ class Sender:
 
     # -- sending ---------------------------------------------------------
 
-    def send(self, data: bytes, timeout: float | None = None) -> None:
+    def send(self, data: bytes, timeout: float | None = None, *, headers: Headers | None = None) -> None:
         """Append one record; when this returns it survives a crash of this process.
 
-        Raises ``RecordTooLarge`` (nothing written) past ``max_record_size``,
+        ``headers`` (str keys, bytes or str values) travel with the record,
+        checksummed with it and counted in ``max_record_size``.  Raises
+        ``RecordTooLarge`` (nothing written) past ``max_record_size``,
         ``Full`` if ``timeout`` runs out while the backlog is at
         ``max_queue_bytes``, ``Closed`` after ``close()``.
         """
+        if headers is not None:
+            # A record with headers is a batch of one: the framing of a batch
+            # already knows about header blocks, the plain path stays as it was.
+            self.send_batch([(data, headers)], timeout)
+            return
         # The hot path: every attribute it needs is cached on self, and the
         # segment bounds are kept as tail words so one compare checks both
         # "still the same segment" and "the record fits".
         if type(data) is not bytes:
+            if type(data) is Framed:  # segq's own records with (reserved) headers
+                self.send_batch([data], timeout)
+                return
             data = as_payload(data)
         size = len(data)
         if size > self._size_limit:
@@ -196,8 +209,10 @@ class Sender:
             limit=self.max_record_size,
         )
 
-    def send_batch(self, records: Iterable[bytes], timeout: float | None = None) -> None:
+    def send_batch(self, records: Iterable[BatchItem], timeout: float | None = None) -> None:
         """Append many records as one atomic, contiguous write.
+
+        Each item is a record's data, or a ``(data, headers)`` pair.
 
         A receiver sees all of them, in order, with no other sender's records
         between, or none.  If any record is too large, or the whole batch does
@@ -206,7 +221,7 @@ class Sender:
         """
         if self._closed:
             raise Closed("send_batch() on a closed Sender")
-        payloads = [record if type(record) is bytes else as_payload(record) for record in records]
+        payloads = [record if type(record) is bytes else batch_payload(record) for record in records]
         if not payloads:
             return
         for payload in payloads:
@@ -475,3 +490,17 @@ class Sender:
         return f"<segq.Sender {self.path!r} {state}>"
 
 
+
+
+def batch_payload(record: object) -> bytes:
+    """Return the payload of a batch item: plain data, a ``(data, headers)`` pair, or a ``Framed`` body."""
+    if type(record) is Framed:
+        return record
+    if isinstance(record, tuple):
+        if len(record) != 2:
+            raise SegqError(f"a batch item is data or a (data, headers) pair, not a {len(record)}-tuple")
+        data, headers = record
+        if headers is None or (isinstance(headers, Mapping) and not headers):
+            return as_payload(data)  # no headers: not one byte more than a plain record
+        return frame_body(as_payload(data), headers)
+    return as_payload(record)

@@ -155,8 +155,8 @@ def test_future_segment_format_version(tmp_path: pathlib.Path, which: str) -> No
     fill(queue)
     segments = _segment.list_segments(queue)
     number = segments[0] if which == "first" else segments[-1]
-    _rewrite_segment_header(pathlib.Path(_segment.segment_path(queue, number)), version=2)
-    with pytest.raises(segq.UnsupportedFormat, match="version 2") as caught:
+    _rewrite_segment_header(pathlib.Path(_segment.segment_path(queue, number)), version=3)
+    with pytest.raises(segq.UnsupportedFormat, match="version 3") as caught:
         read_all(queue)
     assert_names(caught.value, _segment.segment_path(queue, number))
     if which == "last":

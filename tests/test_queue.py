@@ -272,7 +272,7 @@ def test_a_future_format_segment_is_refused(queue_dir: pathlib.Path) -> None:
     segment = queue_dir / "000000000000.seg"
     with open(segment, "r+b") as handle:
         handle.seek(8)
-        handle.write((2).to_bytes(4, "little"))
+        handle.write((3).to_bytes(4, "little"))
     os.unlink(queue_dir / "segq.ctl")
     with pytest.raises(segq.UnsupportedFormat, match="upgrade segq"):
         segq.Receiver(queue_dir)
