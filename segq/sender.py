@@ -152,7 +152,7 @@ class Sender:
 
     # -- sending ---------------------------------------------------------
 
-    def send(self, data: bytes, timeout: float | None = None, *, headers: Headers | None = None) -> None:
+    def send(self, data: bytes, timeout: float | None = None, headers: Headers | None = None) -> None:
         """Append one record; when this returns it survives a crash of this process.
 
         ``headers`` (str keys, bytes or str values) travel with the record,
@@ -161,12 +161,10 @@ class Sender:
         ``Full`` if ``timeout`` runs out while the backlog is at
         ``max_queue_bytes``, ``Closed`` after ``close()``.
         """
-        if headers:
-            # The body of a record with headers is a Framed, which the framing
-            # below knows by its type: the plain path pays this one test.
-            data = frame_body(data if type(data) is bytes else as_payload(data), headers)
-        elif headers is not None and not isinstance(headers, Mapping):
-            frame_body(b"", headers)  # raises the clear error for what is not a dict
+        # ``headers`` is positional-or-keyword: a keyword-only default costs a
+        # dict lookup on every call, and the plain path pays only this test.
+        if headers is not None:
+            data = _with_headers(data, headers)
         # The hot path: every attribute it needs is cached on self, and the
         # segment bounds are kept as tail words so one compare checks both
         # "still the same segment" and "the record fits".
@@ -499,6 +497,13 @@ class Sender:
         return f"<segq.Sender {self.path!r} {state}>"
 
 
+
+
+def _with_headers(data: object, headers: Headers) -> bytes:
+    """Return the body of a record with ``headers``: a Framed, or plain data when ``headers`` is empty."""
+    payload = data if type(data) is bytes else as_payload(data)
+    body = frame_body(payload, headers)  # validates, and raises the clear error for what is not a dict
+    return body if headers else payload
 
 
 def batch_payload(record: object) -> bytes:
