@@ -125,7 +125,13 @@ def next_segment_size(previous: int | None, segment_size: int, needed: int = 0) 
     ``needed`` bytes of records with the segment header and end marker.
     """
     grown = FIRST_SEGMENT_SIZE if previous is None else max(FIRST_SEGMENT_SIZE, 2 * previous)
-    return max(min(segment_size, grown), SEGMENT_HEADER_SIZE + needed + HEADER_SIZE)
+    # A larger append (a big batch) gets a segment of its own, page-rounded,
+    # the way a log rolls after a large append.
+    size = min(segment_size, grown)
+    fitting = SEGMENT_HEADER_SIZE + needed + HEADER_SIZE
+    if fitting <= size:
+        return size
+    return -(-fitting // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 def create_segment(queue_dir: StrPath, number: int, size: int, *, durable: bool) -> bool:
