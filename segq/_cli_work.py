@@ -1,4 +1,4 @@
-"""``segq work`` and ``segq enqueue``: a durable xargs over a work-queue group.
+"""``segq work``: a durable xargs over a work-queue group.
 
 ``segq work PATH -- CMD`` runs CMD once per job (through ``segq.worker``):
 the job's data on its stdin, ``SEGQ_JOB_ID`` and ``SEGQ_ATTEMPT`` in its
@@ -31,7 +31,7 @@ from .worker import log_failed_settlement, serve
 
 __all__ = ["register"]
 
-#: How long before its lease ends a command is killed, so that its nack still counts.
+#: How long before its lease ends a command is killed (at most), so that its nack still counts.
 KILL_MARGIN = 0.5
 
 
@@ -111,7 +111,7 @@ class _RunCommand:
         except OSError as error:
             self._fail(job, f"cannot run {self._command[0]}: {error.strerror or error}")
             return None
-        time_left = job.lease_expires_at - time.time() - KILL_MARGIN
+        time_left = job.lease_expires_at - time.time() - min(KILL_MARGIN, self._lease / 4)
         try:
             stdout, stderr = process.communicate(job.data, timeout=max(0.0, time_left))
         except subprocess.TimeoutExpired:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import enum
 from types import TracebackType
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ._headers import split_body
 from ._state import Position
 from .errors import ClaimLost, Closed
 
 if TYPE_CHECKING:
+    from ._followups import Enqueue
     from .workqueue import WorkQueue
 
 __all__ = ["JobState", "JOB_TRANSITIONS", "Job", "JobBatch", "reason_of"]
@@ -79,9 +80,18 @@ class Job:
         except AttributeError:  # a plain record
             return {}
 
-    def ack(self) -> None:
-        """Mark the record done for good.  Raises ``ClaimLost`` (and changes nothing) if the claim is gone."""
-        self._queue._ack(self)
+    def ack(self, enqueue: Sequence[Enqueue] | None = None) -> None:
+        """Mark the record done for good; with ``enqueue``, enqueue those follow-ups atomically with it.
+
+        The ack and every follow-up land together or not at all, across a
+        SIGKILL at any instant, whatever queue each follow-up targets; each
+        lands exactly once.  Raises ``ClaimLost`` (and changes nothing, no
+        follow-up included) if the claim is gone.  ``ack()`` is ``ack(enqueue=[])``.
+        """
+        if enqueue:
+            self._queue._ack_with(self, list(enqueue))
+        else:
+            self._queue._ack(self)
 
     def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
         """Give the record back: claimable again after ``delay`` seconds.

@@ -108,8 +108,14 @@ class Kind:
     WAITING = 7  # snapshot only: a given-back record
     DONE = 8  # snapshot only: records done above the mark
     HELD = 9  # snapshot only: a claim in flight (the body of a CLAIM)
+    OUTBOX = 12  # an ack with follow-ups to deliver (segq._outbox)
+    SENT = 13  # the follow-ups of the OUTBOX before it are all delivered
+    OPEN_OUTBOX = 14  # snapshot only: an OUTBOX whose follow-ups may not all be delivered
 
-    NAMES = {1: "STATE", 2: "CLAIM", 3: "ACK", 4: "DEAD", 5: "RETURN", 6: "RENEW", 7: "WAITING", 8: "DONE", 9: "HELD"}
+    NAMES = {
+        1: "STATE", 2: "CLAIM", 3: "ACK", 4: "DEAD", 5: "RETURN", 6: "RENEW", 7: "WAITING", 8: "DONE", 9: "HELD",
+        12: "OUTBOX", 13: "SENT", 14: "OPEN_OUTBOX",
+    }
 
 
 def entry_prefix_crc(kind: int, length: int) -> tuple[bytes, int]:

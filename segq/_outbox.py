@@ -44,12 +44,18 @@ import datetime
 import hashlib
 import math
 import os
+import random
+import signal
 import struct
 from dataclasses import dataclass, field
 
+from ._claims import OUTBOX_HEAD
+from ._format import SEGMENT_HEADER_SIZE
 from ._followups import Enqueue
+from ._headers import Framed, frame_body, split_body
+from ._reader import RecordReader
 from ._segment import list_segments, segment_path
-from ._state import CursorFile, register_cursor
+from ._state import RELEASED_SEGMENT, CursorFile, register_cursor
 from .errors import SegqError, UsageError
 from .sender import Sender, SyncPolicy
 
@@ -62,6 +68,7 @@ __all__ = [
     "PIN_RELEASED",
     "source_id",
     "follow_ups",
+    "crash_point",
 ]
 
 #: The reserved header each delivered follow-up carries: ``<source>:<token>:<index>``.
@@ -69,9 +76,14 @@ FROM_HEADER = "segq-from"
 #: Pins are cursors of this kind in the target queue.
 PIN_KIND = "o"
 #: A released pin's segment number: past any real one, and skipped by retention.
-PIN_RELEASED = 0xFFFF_FFFF
+PIN_RELEASED = RELEASED_SEGMENT
 
-_HEAD = struct.Struct("<QQI")  # acked record's start, claim token, follow-up count
+_HEAD = OUTBOX_HEAD  # acked record's start, claim token, follow-up count
+
+# Tests only: SEGQ_TEST_CRASH_AT="<point>:<probability>" makes crash_point(<point>)
+# SIGKILL this process with that probability (the kill-loop proof in
+# tests/test_chains_crash.py).  Read once, at import; unset, a check is one compare.
+_CRASH_POINT, _, _CRASH_ODDS = (os.environ.get("SEGQ_TEST_CRASH_AT") or "").partition(":")
 # target path length, floor word, run_at (NaN: none), priority, dedup key length,
 # job id length, header count, data length
 _ITEM = struct.Struct("<HQdBHHHI")
@@ -166,6 +178,12 @@ class OutboxEntry:
         return start, token
 
 
+def crash_point(name: str) -> None:
+    """Die here (SIGKILL) if the test environment asks for it; see ``SEGQ_TEST_CRASH_AT``."""
+    if _CRASH_POINT == name and random.random() < float(_CRASH_ODDS or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def source_id(queue_path: str, group: str) -> str:
     """Name the (queue, group) follow-ups come from: 16 hex digits, the same from every process."""
     key = os.path.realpath(queue_path).encode("utf-8", "surrogateescape") + b"\0" + group.encode("utf-8")
@@ -221,6 +239,16 @@ class Outbox:
         self._sync = sync
         self._senders: dict[str, Sender] = {}
         self._pins: dict[str, CursorFile] = {}
+        self._foreign: dict[str, bool] = {}  # target as given -> is it another queue than ours?
+
+    def _is_foreign(self, target: str) -> bool:
+        """Tell whether ``target`` names a queue other than the job's own (cached: realpath costs syscalls)."""
+        foreign = self._foreign.get(target)
+        if foreign is None:
+            foreign = self._foreign[target] = bool(target) and os.path.realpath(target) != os.path.realpath(
+                self._queue_path
+            )
+        return foreign
 
     def path_of(self, item: FollowUp) -> str:
         return item.target or self._queue_path
@@ -267,19 +295,18 @@ class Outbox:
         """Hold every target but the own queue at its lowest floor (its segments from there are kept)."""
         floors: dict[str, int] = {}
         for item in items:
-            if item.target and os.path.realpath(item.target) != os.path.realpath(self._queue_path):
+            if self._is_foreign(item.target):
                 path = self.path_of(item)
                 floors[path] = min(floors.get(path, item.floor), item.floor)
         for path, floor in floors.items():
-            self._pin(path).write_at(floor >> 32, floor & 0xFFFF_FFFF)
+            # Every process of the group writes this file (under the group lock): write over the newest slot.
+            self._pin(path).write_over(floor >> 32, floor & 0xFFFF_FFFF)
 
     def release(self, items: list[FollowUp]) -> None:
         """Park the pins past every position: they hold nothing back any more."""
         for item in items:
-            if item.target and os.path.realpath(item.target) != os.path.realpath(self._queue_path):
-                pin = self._pin(self.path_of(item))
-                if pin.position.segment != PIN_RELEASED:
-                    pin.write_at(PIN_RELEASED, 0)
+            if self._is_foreign(item.target):
+                self._pin(self.path_of(item)).write_over(PIN_RELEASED, 0)
 
     def marker(self, token: int, index: int) -> bytes:
         return f"{self.source}:{token}:{index}".encode()
@@ -289,9 +316,12 @@ class Outbox:
         for index, item in enumerate(entry.items):
             if index in skip:
                 continue
+            if index:
+                crash_point("between-follow-ups")
             headers = dict(item.headers)
             headers[FROM_HEADER] = self.marker(entry.token, index)
             _send(self.sender(self.path_of(item)), item, headers)
+        crash_point("before-sent")
 
     def delivered(self, entry: OutboxEntry) -> set[int]:
         """Return the indices of ``entry``'s follow-ups already in their queues (scanning up from the floors)."""
@@ -321,9 +351,29 @@ class Outbox:
 
 def _send(sender: Sender, item: FollowUp, headers: dict[str, bytes]) -> None:
     """Send one follow-up with its options and headers."""
-    raise NotImplementedError("delivery with headers arrives with the record-header format")
+    sender.send(frame_body(item.data, headers, allow_reserved=True))
 
 
 def _markers_from(sender: Sender, floor: int) -> list[bytes]:
-    """Return the ``segq-from`` header of every record of the sender's queue from ``floor`` on."""
-    raise NotImplementedError("the scan arrives with the record-header format")
+    """Return the ``segq-from`` header of every record of the sender's queue from ``floor`` on.
+
+    Starts at the oldest segment instead when the floor's is gone (nothing of
+    ours was in it: our deliveries come after the pin that keeps it).
+    """
+    path = sender.path
+    segments = list_segments(path)
+    if not segments:
+        return []
+    position = max(floor, segments[0] << 32 | SEGMENT_HEADER_SIZE)
+    reader = RecordReader(sender._control, position, consumer="follow-up recovery")
+    markers = []
+    try:
+        while (body := reader.next()) is not None:
+            if type(body) is Framed:
+                _, headers = split_body(body, path, reader.position)
+                marker = headers.get(FROM_HEADER)
+                if marker is not None:
+                    markers.append(marker)
+    finally:
+        reader.close()
+    return markers

@@ -90,6 +90,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ._control import CLAIM_WAITERS, DATA_WAITERS, DEFAULT_SEGMENT_SIZE, ROOM_WAITERS
+from ._followups import Enqueue
 from ._format import HEADER_SIZE, as_payload
 from ._jobs import Job, JobBatch, JobState, reason_of
 from ._segment import StrPath
@@ -669,9 +670,17 @@ class _AsyncHold:
     def _held(self) -> bool:
         raise NotImplementedError
 
-    async def ack(self) -> None:
-        """Mark it done for good.  Raises ``ClaimLost`` (and changes nothing) if the claim is gone."""
-        await self._owner._call(self._item.ack)
+    async def ack(self, enqueue: Sequence[Enqueue] | None = None) -> None:
+        """Mark it done for good, with ``enqueue``'s follow-ups atomically (see ``Job.ack``).
+
+        Raises ``ClaimLost`` (and changes nothing) if the claim is gone.
+        """
+        if enqueue:
+            if not isinstance(self._item, Job):
+                raise UsageError("ack a batch's jobs one by one to give them follow-ups")
+            await self._owner._call(functools.partial(self._item.ack, enqueue))
+        else:
+            await self._owner._call(self._item.ack)
 
     async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
         """Give it back: claimable again after ``delay`` seconds (dead-lettered on the last attempt)."""

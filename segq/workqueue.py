@@ -67,12 +67,14 @@ from ._claims import (
 )
 from ._control import CLAIM_WAITERS, DATA_WAITING, TAIL, WORD, Control
 from ._deadletter import DeadLetter, dead_letter_path, dead_letter_segment_size
+from ._followups import Enqueue
 from ._format import HEADER_SIZE
 from ._groupadmin import GroupRecovery, group_dir, group_info, list_groups, recover_group, requeue_dead
 from ._grouplock import GroupLock
 from ._jobs import JOB_TRANSITIONS, Job, JobBatch, JobState
 from ._journal import END, RETURNS, SEALED_MARK, Journal, Kind, entry, entry_prefix_crc
 from ._liveness import Liveness, my_owner
+from ._outbox import Outbox, OutboxEntry, crash_point, follow_ups
 from ._reader import RecordReader
 from ._segment import StrPath, os_error, segment_path
 from ._state import Position, check_name, cursor_path, delete_consumed_segments, register_cursor
@@ -210,6 +212,7 @@ class WorkQueue:
         self._waker = Waker(self._control)
         self._group_tag = group_tag(self.group)  # claimers of this group wait under it
         self._dead_sender: Sender | None = None
+        self._outbox = Outbox(self.path, self.group, sync)
         self._held: set[Job] = set()  # jobs handed out and not settled, given back by close()
         self._empty_probe = 0  # where the head reader stopped when the queue looked empty
         self._next_liveness_check = 0.0  # monotonic time of the next look at other workers' PIDs
@@ -218,6 +221,9 @@ class WorkQueue:
         self._sync_thread: threading.Thread | None = None
         self._closed = False
         _open_queues.add(self)
+        if self._state.outbox is not None:
+            self._enter()  # finishes what a crashed ack with follow-ups left (see _settle_outbox)
+            self._unlock()
         if self._sync_interval:
             self._sync_thread = threading.Thread(target=self._sync_loop, name="segq-group-sync", daemon=True)
             self._sync_thread.start()
@@ -265,6 +271,8 @@ class WorkQueue:
         try:
             if WORD.unpack_from(self._jmap, END)[0] != self._applied:
                 self._catch_up()
+            if self._state.outbox is not None:
+                self._settle_outbox()
         except BaseException:
             self._unlock()
             raise
@@ -504,6 +512,8 @@ class WorkQueue:
                 if WORD.unpack_from(self._jmap, END)[0] != self._applied:
                     self._catch_up()
                 state = self._state
+                if state.outbox is not None:
+                    self._settle_outbox()
                 now = self._clock()
                 owners = state.owners
                 if now >= state.next_expiry or (
@@ -837,6 +847,8 @@ class WorkQueue:
             if WORD.unpack_from(self._jmap, END)[0] != self._applied:
                 self._catch_up()
             state = self._state
+            if state.outbox is not None:
+                self._settle_outbox()
             claim = state.claims.get(start)
             if claim is None or claim.token != token or claim.expires <= self._clock():
                 raise self._lost(job, "ack")
@@ -851,6 +863,78 @@ class WorkQueue:
             thread_lock.release()
         job.state = _ACKED  # JOB_TRANSITIONS[HELD, "ack"]
         self._held.discard(job)
+
+    def _ack_with(self, job: Job, requests: list[Enqueue]) -> None:
+        """Ack ``job`` and enqueue ``requests`` atomically (the protocol is in ``segq._outbox``)."""
+        if job.state is not _HELD or job._queue is not self:
+            self._refuse(job, "ack")
+        if not isinstance(requests, (list, tuple)):
+            raise UsageError(f"ack(enqueue=...) takes a list of segq.Enqueue, not {type(requests).__name__}")
+        items = follow_ups(list(requests), self._clock())
+        self._enter()
+        try:
+            self._outbox.check(items)  # a follow-up its queue refuses must fail before the commit
+            state = self._state
+            claim = state.claims.get(job._start)
+            if claim is None or claim.token != job._token or claim.expires <= self._clock():
+                raise self._lost(job, "ack")
+            self._outbox.set_floors(items)
+            outbox = OutboxEntry(job._start, job._token, items)
+            self._append(entry(Kind.OUTBOX, outbox.encode()))  # the commit point
+            crash_point("after-outbox-entry")
+            old_mark = state.mark
+            state.settle(job._start, job._token)
+            if (state.mark ^ old_mark) >> 32:
+                self._mark_left_segment()
+            job.state = _ACKED
+            self._held.discard(job)
+            self._finish_outbox(outbox, fresh=True)
+        finally:
+            self._unlock()
+
+    def _finish_outbox(self, outbox: OutboxEntry, *, fresh: bool) -> None:
+        """Deliver an outbox's follow-ups (those not already in their queues), then append SENT.  Lock held.
+
+        ``fresh``: its acker delivering right after the commit, so nothing of
+        it can be in the queues yet; otherwise the queues are scanned first.
+        """
+        outbox_box = self._outbox
+        try:
+            outbox_box.pin(outbox.items)
+            delivered = set() if fresh else outbox_box.delivered(outbox)
+            outbox_box.deliver(outbox, delivered)
+            self._append(entry(Kind.SENT, PAIR.pack(outbox.start, outbox.token)))
+        except BaseException:
+            # The ack stands: whoever takes the lock next (this process included) finishes it.
+            self._state.outbox = outbox.encode()
+            self._state.outbox_sent = False
+            raise
+        self._state.outbox = None
+        crash_point("after-sent")
+        outbox_box.release(outbox.items)
+
+    def _settle_outbox(self) -> None:
+        """Finish the outbox left last in the journal by a dead (or failed) acker, or release its pins.  Lock held."""
+        state = self._state
+        body = state.outbox
+        assert body is not None
+        try:
+            outbox = OutboxEntry.decode(body)
+        except (ValueError, struct.error) as error:
+            raise CorruptionError(
+                self._journal_path, self._applied, f"an OUTBOX entry cannot be read ({error})"
+            ) from None
+        if state.outbox_sent:
+            state.outbox = None
+            self._outbox.release(outbox.items)  # its finisher may have died before releasing them
+            return
+        log.warning(
+            "%s: finishing the %d follow-up(s) of the ack of the record at %s (its worker stopped mid-ack)",
+            self._group_dir,
+            len(outbox.items),
+            describe_word(outbox.start),
+        )
+        self._finish_outbox(outbox, fresh=False)
 
     def _held_claims(self, jobs: list[Job], call: str) -> list[Claim]:
         """Check that every job is still held; raise ClaimLost naming the first that is not.  Lock held."""
@@ -1029,6 +1113,7 @@ class WorkQueue:
             self._reader.close()
             if self._dead_sender is not None:
                 self._dead_sender.close()
+            self._outbox.close()
             self._cursor.close()
             self._release_files()
 

@@ -178,3 +178,97 @@ def test_drain_exits_once_the_queue_is_empty(queue_dir: pathlib.Path, tmp_path: 
     assert result.returncode == 0, result.stderr
     assert sorted(path.read_bytes() for path in out.iterdir()) == sorted(b"%d" % number for number in range(20))
     assert drain(queue_dir) == []
+
+
+def queue_drained(path: pathlib.Path) -> bool:
+    """Tell whether the default group of ``path`` has done every record sent so far."""
+    if not (path / "groups" / "default").exists():
+        return False
+    info = segq.workqueue.group_info(path)
+    with segq.Sender(path, segment_size=1 << 20) as tx:
+        tail = tx._control.tail()
+    mark = info["low_water_mark"]
+    return not info["claims"] and not info["waiting"] and (mark["segment"], mark["offset"]) == tail
+
+
+def test_the_readme_two_stage_pipeline_survives_kill_9_of_either_stage(tmp_path: pathlib.Path) -> None:
+    import random
+
+    rng = random.Random(7)
+    first, middle, done = tmp_path / "in", tmp_path / "mid", tmp_path / "done"
+    done.mkdir()
+    stage1 = tmp_path / "stage1"
+    stage1.write_text('#!/bin/sh\nread x\necho "$x-a"\necho "$x-b"\n')
+    stage2 = tmp_path / "stage2"
+    stage2.write_text(f'#!/bin/sh\ncat > {done}/"$SEGQ_JOB_ID.$$"\n')
+    for script in (stage1, stage2):
+        script.chmod(0o755)
+    lines = [b"photo-%03d" % number for number in range(150)]
+    fill(first, *lines)
+    with segq.Sender(middle, segment_size=1 << 20):
+        pass  # stage 2 may start first
+
+    def start(stage: int) -> subprocess.Popen[bytes]:
+        if stage == 1:
+            return segq_command("work", first, "--then", middle, "-j", 2, "--", str(stage1))
+        return segq_command("work", middle, "-j", 2, "--", str(stage2))
+
+    stages = {1: start(1), 2: start(2)}
+    kills = 0
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.05, 0.25))
+            victim = rng.choice([1, 2])
+            stages[victim].kill()  # kill -9
+            stages[victim].communicate()
+            kills += 1
+            stages[victim] = start(victim)
+        wait_for(lambda: queue_drained(first) and queue_drained(middle), "both stages to finish")
+    finally:
+        for process in stages.values():
+            process.send_signal(signal.SIGTERM)
+        for process in stages.values():
+            process.communicate(timeout=PATIENCE)
+    assert kills >= 5
+    # The middle queue holds each line of stage 1 exactly once, whatever the kills.
+    with segq.Receiver(middle, "check") as rx:
+        batch = rx.recv_batch(10_000, timeout=0)
+        middle_lines = sorted(message.data for message in batch)
+        batch.rollback()
+    assert middle_lines == sorted(line + suffix for line in lines for suffix in (b"-a", b"-b"))
+    # Stage 2 ran for every one of them (a command running when its stage was killed ran again).
+    handled = {path.read_bytes() for path in done.iterdir()}
+    assert handled == set(middle_lines)
+
+
+def test_a_progress_line_shows_on_a_terminal(queue_dir: pathlib.Path) -> None:
+    import pty
+
+    fill(queue_dir, *(b"%d" % number for number in range(5)))
+    controller, terminal = pty.openpty()
+    try:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "segq", "work", str(queue_dir), "--drain", "--", "sh", "-c", "sleep 0.3"],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=terminal,
+        )
+        os.close(terminal)
+        terminal = -1
+        output = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the terminal's other side closed: the worker exited
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert worker.wait(PATIENCE) == 0
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    assert b"5 done, 0 failed" in output
+    assert b"jobs/s" in output

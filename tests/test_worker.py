@@ -260,3 +260,50 @@ async def test_arun_worker_stop_while_waiting_leaves_nothing_claimed(queue_dir: 
     await asyncio.wait_for(worker, PATIENCE)
     fill(queue_dir, 1)
     assert pending(queue_dir) == [b"job 0"]
+
+
+def follow_up_data(path: pathlib.Path) -> list[bytes]:
+    got = []
+    with segq.Receiver(path, "check") as rx:
+        while (message := rx.try_recv()) is not None:
+            got.append(message.data)
+            message.commit()
+    return got
+
+
+def test_follow_ups_a_handler_returns_are_enqueued_with_its_ack(queue_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    fill(queue_dir, 20)
+    uploads = tmp_path / "uploads"
+    stop = threading.Event()
+    seen: list[bytes] = []
+    lock = threading.Lock()
+
+    def handler(job: segq.Job) -> list[segq.Enqueue] | None:
+        with lock:
+            seen.append(job.data)
+            if len(seen) == 40:
+                stop.set()
+        if job.data.startswith(b"again "):
+            return None
+        return [segq.Enqueue(b"upload " + job.data, queue=uploads), segq.Enqueue(b"again " + job.data)]
+
+    segq.run_worker(queue_dir, handler, concurrency=3, stop=stop)
+    assert sorted(follow_up_data(uploads)) == sorted(b"upload job %d" % n for n in range(20))
+    assert sorted(seen) == sorted([b"job %d" % n for n in range(20)] + [b"again job %d" % n for n in range(20)])
+
+
+async def test_arun_worker_enqueues_follow_ups_with_the_ack(queue_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    fill(queue_dir, 10)
+    uploads = tmp_path / "uploads"
+    stop = asyncio.Event()
+    count = 0
+
+    async def handler(job: segq.AsyncJob) -> list[segq.Enqueue]:
+        nonlocal count
+        count += 1
+        if count == 10:
+            stop.set()
+        return [segq.Enqueue(b"upload " + job.data, queue=uploads)]
+
+    await asyncio.wait_for(segq.arun_worker(queue_dir, handler, concurrency=2, stop=stop), PATIENCE)
+    assert sorted(follow_up_data(uploads)) == sorted(b"upload job %d" % n for n in range(10))
