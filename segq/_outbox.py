@@ -214,6 +214,10 @@ def follow_ups(requests: list[Enqueue], now: float) -> list[FollowUp]:
             if key.startswith("segq-"):
                 raise UsageError(f"header name {key!r}: names starting with 'segq-' are reserved")
             headers[key] = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        if run_at is not None or request.priority or request.dedup_key is not None or request.job_id is not None:
+            # Job options travel as reserved headers that only Sender.enqueue writes and
+            # only a work queue with options reads; until then they would be dropped.
+            raise UsageError("follow-up options (run_at, delay, priority, dedup_key, job_id) need job options support")
         target = "" if request.queue is None else os.fspath(request.queue)
         items.append(
             FollowUp(target, request.data, run_at, request.priority, request.dedup_key, request.job_id, headers)
