@@ -383,24 +383,29 @@ def _send_records(sender: Sender, records: list[bytes]) -> None:
     type=click.FloatRange(min=0),
     help="Stop when no record arrives for this many seconds (default: at once without --follow).",
 )
+@click.option("--create", is_flag=True, help="Create the queue if it is missing (a consumer started before its producers).")
 @_framing_options
-def recv(path: str, name: str, count: int | None, follow: bool, timeout: float | None, framing: str) -> None:
+def recv(
+    path: str, name: str, count: int | None, follow: bool, timeout: float | None, create: bool, framing: str
+) -> None:
     """Print what a receiver has not committed yet, one record per line.
 
     A record is committed only after it was written to stdout, so a
     consumer killed mid-pipe loses nothing: what it had not written comes
     again.  SIGTERM or SIGINT stops it with every record it wrote committed
     (exit 128+N on signal N).  Without --follow it stops when the queue is
-    empty; when stdout is closed it exits quietly with status 0.
+    empty; when stdout is closed it exits quietly with status 0.  A missing
+    queue is an error unless --create; a queue deleted (or deleted and made
+    again) while --follow waits is an error too: exit 1.
     """
-    if not follow and not os.path.isdir(path):
-        raise CommandError(f"no queue at {path} (use --follow to wait for one to be created)")
+    if not create and not os.path.lexists(path):
+        raise CommandError(f"no queue at {path}: check the path, or use --create to make it and wait for its producers")
     separator = _SEPARATORS[framing]
     wait = timeout if timeout is not None else (None if follow else 0.0)
     stdout = _Stream(sys.stdout.buffer, signals := _Signals())
     with _library_warnings(), signals:
         try:
-            with Receiver(path, name) as receiver:
+            with Receiver(path, name, create=create) as receiver:
                 _receive(receiver, stdout, separator, count, wait)
         except _Stopped as stop:
             _exit_for_signal(stop.signum)
