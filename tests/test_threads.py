@@ -272,3 +272,87 @@ async def test_a_task_cannot_take_a_record_while_another_waits(queue_dir: pathli
         message = await asyncio.wait_for(waiting, PATIENCE)
         assert message.data == b"for the waiting task"
         await message.commit()
+
+
+# -- a queue deleted (and made again) under a waiting receiver -----------------
+
+
+def test_a_waiting_recv_notices_its_queue_deleted_and_made_again(queue_dir: pathlib.Path) -> None:
+    import shutil
+
+    with segq.Sender(queue_dir, segment_size=SMALL) as tx:
+        tx.send(b"old")
+    rx = segq.Receiver(queue_dir)
+    rx.recv(timeout=PATIENCE).commit()
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            rx.recv(timeout=PATIENCE)
+        except BaseException as error:  # noqa: BLE001 - checked below
+            outcome.append(error)
+
+    waiting = threading.Thread(target=wait)
+    waiting.start()
+    try:
+        deadline = time.monotonic() + PATIENCE
+        while not (rx._waiter is not None and rx._waiter.raised) and time.monotonic() < deadline:
+            time.sleep(0.001)  # until it sleeps: its wake-up files are made by then
+        shutil.rmtree(queue_dir)
+        with segq.Sender(queue_dir, segment_size=SMALL) as tx:
+            tx.send(b"new")
+        started = time.monotonic()
+        waiting.join(PATIENCE)
+        assert time.monotonic() - started < 5.0  # noticed within the once-a-second check
+        assert len(outcome) == 1 and type(outcome[0]) is segq.SegqError
+        assert str(queue_dir) in str(outcome[0]) and "deleted" in str(outcome[0])
+    finally:
+        rx.close()
+    with segq.Receiver(queue_dir) as fresh:  # the new queue reads as usual
+        assert fresh.recv(timeout=PATIENCE).data == b"new"
+
+
+async def test_an_async_recv_notices_its_queue_deleted(queue_dir: pathlib.Path) -> None:
+    import shutil
+
+    async with segq.AsyncReceiver(queue_dir, create=True) as rx:
+        waiting = asyncio.create_task(rx.recv())
+        while not rx._wait.active:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)  # into its sleep: its wake-up files are made by then
+        shutil.rmtree(queue_dir)
+        with pytest.raises(segq.SegqError, match="was deleted"):
+            await asyncio.wait_for(waiting, PATIENCE)
+
+
+def test_recv_follow_exits_with_an_error_when_its_queue_is_deleted_and_made_again(queue_dir: pathlib.Path) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    with segq.Sender(queue_dir, segment_size=SMALL) as tx:
+        tx.send(b"old")
+    environment = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parent.parent))
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "segq", "recv", str(queue_dir), "--follow"],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert follower.stdout is not None and follower.stdout.readline() == b"old\n"
+        time.sleep(0.2)  # let it commit and go to sleep: its wake-up files are made by then
+        shutil.rmtree(queue_dir)
+        with segq.Sender(queue_dir, segment_size=SMALL) as tx:
+            tx.send(b"new")
+        stdout, stderr = follower.communicate(timeout=PATIENCE)
+        assert follower.returncode == 1
+        assert stdout == b""  # nothing of the new queue was taken for the old one's
+        lines = stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and "was deleted" in lines[0], stderr
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.communicate()
+    with segq.Receiver(queue_dir) as fresh:  # the new queue's record is still there for a new follower
+        assert fresh.recv(timeout=PATIENCE).data == b"new"
