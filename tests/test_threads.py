@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import segq
+from _harness import record_figure
 
 SMALL = 1 << 12  # small segments: commits cross segments and delete them while threads race
 PATIENCE = 30.0
@@ -143,16 +144,16 @@ class Consumers:
 
 
 @pytest.mark.usefixtures("fast_switching")
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     scripts=st.lists(st.lists(st.sampled_from(OPERATIONS), min_size=1, max_size=6), min_size=2, max_size=4),
-    stop_after=st.integers(min_value=50, max_value=250),
+    stop_after=st.integers(min_value=50, max_value=1500),
 )
 def test_threads_sharing_a_receiver_commit_each_record_once_in_order(
     tmp_path_factory: pytest.TempPathFactory, scripts: list[list[str]], stop_after: int
 ) -> None:
     queue_dir = tmp_path_factory.mktemp("threads") / "queue"
-    records = numbered(400)
+    records = numbered(2000)
     fill(queue_dir, records)
     rx = segq.Receiver(queue_dir)
     consumers = Consumers(rx, stop_after)
@@ -170,6 +171,8 @@ def test_threads_sharing_a_receiver_commit_each_record_once_in_order(
     assert committed == records[: len(committed)]
     assert len(committed) >= stop_after
     assert consumers.positions == sorted(consumers.positions)  # the position never moved back
+    record_figure("thread interleavings tried on one receiver", 1)
+    record_figure("records committed by threads sharing one receiver", len(committed))
     with segq.Receiver(queue_dir) as fresh:  # resumes exactly where the commits stopped
         assert fresh.committed_position == consumers.positions[-1]
         following = fresh.try_recv()
