@@ -23,6 +23,14 @@ and the moment a message becomes pending are one synchronous step, and every
 raised and no reader registered, and loses nothing: the record stays in the
 queue for the next ``recv``.
 
+Tasks may share an ``AsyncReceiver`` as threads share a ``Receiver``: one
+outstanding receive at a time.  While a task waits in ``recv``, another
+task's ``recv``, ``recv_batch`` or ``try_recv`` raises ``UsageError`` at
+once (it would otherwise take the record the waiting task was woken for);
+while a message is pending, so does any receive.  Leaving an ``async with``
+settles the message only if it is still pending, in one step, even when
+the commit runs on the worker thread.
+
 What runs on the loop, and what does not
 ----------------------------------------
 A send, a commit and a rollback are memory copies into shared maps (a few

@@ -588,20 +588,22 @@ class Receiver:
 
     def _release(self) -> None:
         """Let go of every file and thread (hold the lock; nobody waits)."""
-        if self._sync_thread is not None:
-            self._stop_syncing.set()
-            self._sync_thread.join()
-        if self._sync_interval is not None:
-            self._cursor.sync()
-        if self._waiter is not None:
-            self._waiter.close()
-        self._waker.close()
-        self._reader.close()
-        self._cursor.close()
-        self._lock.release()
-        self._control.close()
-        os.close(self._directory_fd)
-        self._released.set()
+        try:
+            if self._sync_thread is not None:
+                self._stop_syncing.set()
+                self._sync_thread.join()
+            if self._sync_interval is not None:
+                self._cursor.sync()
+            if self._waiter is not None:
+                self._waiter.close()
+            self._waker.close()
+            self._reader.close()
+            self._cursor.close()
+            self._lock.release()
+            self._control.close()
+            os.close(self._directory_fd)
+        finally:
+            self._released.set()  # a close() in another thread waits for this, whatever happened
 
     def __enter__(self) -> "Receiver":
         return self
