@@ -61,6 +61,8 @@ __all__ = [
     "split_word",
     "DEFAULT_SEGMENT_SIZE",
     "read_published_tail",
+    "CONSUMER_SEGMENT_SIZE",
+    "require_queue",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,9 @@ OWNER_INDEX = OWNER // WORD.size
 _CLEAN_SALT = 0x5345_4751_434C_4541
 
 DEFAULT_SEGMENT_SIZE = 64 << 20
+# The first segment of a queue a consumer creates (``create=True``): small,
+# since a consumer never appends; a sender rolls over to its own size.
+CONSUMER_SEGMENT_SIZE = 64 << 10
 
 _STEAL_CHECK_SECONDS = 0.25
 _UNFINISHED_RETRY_SECONDS = 5.0
@@ -105,6 +110,20 @@ def split_word(word: int) -> tuple[int, int]:
 
 def _semaphore_name(token: int) -> str:
     return f"/segq-{token:016x}"
+
+
+def require_queue(queue_dir: str, *, create: bool, who: str) -> None:
+    """Raise ``SegqError`` unless ``queue_dir`` exists or ``create`` allows making it.
+
+    Consumers (``who``, e.g. "Receiver") call this before attaching, so a
+    typo in a path is an error instead of a new, empty queue waited on forever.
+    """
+    if create or os.path.lexists(queue_dir):
+        return
+    raise SegqError(
+        f"no queue at {queue_dir} (no such directory): check the path, or pass create=True to {who} "
+        "to create an empty queue (for a consumer that starts before its producers)"
+    )
 
 
 class AppendLock(Protocol):

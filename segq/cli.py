@@ -521,6 +521,7 @@ def _send_records(sender: Sender, records: list[bytes], headers: dict[str, bytes
     type=click.IntRange(min=0),
     help="Commit a record only once acknowledged: one newline read from file descriptor FD per record, in order.",
 )
+@click.option("--create", is_flag=True, help="Create the queue if it is missing (a consumer started before its producers).")
 @_output_framing_options
 @click.option(
     "--json",
@@ -536,6 +537,7 @@ def recv(
     timeout: float | None,
     batch: int | None,
     ack_fd: int | None,
+    create: bool,
     framing: str,
 ) -> None:
     """Print what a receiver has not committed yet, one record per line.
@@ -552,16 +554,18 @@ def recv(
     SIGTERM or SIGINT stops it that way (exit 128+N on signal N).
     Without --follow it stops when the queue is empty; when stdout (or
     the acknowledgement descriptor) is closed it exits quietly with status 0.
+    A missing queue is an error unless --create; a queue deleted (or
+    deleted and made again) while --follow waits is an error too: exit 1.
     """
-    if not follow and not os.path.isdir(path):
-        raise CommandError(f"no queue at {path} (use --follow to wait for one to be created)")
+    if not create and not os.path.lexists(path):
+        raise CommandError(f"no queue at {path}: check the path, or use --create to make it and wait for its producers")
     separator = _SEPARATORS.get(framing)  # None: --json
     wait = timeout if timeout is not None else (None if follow else 0.0)
     stdout = _Stream(sys.stdout.buffer, signals := _Signals())
     delivery = _delivery(stdout, ack_fd)
     with _library_warnings(), signals:
         try:
-            with Receiver(path, name) as receiver:
+            with Receiver(path, name, create=create) as receiver:
                 _receive(receiver, delivery, separator, count, wait, batch or delivery.default_batch)
         except _Stopped as stop:
             _exit_for_signal(stop.signum)
