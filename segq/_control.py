@@ -36,6 +36,7 @@ from typing import IO, Callable, Protocol
 import portalocker
 
 from . import _segment
+from ._fs import open_file
 from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordStatus, decode_record
 from ._scan import scan_segment
 from ._segment import MappedSegment, StrPath, os_error
@@ -119,7 +120,7 @@ class _FlockAppendLock:
 
     def __init__(self, path: str) -> None:
         self._thread_lock = threading.Lock()
-        self._handle = open(path, "a+b")
+        self._handle = os.fdopen(open_file(path, os.O_RDWR, private=True), "r+b", buffering=0)
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
         if not self._thread_lock.acquire(block, -1 if timeout is None else timeout):
@@ -179,7 +180,7 @@ class Control:
             raise SegqError(f"{self.queue_dir} is a file, not a queue directory")
         try:
             os.makedirs(self.queue_dir, exist_ok=True)
-            self._handle = open(self.path, "a+b")
+            self._handle = os.fdopen(open_file(self.path, os.O_RDWR, private=True), "r+b", buffering=0)
         except OSError as error:
             raise os_error(error, "open queue", self.queue_dir) from None
         try:
@@ -426,7 +427,8 @@ class Control:
         if owner == self.pid or process_is_alive(owner, None):
             if owner == self.pid or not self._dead_sender_registered():
                 return False
-        with open(os.path.join(self.queue_dir, "segq.takeover.lock"), "a+b") as handle:
+        takeover_path = os.path.join(self.queue_dir, "segq.takeover.lock")
+        with os.fdopen(open_file(takeover_path, os.O_RDWR, private=True), "r+b", buffering=0) as handle:
             portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE)
             if self.word(TAIL) != stalled_tail or self.word(OWNER) != owner:
                 return False

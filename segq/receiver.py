@@ -17,15 +17,17 @@ import time
 from types import TracebackType
 from typing import Iterator
 
+from ._args import check_path, check_timeout
 from ._control import DATA_WAITERS, ROOM_WAITERS, ROOM_WAITING, TAIL_INDEX, Control
 from ._format import HEADER_SIZE
+from ._fs import make_dir
 from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._reader import RecordReader
 from ._segment import StrPath
 from ._state import Position, check_name, cursor_path, delete_consumed_segments, register_cursor
 from ._wake import Waiter, Waker
-from .errors import Closed, CorruptionError, Empty, UsageError
+from .errors import Closed, CorruptionError, Empty, InvalidArgument, UsageError
 from .sender import SyncPolicy, parse_sync
 
 __all__ = ["Receiver", "Message", "Batch"]
@@ -162,13 +164,13 @@ class Receiver:
 
     def __init__(self, path: StrPath, name: str = "default", *, sync: SyncPolicy = "never") -> None:
         self._closed = True
-        self.path = os.fspath(path)
+        self.path = check_path(path)
         self.name = check_name(name)
         self._sync_interval = parse_sync(sync)
         self._control = Control(self.path)
         self._lock = LockFile(cursor_path(self.path, "r", name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
         try:
-            os.makedirs(os.path.dirname(self._lock.path), exist_ok=True)
+            make_dir(self.path, os.path.basename(os.path.dirname(self._lock.path)))
             self._lock.acquire()
             self._cursor = register_cursor(self.path, "r", name)
             position = self._cursor.position
@@ -247,6 +249,8 @@ class Receiver:
         """
         if self._pending is not None or self._closed:
             self._check_ready()
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         data = self._next_record()
         if data is None:
             data = self._wait_for_record(timeout)
@@ -273,6 +277,10 @@ class Receiver:
         Raises ``Empty`` if none arrives within ``timeout`` seconds.
         """
         self._check_ready()
+        if timeout is not None:
+            timeout = check_timeout(timeout)
+        if isinstance(max_count, bool) or not isinstance(max_count, int):
+            raise InvalidArgument(f"max_count must be an int, not {max_count!r}", name="max_count")
         if max_count < 1:
             raise UsageError(f"recv_batch needs max_count >= 1, not {max_count}")
         records, runs = self._reader.next_many(max_count)

@@ -50,6 +50,7 @@ from typing import Any
 import portalocker
 
 from ._control import CONTROL_NAME, CONTROL_SIZE, TAIL, TOKEN, WORD, split_word
+from ._fs import open_file
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE
 from ._inspect import (
     ConsumerInfo,
@@ -159,7 +160,10 @@ class _ControlHold:
         self.fd = -1
         self.alone = False
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o644)
+            if create:
+                self.fd = open_file(self.path, os.O_RDWR, private=True)
+            else:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             self.alone = True  # no control file: nobody attached (a dry run does not create one)
             return
@@ -462,7 +466,7 @@ def _cut(scan: SegmentScan, report: RecoveryReport) -> None:
 
 def _write_zeros(path: str, start: int, end: int) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY)
+        fd = open_file(path, os.O_WRONLY, create=False)
     except OSError as error:
         raise os_error(error, "repair", path) from None
     try:
@@ -504,7 +508,7 @@ def _seal(scans: QueueScans, scan: SegmentScan, report: RecoveryReport, alone: b
     if report.dry_run:
         return True
     try:
-        fd = os.open(scan.path, os.O_WRONLY)
+        fd = open_file(scan.path, os.O_WRONLY, create=False)
     except OSError as error:
         raise os_error(error, "seal", scan.path) from None
     try:

@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Iterable, Union
 
 from . import _format, _segment
+from ._args import MAX_INTERVAL, MIN_INTERVAL, check_interval, check_path, check_timeout
 from ._control import (
     DATA_WAITERS,
     DATA_WAITING,
@@ -41,12 +42,13 @@ from ._control import (
     split_word,
 )
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE, as_payload
+from ._fs import make_dir, open_file
 from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._segment import MappedSegment, StrPath
 from ._state import Position, list_cursors, read_position
 from ._wake import Waiter, Waker
-from .errors import Closed, Full, RecordTooLarge, SegqError
+from .errors import Closed, Full, InvalidArgument, RecordTooLarge, SegqError
 
 __all__ = ["Sender", "SyncPolicy", "parse_sync", "DEFAULT_MAX_RECORD_SIZE"]
 
@@ -63,9 +65,13 @@ def parse_sync(sync: SyncPolicy) -> float | None:
         return None
     if sync == "always":
         return 0.0
-    if isinstance(sync, (int, float)) and not isinstance(sync, bool) and sync > 0:
-        return float(sync)
-    raise SegqError(f"bad sync policy {sync!r}: use 'never', 'always' or a number of seconds > 0")
+    if isinstance(sync, (int, float)) and not isinstance(sync, bool):
+        return check_interval(sync, "sync")
+    raise InvalidArgument(
+        f"bad sync policy {sync!r}: use 'never', 'always' or a number of seconds from "
+        f"{MIN_INTERVAL} to {MAX_INTERVAL:g}",
+        name="sync",
+    )
 
 
 class Sender:
@@ -93,19 +99,19 @@ class Sender:
         max_queue_bytes: int | None = None,
     ) -> None:
         self._closed = True
-        self.path = os.fspath(path)
+        self.path = check_path(path)
         if not isinstance(segment_size, int) or segment_size < _MIN_SEGMENT_SIZE or segment_size >= 1 << 32:
-            raise SegqError(f"segment_size must be an int from {_MIN_SEGMENT_SIZE} bytes to 4 GiB, not {segment_size!r}")
+            raise InvalidArgument(f"segment_size must be an int from {_MIN_SEGMENT_SIZE} bytes to 4 GiB, not {segment_size!r}")
         capacity = segment_size - SEGMENT_HEADER_SIZE - 2 * HEADER_SIZE
         if max_record_size == DEFAULT_MAX_RECORD_SIZE:
             max_record_size = min(max_record_size, capacity)
         if not isinstance(max_record_size, int) or not 0 <= max_record_size <= capacity:
-            raise SegqError(
+            raise InvalidArgument(
                 f"max_record_size must be from 0 to {capacity} (what a {segment_size}-byte segment holds), "
                 f"not {max_record_size!r}"
             )
         if max_queue_bytes is not None and (not isinstance(max_queue_bytes, int) or max_queue_bytes <= 0):
-            raise SegqError(f"max_queue_bytes must be a positive int or None, not {max_queue_bytes!r}")
+            raise InvalidArgument(f"max_queue_bytes must be a positive int or None, not {max_queue_bytes!r}")
         self.segment_size = segment_size
         self.max_record_size = max_record_size
         self.max_queue_bytes = max_queue_bytes
@@ -116,7 +122,7 @@ class Sender:
                 os.path.join(self.path, "senders", f"{os.getpid()}-{next(_registration_counter)}.lock"),
                 what="sender",
             )
-            os.makedirs(os.path.dirname(self._registration.path), exist_ok=True)
+            make_dir(self.path, "senders")
             self._registration.acquire()
         except BaseException:
             self._control.close()
@@ -136,7 +142,9 @@ class Sender:
         self._sync_always = self._sync_interval == 0.0
         self._last_word = 0  # tail word after this sender's last append
         self._sync_thread_lock = threading.Lock()
-        self._sync_file = open(os.path.join(self.path, "segq.sync.lock"), "a+b")
+        self._sync_file = os.fdopen(
+            open_file(os.path.join(self.path, "segq.sync.lock"), os.O_RDWR, private=True), "r+b", buffering=0
+        )
         self._room_floor = Position.bottom(0)
         self._closed = False
         self._stop_syncing = threading.Event()
@@ -163,6 +171,8 @@ class Sender:
         size = len(data)
         if size > self._size_limit:
             self._refuse(size)
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         if self.max_queue_bytes is not None:
             self._wait_for_room(size + HEADER_SIZE, timeout)
         words = self._words
@@ -206,6 +216,8 @@ class Sender:
         """
         if self._closed:
             raise Closed("send_batch() on a closed Sender")
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         payloads = [record if type(record) is bytes else as_payload(record) for record in records]
         if not payloads:
             return
