@@ -41,6 +41,7 @@ import struct
 import threading
 from typing import Any, Callable
 
+from ._flock import wait_flock
 from ._fs import open_file
 from ._segment import os_error
 from .errors import SegqError, UnsupportedFormat
@@ -140,7 +141,7 @@ class GroupLock:
         self._window = (ctypes.c_char * _FILE_SIZE).from_buffer(self._map)
         self.lock_argument = ctypes.c_void_p(ctypes.addressof(self._window) + _MUTEX_OFFSET)
         tag = _layout_tag()
-        fcntl.flock(self._flock_fd, fcntl.LOCK_EX)
+        wait_flock(self._flock_fd, os.path.join(self.group_dir, _FLOCK_FILE), what="group mutex set-up")
         try:
             magic, version, found_tag = _HEADER.unpack_from(self._map, 0)
             if magic == _MAGIC:

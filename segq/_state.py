@@ -280,10 +280,15 @@ def read_position(path: StrPath) -> Position:
 
 
 def _retention_lock(queue_dir: StrPath):  # type: ignore[no-untyped-def]
-    import portalocker
+    from ._flock import wait_flock
 
-    handle = os.fdopen(open_file(os.path.join(queue_dir, "segq.gc.lock"), os.O_RDWR, private=True), "r+b", buffering=0)
-    portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE)
+    path = os.path.join(queue_dir, "segq.gc.lock")
+    handle = os.fdopen(open_file(path, os.O_RDWR, private=True), "r+b", buffering=0)
+    try:
+        wait_flock(handle.fileno(), path, what="segment deletion lock")
+    except BaseException:
+        handle.close()
+        raise
     return handle
 
 

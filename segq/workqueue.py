@@ -70,6 +70,7 @@ from ._control import DATA_WAITERS, DATA_WAITING, TAIL, WORD, Control
 from ._deadletter import DeadLetter, dead_letter_path, dead_letter_segment_size
 from ._format import HEADER_SIZE
 from ._groupadmin import GROUPS_DIR, GroupRecovery, group_dir, group_info, list_groups, recover_group, requeue_dead
+from ._flock import wait_flock
 from ._fs import make_dir, open_file
 from ._grouplock import GroupLock
 from ._jobs import JOB_TRANSITIONS, Job, JobBatch, JobState
@@ -188,7 +189,7 @@ class WorkQueue:
         try:
             make_dir(self.path, GROUPS_DIR, group)
             self._member_fd = self._open_fd(os.path.join(self._group_dir, "open.lock"))
-            fcntl.flock(self._member_fd, fcntl.LOCK_SH)
+            wait_flock(self._member_fd, os.path.join(self._group_dir, "open.lock"), shared=True, what="group membership")
             self._thread_lock = threading.Lock()
             self._group_lock = GroupLock(self._group_dir)
             self._lock_function = self._group_lock.lock_function
