@@ -30,6 +30,7 @@ from typing import IO, Any, ClassVar, NoReturn, TypeVar
 import click
 
 from . import __version__, recovery
+from ._args import MAX_INTERVAL, MIN_INTERVAL, check_interval
 from ._control import DEFAULT_SEGMENT_SIZE
 from ._segment import list_segments, segment_path
 from .errors import Empty, SegqError
@@ -236,11 +237,27 @@ class _SyncParam(click.ParamType["str | float"]):
         if value in ("never", "always"):
             return str(value)
         try:
+            return check_interval(float(value), "sync")
+        except (ValueError, TypeError):
+            self.fail(
+                f"{value!r}: use never, always or a number of seconds from {MIN_INTERVAL} to {MAX_INTERVAL:g}",
+                param,
+                ctx,
+            )
+
+
+class _SecondsParam(click.ParamType[float]):
+    """A timeout in seconds: finite, not negative (NaN and inf are usage errors, exit 2)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
             seconds = float(value)
-        except ValueError:
-            seconds = -1.0
-        if seconds <= 0:
-            self.fail(f"{value!r}: use never, always or a number of seconds > 0", param, ctx)
+        except (ValueError, TypeError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not 0 <= seconds < 1e9:
+            self.fail(f"{value!r}: give a finite number of seconds >= 0", param, ctx)
         return seconds
 
 
@@ -269,10 +286,12 @@ def send(path: str, framing: str, segment_size: int | None, sync: str | float) -
     """
     if segment_size is None:
         segment_size = _current_segment_size(path)
-    stdin = _Stream(sys.stdin.buffer, signals := _Signals())
+    stdin = _Stream(_standard_stream(sys.stdin, "input"), signals := _Signals())
     with _library_warnings(), signals:
         try:
-            with Sender(path, segment_size=segment_size, sync=sync) as sender:
+            with signals.interruptible():  # opening may wait for another process's lock
+                opened = Sender(path, segment_size=segment_size, sync=sync)
+            with opened as sender:
                 if framing == "raw":
                     sender.send(b"".join(iter(stdin.read, b"")))
                 else:
@@ -380,7 +399,7 @@ def _send_records(sender: Sender, records: list[bytes]) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep waiting for new records (until -n, --timeout or a signal).")
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0),
+    type=_SecondsParam(),
     help="Stop when no record arrives for this many seconds (default: at once without --follow).",
 )
 @_framing_options
@@ -397,10 +416,12 @@ def recv(path: str, name: str, count: int | None, follow: bool, timeout: float |
         raise CommandError(f"no queue at {path} (use --follow to wait for one to be created)")
     separator = _SEPARATORS[framing]
     wait = timeout if timeout is not None else (None if follow else 0.0)
-    stdout = _Stream(sys.stdout.buffer, signals := _Signals())
+    stdout = _Stream(_standard_stream(sys.stdout, "output"), signals := _Signals())
     with _library_warnings(), signals:
         try:
-            with Receiver(path, name) as receiver:
+            with signals.interruptible():  # opening may wait for another process's lock
+                opened = Receiver(path, name)
+            with opened as receiver:
                 _receive(receiver, stdout, separator, count, wait)
         except _Stopped as stop:
             _exit_for_signal(stop.signum)
@@ -428,6 +449,15 @@ def _receive(receiver: Receiver, stdout: _Stream, separator: bytes, count: int |
         batch.commit()
         if remaining is not None:
             remaining -= len(batch)
+
+
+def _standard_stream(stream: IO[str] | None, which: str) -> IO[bytes]:
+    """Return the binary side of stdin or stdout, or a usage error when the shell closed it (``>&-``)."""
+    buffer: IO[bytes] | None = getattr(stream, "buffer", None)
+    if buffer is None:
+        verb = "read from" if which == "input" else "write to"
+        raise click.UsageError(f"standard {which} is closed; give the command something to {verb}")
+    return buffer
 
 
 def _quiet_stdout() -> None:

@@ -148,6 +148,7 @@ class Sender:
         self._room_floor = Position.bottom(0)
         self._closed = False
         self._stop_syncing = threading.Event()
+        self._background_error: BaseException | None = None
         self._sync_thread: threading.Thread | None = None
         if self._sync_interval:
             self._sync_thread = threading.Thread(target=self._sync_loop, name="segq-group-commit", daemon=True)
@@ -200,6 +201,8 @@ class Sender:
     def _refuse(self, size: int) -> None:
         if self._closed:
             raise Closed("send() on a closed Sender")
+        if self._background_error is not None:
+            self._raise_background_error()
         raise RecordTooLarge(
             f"record of {size} bytes is over max_record_size={self.max_record_size}; nothing was written",
             size=size,
@@ -216,6 +219,8 @@ class Sender:
         """
         if self._closed:
             raise Closed("send_batch() on a closed Sender")
+        if self._background_error is not None:
+            self._raise_background_error()
         if timeout is not None:
             timeout = check_timeout(timeout)
         payloads = [record if type(record) is bytes else as_payload(record) for record in records]
@@ -402,6 +407,8 @@ class Sender:
         """Make every record this sender sent so far survive power loss."""
         if self._closed:
             raise Closed("sync() on a closed Sender")
+        if self._background_error is not None:
+            self._raise_background_error()
         self._sync_through(self._last_word)
 
     def _sync_through(self, word: int) -> None:
@@ -446,10 +453,22 @@ class Sender:
         while not self._stop_syncing.wait(interval):
             try:
                 self._sync_through(self._last_word)
-            except (OSError, SegqError, ValueError):
+            except BaseException as error:  # noqa: BLE001 - handed to the sending thread, never lost
                 if self._closed:
                     return
-                raise
+                # A dead thread must not leave sends believing they are durable:
+                # the next call (and close) raises.  -1 sends every send down
+                # the hot path's one existing compare into _refuse.
+                self._background_error = error
+                self._size_limit = -1
+                return
+
+    def _raise_background_error(self) -> None:
+        error = self._background_error
+        raise SegqError(
+            f"{self.path}: the group-commit thread failed ({type(error).__name__}: {error}); records sent "
+            "since its last sync may not survive power loss; close this Sender and open a new one"
+        ) from error
 
     # -- lifetime --------------------------------------------------------
 
@@ -461,6 +480,8 @@ class Sender:
             self._stop_syncing.set()
             self._sync_thread.join()
         try:
+            if self._background_error is not None:
+                self._raise_background_error()
             if self._sync_interval is not None:
                 self._sync_through(self._last_word)
         finally:
