@@ -40,7 +40,7 @@ import time
 
 from .errors import SegqError
 
-__all__ = ["open_file", "make_dir", "file_mode", "check_opened", "LINK_ADVICE"]
+__all__ = ["open_file", "open_to_read", "make_dir", "file_mode", "check_opened", "LINK_ADVICE"]
 
 LINK_ADVICE = "segq never follows links inside a queue directory; remove it (and find out who put it there)"
 
@@ -144,6 +144,16 @@ def open_file(path: str, flags: int, *, private: bool = False, create: bool = Tr
         os.close(fd)
         raise
     return fd
+
+
+def open_to_read(path: str) -> int:
+    """Open ``path`` read-only, never through a link (``SegqError``); a missing file raises ``FileNotFoundError``."""
+    try:
+        return os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise SegqError(f"{path} is a symbolic link; {LINK_ADVICE}") from None
+        raise
 
 
 def make_dir(queue_dir: str, *parts: str) -> str:

@@ -24,7 +24,7 @@ from . import _journal
 from ._claims import GroupState, describe_word, load_state
 from ._deadletter import DeadLetter, dead_letter_path
 from ._format import SEGMENT_HEADER_SIZE
-from ._fs import make_dir
+from ._fs import make_dir, open_to_read
 from ._grouplock import GroupLock
 from ._journal import Journal
 from ._lock import process_is_alive
@@ -118,7 +118,7 @@ def _count_records(queue_dir: str) -> int:
 
 def _is_open(directory: str) -> bool:
     try:
-        fd = os.open(os.path.join(directory, "open.lock"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_to_read(os.path.join(directory, "open.lock"))
     except FileNotFoundError:
         return False
     try:

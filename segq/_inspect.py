@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._args import check_path
 from ._control import CONTROL_NAME
 from ._format import FORMAT_VERSION, SEGMENT_HEADER_SIZE
 from ._lock import read_owner
@@ -42,7 +43,7 @@ def receiver_lock_path(queue_dir: str, name: str) -> str:
 
 def existing_queue(path: StrPath) -> str:
     """Return ``path`` as a string if it is a segq queue; else raise ``SegqError`` saying what it is."""
-    queue_dir = os.fspath(path)
+    queue_dir = check_path(path)
     if not os.path.exists(queue_dir):
         raise SegqError(f"no queue at {queue_dir}: the directory does not exist")
     if not os.path.isdir(queue_dir):

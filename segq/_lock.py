@@ -26,7 +26,7 @@ from typing import IO
 import portalocker
 import psutil
 
-from ._fs import LINK_ADVICE, open_file
+from ._fs import open_file, open_to_read
 from ._segment import StrPath, os_error
 from .errors import Locked, SegqError
 
@@ -99,13 +99,7 @@ def _parse_owner(text: str) -> tuple[int | None, float | None]:
 
 def _open_for_reading(path: str) -> IO[bytes]:
     """Open a lock file to read or probe it, never through a link."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise SegqError(f"{path} is a symbolic link; {LINK_ADVICE}") from None
-        raise
-    return os.fdopen(fd, "rb")
+    return os.fdopen(open_to_read(path), "rb")
 
 
 def _os_lock_is_free(path: str) -> bool | None:

@@ -50,7 +50,7 @@ from typing import Any
 import portalocker
 
 from ._control import CONTROL_NAME, CONTROL_SIZE, TAIL, WORD, remove_semaphores, split_word
-from ._fs import open_file
+from ._fs import open_file, open_to_read
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE
 from ._inspect import (
     ConsumerInfo,
@@ -77,6 +77,7 @@ __all__ = [
     "unlock_for_sending",
     "unlock_for_receiving",
     "unlock_queue",
+    "remove_idle_semaphores",
     "lock_holders",
     "guess_recv_metadata",
     "guess_recv_metadata_with_loss",
@@ -189,7 +190,7 @@ class _ControlHold:
             if create:
                 self.fd = open_file(self.path, os.O_RDWR, private=True)
             else:
-                self.fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                self.fd = open_to_read(self.path)
         except FileNotFoundError:
             self.alone = True  # no control file: nobody attached (a dry run does not create one)
             return

@@ -123,7 +123,14 @@ class Sender:
                 what="sender",
             )
             make_dir(self.path, "senders")
-            self._registration.acquire()
+            self._sync_file = os.fdopen(
+                open_file(os.path.join(self.path, "segq.sync.lock"), os.O_RDWR, private=True), "r+b", buffering=0
+            )
+            try:
+                self._registration.acquire()
+            except BaseException:
+                self._sync_file.close()
+                raise
         except BaseException:
             self._control.close()
             raise
@@ -142,9 +149,6 @@ class Sender:
         self._sync_always = self._sync_interval == 0.0
         self._last_word = 0  # tail word after this sender's last append
         self._sync_thread_lock = threading.Lock()
-        self._sync_file = os.fdopen(
-            open_file(os.path.join(self.path, "segq.sync.lock"), os.O_RDWR, private=True), "r+b", buffering=0
-        )
         self._room_floor = Position.bottom(0)
         self._closed = False
         self._stop_syncing = threading.Event()
