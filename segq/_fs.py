@@ -136,10 +136,14 @@ def open_file(path: str, flags: int, *, private: bool = False, create: bool = Tr
             raise SegqError(f"{path} is a symbolic link; {LINK_ADVICE}") from None
         raise
     try:
+        expected = file_mode(parent.st_mode, private=private)
         if created:
             # The umask must not narrow a shared queue's files.
-            os.fchmod(fd, file_mode(parent.st_mode, private=private))
-        check_opened(fd, path, fifo=fifo, parent=parent)
+            os.fchmod(fd, expected)
+        info = check_opened(fd, path, fifo=fifo, parent=parent)
+        if private and not created and stat.S_IMODE(info.st_mode) & ~expected and info.st_uid == os.geteuid():
+            # Made by an older segq (0644): a reader could open it, and so lock it.
+            os.fchmod(fd, stat.S_IMODE(info.st_mode) & expected)
     except BaseException:
         os.close(fd)
         raise

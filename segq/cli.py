@@ -653,10 +653,8 @@ def unlock(path: str) -> None:
     if live:
         names = ", ".join(f"PID {holder.pid} ({holder.what})" for holder in live)
         raise CommandError(f"{queue_dir} is locked by live {names}; stop {'it' if len(live) == 1 else 'them'} first")
-    semaphores = recovery.remove_idle_semaphores(queue_dir)
-    for name in semaphores:
-        click.echo(f"removed the append semaphore {name} left in /dev/shm")
-    if not removed and not semaphores:
+    recovery.remove_idle_semaphores(queue_dir)  # housekeeping, as a rebuild would do: not reported
+    if not removed:
         click.echo(f"no stale lock files in {queue_dir}")
 
 
