@@ -91,6 +91,8 @@ def check_opened(fd: int, path: str, *, fifo: bool = False, parent: os.stat_resu
             "remove the file (and find out who put it there)"
         )
     deadline = None
+    if info.st_nlink > 1:
+        info = _drop_leftover_temporaries(fd, path, info)
     while info.st_nlink > 1:
         # Our own creations link a finished temporary file into place and
         # then unlink the temporary: a second name lasts only that long.
@@ -101,6 +103,28 @@ def check_opened(fd: int, path: str, *, fifo: bool = False, parent: os.stat_resu
         time.sleep(0.005)
         info = os.fstat(fd)
     return info
+
+
+def _drop_leftover_temporaries(fd: int, path: str, info: os.stat_result) -> os.stat_result:
+    """Unlink ``path.<hex>.tmp`` names of the same file: a creator killed between link and unlink left them.
+
+    A creator still running finds its temporary gone and goes on (it
+    tolerates that); the file itself keeps its real name.
+    """
+    directory, name = os.path.split(path)
+    try:
+        siblings = os.listdir(directory or ".")
+    except OSError:
+        return info
+    for sibling in siblings:
+        if sibling.startswith(name + ".") and sibling.endswith(".tmp"):
+            candidate = os.path.join(directory, sibling)
+            try:
+                if os.lstat(candidate).st_ino == info.st_ino:
+                    os.unlink(candidate)
+            except OSError:
+                continue
+    return os.fstat(fd)
 
 
 def open_file(path: str, flags: int, *, private: bool = False, create: bool = True, fifo: bool = False) -> int:
