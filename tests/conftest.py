@@ -25,10 +25,11 @@ def no_safety_net(monkeypatch: pytest.MonkeyPatch) -> None:
 #
 # pytest's tmp_path and every child process's temporary files (they inherit
 # TMPDIR) go under one run directory, removed at the end: /tmp keeps no trace
-# of the run.  (This process's own tempfile default stays: multiprocessing
-# removes its directory there at exit, after this fixture is gone.)  Append semaphores are named for
-# their queue directory's device and inode (segq._control.semaphore_prefix),
-# so a leak of *this* run is told apart from other runs on the machine by the
+# of the run.  This process keeps its own tempfile directory (fixed below,
+# before TMPDIR changes): multiprocessing removes its files there at exit,
+# after the run directory is gone.  Append semaphores are named for their
+# queue directory's device and inode (segq._control.semaphore_prefix), so a
+# leak of *this* run is told apart from other runs on the machine by the
 # prefixes of the queues this run used: those opened in this process, and
 # every directory under the run directory at the end (children's queues).
 
@@ -36,16 +37,24 @@ import os as _os
 import shutil as _shutil
 import tempfile as _tempfile
 
-_RUN_DIR = _tempfile.mkdtemp(prefix="segq-tests-")
-_os.chmod(_RUN_DIR, 0o755)  # tests running a child as another user must reach their queues
-_os.environ["TMPDIR"] = _RUN_DIR
+_tempfile.gettempdir()  # cached now, so TMPDIR below only reaches pytest's basetemp and the children
+_RUN_DIR = ""
 _USED_PREFIXES: set[str] = set()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    global _RUN_DIR
+    _RUN_DIR = _tempfile.mkdtemp(prefix="segq-tests-")
+    _os.chmod(_RUN_DIR, 0o755)  # tests running a child as another user must reach their queues
+    _os.environ["TMPDIR"] = _RUN_DIR
     if config.option.basetemp is None:
         config.option.basetemp = _os.path.join(_RUN_DIR, "pytest")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _RUN_DIR:
+        _shutil.rmtree(_RUN_DIR, ignore_errors=True)
 
 
 def _shm_names() -> set[str]:
@@ -79,6 +88,5 @@ def _no_leaks_in_tmp_or_shm() -> object:
     leaked = sorted(
         name for name in _shm_names() - before if any(name[len("sem.") :].startswith(p) for p in _USED_PREFIXES)
     )
-    _shutil.rmtree(_RUN_DIR, ignore_errors=True)
     if leaked:
         pytest.fail(f"the run left {len(leaked)} append semaphore(s) of its queues in /dev/shm: {leaked[:5]}")
