@@ -194,7 +194,7 @@ def _semlock_class() -> Any:
     return SemLock
 
 
-def _create_semaphore(prefix: str, directory_mode: int) -> tuple[int, int] | None:
+def _create_semaphore(prefix: str, directory: os.stat_result) -> tuple[int, int] | None:
     """Create a fresh append semaphore; return ``(token, identity)``, or None where there are none.
 
     The name is unpredictable and created exclusively, so a semaphore planted
@@ -219,7 +219,9 @@ def _create_semaphore(prefix: str, directory_mode: int) -> tuple[int, int] | Non
         if where is None:
             return token, 1
         try:
-            os.chmod(where, file_mode(directory_mode, private=True))
+            if os.geteuid() == 0 and directory.st_uid != 0:
+                os.chown(where, directory.st_uid, -1)  # root must not lock the queue's owner out
+            os.chmod(where, file_mode(directory.st_mode, private=True))
             return token, os.stat(where).st_ino
         except OSError:
             _unlink_quietly(name)
@@ -401,7 +403,7 @@ class Control:
         # Alone: no one uses any semaphore of this queue, including ones
         # left by processes killed while attached.
         remove_semaphores(self.queue_dir)
-        created = _create_semaphore(self._prefix, self._directory.st_mode)
+        created = _create_semaphore(self._prefix, self._directory)
         token, identity = created if created is not None else (secrets.randbits(63) | 1, 0)
         if created is None:
             log.debug("named semaphores unavailable; appends use flock")

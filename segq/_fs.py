@@ -40,7 +40,7 @@ import time
 
 from .errors import SegqError
 
-__all__ = ["open_file", "open_to_read", "make_dir", "file_mode", "check_opened", "LINK_ADVICE"]
+__all__ = ["open_file", "open_to_read", "make_dir", "file_mode", "check_opened", "give_to_directory_owner", "LINK_ADVICE"]
 
 LINK_ADVICE = "segq never follows links inside a queue directory; remove it (and find out who put it there)"
 
@@ -62,6 +62,16 @@ def file_mode(directory_mode: int, *, private: bool) -> int:
     return mode
 
 
+def give_to_directory_owner(fd: int, directory: os.stat_result) -> None:
+    """As root, hand a file just created in someone's queue to the directory's owner.
+
+    ``sudo segq recover`` must not leave root-owned files behind that the
+    queue's own users cannot open.
+    """
+    if os.geteuid() == 0 and directory.st_uid != 0:
+        os.fchown(fd, directory.st_uid, -1)
+
+
 def _parent_stat(path: str) -> os.stat_result:
     parent = os.path.dirname(path) or "."
     try:
@@ -81,7 +91,7 @@ def check_opened(fd: int, path: str, *, fifo: bool = False, parent: os.stat_resu
     parent = parent if parent is not None else _parent_stat(path)
     euid = os.geteuid()
     owner_ok = (
-        info.st_uid in (euid, parent.st_uid)
+        info.st_uid in (euid, parent.st_uid, 0)
         or (parent.st_mode & stat.S_IWGRP and info.st_gid == parent.st_gid)
         or (parent.st_mode & stat.S_IWOTH)
     )
@@ -164,6 +174,7 @@ def open_file(path: str, flags: int, *, private: bool = False, create: bool = Tr
         if created:
             # The umask must not narrow a shared queue's files.
             os.fchmod(fd, expected)
+            give_to_directory_owner(fd, parent)
         info = check_opened(fd, path, fifo=fifo, parent=parent)
         if private and not created and stat.S_IMODE(info.st_mode) & ~expected and info.st_uid == os.geteuid():
             # Made by an older segq (0644): a reader could open it, and so lock it.
@@ -193,7 +204,8 @@ def make_dir(queue_dir: str, *parts: str) -> str:
     """
     path = queue_dir
     for part in parts:
-        parent_mode = os.stat(path).st_mode
+        parent_info = os.stat(path)
+        parent_mode = parent_info.st_mode
         path = os.path.join(path, part)
         try:
             os.mkdir(path, 0o700)
@@ -208,6 +220,7 @@ def make_dir(queue_dir: str, *parts: str) -> str:
         else:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | _CLOEXEC)
             try:
+                give_to_directory_owner(fd, parent_info)
                 os.fchmod(fd, stat.S_IMODE(parent_mode))
             finally:
                 os.close(fd)

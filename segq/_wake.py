@@ -36,7 +36,7 @@ from typing import Callable
 
 import portalocker
 
-from ._fs import file_mode, make_dir, open_file
+from ._fs import file_mode, give_to_directory_owner, make_dir, open_file
 from ._control import DATA_WAITERS, DATA_WAITING, ROOM_WAITERS, ROOM_WAITING, SLOT, SLOT_COUNT, SLOTS, Control
 from ._segment import os_error
 
@@ -124,7 +124,9 @@ class Waiter:
             try:
                 os.mkfifo(path, 0o600)
                 self.fd = open_file(path, os.O_RDWR | os.O_NONBLOCK, private=True, create=False, fifo=True)
-                os.fchmod(self.fd, file_mode(os.stat(os.path.dirname(path)).st_mode, private=True))
+                directory = os.stat(os.path.dirname(path))
+                give_to_directory_owner(self.fd, directory)
+                os.fchmod(self.fd, file_mode(directory.st_mode, private=True))
             except OSError as error:
                 raise os_error(error, "create", path) from None
             self.slot = slot

@@ -297,6 +297,33 @@ def test_a_user_who_may_only_read_cannot_lock_the_queue(tmp_path: pathlib.Path, 
     record_figure("shared queue: lock files a reader tried to lock", len(lock_files))
 
 
+def test_root_working_on_a_users_queue_leaves_it_usable_by_that_user(tmp_path: pathlib.Path, users: Users) -> None:
+    """`sudo segq recover` (here: root sends, receives, waits and recovers) must not lock the owner out."""
+    queue = shared_queue_dir(tmp_path, users.gid, 0o700)
+    a = users.member_a
+    os.chown(queue, a.pw_uid, a.pw_gid)
+    with segq.Sender(queue, segment_size=SEGMENT_SIZE) as sender, segq.Receiver(queue) as receiver:
+        sender.send(b"from root")
+        receiver.recv(timeout=1).rollback()
+        with segq.Receiver(queue, "other") as other:
+            other.recv_batch(100, timeout=0).commit()
+            with pytest.raises(segq.Empty):
+                other.recv(timeout=0.01)  # makes wake/ and a FIFO
+    with segq.WorkQueue(queue, "g"):
+        pass
+    recovery.recover(queue)
+    strangers = [
+        os.path.join(directory, name)
+        for directory, names, files in os.walk(queue)
+        for name in names + files
+        if os.lstat(os.path.join(directory, name)).st_uid != a.pw_uid
+    ]
+    assert strangers == []
+    assert _users.run_as(a.pw_uid, a.pw_gid, _users.open_receiver, str(queue), "default") == ("value", 1)
+    assert _users.run_as(a.pw_uid, a.pw_gid, _users.send_many, str(queue), "A", 10) == ("value", 10)
+    assert _users.run_as(a.pw_uid, a.pw_gid, _users.open_work_queue, str(queue), "g") == ("value", None)
+
+
 # -- 3. locks and semaphores that are not ours ------------------------------------------------
 
 
