@@ -26,6 +26,7 @@ from typing import IO
 import portalocker
 import psutil
 
+from ._fs import open_file, open_to_read
 from ._segment import StrPath, os_error
 from .errors import Locked, SegqError
 
@@ -96,10 +97,15 @@ def _parse_owner(text: str) -> tuple[int | None, float | None]:
     return pid, start_time
 
 
+def _open_for_reading(path: str) -> IO[bytes]:
+    """Open a lock file to read or probe it, never through a link."""
+    return os.fdopen(open_to_read(path), "rb")
+
+
 def _os_lock_is_free(path: str) -> bool | None:
     """Probe the OS lock; None if the file vanished."""
     try:
-        with open(path, "rb") as handle:
+        with _open_for_reading(path) as handle:
             try:
                 portalocker.lock(handle, _EXCLUSIVE)
             except portalocker.LockException:
@@ -119,10 +125,14 @@ def read_owner(path: StrPath) -> LockOwner | None:
     """
     path = os.fspath(path)
     try:
-        with open(path, encoding="ascii", errors="replace") as handle:
-            text = handle.read(200)
+        with _open_for_reading(path) as handle:
+            text = handle.read(200).decode("ascii", "replace")
     except FileNotFoundError:
         return None
+    except PermissionError:
+        # Lock files are private to those who may write the queue (so a
+        # reader cannot lock them): a reader cannot tell who holds one.
+        return LockOwner(path, None, None, True)
     except OSError as error:
         raise os_error(error, "read lock file", path) from None
     pid, start_time = _parse_owner(text)
@@ -139,13 +149,15 @@ class LockFile:
     def __init__(self, path: StrPath, *, what: str) -> None:
         self.path = os.fspath(path)
         self.what = what
-        self._handle: IO[str] | None = None
+        self._handle: IO[bytes] | None = None
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`Locked` naming the live holder's PID."""
         while True:
             try:
-                handle = open(self.path, "a+", encoding="ascii")
+                handle = os.fdopen(open_file(self.path, os.O_RDWR, private=True), "r+b", buffering=0)
+            except FileNotFoundError:
+                raise SegqError(f"cannot create lock file {self.path}: its directory is missing") from None
             except OSError as error:
                 raise os_error(error, "create lock file", self.path) from None
             try:
@@ -217,7 +229,7 @@ def unlock(lock_path: StrPath) -> bool:
     """
     path = os.fspath(lock_path)
     try:
-        handle = open(path, "rb")
+        handle = _open_for_reading(path)
     except FileNotFoundError:
         return False
     except IsADirectoryError:

@@ -97,6 +97,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
+from ._args import check_timeout
 from ._control import DATA_WAITERS, DEFAULT_SEGMENT_SIZE, ROOM_WAITERS
 from ._format import HEADER_SIZE, as_payload
 from ._jobs import Job, JobBatch, JobState, reason_of
@@ -456,6 +457,7 @@ class AsyncReceiver(_LoopOwner):
         already pending, or if another task is waiting on this receiver.
         Cancelling a waiting ``recv`` leaves nothing pending.
         """
+        timeout = check_timeout(timeout)
         message = await self._receive(self._receiver.try_recv, timeout)
         return AsyncMessage(self, message)
 
@@ -474,6 +476,7 @@ class AsyncReceiver(_LoopOwner):
 
         Raises ``Empty`` if none arrives within ``timeout`` seconds.
         """
+        timeout = check_timeout(timeout)
         attempt = functools.partial(_none_if_empty, self._receiver.recv_batch, max_count, timeout=0)
         return AsyncBatch(self, await self._receive(attempt, timeout))
 
@@ -620,6 +623,7 @@ class AsyncSender(_LoopOwner):
         runs out while the backlog is at ``max_queue_bytes``, ``Closed`` after
         ``close()``.  Cancelling a send that waits for room writes nothing.
         """
+        timeout = check_timeout(timeout)
         payload = data if type(data) is bytes else as_payload(data)
         if headers is not None:
             # Validated here, as Sender.send does; empty headers make a plain record.
@@ -629,6 +633,7 @@ class AsyncSender(_LoopOwner):
 
     async def send_batch(self, records: Iterable[BatchItem], timeout: float | None = None) -> None:
         """Append many records, each data or a ``(data, headers)`` pair, as one atomic write (see ``Sender.send_batch``)."""
+        timeout = check_timeout(timeout)
         payloads = [record if type(record) is bytes else batch_payload(record) for record in records]
         framed = sum(HEADER_SIZE + len(payload) for payload in payloads)
         await self._append(functools.partial(self._sender.send_batch, payloads), framed, timeout)
@@ -925,6 +930,7 @@ class AsyncWorkQueue(_LoopOwner):
         (``async with await wq.claim() as job`` acks or nacks it).  Cancelling
         a waiting ``claim`` leaves nothing claimed.
         """
+        timeout = check_timeout(timeout)
         return AsyncJob(self, await self._claim(self._queue.try_claim, timeout))
 
     async def claim_batch(self, max_count: int, timeout: float | None = None) -> AsyncJobBatch:
@@ -932,6 +938,7 @@ class AsyncWorkQueue(_LoopOwner):
 
         Waits like ``claim`` for the first; takes as many more as are claimable.
         """
+        timeout = check_timeout(timeout)
         attempt = functools.partial(_none_if_empty, self._queue.claim_batch, max_count, timeout=0)
         return AsyncJobBatch(self, await self._claim(attempt, timeout))
 

@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Iterable, Mapping, Union
 
 from . import _format, _segment
+from ._args import MAX_INTERVAL, MIN_INTERVAL, check_interval, check_path, check_timeout
 from ._control import (
     DATA_WAITERS,
     DATA_WAITING,
@@ -42,12 +43,13 @@ from ._control import (
 )
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE, as_payload
 from ._headers import Framed, HeaderValue, frame_body
+from ._fs import make_dir, open_file
 from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._segment import MappedSegment, StrPath
 from ._state import Position, list_cursors, read_position
 from ._wake import Waiter, Waker
-from .errors import Closed, Full, RecordTooLarge, SegqError
+from .errors import Closed, Full, InvalidArgument, RecordTooLarge, SegqError
 
 __all__ = ["Sender", "SyncPolicy", "parse_sync", "DEFAULT_MAX_RECORD_SIZE"]
 
@@ -67,9 +69,13 @@ def parse_sync(sync: SyncPolicy) -> float | None:
         return None
     if sync == "always":
         return 0.0
-    if isinstance(sync, (int, float)) and not isinstance(sync, bool) and sync > 0:
-        return float(sync)
-    raise SegqError(f"bad sync policy {sync!r}: use 'never', 'always' or a number of seconds > 0")
+    if isinstance(sync, (int, float)) and not isinstance(sync, bool):
+        return check_interval(sync, "sync")
+    raise InvalidArgument(
+        f"bad sync policy {sync!r}: use 'never', 'always' or a number of seconds from "
+        f"{MIN_INTERVAL} to {MAX_INTERVAL:g}",
+        name="sync",
+    )
 
 
 class Sender:
@@ -97,19 +103,19 @@ class Sender:
         max_queue_bytes: int | None = None,
     ) -> None:
         self._closed = True
-        self.path = os.fspath(path)
+        self.path = check_path(path)
         if not isinstance(segment_size, int) or segment_size < _MIN_SEGMENT_SIZE or segment_size >= 1 << 32:
-            raise SegqError(f"segment_size must be an int from {_MIN_SEGMENT_SIZE} bytes to 4 GiB, not {segment_size!r}")
+            raise InvalidArgument(f"segment_size must be an int from {_MIN_SEGMENT_SIZE} bytes to 4 GiB, not {segment_size!r}")
         capacity = segment_size - SEGMENT_HEADER_SIZE - 2 * HEADER_SIZE
         if max_record_size == DEFAULT_MAX_RECORD_SIZE:
             max_record_size = min(max_record_size, capacity)
         if not isinstance(max_record_size, int) or not 0 <= max_record_size <= capacity:
-            raise SegqError(
+            raise InvalidArgument(
                 f"max_record_size must be from 0 to {capacity} (what a {segment_size}-byte segment holds), "
                 f"not {max_record_size!r}"
             )
         if max_queue_bytes is not None and (not isinstance(max_queue_bytes, int) or max_queue_bytes <= 0):
-            raise SegqError(f"max_queue_bytes must be a positive int or None, not {max_queue_bytes!r}")
+            raise InvalidArgument(f"max_queue_bytes must be a positive int or None, not {max_queue_bytes!r}")
         self.segment_size = segment_size
         self.max_record_size = max_record_size
         self.max_queue_bytes = max_queue_bytes
@@ -120,8 +126,15 @@ class Sender:
                 os.path.join(self.path, "senders", f"{os.getpid()}-{next(_registration_counter)}.lock"),
                 what="sender",
             )
-            os.makedirs(os.path.dirname(self._registration.path), exist_ok=True)
-            self._registration.acquire()
+            make_dir(self.path, "senders")
+            self._sync_file = os.fdopen(
+                open_file(os.path.join(self.path, "segq.sync.lock"), os.O_RDWR, private=True), "r+b", buffering=0
+            )
+            try:
+                self._registration.acquire()
+            except BaseException:
+                self._sync_file.close()
+                raise
         except BaseException:
             self._control.close()
             raise
@@ -140,12 +153,12 @@ class Sender:
         self._sync_always = self._sync_interval == 0.0
         self._last_word = 0  # tail word after this sender's last append
         self._sync_thread_lock = threading.Lock()
-        self._sync_file = open(os.path.join(self.path, "segq.sync.lock"), "a+b")
         self._room_floor = Position.bottom(0)
         self._segment_sizes: dict[int, int] = {}  # segments grow (next_segment_size): sizes differ
         self._span = (-1, -1, 0)  # (first, last, bytes of segments first..last-1), the last one asked for
         self._closed = False
         self._stop_syncing = threading.Event()
+        self._background_error: BaseException | None = None
         self._sync_thread: threading.Thread | None = None
         if self._sync_interval:
             self._sync_thread = threading.Thread(target=self._sync_loop, name="segq-group-commit", daemon=True)
@@ -175,6 +188,8 @@ class Sender:
         size = len(data)
         if size > self._size_limit:
             self._refuse(size)
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         if self.max_queue_bytes is not None:
             self._wait_for_room(size + HEADER_SIZE, timeout)
         words = self._words
@@ -202,6 +217,8 @@ class Sender:
     def _refuse(self, size: int) -> None:
         if self._closed:
             raise Closed("send() on a closed Sender")
+        if self._background_error is not None:
+            self._raise_background_error()
         raise RecordTooLarge(
             f"record of {size} bytes is over max_record_size={self.max_record_size}; nothing was written",
             size=size,
@@ -222,6 +239,10 @@ class Sender:
         """
         if self._closed:
             raise Closed("send_batch() on a closed Sender")
+        if self._background_error is not None:
+            self._raise_background_error()
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         payloads = [record if type(record) is bytes else batch_payload(record) for record in records]
         if not payloads:
             return
@@ -423,6 +444,8 @@ class Sender:
         """Make every record this sender sent so far survive power loss."""
         if self._closed:
             raise Closed("sync() on a closed Sender")
+        if self._background_error is not None:
+            self._raise_background_error()
         self._sync_through(self._last_word)
 
     def _sync_through(self, word: int) -> None:
@@ -467,10 +490,22 @@ class Sender:
         while not self._stop_syncing.wait(interval):
             try:
                 self._sync_through(self._last_word)
-            except (OSError, SegqError, ValueError):
+            except BaseException as error:  # noqa: BLE001 - handed to the sending thread, never lost
                 if self._closed:
                     return
-                raise
+                # A dead thread must not leave sends believing they are durable:
+                # the next call (and close) raises.  -1 sends every send down
+                # the hot path's one existing compare into _refuse.
+                self._background_error = error
+                self._size_limit = -1
+                return
+
+    def _raise_background_error(self) -> None:
+        error = self._background_error
+        raise SegqError(
+            f"{self.path}: the group-commit thread failed ({type(error).__name__}: {error}); records sent "
+            "since its last sync may not survive power loss; close this Sender and open a new one"
+        ) from error
 
     # -- lifetime --------------------------------------------------------
 
@@ -482,6 +517,8 @@ class Sender:
             self._stop_syncing.set()
             self._sync_thread.join()
         try:
+            if self._background_error is not None:
+                self._raise_background_error()
             if self._sync_interval is not None:
                 self._sync_through(self._last_word)
         finally:

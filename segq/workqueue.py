@@ -46,6 +46,7 @@ from types import TracebackType
 from typing import Callable, Iterator, NamedTuple
 
 from . import _journal
+from ._args import check_path, check_timeout
 from ._claims import (
     ACK_ONE,
     CLAIM_BODY,
@@ -68,7 +69,9 @@ from ._claims import (
 from ._control import CONSUMER_SEGMENT_SIZE, DATA_WAITERS, DATA_WAITING, TAIL, WORD, Control, require_queue
 from ._deadletter import DeadLetter, dead_letter_path, dead_letter_segment_size
 from ._format import HEADER_SIZE
-from ._groupadmin import GroupRecovery, group_dir, group_info, list_groups, recover_group, requeue_dead
+from ._groupadmin import GROUPS_DIR, GroupRecovery, group_dir, group_info, list_groups, recover_group, requeue_dead
+from ._flock import wait_flock
+from ._fs import make_dir, open_file
 from ._grouplock import GroupLock
 from ._jobs import JOB_TRANSITIONS, Job, JobBatch, JobState
 from ._journal import END, RETURNS, SEALED_MARK, Journal, Kind, entry, entry_prefix_crc
@@ -77,7 +80,7 @@ from ._reader import RecordReader
 from ._segment import StrPath, os_error, segment_path
 from ._state import Position, check_name, cursor_path, delete_consumed_segments, register_cursor
 from ._wake import Waiter, Waker
-from .errors import ClaimLost, Closed, CorruptionError, Empty, Locked, SegqError, UsageError
+from .errors import ClaimLost, Closed, CorruptionError, Empty, InvalidArgument, Locked, SegqError, UsageError
 from .sender import Sender, SyncPolicy, parse_sync
 
 __all__ = [
@@ -169,10 +172,10 @@ class WorkQueue:
     ) -> None:
         self._closed = True
         self._forked = False
-        self.path = os.fspath(path)
+        self.path = check_path(path)
         self.group = check_name(group, "group name")
-        if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not lease > 0:
-            raise SegqError(f"lease must be a number of seconds > 0, not {lease!r}")
+        if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease < 1e9:
+            raise InvalidArgument(f"lease must be a finite number of seconds > 0, not {lease!r}", name="lease")
         if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
             raise SegqError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
         self.lease = float(lease)
@@ -187,9 +190,9 @@ class WorkQueue:
         self._control = Control(self.path, segment_size=CONSUMER_SEGMENT_SIZE)
         self._files: list[int] = []
         try:
-            os.makedirs(self._group_dir, exist_ok=True)
+            make_dir(self.path, GROUPS_DIR, group)
             self._member_fd = self._open_fd(os.path.join(self._group_dir, "open.lock"))
-            fcntl.flock(self._member_fd, fcntl.LOCK_SH)
+            wait_flock(self._member_fd, os.path.join(self._group_dir, "open.lock"), shared=True, what="group membership")
             self._thread_lock = threading.Lock()
             self._group_lock = GroupLock(self._group_dir)
             self._lock_function = self._group_lock.lock_function
@@ -228,7 +231,7 @@ class WorkQueue:
 
     def _open_fd(self, path: str) -> int:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_file(path, os.O_RDWR, private=True)
         except OSError as error:
             raise os_error(error, "open", path) from None
         self._files.append(fd)
@@ -435,6 +438,8 @@ class WorkQueue:
 
         The job is held until acked or nacked, or until its lease runs out.
         """
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         job = self._try_claim()
         if job is not None:
             return job
@@ -458,6 +463,8 @@ class WorkQueue:
         """
         if not isinstance(max_count, int) or max_count < 1:
             raise UsageError(f"claim_batch needs max_count >= 1, not {max_count!r}")
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         jobs = self._claim_many(max_count)
         if jobs:
             return JobBatch(self, jobs)
@@ -935,7 +942,7 @@ class WorkQueue:
         directory = group_dir(path, group)
         member = os.path.join(directory, "open.lock")
         try:
-            fd = os.open(member, os.O_RDWR)
+            fd = open_file(member, os.O_RDWR, private=True, create=False)
         except FileNotFoundError:
             fd = -1
         try:
