@@ -56,6 +56,7 @@ DEFAULT_MAX_RECORD_SIZE = 8 << 20
 _MIN_SEGMENT_SIZE = 256
 _registration_counter = itertools.count()
 _frame_into = _format.frame_into
+_frame_batch = _format.frame_batch
 _OFFSET_MASK = 0xFFFF_FFFF
 # Appends of this many framed bytes or more go by pwrite, smaller ones are
 # copied into the memory map.  A copy into the map costs a write fault on every
@@ -228,18 +229,22 @@ class Sender:
         """
         if self._closed:
             raise Closed("send_batch() on a closed Sender")
-        payloads = [record if type(record) is bytes else as_payload(record) for record in records]
-        if not payloads:
+        payloads: list[object] = records if type(records) is list else list(records)
+        # One pass in C checks the types and sizes and frames the batch.
+        framed = _frame_batch(payloads, self.max_record_size)
+        if framed is None:  # not all bytes: convert (or refuse) each, then frame
+            payloads = [record if type(record) is bytes else as_payload(record) for record in payloads]
+            framed = _frame_batch(payloads, self.max_record_size)
+        if isinstance(framed, int):
+            raise RecordTooLarge(
+                f"a record of {framed} bytes in the batch is over max_record_size="
+                f"{self.max_record_size}; nothing of the batch was written",
+                size=framed,
+                limit=self.max_record_size,
+            )
+        if not framed:
             return
-        for payload in payloads:
-            if len(payload) > self.max_record_size:
-                raise RecordTooLarge(
-                    f"a record of {len(payload)} bytes in the batch is over max_record_size="
-                    f"{self.max_record_size}; nothing of the batch was written",
-                    size=len(payload),
-                    limit=self.max_record_size,
-                )
-        blob = _format.encode_batch(payloads)
+        blob = framed
         capacity = self.segment_size - SEGMENT_HEADER_SIZE - HEADER_SIZE
         if len(blob) > capacity:  # the framed batch must fit in one segment
             raise RecordTooLarge(
