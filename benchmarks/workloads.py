@@ -121,6 +121,9 @@ def _create_body(cls: type[Adapter], size: int, d: Path, n: int) -> dict[str, fl
     payload = b"x" * size
     times = []
     for i in range(n):
+        # The directory exists first: some peers (litequeue) open a database
+        # file in it and do not create it.
+        (d / f"q{i}").mkdir()
         start = time.perf_counter()
         q = cls(d / f"q{i}")
         try:
