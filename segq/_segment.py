@@ -19,7 +19,6 @@ import logging
 import mmap
 import os
 import re
-import secrets
 from dataclasses import dataclass
 from typing import Union
 
@@ -142,7 +141,7 @@ def create_segment(queue_dir: StrPath, number: int, size: int, *, durable: bool)
     power loss.  A full disk raises ``SegqError`` and leaves nothing behind.
     """
     final = segment_path(queue_dir, number)
-    temporary = f"{final}.{secrets.token_hex(4)}.tmp"
+    temporary = f"{final}.{os.urandom(4).hex()}.tmp"
     try:
         fd = open_file(temporary, os.O_RDWR)
     except OSError as error:

@@ -19,7 +19,6 @@ import errno
 import mmap
 import os
 import re
-import secrets
 import struct
 import zlib
 from dataclasses import dataclass
@@ -237,7 +236,7 @@ def _create_cursor_file(path: str, initial: Position) -> None:
     body = _BODY.pack(_MAGIC, _VERSION, 0, 1, initial.segment, initial.offset)
     content[_SLOT_SIZE : _SLOT_SIZE + _BODY.size] = body
     _CRC.pack_into(content, _SLOT_SIZE + _BODY.size, zlib.crc32(body))
-    temporary = f"{path}.{secrets.token_hex(4)}.tmp"
+    temporary = f"{path}.{os.urandom(4).hex()}.tmp"
     fd = open_file(temporary, os.O_WRONLY)
     try:
         try:
