@@ -20,14 +20,18 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, ContextManager, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 
 import click
 
-from ._followups import Enqueue
-from ._jobs import Job
 from .errors import SegqError
-from .worker import log_failed_settlement, serve
+
+if TYPE_CHECKING:
+    from ._followups import Enqueue
+    from ._jobs import Job
+
+# The work queue, asyncio and the worker are imported when `work` runs, not when
+# `segq` starts (issue 14: the CLI loads only what its command uses).
 
 __all__ = ["register"]
 
@@ -133,6 +137,8 @@ class _RunCommand:
         self._tally.count(True)
         if self._then is None:
             return None
+        from ._followups import Enqueue
+
         return [Enqueue(line, queue=self._then) for line in (stdout or b"").splitlines()]
 
     def _forward(self, stderr: bytes | None) -> None:
@@ -146,6 +152,8 @@ class _RunCommand:
         try:
             job.nack(reason=reason)
         except SegqError as error:
+            from .worker import log_failed_settlement
+
             log_failed_settlement(job, "nack", error)
 
 
@@ -202,6 +210,8 @@ def register(cli: click.Group, library_warnings: Callable[[], ContextManager[Non
 
         Example: segq work photos -j 4 --then uploads -- ./resize.sh
         """
+        from .worker import serve
+
         if command and command[0] == "--":
             command = command[1:]
         _check_command(command)

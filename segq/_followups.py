@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Union
 
 from ._segment import StrPath
-from .errors import UsageError
+from .errors import InvalidArgument
 
 __all__ = ["Enqueue", "HeaderValue"]
 
@@ -45,16 +45,16 @@ class Enqueue:
         if isinstance(self.data, (bytearray, memoryview)):
             object.__setattr__(self, "data", bytes(self.data))
         elif isinstance(self.data, str):
-            raise UsageError("Enqueue data must be bytes, not str: encode it first (e.g. text.encode())")
+            raise InvalidArgument("Enqueue data must be bytes, not str: encode it first (e.g. text.encode())")
         elif not isinstance(self.data, bytes):
-            raise UsageError(f"Enqueue data must be bytes, not {type(self.data).__name__}")
+            raise InvalidArgument(f"Enqueue data must be bytes, not {type(self.data).__name__}")
         if self.queue is not None:
             object.__setattr__(self, "queue", os.fspath(self.queue))
         if self.run_at is not None and self.delay is not None:
-            raise UsageError("give a follow-up run_at or delay, not both")
+            raise InvalidArgument("give a follow-up run_at or delay, not both")
         if self.delay is not None and (
             not isinstance(self.delay, (int, float)) or isinstance(self.delay, bool) or not self.delay >= 0
         ):
-            raise UsageError(f"delay must be a number of seconds >= 0, not {self.delay!r}")
+            raise InvalidArgument(f"delay must be a number of seconds >= 0, not {self.delay!r}")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool) or not 0 <= self.priority <= 9:
-            raise UsageError(f"priority must be an int from 0 to 9, not {self.priority!r}")
+            raise InvalidArgument(f"priority must be an int from 0 to 9, not {self.priority!r}")

@@ -24,6 +24,7 @@ from . import _journal
 from ._claims import GroupState, describe_word, load_state
 from ._deadletter import DeadLetter, dead_letter_path
 from ._format import SEGMENT_HEADER_SIZE
+from ._fs import make_dir, open_to_read
 from ._grouplock import GroupLock
 from ._journal import Journal
 from ._lock import process_is_alive
@@ -117,7 +118,7 @@ def _count_records(queue_dir: str) -> int:
 
 def _is_open(directory: str) -> bool:
     try:
-        fd = os.open(os.path.join(directory, "open.lock"), os.O_RDONLY)
+        fd = open_to_read(os.path.join(directory, "open.lock"))
     except FileNotFoundError:
         return False
     try:
@@ -235,7 +236,7 @@ def recover_group(path: StrPath, group: str = "default", *, dry_run: bool = Fals
         if not dry_run:
             log.warning("%s: %s", directory, message)
 
-    os.makedirs(directory, exist_ok=True)
+    make_dir(path, GROUPS_DIR, group)
     with group_lock(directory):
         if dry_run:
             leftovers = [name for name in os.listdir(directory) if name.startswith("journal.") and name.endswith(".tmp")]

@@ -12,8 +12,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._args import check_path
 from ._control import CONTROL_NAME, read_published_tail
 from ._format import END_MARKER, FORMAT_VERSION, HEADER_SIZE, SEGMENT_HEADER_SIZE
+from ._fs import open_to_read
 from ._lock import read_owner
 from ._scan import Damage, Progress, QueueScans, Repair, missing_segments, position_json, scan_segment
 from ._segment import StrPath, dirty_end_in_file, list_segments, segment_path
@@ -42,7 +44,7 @@ def receiver_lock_path(queue_dir: str, name: str) -> str:
 
 def existing_queue(path: StrPath) -> str:
     """Return ``path`` as a string if it is a segq queue; else raise ``SegqError`` saying what it is."""
-    queue_dir = os.fspath(path)
+    queue_dir = check_path(path)
     if not os.path.exists(queue_dir):
         raise SegqError(f"no queue at {queue_dir}: the directory does not exist")
     if not os.path.isdir(queue_dir):
@@ -284,7 +286,7 @@ def _data_end(queue_dir: str, number: int, tail: tuple[int, int] | None) -> int:
     """
     if tail is not None and tail[0] == number:
         return tail[1]
-    fd = os.open(segment_path(queue_dir, number), os.O_RDONLY)
+    fd = open_to_read(segment_path(queue_dir, number))
     try:
         size = os.fstat(fd).st_size
         # A sealed segment's unused end is smaller than one record: the last

@@ -49,6 +49,7 @@ import sys
 import zlib
 from typing import Iterator
 
+from ._fs import open_file
 from ._segment import StrPath, fsync_directory, os_error, preallocate
 from .errors import CorruptionError, SegqError, UnsupportedFormat
 
@@ -197,7 +198,7 @@ def prepare_journal(group_dir: StrPath, generation: int, body: bytes, *, capacit
     temporary = os.path.join(group_dir, f"{JOURNAL_NAME}.{secrets.token_hex(4)}.tmp")
     capacity = max(capacity, HEADER_SIZE + len(body))
     try:
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = open_file(temporary, os.O_RDWR)
         try:
             preallocate(fd, capacity)
             os.pwrite(fd, _encode_header(generation, capacity, HEADER_SIZE + len(body)) + body, 0)
@@ -263,7 +264,7 @@ class Journal:
         _check_byte_order()
         self.path = os.path.join(group_dir, JOURNAL_NAME)
         try:
-            self.fd = os.open(self.path, os.O_RDWR)
+            self.fd = open_file(self.path, os.O_RDWR, create=False)
         except FileNotFoundError:
             raise
         except OSError as error:

@@ -19,12 +19,12 @@ import errno
 import mmap
 import os
 import re
-import secrets
 import struct
 import zlib
 from dataclasses import dataclass
 
 from ._format import SEGMENT_HEADER_SIZE
+from ._fs import make_dir, open_file, open_to_read
 from ._segment import StrPath, os_error
 from .errors import CorruptionError, SegqError, UnsupportedFormat
 
@@ -126,7 +126,7 @@ class CursorFile:
         try:
             if initial is not None:
                 _create_cursor_file(self.path, initial)
-            self.fd = os.open(self.path, os.O_RDWR)
+            self.fd = open_file(self.path, os.O_RDWR, create=False)
         except FileNotFoundError:
             raise SegqError(f"no consumer state at {self.path}") from None
         except OSError as error:
@@ -243,14 +243,14 @@ def _create_cursor_file(path: str, initial: Position) -> None:
     directory = os.path.dirname(path)
     if os.path.exists(path):
         return
-    os.makedirs(directory, exist_ok=True)
+    make_dir(os.path.dirname(directory), os.path.basename(directory))
     content = bytearray(_FILE_SIZE)
     content[0:16] = _PREFIX
     body = _BODY.pack(_MAGIC, _VERSION, 0, 1, initial.segment, initial.offset)
     content[_SLOT_SIZE : _SLOT_SIZE + _BODY.size] = body
     _CRC.pack_into(content, _SLOT_SIZE + _BODY.size, zlib.crc32(body))
-    temporary = f"{path}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    temporary = f"{path}.{os.urandom(4).hex()}.tmp"
+    fd = open_file(temporary, os.O_WRONLY)
     try:
         try:
             if os.write(fd, content) != _FILE_SIZE:
@@ -290,7 +290,7 @@ def read_position(path: StrPath) -> Position:
     """Return the position saved at ``path``, reading it read-only (inspection needs no write access)."""
     path = os.fspath(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_to_read(path)
     except FileNotFoundError:
         raise SegqError(f"no consumer state at {path}") from None
     except OSError as error:
@@ -308,10 +308,15 @@ def read_position(path: StrPath) -> Position:
 
 
 def _retention_lock(queue_dir: StrPath):  # type: ignore[no-untyped-def]
-    import portalocker
+    from ._flock import wait_flock
 
-    handle = open(os.path.join(queue_dir, "segq.gc.lock"), "a+b")
-    portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE)
+    path = os.path.join(queue_dir, "segq.gc.lock")
+    handle = os.fdopen(open_file(path, os.O_RDWR, private=True), "r+b", buffering=0)
+    try:
+        wait_flock(handle.fileno(), path, what="segment deletion lock")
+    except BaseException:
+        handle.close()
+        raise
     return handle
 
 

@@ -23,6 +23,14 @@ and the moment a message becomes pending are one synchronous step, and every
 raised and no reader registered, and loses nothing: the record stays in the
 queue for the next ``recv``.
 
+Tasks may share an ``AsyncReceiver`` as threads share a ``Receiver``: one
+outstanding receive at a time.  While a task waits in ``recv``, another
+task's ``recv``, ``recv_batch`` or ``try_recv`` raises ``UsageError`` at
+once (it would otherwise take the record the waiting task was woken for);
+while a message is pending, so does any receive.  Leaving an ``async with``
+settles the message only if it is still pending, in one step, even when
+the commit runs on the worker thread.
+
 What runs on the loop, and what does not
 ----------------------------------------
 A send, a commit and a rollback are memory copies into shared maps (a few
@@ -89,6 +97,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
+from ._args import check_timeout
 from ._control import CLAIM_WAITERS, DATA_WAITERS, DEFAULT_SEGMENT_SIZE, ROOM_WAITERS
 from ._followups import Enqueue
 from ._format import HEADER_SIZE, as_payload
@@ -250,15 +259,20 @@ class _AsyncPending:
         """Give it back: the next ``recv`` returns it again."""
         self._item.rollback()
 
+    async def _settle(self, commit: bool) -> None:
+        """Commit (or roll back) if still pending, in one step: another task may have settled it."""
+        if not self.pending:
+            return
+        settle = functools.partial(self._owner._receiver._settle_if_pending, self._item, commit)
+        if commit:
+            await self._owner._commit(settle)
+        else:
+            settle()
+
     async def __aexit__(
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        if not self.pending:
-            return
-        if kind is None:
-            await self.commit()
-        else:
-            await self.rollback()
+        await self._settle(kind is None)
 
 
 class AsyncMessage(_AsyncPending):
@@ -335,8 +349,8 @@ class _Iteration:
 
     async def __anext__(self) -> AsyncMessage:
         current = self._current
-        if current is not None and current.pending:
-            await current.commit()
+        if current is not None:
+            await current._settle(True)
         self._current = None
         self._current = await self._owner.recv()
         return self._current
@@ -345,11 +359,11 @@ class _Iteration:
         # The loop was left (break, or its body raised) with this message in
         # hand: give it back, as the blocking receiver's generator does on close.
         current = self._current
-        if current is not None and current.pending:
+        if current is not None:
             try:
-                current._item.rollback()
-            except UsageError:
-                pass  # settled meanwhile (a commit finishing on the worker thread)
+                current._owner._receiver._settle_if_pending(current._item, False)
+            except Closed:
+                pass  # the receiver closed meanwhile, which rolled it back
 
 
 # -- what the async classes share -----------------------------------------
@@ -419,9 +433,11 @@ class AsyncReceiver(_LoopOwner):
     b'job 1'
     """
 
-    def __init__(self, path: StrPath, name: str = "default", *, sync: SyncPolicy = "never") -> None:
+    def __init__(
+        self, path: StrPath, name: str = "default", *, sync: SyncPolicy = "never", create: bool = False
+    ) -> None:
         policy = parse_sync(sync)
-        self._receiver = Receiver(path, name, sync=sync)
+        self._receiver = Receiver(path, name, sync=sync, create=create)
         self.path = self._receiver.path
         self.name = self._receiver.name
         self._closed = False
@@ -443,12 +459,17 @@ class AsyncReceiver(_LoopOwner):
         already pending, or if another task is waiting on this receiver.
         Cancelling a waiting ``recv`` leaves nothing pending.
         """
+        timeout = check_timeout(timeout)
         message = await self._receive(self._receiver.try_recv, timeout)
         return AsyncMessage(self, message)
 
     def try_recv(self) -> AsyncMessage | None:
-        """Return the next message if one is ready, else None; never waits."""
+        """Return the next message if one is ready, else None; never waits.
+
+        Raises ``UsageError`` if a message is pending or another task is waiting in ``recv``.
+        """
         self._check_open()
+        self._check_no_waiter()
         message = self._receiver.try_recv()
         return None if message is None else AsyncMessage(self, message)
 
@@ -457,19 +478,24 @@ class AsyncReceiver(_LoopOwner):
 
         Raises ``Empty`` if none arrives within ``timeout`` seconds.
         """
+        timeout = check_timeout(timeout)
         attempt = functools.partial(_none_if_empty, self._receiver.recv_batch, max_count, timeout=0)
         return AsyncBatch(self, await self._receive(attempt, timeout))
 
     async def _receive(self, attempt: Callable[[], _T | None], timeout: float | None) -> _T:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        self._check_open()
+        self._check_no_waiter()
         while True:
             self._check_open()
             item = attempt()  # the only step that makes something pending: no await in it
             if item is not None:
                 return item
-            if not await self._wait.until(self._receiver._data_ready, deadline):
-                self._check_open()
+            ready = await self._wait.until(self._receiver._data_ready, deadline)
+            self._check_open()
+            self._receiver._raise_if_gone()
+            if not ready:
                 raise Empty(f"no record in {self.path} after {timeout} s")
             # Ready, yet the try may still find nothing (the tail just moved to
             # a new segment's start): try again, wait again.
@@ -513,6 +539,16 @@ class AsyncReceiver(_LoopOwner):
     def _check_open(self) -> None:
         if self._closed:
             raise Closed(f"receiver {self.name!r} is closed")
+
+    def _check_no_waiter(self) -> None:
+        # One outstanding receive per receiver, as for threads on a Receiver:
+        # a task that took a record while another waits would leave that one
+        # woken into a UsageError.
+        if self._wait.active:
+            raise UsageError(
+                f"another task is already waiting in recv on receiver {self.name!r}: a receiver is one consumer "
+                "(for parallel consumers use segq.AsyncWorkQueue)"
+            )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"at {self.committed_position}"
@@ -589,6 +625,7 @@ class AsyncSender(_LoopOwner):
         runs out while the backlog is at ``max_queue_bytes``, ``Closed`` after
         ``close()``.  Cancelling a send that waits for room writes nothing.
         """
+        timeout = check_timeout(timeout)
         payload = data if type(data) is bytes else as_payload(data)
         if headers is not None:
             # Validated here, as Sender.send does; empty headers make a plain record.
@@ -598,6 +635,7 @@ class AsyncSender(_LoopOwner):
 
     async def send_batch(self, records: Iterable[BatchItem], timeout: float | None = None) -> None:
         """Append many records, each data or a ``(data, headers)`` pair, as one atomic write (see ``Sender.send_batch``)."""
+        timeout = check_timeout(timeout)
         payloads = [record if type(record) is bytes else batch_payload(record) for record in records]
         framed = sum(HEADER_SIZE + len(payload) for payload in payloads)
         await self._append(functools.partial(self._sender.send_batch, payloads), framed, timeout)
@@ -858,10 +896,18 @@ class AsyncWorkQueue(_LoopOwner):
         dead_letter: StrPath | None = None,
         sync: SyncPolicy = "never",
         clock: Callable[[], float] = time.time,
+        create: bool = False,
     ) -> None:
         policy = parse_sync(sync)
         self._queue = WorkQueue(
-            path, group, lease=lease, max_attempts=max_attempts, dead_letter=dead_letter, sync=sync, clock=clock
+            path,
+            group,
+            lease=lease,
+            max_attempts=max_attempts,
+            dead_letter=dead_letter,
+            sync=sync,
+            clock=clock,
+            create=create,
         )
         self.path = self._queue.path
         self.group = self._queue.group
@@ -896,6 +942,7 @@ class AsyncWorkQueue(_LoopOwner):
         (``async with await wq.claim() as job`` acks or nacks it).  Cancelling
         a waiting ``claim`` leaves nothing claimed.
         """
+        timeout = check_timeout(timeout)
         return AsyncJob(self, await self._claim(self._queue.try_claim, timeout))
 
     async def claim_batch(self, max_count: int, timeout: float | None = None) -> AsyncJobBatch:
@@ -903,6 +950,7 @@ class AsyncWorkQueue(_LoopOwner):
 
         Waits like ``claim`` for the first; takes as many more as are claimable.
         """
+        timeout = check_timeout(timeout)
         attempt = functools.partial(_none_if_empty, self._queue.claim_batch, max_count, timeout=0)
         return AsyncJobBatch(self, await self._claim(attempt, timeout))
 

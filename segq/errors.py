@@ -14,6 +14,7 @@ __all__ = [
     "CorruptionError",
     "UnsupportedFormat",
     "UsageError",
+    "InvalidArgument",
     "Closed",
     "ClaimLost",
 ]
@@ -69,6 +70,14 @@ class UnsupportedFormat(SegqError):
 
 class UsageError(SegqError):
     """The call is not allowed in the object's current state (e.g. ``recv`` while a message is pending)."""
+
+
+class InvalidArgument(SegqError, ValueError):
+    """An argument is out of range or of the wrong type (a NaN timeout, a bad path); ``name`` says which."""
+
+    def __init__(self, message: str, *, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 class Closed(UsageError):

@@ -49,7 +49,8 @@ from typing import Any
 
 import portalocker
 
-from ._control import CONTROL_NAME, CONTROL_SIZE, TAIL, TOKEN, WORD, split_word
+from ._control import CONTROL_NAME, CONTROL_SIZE, TAIL, WORD, remove_semaphores, split_word
+from ._fs import open_file, open_to_read
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE
 from ._inspect import (
     ConsumerInfo,
@@ -76,6 +77,7 @@ __all__ = [
     "unlock_for_sending",
     "unlock_for_receiving",
     "unlock_queue",
+    "remove_idle_semaphores",
     "lock_holders",
     "guess_recv_metadata",
     "guess_recv_metadata_with_loss",
@@ -128,7 +130,9 @@ def unlock_for_sending(path: StrPath) -> list[LockHolder]:
 
     Raises ``Locked`` naming a live sender's PID (after removing the dead ones).
     """
-    return _unlock_all([holder for holder in lock_holders(path) if holder.what == "sender"])
+    removed = _unlock_all([holder for holder in lock_holders(path) if holder.what == "sender"])
+    remove_idle_semaphores(path)
+    return removed
 
 
 def unlock_for_receiving(path: StrPath, name: str = "default") -> list[LockHolder]:
@@ -137,7 +141,9 @@ def unlock_for_receiving(path: StrPath, name: str = "default") -> list[LockHolde
     Raises ``Locked`` naming the PID if that receiver is alive.
     """
     lock_path = receiver_lock_path(existing_queue(path), check_name(name))
-    return _unlock_all([holder for holder in lock_holders(path) if holder.path == lock_path])
+    removed = _unlock_all([holder for holder in lock_holders(path) if holder.path == lock_path])
+    remove_idle_semaphores(path)
+    return removed
 
 
 def unlock_queue(path: StrPath) -> list[LockHolder]:
@@ -145,7 +151,29 @@ def unlock_queue(path: StrPath) -> list[LockHolder]:
 
     Raises ``Locked`` naming a live holder's PID (after removing the dead ones).
     """
-    return _unlock_all(lock_holders(path))
+    removed = _unlock_all(lock_holders(path))
+    remove_idle_semaphores(path)
+    return removed
+
+
+def remove_idle_semaphores(path: StrPath) -> list[str]:
+    """Remove the queue's append semaphores from ``/dev/shm`` if no process is attached; return their names.
+
+    A process killed while attached leaves its queue's semaphore behind
+    until the queue is opened again; this removes it now (the next opener
+    makes a new one).  Nothing is removed while any process is attached.
+    """
+    queue_dir = os.fspath(path)
+    hold = _ControlHold(queue_dir, create=False)
+    try:
+        if not hold.alone or not os.path.isdir(queue_dir):
+            return []
+        removed = remove_semaphores(queue_dir)
+    finally:
+        hold.release()
+    for name in removed:
+        log.warning("%s: removed the append semaphore %s left by a process that died", queue_dir, name)
+    return removed
 
 
 # -- the control file ----------------------------------------------------------
@@ -159,7 +187,10 @@ class _ControlHold:
         self.fd = -1
         self.alone = False
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o644)
+            if create:
+                self.fd = open_file(self.path, os.O_RDWR, private=True)
+            else:
+                self.fd = open_to_read(self.path)
         except FileNotFoundError:
             self.alone = True  # no control file: nobody attached (a dry run does not create one)
             return
@@ -182,13 +213,9 @@ class _ControlHold:
 
     def invalidate(self) -> None:
         """Make the next opener rebuild the control file from the segments (only when alone)."""
-        from ._control import _unlink_semaphore
-
         if self.fd < 0 or not self.alone:
             return
-        header = os.pread(self.fd, 64, 0)
-        if len(header) == 64 and header[:8] == b"segq\x00ctl":
-            _unlink_semaphore(WORD.unpack_from(header, TOKEN)[0])
+        remove_semaphores(os.path.dirname(self.path))
         os.pwrite(self.fd, bytes(64), 0)
         log.warning("%s: reset; the next process to open the queue rebuilds it", self.path)
 
@@ -393,6 +420,8 @@ def _recover(path: StrPath, name: str, *, loss: bool, dry_run: bool, progress: P
                 )
             if not dry_run and control.alone and (reset_control or report.cut or report.sealed or report.created):
                 control.invalidate()
+            elif not dry_run and control.alone:
+                remove_semaphores(queue_dir)  # left by a process killed while attached
         finally:
             control.release()
         if loss and not dry_run and report.changed:
@@ -462,7 +491,7 @@ def _cut(scan: SegmentScan, report: RecoveryReport) -> None:
 
 def _write_zeros(path: str, start: int, end: int) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY)
+        fd = open_file(path, os.O_WRONLY, create=False)
     except OSError as error:
         raise os_error(error, "repair", path) from None
     try:
@@ -504,7 +533,7 @@ def _seal(scans: QueueScans, scan: SegmentScan, report: RecoveryReport, alone: b
     if report.dry_run:
         return True
     try:
-        fd = os.open(scan.path, os.O_WRONLY)
+        fd = open_file(scan.path, os.O_WRONLY, create=False)
     except OSError as error:
         raise os_error(error, "seal", scan.path) from None
     try:

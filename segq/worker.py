@@ -48,7 +48,7 @@ from ._followups import Enqueue
 from ._jobs import Job, JobState, reason_of
 from ._segment import StrPath
 from .aio import AsyncJob, AsyncWorkQueue
-from .errors import ClaimLost, Empty, SegqError, UsageError
+from .errors import ClaimLost, Empty, InvalidArgument, SegqError
 from .sender import SyncPolicy
 from .workqueue import WorkQueue
 
@@ -66,7 +66,7 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 def _check_concurrency(concurrency: object) -> int:
     if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
-        raise UsageError(f"concurrency must be an int >= 1, not {concurrency!r}")
+        raise InvalidArgument(f"concurrency must be an int >= 1, not {concurrency!r}")
     return concurrency
 
 
@@ -139,7 +139,7 @@ class _StopPipe:
         self._event = stop
         if stop is not None:
             if not (hasattr(stop, "wait") and hasattr(stop, "is_set")):
-                raise UsageError(f"stop must be a threading.Event, not {type(stop).__name__}")
+                raise InvalidArgument(f"stop must be a threading.Event, not {type(stop).__name__}")
             # Event has no callback: a thread blocks on it (no CPU, no timed polls).
             threading.Thread(target=self._watch, args=(stop,), name="segq-worker-stop", daemon=True).start()
         elif threading.current_thread() is threading.main_thread():
@@ -344,7 +344,7 @@ def serve(
     """
     concurrency = _check_concurrency(concurrency)
     if not callable(handler):
-        raise UsageError(f"handler must be callable, not {type(handler).__name__}")
+        raise InvalidArgument(f"handler must be callable, not {type(handler).__name__}")
     pipe = _StopPipe(stop)
     try:
         with WorkQueue(
@@ -463,7 +463,7 @@ async def arun_worker(
     """
     concurrency = _check_concurrency(concurrency)
     if not callable(handler):
-        raise UsageError(f"handler must be callable, not {type(handler).__name__}")
+        raise InvalidArgument(f"handler must be callable, not {type(handler).__name__}")
     loop = asyncio.get_running_loop()
     stopping = stop if stop is not None else asyncio.Event()
     installed: list[int] = []

@@ -46,6 +46,7 @@ from types import TracebackType
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 from . import _journal, _wake
+from ._args import check_path, check_timeout
 from ._claims import (
     ACK_ONE,
     CLAIM_BODY,
@@ -65,11 +66,13 @@ from ._claims import (
     load_state,
     replay,
 )
-from ._control import CLAIM_WAITERS, DATA_WAITING, TAIL, WORD, Control
+from ._control import CONSUMER_SEGMENT_SIZE, CLAIM_WAITERS, DATA_WAITING, TAIL, WORD, Control, require_queue
 from ._deadletter import DeadLetter, dead_letter_path, dead_letter_segment_size
 from ._followups import Enqueue
 from ._format import HEADER_SIZE
-from ._groupadmin import GroupRecovery, group_dir, group_info, list_groups, recover_group, requeue_dead
+from ._groupadmin import GROUPS_DIR, GroupRecovery, group_dir, group_info, list_groups, recover_group, requeue_dead
+from ._flock import wait_flock
+from ._fs import make_dir, open_file
 from ._grouplock import GroupLock
 from ._jobs import JOB_TRANSITIONS, Job, JobBatch, JobState
 from ._journal import END, RETURNS, SEALED_MARK, Journal, Kind, entry, entry_prefix_crc
@@ -79,7 +82,7 @@ from ._reader import RecordReader
 from ._segment import StrPath, os_error, segment_path
 from ._state import Position, check_name, cursor_path, delete_consumed_segments, register_cursor
 from ._wake import Waiter, Waker, group_tag
-from .errors import ClaimLost, Closed, CorruptionError, Empty, Locked, SegqError, UsageError
+from .errors import ClaimLost, Closed, CorruptionError, Empty, InvalidArgument, Locked, SegqError, UsageError
 from .sender import Sender, SyncPolicy, parse_sync
 
 __all__ = [
@@ -140,7 +143,8 @@ class WorkQueue:
     ``<path>/dead/<group>``).  ``sync`` (``"never"``, ``"always"`` or seconds)
     decides when the group's journal is flushed to stable storage; a SIGKILL
     never loses an operation that returned.  ``clock`` (default ``time.time``)
-    is the wall clock leases are measured in.
+    is the wall clock leases are measured in.  A missing ``path`` raises
+    ``SegqError`` unless ``create=True`` (a WorkQueue does not create a queue).
 
     A WorkQueue may be shared by the threads of a process; many processes may
     open the same group.
@@ -165,14 +169,15 @@ class WorkQueue:
         dead_letter: StrPath | None = None,
         sync: SyncPolicy = "never",
         clock: Callable[[], float] = time.time,
+        create: bool = False,
         _owner: Owner | None = None,
     ) -> None:
         self._closed = True
         self._forked = False
-        self.path = os.fspath(path)
+        self.path = check_path(path)
         self.group = check_name(group, "group name")
-        if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not lease > 0:
-            raise SegqError(f"lease must be a number of seconds > 0, not {lease!r}")
+        if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease < 1e9:
+            raise InvalidArgument(f"lease must be a finite number of seconds > 0, not {lease!r}", name="lease")
         if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
             raise SegqError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
         self.lease = float(lease)
@@ -183,12 +188,13 @@ class WorkQueue:
         self._clock = clock
         self._owner: Owner = _owner if _owner is not None else my_owner()
         self._group_dir = group_dir(self.path, group)
-        self._control = Control(self.path)
+        require_queue(self.path, create=create, who="WorkQueue")  # a typo'd path is an error, not a new queue
+        self._control = Control(self.path, segment_size=CONSUMER_SEGMENT_SIZE)
         self._files: list[int] = []
         try:
-            os.makedirs(self._group_dir, exist_ok=True)
+            make_dir(self.path, GROUPS_DIR, group)
             self._member_fd = self._open_fd(os.path.join(self._group_dir, "open.lock"))
-            fcntl.flock(self._member_fd, fcntl.LOCK_SH)
+            wait_flock(self._member_fd, os.path.join(self._group_dir, "open.lock"), shared=True, what="group membership")
             self._thread_lock = threading.Lock()
             self._group_lock = GroupLock(self._group_dir)
             self._lock_function = self._group_lock.lock_function
@@ -232,7 +238,7 @@ class WorkQueue:
 
     def _open_fd(self, path: str) -> int:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_file(path, os.O_RDWR, private=True)
         except OSError as error:
             raise os_error(error, "open", path) from None
         self._files.append(fd)
@@ -441,6 +447,8 @@ class WorkQueue:
 
         The job is held until acked or nacked, or until its lease runs out.
         """
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         job = self._try_claim()
         if job is not None:
             return job
@@ -464,6 +472,8 @@ class WorkQueue:
         """
         if not isinstance(max_count, int) or max_count < 1:
             raise UsageError(f"claim_batch needs max_count >= 1, not {max_count!r}")
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         jobs = self._claim_many(max_count)
         if jobs:
             return JobBatch(self, jobs)
@@ -1046,7 +1056,7 @@ class WorkQueue:
         directory = group_dir(path, group)
         member = os.path.join(directory, "open.lock")
         try:
-            fd = os.open(member, os.O_RDWR)
+            fd = open_file(member, os.O_RDWR, private=True, create=False)
         except FileNotFoundError:
             fd = -1
         try:

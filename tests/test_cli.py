@@ -129,9 +129,13 @@ def test_recv_follow_waits_until_count_or_timeout(queue_dir: pathlib.Path) -> No
     assert ok("recv", queue_dir, "--timeout", "0.05").stdout == ""
 
 
-def test_recv_refuses_a_missing_queue_unless_following(tmp_path: pathlib.Path) -> None:
+def test_recv_refuses_a_missing_queue_unless_told_to_create_it(tmp_path: pathlib.Path) -> None:
     assert "no queue at" in fails("recv", tmp_path / "missing")
-    assert ok("recv", tmp_path / "later", "--follow", "--timeout", "0.01").stdout == ""
+    assert "--create" in fails("recv", tmp_path / "typo", "--follow", "--timeout", "0.01")
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "typo").exists()
+    assert ok("recv", tmp_path / "later", "--follow", "--create", "--timeout", "0.01").stdout == ""
+    segments = sorted((tmp_path / "later").glob("*.seg"))
+    assert len(segments) == 1 and segments[0].stat().st_size <= 1 << 20  # no 64 MiB preallocated
 
 
 def test_recv_names_the_live_holder_of_its_name(queue_dir: pathlib.Path) -> None:
@@ -163,6 +167,7 @@ def test_info_text_and_json(queue_dir: pathlib.Path) -> None:
         }
     ]
     assert [segment["number"] for segment in data["segments"]] == list_segments(queue_dir)
+    ok("unlock", queue_dir)  # inspection left the killed receiver's lock and semaphore: clean them up
 
 
 def test_info_shows_an_unreadable_cursor_and_an_empty_queue(queue_dir: pathlib.Path) -> None:

@@ -201,7 +201,7 @@ def test_sigterm_while_waiting_leaves_the_position_after_the_last_written_record
 
 
 def test_sigterm_stops_send_between_records(queue_dir: pathlib.Path) -> None:
-    segq.Receiver(queue_dir).close()
+    segq.Receiver(queue_dir, create=True).close()
     producer = segq_process("send", queue_dir, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert producer.stdin is not None

@@ -159,7 +159,7 @@ def test_segments_stay_until_every_receiver_is_past_them(queue_dir: pathlib.Path
 
 
 def test_a_second_live_receiver_of_a_name_is_refused_naming_the_pid(queue_dir: pathlib.Path) -> None:
-    with segq.Receiver(queue_dir, "worker"):
+    with segq.Receiver(queue_dir, "worker", create=True):
         with pytest.raises(segq.Locked, match=str(os.getpid())) as caught:
             segq.Receiver(queue_dir, "worker")
         assert caught.value.pid == os.getpid()
