@@ -17,7 +17,7 @@ from ._format import FORMAT_VERSION, SEGMENT_HEADER_SIZE
 from ._lock import read_owner
 from ._scan import Damage, Progress, QueueScans, Repair, missing_segments, position_json, scan_segment
 from ._segment import StrPath, list_segments, segment_path
-from ._state import CURSOR_DIR, CursorFile, Position, cursor_path, list_cursors
+from ._state import CURSOR_DIR, ConsumerKind, CursorFile, Position, cursor_path, list_cursors
 from .errors import CorruptionError, SegqError
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
 
 def receiver_lock_path(queue_dir: str, name: str) -> str:
     """Return the lock file a live Receiver of ``name`` holds."""
-    return cursor_path(queue_dir, "r", name)[: -len(".pos")] + ".lock"
+    return cursor_path(queue_dir, ConsumerKind.RECEIVER, name)[: -len(".pos")] + ".lock"
 
 
 def existing_queue(path: StrPath) -> str:
@@ -56,7 +56,7 @@ def existing_queue(path: StrPath) -> str:
     return queue_dir
 
 
-def saved_position(queue_dir: str, kind: str, name: str) -> tuple[bool, Position | None, str | None]:
+def saved_position(queue_dir: str, kind: ConsumerKind, name: str) -> tuple[bool, Position | None, str | None]:
     """Return (registered, saved position or None, why it could not be read)."""
     path = cursor_path(queue_dir, kind, name)
     if not os.path.exists(path):
@@ -92,7 +92,7 @@ def _lock_role(queue_dir: str, path: str) -> str:
     relative = os.path.relpath(path, queue_dir)
     directory, name = os.path.split(relative)
     if directory == CURSOR_DIR and name[1:2] == ".":
-        kind = {"r": "receiver", "g": "group"}.get(name[0], "consumer")
+        kind = next((known.role for known in ConsumerKind if known.value == name[0]), "consumer")
         return f"{kind} {name[2 : -len('.lock')]!r}"
     if directory == "senders":
         return "sender"
@@ -301,7 +301,7 @@ def info(path: StrPath, *, progress: Progress | None = None) -> QueueInfo:
         tail = Position.bottom(0)
     consumers = []
     for kind, name, (_, saved, problem) in cursors:
-        role = {"r": "receiver", "g": "group"}.get(kind, kind)
+        role = kind.role
         if saved is None:
             consumers.append(ConsumerInfo(role, name, None, 0, 0, problem))
             continue
@@ -318,8 +318,8 @@ def info(path: StrPath, *, progress: Progress | None = None) -> QueueInfo:
             size += max(0, scan.data_end - start)
         consumers.append(ConsumerInfo(role, name, saved, records, size))
     groups = []
-    if any(kind == "g" for kind, _, _ in cursors) or os.path.isdir(os.path.join(queue_dir, "groups")):
-        from ._groupadmin import group_info, list_groups
+    if any(kind is ConsumerKind.GROUP for kind, _, _ in cursors) or os.path.isdir(os.path.join(queue_dir, "groups")):
+        from .workqueue._admin import group_info, list_groups
 
         groups = [group_info(queue_dir, group) for group in list_groups(queue_dir)]
     return QueueInfo(

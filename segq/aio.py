@@ -91,7 +91,7 @@ from typing import Any, TypeVar
 
 from ._control import DATA_WAITERS, DEFAULT_SEGMENT_SIZE, ROOM_WAITERS
 from ._format import HEADER_SIZE, as_payload
-from ._jobs import Job, JobBatch, JobState, reason_of
+from .workqueue._jobs import Job, JobBatch, JobState, reason_of
 from ._segment import StrPath
 from ._state import Position
 from ._wake import Waiter

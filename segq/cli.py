@@ -542,14 +542,11 @@ def recover(path: str, name: str, loss: bool, dry_run: bool, as_json: bool) -> N
     strategy = recovery.recover_with_loss if loss else recovery.recover
     with _progress("scanning", recovery.queue_bytes(path)) as progress:
         report = strategy(path, name, dry_run=dry_run, progress=progress)
-    # Work-queue groups are consumers too: give back dead workers' claims and
-    # repair their journals (replay strategy: nothing acked is lost).
-    groups = [recovery.recover_group(path, group, dry_run=dry_run) for group in recovery.list_groups(path)]
     if as_json:
-        _print_json({**report.to_json(), "groups": [group.to_dict() for group in groups]})
+        _print_json(report.to_json())
         return
     _print_recovery(report)
-    for group in groups:
+    for group in report.groups:
         for repair in group.repairs:
             click.echo(f"  group      {group.group!r}: {repair}")
         if group.returned:

@@ -23,7 +23,7 @@ from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._reader import RecordReader
 from ._segment import StrPath
-from ._state import Position, check_name, cursor_path, delete_consumed_segments, register_cursor
+from ._state import ConsumerKind, Position, check_name, cursor_path, delete_consumed_segments, register_cursor
 from ._wake import Waiter, Waker
 from .errors import Closed, CorruptionError, Empty, UsageError
 from .sender import SyncPolicy, parse_sync
@@ -166,11 +166,11 @@ class Receiver:
         self.name = check_name(name)
         self._sync_interval = parse_sync(sync)
         self._control = Control(self.path)
-        self._lock = LockFile(cursor_path(self.path, "r", name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
+        self._lock = LockFile(cursor_path(self.path, ConsumerKind.RECEIVER, name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
         try:
             os.makedirs(os.path.dirname(self._lock.path), exist_ok=True)
             self._lock.acquire()
-            self._cursor = register_cursor(self.path, "r", name)
+            self._cursor = register_cursor(self.path, ConsumerKind.RECEIVER, name)
             position = self._cursor.position
             if position.segment << 32 | position.offset > self._control.words[TAIL_INDEX]:
                 self._cursor.close()
@@ -369,11 +369,11 @@ class Receiver:
         Raises ``Locked`` if a live Receiver of that name is open.
         """
         check_name(name)
-        lock = LockFile(cursor_path(path, "r", name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
+        lock = LockFile(cursor_path(path, ConsumerKind.RECEIVER, name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
         lock.acquire()
         try:
             try:
-                os.unlink(cursor_path(path, "r", name))
+                os.unlink(cursor_path(path, ConsumerKind.RECEIVER, name))
             except FileNotFoundError:
                 return
             delete_consumed_segments(path)

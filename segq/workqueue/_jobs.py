@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import enum
 from types import TracebackType
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
-from ._state import Position
-from .errors import ClaimLost, Closed
+from .._state import Position
+from ..errors import ClaimLost, Closed, UsageError
 
-if TYPE_CHECKING:
-    from .workqueue import WorkQueue
 
-__all__ = ["JobState", "JOB_TRANSITIONS", "Job", "JobBatch", "reason_of"]
+
+class Settler(Protocol):
+    """What a job needs of the WorkQueue that claimed it (``_queue.WorkQueue``; no import, so imports flow one way)."""
+
+    def _ack(self, job: "Job") -> None: ...
+
+    def _ack_many(self, jobs: list["Job"]) -> None: ...
+
+    def _nack(self, jobs: list["Job"], delay: float, reason: str | None) -> None: ...
+
+    def _renew(self, jobs: list["Job"], lease: float | None) -> None: ...
+
+__all__ = ["JobState", "JOB_TRANSITIONS", "next_job_state", "Job", "JobBatch", "reason_of"]
 
 
 class JobState(enum.Enum):
@@ -27,6 +37,8 @@ class JobState(enum.Enum):
     ACKED = "acked"
     NACKED = "nacked"
     LOST = "lost"  # its lease ran out (or its claim went back) before the worker settled it
+
+    __hash__ = object.__hash__  # members are singletons: a C-speed hash for the table lookups
 
 
 #: A job's life, seen from its worker: (state, call) -> next state.
@@ -38,9 +50,20 @@ JOB_TRANSITIONS: dict[tuple[JobState, str], JobState] = {
 }
 
 _HELD = JobState.HELD
-_ACKED = JobState.ACKED
-_NACKED = JobState.NACKED
-_LOST = JobState.LOST
+
+
+def next_job_state(job: "Job", call: str) -> JobState:
+    """Look ``(job.state, call)`` up in :data:`JOB_TRANSITIONS`; a missing key is the error.
+
+    Raises ``ClaimLost`` for a LOST job (its claim went back before), else
+    ``UsageError`` naming the call and the job's state.
+    """
+    following = JOB_TRANSITIONS.get((job.state, call))
+    if following is None:
+        if job.state is JobState.LOST:
+            raise ClaimLost(f"cannot {call} the job at {job.position}: its claim was lost before")
+        raise UsageError(f"cannot {call} the job at {job.position}: it is already {job.state.value}")
+    return following
 
 
 class Job:
@@ -53,7 +76,7 @@ class Job:
     __slots__ = ("data", "attempt", "lease_expires_at", "state", "_queue", "_start", "_token")
 
     def __init__(
-        self, queue: "WorkQueue", data: bytes, start: int, token: int, attempt: int, expires: float
+        self, queue: Settler, data: bytes, start: int, token: int, attempt: int, expires: float
     ) -> None:
         self.data = data
         self.attempt = attempt
@@ -110,7 +133,7 @@ class JobBatch:
 
     __slots__ = ("jobs", "_queue")
 
-    def __init__(self, queue: "WorkQueue", jobs: list[Job]) -> None:
+    def __init__(self, queue: Settler, jobs: list[Job]) -> None:
         self.jobs = jobs
         self._queue = queue
 
@@ -159,6 +182,7 @@ class JobBatch:
 
 
 def reason_of(error: BaseException | None) -> str:
+    """Return a nack reason for ``error``: its type name and message."""
     if error is None:
         return ""
     text = str(error)

@@ -33,15 +33,17 @@ import struct
 import zlib
 from typing import Any, Iterable
 
-from ._format import SEGMENT_HEADER_SIZE
+from .._format import SEGMENT_HEADER_SIZE
+from .._liveness import Owner
 from ._journal import ENTRY_HEADER, HEADER_SIZE, Journal, Kind, entry, entry_prefix_crc, recover_hint
-from .errors import CorruptionError, SegqError
+from ..errors import CorruptionError, SegqError
 
 __all__ = [
     "RecordState",
     "Event",
     "TRANSITIONS",
     "IllegalTransition",
+    "next_state",
     "Claim",
     "Waiting",
     "GroupState",
@@ -61,7 +63,6 @@ __all__ = [
     "replay",
 ]
 
-Owner = tuple[int, float]  # PID and process start time: a reused PID is another owner
 
 
 class RecordState(enum.Enum):
@@ -73,6 +74,9 @@ class RecordState(enum.Enum):
     DONE = "done"  # acked or dead-lettered, above the low-water mark
     PASSED = "passed"  # below the low-water mark: done and forgotten
 
+    # Members are singletons: hash them by identity, in C, for the table lookups.
+    __hash__ = object.__hash__
+
 
 class Event(enum.Enum):
     """What can happen to a record."""
@@ -82,6 +86,8 @@ class Event(enum.Enum):
     DEAD = "dead-letter"
     RETURN = "return"  # nack, lease run out, owner died, worker closed
     RENEW = "renew"
+
+    __hash__ = object.__hash__
 
 
 #: The state machine: (state, event) -> next state.  Anything else is illegal.
@@ -95,6 +101,14 @@ TRANSITIONS: dict[tuple[RecordState, Event], RecordState] = {
 }
 
 
+def next_state(start: int, state: RecordState, event: Event, detail: str = "") -> RecordState:
+    """Look ``(state, event)`` up in :data:`TRANSITIONS`; a missing key raises ``IllegalTransition``."""
+    following = TRANSITIONS.get((state, event))
+    if following is None:
+        raise IllegalTransition(start, state, event, detail)
+    return following
+
+
 class IllegalTransition(SegqError):
     """An event does not apply to the record's state; ``state`` and ``event`` say which."""
 
@@ -103,6 +117,10 @@ class IllegalTransition(SegqError):
         self.state = state
         self.event = event
         super().__init__(f"cannot {event.value} the record at {describe_word(start)}: it is {state.value}{detail}")
+
+
+_PENDING, _WAITING, _CLAIMED = RecordState.PENDING, RecordState.WAITING, RecordState.CLAIMED
+_CLAIM = Event.CLAIM
 
 
 def describe_word(word: int) -> str:
@@ -209,10 +227,12 @@ class GroupState:
 
     def claim(self, token: int, expires: float, owner: Owner, start: int, end: int, attempt: int) -> None:
         """PENDING or WAITING -> CLAIMED."""
-        if self.waiting.pop(start, None) is None:
+        if self.waiting.pop(start, None) is not None:
+            next_state(start, _WAITING, _CLAIM)
+        else:
             head = self.head
-            if start < head or start in self.claims:
-                raise self._illegal(start, Event.CLAIM)
+            # Every claim ends at or below the head, so a record at or past it is PENDING.
+            next_state(start, _PENDING if start >= head else self.state_of(start), _CLAIM)
             if start != head and self.mark == head:
                 # The reader stepped over an end-of-segment marker at the head,
                 # where the mark waits too: move the mark over it as well.
@@ -228,8 +248,11 @@ class GroupState:
 
     def _release(self, start: int, token: int, event: Event) -> Claim:
         claim = self.claims.get(start)
+        if claim is None:
+            next_state(start, self.state_of(start), event)  # raises: only a CLAIMED record can be released
+        next_state(start, _CLAIMED, event)
         if claim is None or claim.token != token:
-            raise self._illegal(start, event, token)
+            raise self._illegal(start, event, token)  # CLAIMED, by another claim
         del self.claims[start]
         owners = self.owners
         left = owners[claim.owner] - 1
@@ -259,9 +282,10 @@ class GroupState:
 
     def renew(self, start: int, token: int, expires: float) -> None:
         """CLAIMED -> CLAIMED with a new lease end."""
-        claim = self.held(start, token)
-        if claim is None:
-            raise self._illegal(start, Event.RENEW, token)
+        claim = self.claims.get(start)
+        next_state(start, _CLAIMED if claim is not None else self.state_of(start), Event.RENEW)
+        if claim is None or claim.token != token:
+            raise self._illegal(start, Event.RENEW, token)  # CLAIMED, by another claim
         claim.expires = expires
         if expires < self.next_expiry:
             self.next_expiry = expires

@@ -1,9 +1,10 @@
-"""Work-queue groups from the outside: list, inspect, recover, requeue dead letters.
+"""Work-queue groups from the outside: list, inspect, recover, requeue dead letters, remove.
 
 Theory of operation
 -------------------
 These functions run in a process that has no WorkQueue open (``segq info``,
-``segq recover``, ``segq requeue-dead``), maybe while workers run.  They take
+``segq recover``, ``segq requeue-dead``), maybe while workers run; the CLI
+only renders what they return.  They take
 the group lock, read the journal into a state (``_claims.load_state``), and
 release it.  ``recover_group`` writes a repaired state back as a fresh,
 compacted journal and seals the old one, exactly as a compaction does, so
@@ -15,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,13 +25,22 @@ from typing import Any, Iterator
 from . import _journal
 from ._claims import GroupState, describe_word, load_state
 from ._deadletter import DeadLetter, dead_letter_path
-from ._format import SEGMENT_HEADER_SIZE
-from ._grouplock import GroupLock
+from .._format import SEGMENT_HEADER_SIZE
+from ._grouplock import GROUPS_DIR, GroupLock, group_dir
 from ._journal import Journal
-from ._lock import process_is_alive
-from ._segment import MappedSegment, StrPath, list_segments, scan_records, segment_path
-from ._state import CURSOR_DIR, CursorFile, Position, check_name, cursor_path, read_position
-from .errors import CorruptionError, Empty, SegqError
+from .._lock import process_is_alive
+from .._segment import MappedSegment, StrPath, list_segments, scan_records, segment_path
+from .._state import (
+    CURSOR_DIR,
+    ConsumerKind,
+    CursorFile,
+    Position,
+    check_name,
+    cursor_path,
+    delete_consumed_segments,
+    read_position,
+)
+from ..errors import CorruptionError, Empty, Locked, SegqError
 
 __all__ = [
     "GROUPS_DIR",
@@ -39,18 +50,12 @@ __all__ = [
     "group_info",
     "GroupRecovery",
     "recover_group",
+    "recover_groups",
     "requeue_dead",
+    "remove_group",
 ]
 
 log = logging.getLogger(__name__)
-
-GROUPS_DIR = "groups"
-
-
-def group_dir(path: StrPath, group: str) -> str:
-    """Return the directory holding ``group``'s journal and locks."""
-    return os.path.join(path, GROUPS_DIR, check_name(group, "group name"))
-
 
 @contextmanager
 def group_lock(directory: str) -> Iterator[None]:
@@ -96,7 +101,7 @@ def _count_records(queue_dir: str) -> int:
     if not segments:
         return 0
     try:
-        start = read_position(cursor_path(queue_dir, "r", "default"))
+        start = read_position(cursor_path(queue_dir, ConsumerKind.RECEIVER, "default"))
     except SegqError:
         start = Position.bottom(segments[0])
     count = 0
@@ -226,7 +231,7 @@ def recover_group(path: StrPath, group: str = "default", *, dry_run: bool = Fals
     path = os.fspath(path)
     check_name(group, "group name")
     directory = group_dir(path, group)
-    if not os.path.isdir(directory) and not os.path.exists(cursor_path(path, "g", group)):
+    if not os.path.isdir(directory) and not os.path.exists(cursor_path(path, ConsumerKind.GROUP, group)):
         raise SegqError(f"{path} has no work-queue group {group!r}")
     report = GroupRecovery(group, dry_run)
 
@@ -243,7 +248,7 @@ def recover_group(path: StrPath, group: str = "default", *, dry_run: bool = Fals
             leftovers = _journal.remove_leftovers(directory)
         for name in leftovers:
             repair(f"removed {os.path.basename(name)}, left by an interrupted compaction")
-        cursor_file = cursor_path(path, "g", group)
+        cursor_file = cursor_path(path, ConsumerKind.GROUP, group)
         try:
             cursor: Position | None = read_position(cursor_file)
         except SegqError:
@@ -282,6 +287,11 @@ def recover_group(path: StrPath, group: str = "default", *, dry_run: bool = Fals
         if old is not None:
             old.close()
     return report
+
+
+def recover_groups(path: StrPath, *, dry_run: bool = False) -> list[GroupRecovery]:
+    """Run :func:`recover_group` on every group of the queue at ``path``; return their reports."""
+    return [recover_group(path, group, dry_run=dry_run) for group in list_groups(path)]
 
 
 def _recover_journal(
@@ -343,9 +353,9 @@ def requeue_dead(
     attempts, and the dead letter committed.  A crash mid-way can requeue a
     letter twice, never lose one.
     """
-    from ._control import DEFAULT_SEGMENT_SIZE
-    from .receiver import Receiver
-    from .sender import Sender
+    from .._control import DEFAULT_SEGMENT_SIZE
+    from ..receiver import Receiver
+    from ..sender import Sender
 
     dead_dir = os.fspath(dead_letter) if dead_letter is not None else dead_letter_path(path, group)
     if not list_segments(dead_dir):
@@ -378,3 +388,37 @@ def requeue_dead(
         log.info("%s: requeued %d dead letters of group %r", os.fspath(path), moved, group)
     return moved
 
+
+
+def remove_group(path: StrPath, group: str) -> None:
+    """Unregister ``group`` so it no longer holds back segment deletion.
+
+    Its state (claims, attempts) is deleted; its dead-letter queue is kept.
+    Raises ``Locked`` if a WorkQueue of the group is open in any process.
+    """
+    check_name(group, "group name")
+    directory = group_dir(path, group)
+    member = os.path.join(directory, "open.lock")
+    try:
+        fd = os.open(member, os.O_RDWR)
+    except FileNotFoundError:
+        fd = -1
+    try:
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Locked(
+                    f"group {group!r} of {os.fspath(path)} is open in a live process; close it first",
+                    path=member,
+                    pid=None,
+                ) from None
+        try:
+            os.unlink(cursor_path(path, ConsumerKind.GROUP, group))
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(directory, ignore_errors=True)
+        delete_consumed_segments(path)
+    finally:
+        if fd >= 0:
+            os.close(fd)

@@ -49,8 +49,8 @@ import sys
 import zlib
 from typing import Iterator
 
-from ._segment import StrPath, fsync_directory, os_error, preallocate
-from .errors import CorruptionError, SegqError, UnsupportedFormat
+from .._segment import StrPath, fsync_directory, os_error, preallocate
+from ..errors import CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
     "JOURNAL_NAME",
