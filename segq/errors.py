@@ -16,6 +16,8 @@ __all__ = [
     "UsageError",
     "Closed",
     "ClaimLost",
+    "InvalidArgument",
+    "DuplicateJobId",
 ]
 
 
@@ -77,3 +79,15 @@ class Closed(UsageError):
 
 class ClaimLost(SegqError):
     """A work-queue claim is no longer held: its lease ran out and the record went back."""
+
+
+class InvalidArgument(SegqError, ValueError):
+    """An argument is out of range or of the wrong type; nothing was done."""
+
+
+class DuplicateJobId(SegqError):
+    """``enqueue(job_id=...)`` named an id a job in the dedup window already has; nothing was written."""
+
+    def __init__(self, message: str, *, job_id: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id

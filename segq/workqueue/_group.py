@@ -281,7 +281,7 @@ class GroupHandle:
                 self.directory,
                 position,
             )
-        body = entry(Kind.STATE, STATE_BODY.pack(word, word, 1, 0))
+        body = entry(Kind.STATE, STATE_BODY.pack(word, word, 1, 0, 0))
         _journal.write_journal(
             self.directory, 1, body, capacity=_journal.DEFAULT_CAPACITY, durable=self.sync_interval is not None
         )

@@ -108,8 +108,22 @@ class Kind:
     WAITING = 7  # snapshot only: a given-back record
     DONE = 8  # snapshot only: records done above the mark
     HELD = 9  # snapshot only: a claim in flight (the body of a CLAIM)
+    SKIP = 10  # records a claim went past (lower priority or not yet due), each with its priority and run_at
+    PENDING = 11  # snapshot only: records below the head never claimed (the body of a SKIP)
 
-    NAMES = {1: "STATE", 2: "CLAIM", 3: "ACK", 4: "DEAD", 5: "RETURN", 6: "RENEW", 7: "WAITING", 8: "DONE", 9: "HELD"}
+    NAMES = {
+        1: "STATE",
+        2: "CLAIM",
+        3: "ACK",
+        4: "DEAD",
+        5: "RETURN",
+        6: "RENEW",
+        7: "WAITING",
+        8: "DONE",
+        9: "HELD",
+        10: "SKIP",
+        11: "PENDING",
+    }
 
 
 def entry_prefix_crc(kind: int, length: int) -> tuple[bytes, int]:

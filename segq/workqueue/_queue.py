@@ -42,7 +42,7 @@ import weakref
 from types import TracebackType
 from typing import Callable, Iterator, NamedTuple
 
-from .._control import DATA_WAITERS, DATA_WAITING, TAIL, WORD, Control
+from .._control import DATA_WAITERS, DATA_WAITING, TAIL, TAIL_INDEX, WORD, Control
 from .._format import HEADER_SIZE
 from .._liveness import Liveness, my_owner
 from .._reader import RecordReader
@@ -52,9 +52,24 @@ from .._wake import Waiter, Waker
 from ..errors import ClaimLost, Closed, CorruptionError, Empty, SegqError, UsageError
 from ..sender import SyncPolicy, parse_sync
 from ._admin import remove_group, requeue_dead
-from ._claims import ACK_ONE, CLAIM_BODY, CLAIM_ONE, CLAIM_RECORD, LIST_HEAD, PAIR, RENEW_HEAD, Claim, Owner, encode_return
+from ._claims import (
+    ACK_ONE,
+    CLAIM_BODY,
+    CLAIM_ONE,
+    CLAIM_RECORD,
+    LIST_HEAD,
+    PAIR,
+    RENEW_HEAD,
+    Claim,
+    Owner,
+    Skipped,
+    attempt_word,
+    encode_return,
+    encode_skips,
+)
 from ._deadletter import DeadLetterSender, dead_letter_path
 from ._group import GroupHandle
+from ._index import ClaimIndex
 from ._grouplock import group_dir
 from ._jobs import Job, JobBatch, JobState, next_job_state
 from ._journal import END, RETURNS, SEALED_MARK, Kind, entry, entry_prefix_crc
@@ -142,13 +157,15 @@ class WorkQueue:
         consumer = f"group {group!r}"
         self._head_reader = RecordReader(self._control, 0, consumer=consumer)
         self._reader = RecordReader(self._control, 0, consumer=consumer)
+        self._scan_reader = RecordReader(self._control, 0, consumer=consumer)
+        self._tail_words = self._control.words
+        self._index = ClaimIndex()
         self._liveness = Liveness()
         self._waiters = threading.local()
         self._all_waiters: list[Waiter] = []
         self._waker = Waker(self._control)
         self._dead_letters = DeadLetterSender(self.path, group, self.dead_letter, sync)
         self._held: set[Job] = set()  # jobs handed out and not settled, given back by close()
-        self._empty_probe = 0  # where the head reader stopped when the queue looked empty
         self._next_liveness_check = 0.0  # monotonic time of the next look at other workers' PIDs
         self._stop_syncing = threading.Event()
         self._sync_thread: threading.Thread | None = None
@@ -238,7 +255,7 @@ class WorkQueue:
         )
 
     def _try_claim(self) -> Job | None:
-        # The hot path: one record from the head in one small append.
+        # The hot path: a plain record right at the head, in one small append.
         if self._closed:
             self._raise_closed()
         group = self._group
@@ -252,19 +269,32 @@ class WorkQueue:
                 and monotonic() >= self._next_liveness_check
             ):
                 woke = self._sweep(now)
-            if state.waiting and state.has_ready(now):
-                jobs = self._claim_waiting(now, 1, [])
+            index = self._index
+            if index.state is not state or index.skips_seen != len(state.skip_log) or state.head > index.scan:
+                index.follow(state)
+            if self._tail_words[TAIL_INDEX] > index.scan:
+                self._read_ahead(now)
+            plain = index.plain
+            if (
+                state.waiting
+                or index.in_heaps
+                or index.plain_skipped
+                or not plain
+                or plain[0] != state.head
+                or (index.future and index.future[0][0] <= now)
+            ):
+                jobs = self._claim_records(now, 1, [])
                 if jobs:
                     self._held.add(jobs[0])
                     return jobs[0]
+                return None
+            start = plain.popleft()
             reader = self._head_reader
-            reader.position = state.head
+            reader.position = start
             data = reader.next()
             if data is None:
-                self._empty_probe = reader.position
-                return None
+                raise self._missing(start)
             end = reader.position
-            start = end - HEADER_SIZE - len(data)
             token = state.next_token
             expires = now + self.lease
             owner = self._owner
@@ -284,68 +314,131 @@ class WorkQueue:
 
     def _claim_many(self, max_count: int) -> list[Job]:
         self._begin()
+        group = self._group
         woke = False
         try:
-            state = self._group.state
+            state = group.state
             now = self._clock()
             if self._sweep_due(now):
                 woke = self._sweep(now)
-            jobs: list[Job] = []
-            if state.waiting and state.has_ready(now):
-                self._claim_waiting(now, max_count, jobs)
-            if len(jobs) < max_count:
-                self._claim_from_head(now, max_count - len(jobs), jobs)
+            self._index.follow(state)
+            if self._tail_words[TAIL_INDEX] > self._index.scan:
+                self._read_ahead(now)
+            jobs = self._claim_records(now, max_count, [])
         finally:
-            self._group.end()
+            group.end()
             if woke:
                 self._wake_claimers()
         for job in jobs:
             self._held.add(job)
         return jobs
 
-    def _claim_waiting(self, now: float, limit: int, jobs: list[Job]) -> list[Job]:
-        """Claim ready given-back records (dead-lettering any out of attempts).  In a transaction."""
-        state = self._group.state
-        records = []
-        picked = state.take_ready(now, limit)
-        for start in picked:
-            item = state.waiting[start]
-            if item.attempts >= self.max_attempts:
-                # Given back by a process with a higher max_attempts, or by recovery.
-                self._dead_letter_waiting(start, item.attempts, item.reason, now)
-                continue
-            records.append((start, item.end, item.attempts + 1, self._read_at(start)))
-        if records:
-            self._record_claim(now, records, jobs)
-        return jobs
-
-    def _claim_from_head(self, now: float, limit: int, jobs: list[Job]) -> None:
-        reader = self._head_reader
-        reader.position = self._group.state.head
-        records: list[tuple[int, int, int, bytes]] = []
-        while len(records) < limit:
-            data = reader.next()
+    def _read_ahead(self, now: float) -> None:
+        """File every record sent since the index last looked (each is read once).  In a transaction."""
+        index = self._index
+        reader = self._scan_reader
+        reader.position = index.scan
+        next_record = reader.next
+        plain_append = index.plain.append
+        count = 0
+        while True:
+            data = next_record()
             if data is None:
-                self._empty_probe = reader.position
                 break
             end = reader.position
-            records.append((end - HEADER_SIZE - len(data), end, 1, data))
-        if records:
-            self._record_claim(now, records, jobs)
+            plain_append(end - HEADER_SIZE - len(data))
+            count += 1
+        index.scan_ordinal += count
+        # Past an end-of-segment marker too, so a claimer does not wait on it.
+        index.scan = reader.position
 
-    def _record_claim(self, now: float, records: list[tuple[int, int, int, bytes]], jobs: list[Job]) -> None:
+    def _claim_records(self, now: float, limit: int, jobs: list[Job]) -> list[Job]:
+        """Claim up to ``limit`` records, best first (``_index``), in one transaction.  Index up to date.
+
+        Given-back records whose time has come go first within their
+        priority.  Records a claim goes past are recorded in SKIP entries of
+        the same append, so every replica keeps their turn.
+        """
+        state = self._group.state
+        index = self._index
+        taken: set[int] = set()
+        records: list[tuple[int, int, int, bytes, int]] = []  # start, end, attempt, data, priority
+        skips: list[tuple[int, Skipped]] = []
+        head = state.head  # where the claim head will be once these skips and claims apply
+        while len(records) < limit:
+            waiting_priority = state.ready_priority(now) if state.waiting else -1
+            priority, start = index.best(now, state, taken)
+            if waiting_priority < 0 and priority < 0:
+                break
+            if waiting_priority >= priority:
+                picked = state.take_ready(now, 1, waiting_priority)
+                if not picked:
+                    continue
+                start = picked[0]
+                item = state.waiting[start]
+                if item.attempts >= self.max_attempts:
+                    # Given back by a process with a higher max_attempts, or by recovery.
+                    self._dead_letter_waiting(start, item.attempts, item.reason, now)
+                    continue
+                taken.add(start)
+                records.append((start, item.end, item.attempts + 1, self._read_at(start), item.priority))
+                continue
+            index.take(priority, start)
+            taken.add(start)
+            if start >= head:
+                data, end = self._read_skipping(head, start, skips)
+                head = end
+            else:
+                data = self._read_at(start)
+                end = self._reader.position
+            index.forget(start)
+            records.append((start, end, 1, data, priority))
+        if records or skips:
+            self._record_claim(now, records, jobs, skips)
+        return jobs
+
+    def _read_skipping(self, head: int, start: int, skips: list[tuple[int, Skipped]]) -> tuple[bytes, int]:
+        """Read the record at ``start`` (at or past ``head``); list every record before it in ``skips``."""
+        reader = self._head_reader
+        reader.position = head
+        index = self._index
+        while True:
+            data = reader.next()
+            if data is None:
+                raise self._missing(start)
+            end = reader.position
+            at = end - HEADER_SIZE - len(data)
+            if at == start:
+                return data, end
+            options = index.options_of(at)
+            skips.append((at, Skipped(end, options.priority, options.run_at)))
+
+    def _record_claim(
+        self,
+        now: float,
+        records: list[tuple[int, int, int, bytes, int]],
+        jobs: list[Job],
+        skips: list[tuple[int, Skipped]] | None = None,
+    ) -> None:
         group = self._group
         state = group.state
         token = state.next_token
         expires = now + self.lease
         owner = self._owner
-        body = CLAIM_BODY.pack(token, expires, owner[0], owner[1], len(records)) + b"".join(
-            CLAIM_RECORD.pack(start, end, attempt) for start, end, attempt, _ in records
-        )
-        group.append(entry(Kind.CLAIM, body))
+        skips = skips or []
+        entries = encode_skips(Kind.SKIP, skips) if skips else []
+        if records:
+            body = CLAIM_BODY.pack(token, expires, owner[0], owner[1], len(records)) + b"".join(
+                CLAIM_RECORD.pack(start, end, attempt_word(attempt, priority))
+                for start, end, attempt, _, priority in records
+            )
+            entries.append(entry(Kind.CLAIM, body))
+        group.append(*entries)  # the skips and the claim commit together
         mark = state.mark
-        for start, end, attempt, data in records:
-            state.claim(token, expires, owner, start, end, attempt)
+        for start, item in skips:
+            state.skip(start, item.end, item.priority, item.run_at)
+        for start, end, attempt, data, priority in records:
+            state.claim(token, expires, owner, start, end, attempt, priority)
             jobs.append(Job(self, data, start, token, attempt, expires))
         group.mark_moved(mark)
 
@@ -354,10 +447,13 @@ class WorkQueue:
         reader.position = start
         data = reader.next()
         if data is None:
-            raise CorruptionError(
-                segment_path(self.path, start >> 32), start & 0xFFFF_FFFF, f"group {self.group!r} holds a record here"
-            )
+            raise self._missing(start)
         return data
+
+    def _missing(self, start: int) -> CorruptionError:
+        return CorruptionError(
+            segment_path(self.path, start >> 32), start & 0xFFFF_FFFF, f"group {self.group!r} holds a record here"
+        )
 
     # -- sweeping back lost claims --------------------------------------
 
@@ -397,7 +493,9 @@ class WorkQueue:
             state.settle(start, claim.token, dead=True)
             group.mark_moved(old_mark)
         else:
-            group.append(encode_return(Kind.RETURN, start, claim.token, available_at, claim.attempt, reason))
+            group.append(
+                encode_return(Kind.RETURN, start, claim.token, available_at, claim.attempt, reason, claim.priority)
+            )
             state.give_back(start, claim.token, available_at, claim.attempt, reason)
             group.bump_returns()
 
@@ -407,11 +505,12 @@ class WorkQueue:
         state = group.state
         token = state.next_token
         owner = self._owner
-        end = state.waiting[start].end
+        item = state.waiting[start]
+        word = attempt_word(attempts, item.priority)
         group.append(
-            entry(Kind.CLAIM, CLAIM_BODY.pack(token, now, owner[0], owner[1], 1) + CLAIM_RECORD.pack(start, end, attempts))
+            entry(Kind.CLAIM, CLAIM_BODY.pack(token, now, owner[0], owner[1], 1) + CLAIM_RECORD.pack(start, item.end, word))
         )
-        state.claim(token, now, owner, start, end, attempts)
+        state.claim(token, now, owner, start, item.end, attempts, item.priority)
         self._fail(start, state.claims[start], now, reason)
 
     def _wake_claimers(self) -> None:
@@ -442,9 +541,11 @@ class WorkQueue:
         try:
             state = group.state
             journal_map = group.map
-            probe = max(state.head, self._empty_probe)
+            index = self._index
+            index.follow(state)
+            probe = index.scan
             returns = group.returns
-            due = min(state.next_expiry, state.next_available())
+            due = min(state.next_expiry, state.next_available(), index.next_due())
             pidfds = self._liveness.fds()
         finally:
             group.end()
