@@ -8,7 +8,10 @@
  * that together cost more than the rest of the send; here they are one call.
  *
  * The record layout (docs/format.md): u32 le length word, u32 le CRC-32 of
- * the four length bytes followed by the payload, then the payload.
+ * the four length bytes followed by the payload, then the payload.  A record
+ * with headers stores the CRC complemented; its payload (header block, then
+ * data) crosses into Python as an instance of segq._headers.Framed, a bytes
+ * subclass registered here by _format at import (set_framed_type).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -18,6 +21,23 @@
 #define HEADER_SIZE 8
 #define LENGTH_MASK 0x7FFFFFFFu
 #define CONTINUES 0x80000000u
+#define HEADED_CRC 0xFFFFFFFFu
+
+static PyObject *framed_type = NULL; /* segq._headers.Framed */
+
+/* A new Framed holding size bytes at p (a record body with headers). */
+static PyObject *new_framed(const unsigned char *p, Py_ssize_t size) {
+    if (framed_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "segq._speedups: set_framed_type was not called");
+        return NULL;
+    }
+    PyObject *view = PyMemoryView_FromMemory((char *)p, size, PyBUF_READ);
+    if (view == NULL)
+        return NULL;
+    PyObject *result = PyObject_CallOneArg(framed_type, view);
+    Py_DECREF(view);
+    return result;
+}
 
 /* CRC-32 (ISO-HDLC, as zlib), slicing by eight. */
 static uint32_t crc_table[8][256];
@@ -94,8 +114,9 @@ static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t 
     } else {
         unsigned char *at = (unsigned char *)target.buf + offset;
         uint32_t length_word = (uint32_t)payload.len;
+        uint32_t flip = (PyObject *)Py_TYPE(args[2]) == framed_type ? HEADED_CRC : 0;
         memcpy(at + HEADER_SIZE, payload.buf, (size_t)payload.len);
-        put_u32(at + 4, record_crc(length_word, payload.buf, (size_t)payload.len));
+        put_u32(at + 4, record_crc(length_word, payload.buf, (size_t)payload.len) ^ flip);
         put_u32(at, length_word);
         result = PyLong_FromSsize_t(offset + HEADER_SIZE + payload.len);
     }
@@ -106,6 +127,7 @@ static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t 
 
 /* read_record(buffer, offset): the payload of the intact record at offset, or None.
  *
+ * The payload of a record with headers comes back as a Framed.
  * None means "not here in full, or the checksum fails, or an end marker":
  * the caller's slow path decides which.
  */
@@ -125,18 +147,27 @@ static PyObject *read_record(PyObject *module, PyObject *const *args, Py_ssize_t
         const unsigned char *at = (const unsigned char *)buffer.buf + offset;
         uint32_t length_word = get_u32(at);
         Py_ssize_t size = (Py_ssize_t)(length_word & LENGTH_MASK);
-        if (length_word != 0xFFFFFFFFu && size <= buffer.len - HEADER_SIZE - offset &&
-            record_crc(length_word, at + HEADER_SIZE, (size_t)size) == get_u32(at + 4)) {
-            result = PyBytes_FromStringAndSize((const char *)at + HEADER_SIZE, size);
-            PyBuffer_Release(&buffer);
-            return result;
+        if (length_word != 0xFFFFFFFFu && size <= buffer.len - HEADER_SIZE - offset) {
+            uint32_t crc = record_crc(length_word, at + HEADER_SIZE, (size_t)size);
+            uint32_t stored = get_u32(at + 4);
+            if (crc == stored || (crc ^ HEADED_CRC) == stored) {
+                if (crc == stored)
+                    result = PyBytes_FromStringAndSize((const char *)at + HEADER_SIZE, size);
+                else
+                    result = new_framed(at + HEADER_SIZE, size);
+                PyBuffer_Release(&buffer);
+                return result;
+            }
         }
     }
     PyBuffer_Release(&buffer);
     Py_RETURN_NONE;
 }
 
-/* encode_batch(payloads): frame a list of bytes-like objects; all but the last CONTINUE. */
+/* encode_batch(payloads): frame a list of bytes; all but the last CONTINUE.
+ *
+ * An item that is a bytes subclass (a Framed body) is a record with headers.
+ */
 static PyObject *encode_batch(PyObject *module, PyObject *payloads) {
     if (!PyList_Check(payloads)) {
         PyErr_SetString(PyExc_TypeError, "encode_batch takes a list");
@@ -164,9 +195,10 @@ static PyObject *encode_batch(PyObject *module, PyObject *payloads) {
         PyObject *item = PyList_GET_ITEM(payloads, i);
         Py_ssize_t size = PyBytes_GET_SIZE(item);
         uint32_t length_word = (uint32_t)size | (i < count - 1 ? CONTINUES : 0);
+        uint32_t flip = PyBytes_CheckExact(item) ? 0 : HEADED_CRC;
         const unsigned char *payload = (const unsigned char *)PyBytes_AS_STRING(item);
         put_u32(at, length_word);
-        put_u32(at + 4, record_crc(length_word, payload, (size_t)size));
+        put_u32(at + 4, record_crc(length_word, payload, (size_t)size) ^ flip);
         memcpy(at + HEADER_SIZE, payload, (size_t)size);
         at += HEADER_SIZE + size;
     }
@@ -202,10 +234,17 @@ static PyObject *decode_run(PyObject *module, PyObject *const *args, Py_ssize_t 
     while (PyList_GET_SIZE(payloads) < max_count && offset >= 0 && offset <= buffer.len - HEADER_SIZE) {
         uint32_t length_word = get_u32(base + offset);
         Py_ssize_t size = (Py_ssize_t)(length_word & LENGTH_MASK);
-        if (length_word == 0xFFFFFFFFu || size > buffer.len - HEADER_SIZE - offset ||
-            record_crc(length_word, base + offset + HEADER_SIZE, (size_t)size) != get_u32(base + offset + 4))
+        if (length_word == 0xFFFFFFFFu || size > buffer.len - HEADER_SIZE - offset)
             break;
-        PyObject *payload = PyBytes_FromStringAndSize((const char *)base + offset + HEADER_SIZE, size);
+        uint32_t crc = record_crc(length_word, base + offset + HEADER_SIZE, (size_t)size);
+        uint32_t stored = get_u32(base + offset + 4);
+        PyObject *payload;
+        if (crc == stored)
+            payload = PyBytes_FromStringAndSize((const char *)base + offset + HEADER_SIZE, size);
+        else if ((crc ^ HEADED_CRC) == stored)
+            payload = new_framed(base + offset + HEADER_SIZE, size);
+        else
+            break;
         if (payload == NULL || PyList_Append(payloads, payload) < 0) {
             Py_XDECREF(payload);
             Py_DECREF(payloads);
@@ -239,7 +278,18 @@ static PyObject *crc32(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     return PyLong_FromUnsignedLong(value);
 }
 
+static PyObject *set_framed_type(PyObject *module, PyObject *type) {
+    if (!PyType_Check(type) || !PyType_IsSubtype((PyTypeObject *)type, &PyBytes_Type)) {
+        PyErr_SetString(PyExc_TypeError, "set_framed_type takes a bytes subclass");
+        return NULL;
+    }
+    Py_INCREF(type);
+    Py_XSETREF(framed_type, type);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"set_framed_type", set_framed_type, METH_O, "set_framed_type(cls): the bytes subclass of bodies with headers."},
     {"frame_into", (PyCFunction)(void (*)(void))frame_into, METH_FASTCALL,
      "frame_into(target, offset, payload) -> end offset: write one record into a writable buffer."},
     {"read_record", (PyCFunction)(void (*)(void))read_record, METH_FASTCALL,

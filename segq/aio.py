@@ -97,7 +97,8 @@ from ._state import Position
 from ._wake import Waiter
 from .errors import ClaimLost, Closed, Empty, Full, UsageError
 from .receiver import Batch, Message, Receiver
-from .sender import DEFAULT_MAX_RECORD_SIZE, Sender, SyncPolicy, parse_sync
+from ._headers import frame_body
+from .sender import DEFAULT_MAX_RECORD_SIZE, BatchItem, Headers, Sender, SyncPolicy, batch_payload, parse_sync
 from .workqueue import WorkQueue
 
 __all__ = ["AsyncBatch", "AsyncJob", "AsyncJobBatch", "AsyncMessage", "AsyncReceiver", "AsyncSender", "AsyncWorkQueue"]
@@ -272,6 +273,11 @@ class AsyncMessage(_AsyncPending):
     def data(self) -> bytes:
         """The record's payload."""
         return self._item.data
+
+    @property
+    def headers(self) -> dict[str, bytes]:
+        """The record's headers; empty when it has none."""
+        return self._item.headers
 
     @property
     def position(self) -> Position:
@@ -573,19 +579,22 @@ class AsyncSender(_LoopOwner):
 
     # -- sending ---------------------------------------------------------
 
-    async def send(self, data: bytes, timeout: float | None = None) -> None:
+    async def send(self, data: bytes, timeout: float | None = None, *, headers: Headers | None = None) -> None:
         """Append one record; when this returns it survives a crash of this process.
 
-        Raises ``RecordTooLarge`` (nothing written), ``Full`` if ``timeout``
+        ``headers`` travel with the record (see ``Sender.send``).  Raises
+        ``RecordTooLarge`` (nothing written), ``Full`` if ``timeout``
         runs out while the backlog is at ``max_queue_bytes``, ``Closed`` after
         ``close()``.  Cancelling a send that waits for room writes nothing.
         """
         payload = data if type(data) is bytes else as_payload(data)
+        if headers:
+            payload = frame_body(payload, headers)
         await self._append(functools.partial(self._sender.send, payload), HEADER_SIZE + len(payload), timeout)
 
-    async def send_batch(self, records: Iterable[bytes], timeout: float | None = None) -> None:
-        """Append many records as one atomic, contiguous write (see ``Sender.send_batch``)."""
-        payloads = [record if type(record) is bytes else as_payload(record) for record in records]
+    async def send_batch(self, records: Iterable[BatchItem], timeout: float | None = None) -> None:
+        """Append many records, each data or a ``(data, headers)`` pair, as one atomic write (see ``Sender.send_batch``)."""
+        payloads = [record if type(record) is bytes else batch_payload(record) for record in records]
         framed = sum(HEADER_SIZE + len(payload) for payload in payloads)
         await self._append(functools.partial(self._sender.send_batch, payloads), framed, timeout)
 
@@ -700,6 +709,11 @@ class AsyncJob(_AsyncHold):
     def data(self) -> bytes:
         """The record's payload."""
         return self._item.data
+
+    @property
+    def headers(self) -> dict[str, bytes]:
+        """The record's headers; empty when it has none."""
+        return self._item.headers
 
     @property
     def attempt(self) -> int:

@@ -12,6 +12,7 @@ records it wrote.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import itertools
@@ -31,9 +32,10 @@ import click
 
 from . import __version__, recovery
 from ._control import DEFAULT_SEGMENT_SIZE
+from ._headers import encode_headers
 from ._segment import list_segments, segment_path
 from .errors import Empty, SegqError
-from .receiver import Receiver
+from .receiver import Message, Receiver
 from .sender import Sender
 
 __all__ = ["cli", "main"]
@@ -259,7 +261,17 @@ class _SyncParam(click.ParamType["str | float"]):
     show_default=True,
     help="Power-loss durability: never, always (fsync per write), or a group-commit interval in seconds.",
 )
-def send(path: str, framing: str, segment_size: int | None, sync: str | float) -> None:
+@click.option(
+    "--header",
+    "header_items",
+    multiple=True,
+    metavar="NAME=VALUE",
+    callback=lambda ctx, param, items: _parse_headers(ctx, param, items),
+    help="Give every record this header (repeat for more).",
+)
+def send(
+    path: str, framing: str, segment_size: int | None, sync: str | float, header_items: dict[str, bytes]
+) -> None:
     """Append stdin to the queue at PATH, one record per line.
 
     The queue is created if missing.  Input is sent as it arrives, in atomic
@@ -273,10 +285,11 @@ def send(path: str, framing: str, segment_size: int | None, sync: str | float) -
     with _library_warnings(), signals:
         try:
             with Sender(path, segment_size=segment_size, sync=sync) as sender:
+                headers = header_items or None
                 if framing == "raw":
-                    sender.send(b"".join(iter(stdin.read, b"")))
+                    sender.send(b"".join(iter(stdin.read, b"")), headers=headers)
                 else:
-                    _send_stream(sender, stdin, _SEPARATORS[framing])
+                    _send_stream(sender, stdin, _SEPARATORS[framing], headers)
         except _Stopped as stop:
             _exit_for_signal(stop.signum)
 
@@ -342,19 +355,33 @@ class _Stream:
         return written
 
 
-def _send_stream(sender: Sender, stdin: _Stream, separator: bytes) -> None:
+def _parse_headers(ctx: click.Context, param: click.Parameter, items: tuple[str, ...]) -> dict[str, bytes]:
+    headers: dict[str, bytes] = {}
+    for item in items:
+        name, equals, value = item.partition("=")
+        if not equals:
+            raise click.BadParameter(f"{item!r}: use NAME=VALUE", ctx, param)
+        headers[name] = value.encode("utf-8", "surrogateescape")
+    try:
+        encode_headers(headers)
+    except SegqError as error:
+        raise click.BadParameter(str(error), ctx, param) from None
+    return headers
+
+
+def _send_stream(sender: Sender, stdin: _Stream, separator: bytes, headers: dict[str, bytes] | None = None) -> None:
     partial = b""
     while chunk := stdin.read():
         records = (partial + chunk).split(separator)
         partial = records.pop()
-        _send_records(sender, records)
+        _send_records(sender, records, headers)
         if len(partial) > sender.max_record_size:
             sender.send(partial)  # raises RecordTooLarge with the limit in its message
     if partial:
-        _send_records(sender, [partial])
+        _send_records(sender, [partial], headers)
 
 
-def _send_records(sender: Sender, records: list[bytes]) -> None:
+def _send_records(sender: Sender, records: list[bytes], headers: dict[str, bytes] | None = None) -> None:
     """Send in batches: each is one atomic append, small next to a segment so little space is left unused."""
     limit = min(1 << 20, sender.segment_size // 16)
     batch: list[bytes] = []
@@ -362,15 +389,15 @@ def _send_records(sender: Sender, records: list[bytes]) -> None:
     for record in records:
         framed = len(record) + 8
         if batch and size + framed > limit:
-            sender.send_batch(batch)
+            sender.send_batch(batch if headers is None else [(data, headers) for data in batch])
             batch, size = [], 0
         if framed > limit:
-            sender.send(record)  # alone; raises RecordTooLarge past max_record_size
+            sender.send(record, headers=headers)  # alone; raises RecordTooLarge past max_record_size
             continue
         batch.append(record)
         size += framed
     if batch:
-        sender.send_batch(batch)
+        sender.send_batch(batch if headers is None else [(data, headers) for data in batch])
 
 
 @cli.command()
@@ -384,6 +411,12 @@ def _send_records(sender: Sender, records: list[bytes]) -> None:
     help="Stop when no record arrives for this many seconds (default: at once without --follow).",
 )
 @_framing_options
+@click.option(
+    "--json",
+    "framing",
+    flag_value="json",
+    help="One JSON object per record and line: position, data and headers (bytes as text, or {\"base64\": ...}).",
+)
 def recv(path: str, name: str, count: int | None, follow: bool, timeout: float | None, framing: str) -> None:
     """Print what a receiver has not committed yet, one record per line.
 
@@ -395,7 +428,7 @@ def recv(path: str, name: str, count: int | None, follow: bool, timeout: float |
     """
     if not follow and not os.path.isdir(path):
         raise CommandError(f"no queue at {path} (use --follow to wait for one to be created)")
-    separator = _SEPARATORS[framing]
+    separator = _SEPARATORS.get(framing)  # None: --json
     wait = timeout if timeout is not None else (None if follow else 0.0)
     stdout = _Stream(sys.stdout.buffer, signals := _Signals())
     with _library_warnings(), signals:
@@ -408,7 +441,28 @@ def recv(path: str, name: str, count: int | None, follow: bool, timeout: float |
             _quiet_stdout()
 
 
-def _receive(receiver: Receiver, stdout: _Stream, separator: bytes, count: int | None, wait: float | None) -> None:
+def _json_bytes(value: bytes) -> str | dict[str, str]:
+    """Return bytes for JSON: as text when they are UTF-8, else as ``{"base64": ...}``."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(value).decode("ascii")}
+
+
+def _json_record(message: Message) -> bytes:
+    """Return one record as a line of JSON: its position, data and headers."""
+    position = message.position
+    record = {
+        "position": {"segment": position.segment, "offset": position.offset},
+        "data": _json_bytes(message.data),
+        "headers": {name: _json_bytes(value) for name, value in message.headers.items()},
+    }
+    return json.dumps(record, sort_keys=True).encode("utf-8") + b"\n"
+
+
+def _receive(
+    receiver: Receiver, stdout: _Stream, separator: bytes | None, count: int | None, wait: float | None
+) -> None:
     remaining = count
     while remaining is None or remaining > 0:
         try:
@@ -416,7 +470,10 @@ def _receive(receiver: Receiver, stdout: _Stream, separator: bytes, count: int |
                 batch = receiver.recv_batch(min(remaining or 1000, 1000), timeout=wait)
         except Empty:
             return
-        framed = [message.data + separator for message in batch]
+        if separator is None:
+            framed = [_json_record(message) for message in batch]
+        else:
+            framed = [message.data + separator for message in batch]
         written = stdout.write(b"".join(framed))
         if written < sum(map(len, framed)):
             # Stopped by a signal mid-batch: commit exactly the records written whole.

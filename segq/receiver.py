@@ -19,6 +19,7 @@ from typing import Iterator
 
 from ._control import DATA_WAITERS, ROOM_WAITERS, ROOM_WAITING, TAIL_INDEX, Control
 from ._format import HEADER_SIZE
+from ._headers import split_body
 from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._reader import RecordReader
@@ -33,15 +34,25 @@ __all__ = ["Receiver", "Message", "Batch"]
 
 
 class Message:
-    """One received record.  ``data`` is its payload; it is pending until committed."""
+    """One received record.  ``data`` is its payload, ``headers`` its headers; it is pending until committed."""
 
-    __slots__ = ("data", "_receiver", "_start", "_end")
+    __slots__ = ("data", "_headers", "_receiver", "_start", "_end")
 
     def __init__(self, receiver: "Receiver", data: bytes, start: int, end: int) -> None:
+        if type(data) is not bytes:  # a Framed body: the record has headers
+            data, self._headers = split_body(data, receiver.path, start)
         self.data = data
         self._receiver = receiver
         self._start = start
         self._end = end
+
+    @property
+    def headers(self) -> dict[str, bytes]:
+        """The record's headers, name to value; empty when it has none."""
+        try:
+            return self._headers
+        except AttributeError:  # a plain record: nothing was stored, nothing was parsed
+            return {}
 
     @property
     def position(self) -> Position:
@@ -132,13 +143,14 @@ class _InBatch:
 
     _pending = None
 
+    def __init__(self, path: str) -> None:
+        self.path = path  # the queue's, for errors in a message's headers
+
     def _commit(self, item: Message, position: int) -> None:
         raise UsageError("this message belongs to a batch: commit or roll back the batch")
 
     _rollback = _commit
 
-
-_IN_BATCH = _InBatch()
 
 
 class Receiver:
@@ -283,11 +295,12 @@ class Receiver:
             self._waiter.lower_flag(DATA_WAITERS)  # busy now: sends need not wake us
         messages: list[Message] = []
         append = messages.append
+        in_batch = _InBatch(self.path)
         runs.append((len(records), 0))
         for (first, position), (following, _) in zip(runs, runs[1:]):
             for data in records[first:following]:
                 end = position + HEADER_SIZE + len(data)
-                append(Message(_IN_BATCH, data, position, end))  # type: ignore[arg-type]
+                append(Message(in_batch, data, position, end))  # type: ignore[arg-type]
                 position = end
         batch = Batch(self, messages, runs[0][1], self._reader.position)
         self._pending = batch

@@ -148,11 +148,11 @@ def test_info_text_and_json(queue_dir: pathlib.Path) -> None:
     ok("recv", queue_dir, "-n", 10)
     pid = killed_receiver(queue_dir)
     text = ok("info", queue_dir).stdout
-    assert "(format 1)" in text
+    assert "(format 2)" in text
     assert "receiver   default at segment 0" in text and "390 records" in text
     assert f"PID {pid} (dead" in text
     data = json.loads(ok("info", queue_dir, "--json").stdout)
-    assert data["format_version"] == 1 and data["records"] == 400
+    assert data["format_version"] == 2 and data["records"] == 400
     assert data["consumers"][0]["backlog_records"] == 390
     assert data["locks"] == [
         {

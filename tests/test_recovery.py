@@ -412,7 +412,7 @@ def test_info_counts_each_consumers_backlog_and_lists_lock_holders(queue_dir: pa
         "fast": (PER_SEGMENT - 1, (PER_SEGMENT - 1) * RECORD),
         "slow": (PER_SEGMENT * 2 - 2, (PER_SEGMENT * 2 - 2) * RECORD),
     }
-    assert snapshot.records == PER_SEGMENT * 2 and snapshot.format_version == 1
+    assert snapshot.records == PER_SEGMENT * 2 and snapshot.format_version == 2
     assert snapshot.tail == segq.Position(1, record_offset(PER_SEGMENT))
     assert [(holder.pid, holder.alive, holder.what) for holder in snapshot.locks] == [(pid, False, "sender")]
     assert snapshot.bytes_on_disk > 0 and snapshot.segment_bytes == 2 * SMALL
