@@ -10,6 +10,8 @@ from .errors import (
     ClaimLost,
     Closed,
     CorruptionError,
+    DuplicateJobId,
+    InvalidArgument,
     Empty,
     Full,
     Locked,
@@ -20,7 +22,8 @@ from .errors import (
 )
 from .receiver import Batch, Message, Receiver
 from .sender import Sender
-from .workqueue import DeadLetter, Job, JobBatch, WorkQueue
+from .workqueue import DeadLetter, GroupStats, Job, JobBatch, WorkQueue
+from ._options import Enqueued
 from .aio import AsyncBatch, AsyncJob, AsyncJobBatch, AsyncMessage, AsyncReceiver, AsyncSender, AsyncWorkQueue
 
 __all__ = [
@@ -39,6 +42,10 @@ __all__ = [
     "UsageError",
     "Closed",
     "ClaimLost",
+    "InvalidArgument",
+    "DuplicateJobId",
+    "Enqueued",
+    "GroupStats",
     "WorkQueue",
     "Job",
     "JobBatch",

@@ -27,6 +27,7 @@ import math
 from collections.abc import Mapping
 from typing import NamedTuple, Union
 
+from ._headers import RESERVED_PREFIX
 from .errors import InvalidArgument
 
 __all__ = [
@@ -41,12 +42,13 @@ __all__ = [
     "check_options",
     "check_user_headers",
     "encode_options",
+    "default_job_id",
+    "job_id_of",
     "decode_options",
 ]
 
 log = logging.getLogger(__name__)
 
-RESERVED_PREFIX = "segq-"
 PRIORITY = "segq-priority"
 RUN_AT = "segq-run-at"
 DEDUP_KEY = "segq-dedup-key"
@@ -145,6 +147,16 @@ def check_user_headers(headers: object) -> dict[str, bytes]:
             raise InvalidArgument(f"header {name!r}: the value must be bytes or str, not {type(value).__name__}")
         checked[name] = value
     return checked
+
+
+def default_job_id(start: int) -> str:
+    """Return the id of a job enqueued without ``job_id``: its record's position, ``SEGMENT-OFFSET``."""
+    return f"{start >> 32}-{start & 0xFFFF_FFFF}"
+
+
+def job_id_of(options: JobOptions, start: int) -> str:
+    """Return the id of the job whose record starts at word ``start`` and carries ``options``."""
+    return options.job_id if options.job_id is not None else default_job_id(start)
 
 
 def encode_options(options: JobOptions) -> dict[str, bytes]:

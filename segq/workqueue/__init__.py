@@ -7,6 +7,8 @@ Modules, each importing only from those above it:
 - ``_grouplock``: the group's directory and its cross-process lock;
 - ``_group``: ``GroupHandle``, the group transaction (lock, catch up, append, compact, cursor);
 - ``_deadletter``: the dead-letter envelope and ``DeadLetterSender``;
+- ``_index``: ``ClaimIndex``, which record a claim takes next (priority, run_at), per process;
+- ``_stats``: ``GroupStats``;
 - ``_jobs``: ``Job`` and ``JobBatch`` as a worker holds them (``JOB_TRANSITIONS``);
 - ``_admin``: groups from the outside (list, info, recover, requeue dead letters, remove);
 - ``_queue``: ``WorkQueue``, the claim and settle policy.
@@ -17,9 +19,11 @@ from ._claims import TRANSITIONS, Event, RecordState
 from ._deadletter import DeadLetter, dead_letter_path
 from ._jobs import JOB_TRANSITIONS, Job, JobBatch, JobState
 from ._queue import WorkQueue
+from ._stats import GroupStats
 
 __all__ = [
     "WorkQueue",
+    "GroupStats",
     "Job",
     "JobBatch",
     "JobState",

@@ -60,6 +60,7 @@ class ClaimIndex:
         self.future: list[tuple[float, int, int]] = []  # (run_at, start, priority), not yet due
         self.options: dict[int, Skipped] = {}  # start -> (end, priority, run_at) of records with options
         self.in_heaps = 0  # entries in self.heaps, live or not
+        self.seen: list[tuple[int, float]] = []  # (scan, time): when this index first read up from scan
 
     # -- keeping up --------------------------------------------------------
 
@@ -154,6 +155,40 @@ class ClaimIndex:
     def next_due(self) -> float:
         """Return when the next scheduled record becomes due (inf if none waits)."""
         return self.future[0][0] if self.future else INF
+
+    def saw(self, now: float) -> None:
+        """Note that reading from ``scan`` on happened at ``now`` (for the age of pending jobs)."""
+        seen = self.seen
+        if not seen or seen[-1][1] != now:
+            seen.append((self.scan, now))
+
+    def oldest_pending(self, state: GroupState, now: float) -> float:
+        """Return when the oldest pending job became due (inf if none is): its run_at, or when first read."""
+        head, skipped = state.head, state.skipped
+        earliest = math.inf
+        for heap in self.heaps:
+            for key, start in heap[:1]:
+                if key != INF and (start >= head or start in skipped):
+                    earliest = min(earliest, key)
+        lowest = math.inf
+        for fifo in (self.plain_skipped, self.plain):
+            while fifo and not (fifo[0] >= head or fifo[0] in skipped):
+                fifo.popleft()
+            if fifo:
+                lowest = min(lowest, fifo[0])
+        if self.scan_ordinal > state.head_ordinal:
+            lowest = min(lowest, head)
+        if lowest != math.inf:
+            seen = self.seen
+            while len(seen) > 1 and seen[1][0] <= head and seen[1][0] <= lowest:
+                seen.pop(0)  # nothing pending is read before the next mark
+            first = seen[0][1] if seen else now
+            for position, when in seen:
+                if position > lowest:
+                    break
+                first = when
+            earliest = min(earliest, first)
+        return earliest
 
     def counts(self, state: GroupState, now: float) -> tuple[int, int]:
         """Return ``(pending, scheduled)``: PENDING records due now and not yet due.  Index up to date."""

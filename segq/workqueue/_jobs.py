@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Iterator, Protocol
 
 from .._headers import split_body
+from .._options import PLAIN_OPTIONS, JobOptions, decode_options, job_id_of
 from .._state import Position
 from ..errors import ClaimLost, Closed, UsageError
 
@@ -98,11 +99,33 @@ class Job:
 
     @property
     def headers(self) -> dict[str, bytes]:
-        """The record's headers, name to value; empty when it has none."""
+        """The record's headers, name to value (job options included, as ``segq-`` ones); empty when none."""
         try:
             return self._headers
         except AttributeError:  # a plain record
             return {}
+
+    @property
+    def _options(self) -> JobOptions:
+        try:
+            return decode_options(self._headers)
+        except AttributeError:  # a plain record
+            return PLAIN_OPTIONS
+
+    @property
+    def id(self) -> str:
+        """The job's id: the ``job_id`` it was enqueued with, else one derived from its position."""
+        return job_id_of(self._options, self._start)
+
+    @property
+    def priority(self) -> int:
+        """The job's priority, 0 (the default) to 9 (first)."""
+        return self._options.priority
+
+    @property
+    def run_at(self) -> float | None:
+        """When the job was scheduled to run (seconds since the epoch), None if at once."""
+        return self._options.run_at or None
 
     def ack(self) -> None:
         """Mark the record done for good.  Raises ``ClaimLost`` (and changes nothing) if the claim is gone."""

@@ -44,7 +44,9 @@ from typing import Callable, Iterator, NamedTuple
 
 from .._control import DATA_WAITERS, DATA_WAITING, TAIL, TAIL_INDEX, WORD, Control
 from .._format import HEADER_SIZE
+from .._headers import Framed, split_body
 from .._liveness import Liveness, my_owner
+from .._options import decode_options
 from .._reader import RecordReader
 from .._segment import StrPath, segment_path
 from .._state import check_name
@@ -70,6 +72,7 @@ from ._claims import (
 from ._deadletter import DeadLetterSender, dead_letter_path
 from ._group import GroupHandle
 from ._index import ClaimIndex
+from ._stats import GroupStats, group_stats
 from ._grouplock import group_dir
 from ._jobs import Job, JobBatch, JobState, next_job_state
 from ._journal import END, RETURNS, SEALED_MARK, Kind, entry, entry_prefix_crc
@@ -338,6 +341,7 @@ class WorkQueue:
         index = self._index
         reader = self._scan_reader
         reader.position = index.scan
+        index.saw(now)
         next_record = reader.next
         plain_append = index.plain.append
         count = 0
@@ -346,6 +350,13 @@ class WorkQueue:
             if data is None:
                 break
             end = reader.position
+            if type(data) is Framed:  # a record with headers: maybe a job with options
+                options = decode_options(split_body(data, self.path, end - HEADER_SIZE - len(data))[1])
+                if options.priority or options.run_at:
+                    index.scan_ordinal += count
+                    count = 0
+                    index.add_read(end - HEADER_SIZE - len(data), end, options.priority, options.run_at, now)
+                    continue
             plain_append(end - HEADER_SIZE - len(data))
             count += 1
         index.scan_ordinal += count
@@ -454,6 +465,19 @@ class WorkQueue:
         return CorruptionError(
             segment_path(self.path, start >> 32), start & 0xFFFF_FFFF, f"group {self.group!r} holds a record here"
         )
+
+    def stats(self) -> GroupStats:
+        """Return where the group's jobs are (``GroupStats``): O(1) past reading what was sent since last look."""
+        self._begin()
+        try:
+            state = self._group.state
+            now = self._clock()
+            self._index.follow(state)
+            if self._tail_words[TAIL_INDEX] > self._index.scan:
+                self._read_ahead(now)
+            return group_stats(state, self._index, now)
+        finally:
+            self._group.end()
 
     # -- sweeping back lost claims --------------------------------------
 
