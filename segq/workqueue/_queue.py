@@ -40,7 +40,7 @@ import threading
 import time
 import weakref
 from types import TracebackType
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from .._control import DATA_WAITERS, DATA_WAITING, TAIL, TAIL_INDEX, WORD, Control
 from .._format import HEADER_SIZE
@@ -374,7 +374,7 @@ class WorkQueue:
         index = self._index
         taken: set[int] = set()
         records: list[tuple[int, int, int, bytes, int]] = []  # start, end, attempt, data, priority
-        skips: list[tuple[int, Skipped]] = []
+        steps: list[tuple[int, Skipped | None]] = []  # skips, and claims at or past the head, in position order
         head = state.head  # where the claim head will be once these skips and claims apply
         while len(records) < limit:
             waiting_priority = state.ready_priority(now) if state.waiting else -1
@@ -397,19 +397,26 @@ class WorkQueue:
             index.take(priority, start)
             taken.add(start)
             if start >= head:
-                data, end = self._read_skipping(head, start, skips)
+                data, end = self._read_skipping(head, start, steps)
+                steps.append((start, None))
                 head = end
+            elif start >= state.head:
+                # Skipped earlier in this transaction: claim it in its place instead.
+                place = next(place for place, (at, _) in enumerate(steps) if at == start)
+                end = steps[place][1].end  # type: ignore[union-attr]
+                steps[place] = (start, None)
+                data = self._read_at(start)
             else:
                 data = self._read_at(start)
                 end = self._reader.position
             index.forget(start)
             records.append((start, end, 1, data, priority))
-        if records or skips:
-            self._record_claim(now, records, jobs, skips)
+        if records or steps:
+            self._record_claim(now, records, jobs, steps)
         return jobs
 
-    def _read_skipping(self, head: int, start: int, skips: list[tuple[int, Skipped]]) -> tuple[bytes, int]:
-        """Read the record at ``start`` (at or past ``head``); list every record before it in ``skips``."""
+    def _read_skipping(self, head: int, start: int, steps: list[tuple[int, Skipped | None]]) -> tuple[bytes, int]:
+        """Read the record at ``start`` (at or past ``head``); add a skip step for every record before it."""
         reader = self._head_reader
         reader.position = head
         index = self._index
@@ -422,35 +429,60 @@ class WorkQueue:
             if at == start:
                 return data, end
             options = index.options_of(at)
-            skips.append((at, Skipped(end, options.priority, options.run_at)))
+            steps.append((at, Skipped(end, options.priority, options.run_at)))
 
     def _record_claim(
         self,
         now: float,
         records: list[tuple[int, int, int, bytes, int]],
         jobs: list[Job],
-        skips: list[tuple[int, Skipped]] | None = None,
+        steps: list[tuple[int, Skipped | None]] | None = None,
     ) -> None:
+        """Commit the claim of ``records`` (and the skips among them) in one append, then apply it.
+
+        ``steps`` lists, in position order, the records the claim head passes:
+        skipped ones with their options, claimed ones with None.  The journal
+        gets them in that order (runs of skips in SKIP entries, runs of claims
+        in CLAIM entries of one token), so a replay moves the head as this did.
+        """
         group = self._group
         state = group.state
         token = state.next_token
         expires = now + self.lease
         owner = self._owner
-        skips = skips or []
-        entries = encode_skips(Kind.SKIP, skips) if skips else []
-        if records:
-            body = CLAIM_BODY.pack(token, expires, owner[0], owner[1], len(records)) + b"".join(
-                CLAIM_RECORD.pack(start, end, attempt_word(attempt, priority))
-                for start, end, attempt, _, priority in records
-            )
-            entries.append(entry(Kind.CLAIM, body))
-        group.append(*entries)  # the skips and the claim commit together
+        by_start = {record[0]: record for record in records}
+        at_head = {start for start, item in steps or () if item is None}
+        runs: list[tuple[bool, list[Any]]] = []  # (is a skip run, its items)
+        below = [record for record in records if record[0] not in at_head]
+        if below:
+            runs.append((False, below))
+        for start, item in steps or ():
+            value: Any = (start, item) if item is not None else by_start[start]
+            if runs and runs[-1][0] == (item is not None):
+                runs[-1][1].append(value)
+            else:
+                runs.append((item is not None, [value]))
+        entries: list[bytes] = []
+        for is_skip, items in runs:
+            if is_skip:
+                entries.extend(encode_skips(Kind.SKIP, items))
+            else:
+                body = CLAIM_BODY.pack(token, expires, owner[0], owner[1], len(items)) + b"".join(
+                    CLAIM_RECORD.pack(start, end, attempt_word(attempt, priority))
+                    for start, end, attempt, _, priority in items
+                )
+                entries.append(entry(Kind.CLAIM, body))
+        group.append(*entries)  # the skips and the claims commit together
         mark = state.mark
-        for start, item in skips:
-            state.skip(start, item.end, item.priority, item.run_at)
-        for start, end, attempt, data, priority in records:
-            state.claim(token, expires, owner, start, end, attempt, priority)
-            jobs.append(Job(self, data, start, token, attempt, expires))
+        for is_skip, items in runs:
+            for value in items:
+                if is_skip:
+                    start, skipped = value
+                    state.skip(start, skipped.end, skipped.priority, skipped.run_at)
+                else:
+                    start, end, attempt, data, priority = value
+                    state.claim(token, expires, owner, start, end, attempt, priority)
+                    jobs.append(Job(self, data, start, token, attempt, expires))
         group.mark_moved(mark)
 
     def _read_at(self, start: int) -> bytes:
