@@ -539,6 +539,14 @@ def info(path: str, as_json: bool) -> None:
             f"group      {group.get('group')}: {len(group.get('claims', []))} claims in flight, "
             f"{len(group.get('waiting', []))} waiting, {group.get('dead_letters_pending', 0)} dead letters pending"
         )
+        stats = group.get("stats")
+        if stats:
+            age = stats["oldest_pending_age"]
+            click.echo(
+                f"           jobs: {stats['pending']} pending, {stats['scheduled']} scheduled, "
+                f"{stats['claimed']} claimed, {stats['retrying']} retrying, {stats['done']} done, {stats['dead']} dead"
+                + (f"; oldest pending {age:.1f} s" if age is not None else "")
+            )
 
 
 @cli.command()

@@ -14,7 +14,16 @@ Modules, each importing only from those above it:
 - ``_queue``: ``WorkQueue``, the claim and settle policy.
 """
 
-from ._admin import GroupRecovery, group_info, list_groups, recover_group, recover_groups, remove_group, requeue_dead
+from ._admin import (
+    GroupRecovery,
+    group_info,
+    list_groups,
+    read_group_stats,
+    recover_group,
+    recover_groups,
+    remove_group,
+    requeue_dead,
+)
 from ._claims import TRANSITIONS, Event, RecordState
 from ._deadletter import DeadLetter, dead_letter_path
 from ._jobs import JOB_TRANSITIONS, Job, JobBatch, JobState
@@ -36,6 +45,7 @@ __all__ = [
     "dead_letter_path",
     "list_groups",
     "group_info",
+    "read_group_stats",
     "recover_group",
     "recover_groups",
     "remove_group",

@@ -25,8 +25,12 @@ from typing import Any, Iterator
 from . import _journal
 from ._claims import GroupState, describe_word, load_state
 from ._deadletter import DeadLetter, dead_letter_path
-from .._format import SEGMENT_HEADER_SIZE
+from .._format import SEGMENT_HEADER_SIZE, RecordStatus, decode_record
+from .._headers import split_body
+from .._options import decode_options
 from ._grouplock import GROUPS_DIR, GroupLock, group_dir
+from ._index import ClaimIndex
+from ._stats import GroupStats, group_stats
 from ._journal import Journal
 from .._lock import process_is_alive
 from .._segment import MappedSegment, StrPath, list_segments, scan_records, segment_path
@@ -48,6 +52,7 @@ __all__ = [
     "group_lock",
     "list_groups",
     "group_info",
+    "read_group_stats",
     "GroupRecovery",
     "recover_group",
     "recover_groups",
@@ -178,6 +183,7 @@ def group_info(path: StrPath, group: str = "default", *, dead_letter: StrPath | 
         for start, item in sorted(state.waiting.items())
     ]
     dead_dir = os.fspath(dead_letter) if dead_letter is not None else dead_letter_path(path, group)
+    stats = _stats_of(os.fspath(path), state, now)
     return {
         "group": group,
         "low_water_mark": _position(state.mark),
@@ -189,8 +195,52 @@ def group_info(path: StrPath, group: str = "default", *, dead_letter: StrPath | 
         "dead_letter_queue": dead_dir,
         "dead_letters_pending": _count_records(dead_dir) if os.path.isdir(dead_dir) else 0,
         "journal": {"bytes": end, "capacity": capacity, "generation": generation},
+        "stats": stats.to_dict(),
         "open": _is_open(directory),
     }
+
+
+def _stats_of(path: str, state: GroupState, now: float) -> GroupStats:
+    """Index, read-only, the records past the state's head and return the group's stats."""
+    index = ClaimIndex()
+    index.follow(state)
+    index.saw(now)
+    for number in list_segments(path):
+        if number < state.head >> 32:
+            continue
+        try:
+            segment = MappedSegment(path, number, writable=False)
+        except FileNotFoundError:
+            continue  # consumed and deleted meanwhile
+        try:
+            offset = state.head & 0xFFFF_FFFF if number == state.head >> 32 else SEGMENT_HEADER_SIZE
+            while True:
+                record = decode_record(segment.map, offset, segment.size)
+                if record.status is not RecordStatus.OK:
+                    break  # the end of what is written (or damage, which `segq verify` reports)
+                start = number << 32 | offset
+                options = decode_options(split_body(segment.map[record.start : record.end], path, start)[1]) if (
+                    record.headed
+                ) else None
+                priority, run_at = (options.priority, options.run_at) if options is not None else (0, 0.0)
+                index.add_read(start, number << 32 | record.end, priority, run_at, now)
+                offset = record.end
+        finally:
+            segment.close()
+    return group_stats(state, index, now)
+
+
+def read_group_stats(path: StrPath, group: str = "default") -> GroupStats:
+    """Return ``group``'s GroupStats without opening a WorkQueue (``segq info``, the metrics collector)."""
+    directory = _require_group(path, group)
+    with group_lock(directory):
+        journal = Journal(directory)
+        try:
+            end = journal.word(_journal.SEALED) if journal.sealed and journal.is_current() else journal.end
+            state = load_state(journal, end)
+        finally:
+            journal.close()
+    return _stats_of(os.fspath(path), state, time.time())
 
 
 @dataclass
