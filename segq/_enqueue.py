@@ -48,6 +48,8 @@ from ._control import Control
 from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE
 from ._headers import Framed, HeaderValue, frame_body, split_body
 from ._options import (
+    DEDUP_KEY,
+    JOB_ID,
     Enqueued,
     JobOptions,
     TimeLike,
@@ -73,6 +75,8 @@ log = logging.getLogger(__name__)
 DEDUP_JOURNAL = "dedup.journal"
 DEDUP_LOCK = "dedup.lock"
 _COMPACT_AT = 1 << 20
+_KEY_NAME = DEDUP_KEY.encode("ascii")
+_ID_NAME = JOB_ID.encode("ascii")
 
 
 def enqueue(
@@ -181,7 +185,7 @@ class DedupIndex:
             if data is None:
                 break
             end = reader.position
-            if type(data) is Framed:
+            if type(data) is Framed and (data.find(_KEY_NAME) >= 0 or data.find(_ID_NAME) >= 0):
                 start = end - HEADER_SIZE - len(data)
                 options = decode_options(split_body(data, self.queue_dir, start)[1])
                 if options.dedup_key is not None or options.job_id is not None:

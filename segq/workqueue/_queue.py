@@ -46,7 +46,7 @@ from .._control import DATA_WAITERS, DATA_WAITING, TAIL, TAIL_INDEX, WORD, Contr
 from .._format import HEADER_SIZE
 from .._headers import Framed, split_body
 from .._liveness import Liveness, my_owner
-from .._options import decode_options
+from .._options import PRIORITY, RUN_AT, decode_options
 from .._reader import RecordReader
 from .._segment import StrPath, segment_path
 from .._state import check_name
@@ -89,6 +89,8 @@ _ACK_ONE_WORD, _ACK_ONE_CRC = entry_prefix_crc(Kind.ACK, ACK_ONE.size)
 _CLAIM_ONE_KIND = struct.unpack("<I", _CLAIM_ONE_WORD)[0]
 _ACK_ONE_KIND = struct.unpack("<I", _ACK_ONE_WORD)[0]
 _HELD = JobState.HELD
+_PRIORITY_NAME = PRIORITY.encode("ascii")
+_RUN_AT_NAME = RUN_AT.encode("ascii")
 
 
 class WaitPlan(NamedTuple):
@@ -350,7 +352,9 @@ class WorkQueue:
             if data is None:
                 break
             end = reader.position
-            if type(data) is Framed:  # a record with headers: maybe a job with options
+            # A record with headers may be a job with options; a byte search
+            # (in C) rules most out before the header block is parsed.
+            if type(data) is Framed and (data.find(_PRIORITY_NAME) >= 0 or data.find(_RUN_AT_NAME) >= 0):
                 options = decode_options(split_body(data, self.path, end - HEADER_SIZE - len(data))[1])
                 if options.priority or options.run_at:
                     index.scan_ordinal += count
