@@ -17,8 +17,10 @@ never pay for a type they do not need.
 
 from __future__ import annotations
 
+import importlib
+import os
 import struct
-from typing import Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 from .errors import CorruptionError, SegqError
 
@@ -44,6 +46,15 @@ def encode_headers(headers: Mapping[str, HeaderValue], *, allow_reserved: bool =
     Names starting with ``segq-`` are reserved for segq itself: refused unless
     ``allow_reserved`` (segq's own code, e.g. job options).
     """
+    if _c_encode_headers is not None:
+        block = _c_encode_headers(headers, allow_reserved)
+        if block is not None:
+            return block
+    return _encode_headers(headers, allow_reserved)
+
+
+def _encode_headers(headers: Mapping[str, HeaderValue], allow_reserved: bool) -> bytes:
+    # The Python twin: also the one that explains what is wrong with bad input.
     if not isinstance(headers, Mapping):
         raise SegqError(f"headers must be a dict of str to bytes, not {type(headers).__name__}")
     parts: list[bytes] = []
@@ -86,6 +97,15 @@ def split_body(body: bytes, queue_dir: str = "", word: int = 0) -> tuple[bytes, 
     way: a ``CorruptionError`` naming the segment of queue ``queue_dir`` and
     the offset of the record (``word`` is its ``segment << 32 | offset``).
     """
+    if _c_split_body is not None:
+        split = _c_split_body(body)
+        if split is not None:
+            return split  # type: ignore[no-any-return]
+    return _split_body(body, queue_dir, word)
+
+
+def _split_body(body: bytes, queue_dir: str = "", word: int = 0) -> tuple[bytes, dict[str, bytes]]:
+    # The Python twin: also the one that explains a block that does not parse.
     try:
         (size,) = _BLOCK.unpack_from(body, 0)
         end = _BLOCK.size + size
@@ -113,3 +133,16 @@ def split_body(body: bytes, queue_dir: str = "", word: int = 0) -> tuple[bytes, 
             segment_path(queue_dir, word >> 32), word & 0xFFFF_FFFF, f"record header block does not parse ({error})"
         ) from None
     return bytes(body[end:]), headers
+
+
+# C versions of the two functions above, for the common case (see _speedups.c);
+# SEGQ_PURE_PYTHON=1 leaves them out, as it does the record framing's.
+_c_encode_headers: Callable[[Any, bool], bytes | None] | None = None
+_c_split_body: Callable[[bytes], Any] | None = None
+if not os.environ.get("SEGQ_PURE_PYTHON"):
+    try:
+        _speedups = importlib.import_module(f"{__package__}._speedups")
+        _c_encode_headers = _speedups.encode_headers
+        _c_split_body = _speedups.split_body
+    except (ImportError, AttributeError):
+        pass  # not built, or built before headers: the Python twins do it

@@ -176,7 +176,6 @@ def verify(path: StrPath, *, progress: Progress | None = None) -> VerifyReport:
     report = VerifyReport(queue_dir)
     segments = list_segments(queue_dir)
     report.damaged.extend(missing_segments(queue_dir, segments))
-    unsealed = None
     for number in segments:
         try:
             scan = scan_segment(queue_dir, number, last=number == segments[-1], progress=progress)
@@ -186,18 +185,12 @@ def verify(path: StrPath, *, progress: Progress | None = None) -> VerifyReport:
         report.records += scan.records
         report.bytes += max(0, scan.data_end - SEGMENT_HEADER_SIZE)
         report.damaged.extend(scan.damage)
-        if unsealed is not None:
-            # A sender killed mid-rollover leaves the next segment created and
-            # this one unsealed; the next rollover reuses the empty segment
-            # (see Control._unsealed_tail). Only an unsealed segment followed
-            # by records is damage.
-            if number != segments[-1] or scan.records or scan.damage:
-                report.damaged.append(unsealed)
-            unsealed = None
         if scan.unreadable:
             continue
         if number != segments[-1] and not scan.sealed:
-            unsealed = Damage(scan.path, scan.data_end, scan.torn_end or scan.data_end, "no end-of-segment marker")
+            report.damaged.append(
+                Damage(scan.path, scan.data_end, scan.torn_end or scan.data_end, "no end-of-segment marker")
+            )
         elif scan.torn_end:
             report.torn.append(Repair(scan.path, scan.data_end, scan.torn_end, "bytes past the last record"))
     for kind, name, cursor in list_cursors(queue_dir):

@@ -278,6 +278,142 @@ static PyObject *crc32(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     return PyLong_FromUnsignedLong(value);
 }
 
+/* encode_headers(headers, allow_reserved): the header block of a dict, or None.
+ *
+ * Only the common case is handled here: a dict of non-empty str keys (no NUL,
+ * encodable, not reserved unless allowed) to bytes or str values.  Anything
+ * else returns None and the Python twin in _headers.py raises the error that
+ * names the problem, so both agree on every input they both accept.
+ */
+static PyObject *encode_headers(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "encode_headers(headers, allow_reserved) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *headers = args[0];
+    int allow_reserved = PyObject_IsTrue(args[1]);
+    if (allow_reserved < 0)
+        return NULL;
+    if (!PyDict_CheckExact(headers))
+        Py_RETURN_NONE;
+    Py_ssize_t total = 4, pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(headers, &pos, &key, &value)) {
+        if (!PyUnicode_CheckExact(key))
+            Py_RETURN_NONE;
+        Py_ssize_t key_size;
+        const char *name = PyUnicode_AsUTF8AndSize(key, &key_size);
+        if (name == NULL) {
+            PyErr_Clear(); /* a lone surrogate: the twin says so */
+            Py_RETURN_NONE;
+        }
+        if (key_size == 0 || key_size > 0xFFFF || memchr(name, 0, (size_t)key_size) != NULL ||
+            (!allow_reserved && key_size >= 5 && memcmp(name, "segq-", 5) == 0))
+            Py_RETURN_NONE;
+        Py_ssize_t value_size;
+        if (PyBytes_CheckExact(value)) {
+            value_size = PyBytes_GET_SIZE(value);
+        } else if (PyUnicode_CheckExact(value)) {
+            if (PyUnicode_AsUTF8AndSize(value, &value_size) == NULL) {
+                PyErr_Clear();
+                Py_RETURN_NONE;
+            }
+        } else {
+            Py_RETURN_NONE;
+        }
+        if (value_size > (Py_ssize_t)LENGTH_MASK || total > PY_SSIZE_T_MAX / 2 - 6 - key_size - value_size)
+            Py_RETURN_NONE;
+        total += 6 + key_size + value_size;
+    }
+    if (total - 4 > (Py_ssize_t)0xFFFFFFFFu)
+        Py_RETURN_NONE;
+    PyObject *block = PyBytes_FromStringAndSize(NULL, total);
+    if (block == NULL)
+        return NULL;
+    unsigned char *at = (unsigned char *)PyBytes_AS_STRING(block);
+    put_u32(at, (uint32_t)(total - 4));
+    at += 4;
+    pos = 0;
+    while (PyDict_Next(headers, &pos, &key, &value)) {
+        Py_ssize_t key_size, value_size;
+        const char *name = PyUnicode_AsUTF8AndSize(key, &key_size); /* cached by the first pass */
+        const char *raw = PyBytes_CheckExact(value) ? PyBytes_AS_STRING(value)
+                                                     : PyUnicode_AsUTF8AndSize(value, &value_size);
+        if (PyBytes_CheckExact(value))
+            value_size = PyBytes_GET_SIZE(value);
+        at[0] = (unsigned char)key_size;
+        at[1] = (unsigned char)(key_size >> 8);
+        memcpy(at + 2, name, (size_t)key_size);
+        at += 2 + key_size;
+        put_u32(at, (uint32_t)value_size);
+        memcpy(at + 4, raw, (size_t)value_size);
+        at += 4 + value_size;
+    }
+    return block;
+}
+
+/* split_body(body): (data, headers) of a record body with headers, or None if the block does not parse. */
+static PyObject *split_body(PyObject *module, PyObject *body) {
+    Py_buffer buffer;
+    if (PyObject_GetBuffer(body, &buffer, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *base = (const unsigned char *)buffer.buf;
+    Py_ssize_t size = buffer.len, at = 4, end;
+    PyObject *headers = NULL, *result = NULL;
+    if (size < 4 || (Py_ssize_t)get_u32(base) > size - 4)
+        goto malformed;
+    end = 4 + (Py_ssize_t)get_u32(base);
+    headers = PyDict_New();
+    if (headers == NULL)
+        goto done;
+    while (at < end) {
+        if (end - at < 2)
+            goto malformed;
+        Py_ssize_t key_size = (Py_ssize_t)(base[at] | base[at + 1] << 8);
+        at += 2;
+        if (key_size == 0 || end - at < key_size + 4 || memchr(base + at, 0, (size_t)key_size) != NULL)
+            goto malformed;
+        PyObject *key = PyUnicode_DecodeUTF8((const char *)base + at, key_size, "strict");
+        if (key == NULL) {
+            PyErr_Clear();
+            goto malformed;
+        }
+        at += key_size;
+        Py_ssize_t value_size = (Py_ssize_t)get_u32(base + at);
+        at += 4;
+        int seen = PyDict_Contains(headers, key);
+        if (seen != 0 || value_size > end - at) {
+            Py_DECREF(key);
+            if (seen < 0)
+                goto done;
+            goto malformed;
+        }
+        PyObject *value = PyBytes_FromStringAndSize((const char *)base + at, value_size);
+        if (value == NULL || PyDict_SetItem(headers, key, value) < 0) {
+            Py_DECREF(key);
+            Py_XDECREF(value);
+            goto done;
+        }
+        Py_DECREF(key);
+        Py_DECREF(value);
+        at += value_size;
+    }
+    {
+        PyObject *data = PyBytes_FromStringAndSize((const char *)base + end, size - end);
+        if (data != NULL)
+            result = PyTuple_Pack(2, data, headers);
+        Py_XDECREF(data);
+    }
+    goto done;
+malformed:
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    Py_XDECREF(headers);
+    PyBuffer_Release(&buffer);
+    return result;
+}
+
 static PyObject *set_framed_type(PyObject *module, PyObject *type) {
     if (!PyType_Check(type) || !PyType_IsSubtype((PyTypeObject *)type, &PyBytes_Type)) {
         PyErr_SetString(PyExc_TypeError, "set_framed_type takes a bytes subclass");
@@ -289,6 +425,9 @@ static PyObject *set_framed_type(PyObject *module, PyObject *type) {
 }
 
 static PyMethodDef methods[] = {
+    {"encode_headers", (PyCFunction)(void (*)(void))encode_headers, METH_FASTCALL,
+     "encode_headers(headers, allow_reserved) -> header block, or None (let Python explain)."},
+    {"split_body", split_body, METH_O, "split_body(body) -> (data, headers), or None if the block does not parse."},
     {"set_framed_type", set_framed_type, METH_O, "set_framed_type(cls): the bytes subclass of bodies with headers."},
     {"frame_into", (PyCFunction)(void (*)(void))frame_into, METH_FASTCALL,
      "frame_into(target, offset, payload) -> end offset: write one record into a writable buffer."},

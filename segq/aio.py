@@ -589,8 +589,10 @@ class AsyncSender(_LoopOwner):
         ``close()``.  Cancelling a send that waits for room writes nothing.
         """
         payload = data if type(data) is bytes else as_payload(data)
-        if headers:
-            payload = frame_body(payload, headers)
+        if headers is not None:
+            # Validated here, as Sender.send does; empty headers make a plain record.
+            body = frame_body(payload, headers)
+            payload = body if headers else payload
         await self._append(functools.partial(self._sender.send, payload), HEADER_SIZE + len(payload), timeout)
 
     async def send_batch(self, records: Iterable[BatchItem], timeout: float | None = None) -> None:

@@ -246,6 +246,21 @@ class _SyncParam(click.ParamType["str | float"]):
         return seconds
 
 
+def _parse_headers(ctx: click.Context, param: click.Parameter, items: tuple[str, ...]) -> dict[str, bytes]:
+    """Turn repeated --header NAME=VALUE options into headers; refuse (exit 2) what a Sender would refuse."""
+    headers: dict[str, bytes] = {}
+    for item in items:
+        name, equals, value = item.partition("=")
+        if not equals:
+            raise click.BadParameter(f"{item!r}: use NAME=VALUE", ctx, param)
+        headers[name] = value.encode("utf-8", "surrogateescape")
+    try:
+        encode_headers(headers)
+    except SegqError as error:
+        raise click.BadParameter(str(error), ctx, param) from None
+    return headers
+
+
 @cli.command()
 @_queue_argument
 @_framing_options
@@ -266,7 +281,7 @@ class _SyncParam(click.ParamType["str | float"]):
     "header_items",
     multiple=True,
     metavar="NAME=VALUE",
-    callback=lambda ctx, param, items: _parse_headers(ctx, param, items),
+    callback=_parse_headers,
     help="Give every record this header (repeat for more).",
 )
 def send(
@@ -353,20 +368,6 @@ class _Stream:
                     return written
                 written += os.write(self.fd, view[written : written + self.piece])
         return written
-
-
-def _parse_headers(ctx: click.Context, param: click.Parameter, items: tuple[str, ...]) -> dict[str, bytes]:
-    headers: dict[str, bytes] = {}
-    for item in items:
-        name, equals, value = item.partition("=")
-        if not equals:
-            raise click.BadParameter(f"{item!r}: use NAME=VALUE", ctx, param)
-        headers[name] = value.encode("utf-8", "surrogateescape")
-    try:
-        encode_headers(headers)
-    except SegqError as error:
-        raise click.BadParameter(str(error), ctx, param) from None
-    return headers
 
 
 def _send_stream(sender: Sender, stdin: _Stream, separator: bytes, headers: dict[str, bytes] | None = None) -> None:

@@ -170,3 +170,11 @@ def test_segq_send_refuses_a_reserved_or_malformed_header(queue_dir: pathlib.Pat
     for bad in ("segq-x=1", "novalue"):
         result = runner.invoke(cli, ["send", str(queue_dir), "--header", bad], input=b"a\n")
         assert result.exit_code == 2 and "--header" in result.output
+
+
+async def test_the_async_sender_refuses_bad_headers_like_the_blocking_one(queue_dir: pathlib.Path) -> None:
+    async with segq.AsyncSender(queue_dir, segment_size=SEGMENT_SIZE) as tx:
+        for bad in ([], {"segq-x": b"1"}, {"k": 1}):
+            with pytest.raises(segq.SegqError):
+                await tx.send(b"x", headers=bad)  # type: ignore[arg-type]
+    assert receive_all(queue_dir) == []

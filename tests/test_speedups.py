@@ -94,3 +94,37 @@ def test_the_core_suite_passes_in_pure_python() -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+header_names = st.one_of(st.text(max_size=8), st.sampled_from(["segq-x", "a\x00b", "\ud800", "trace-id"]), st.just(b"k"))
+header_values = st.one_of(st.binary(max_size=20), st.text(max_size=8), st.just(5), st.just(bytearray(b"v")))
+
+
+@given(st.dictionaries(header_names, header_values, max_size=5), st.booleans())
+def test_encode_headers_matches_python_or_leaves_the_error_to_it(headers: dict, allow_reserved: bool) -> None:
+    from segq import _headers
+    from segq.errors import SegqError
+
+    block = speedups.encode_headers(headers, allow_reserved)
+    try:
+        expected = _headers._encode_headers(headers, allow_reserved)
+    except SegqError:
+        assert block is None
+    else:
+        assert block is None or block == expected
+
+
+@given(st.binary(max_size=80), st.dictionaries(st.text(min_size=1, max_size=6), st.binary(max_size=10), max_size=4))
+def test_split_body_matches_python_on_any_bytes(noise: bytes, headers: dict[str, bytes]) -> None:
+    from segq import _headers
+    from segq.errors import CorruptionError
+
+    headers = {name: value for name, value in headers.items() if "\x00" not in name}
+    for body in (noise, _headers._encode_headers(headers, True) + noise):
+        split = speedups.split_body(body)
+        try:
+            expected = _headers._split_body(body)
+        except CorruptionError:
+            assert split is None
+        else:
+            assert split == expected
