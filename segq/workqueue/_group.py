@@ -34,6 +34,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 import zlib
 
 from .._segment import StrPath, os_error
@@ -43,7 +44,11 @@ from ._claims import STATE_BODY, GroupState, describe_word, load_state, replay
 from ._grouplock import GroupLock
 from ._journal import END, RETURNS, SEALED_MARK, WORD, Journal, Kind, entry
 
-__all__ = ["GroupHandle"]
+__all__ = ["GroupHandle", "CURSOR_INTERVAL"]
+
+#: How often (seconds) a group saves its low-water mark while it moves within one segment.
+CURSOR_INTERVAL = 0.1
+monotonic = time.monotonic
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,7 @@ class GroupHandle:
         self._group_lock: GroupLock | None = None
         self._cursor: CursorFile | None = None
         self._applied = 0
+        self._cursor_due = 0.0  # monotonic time the cursor may next be saved within a segment
         try:
             os.makedirs(directory, exist_ok=True)
             try:
@@ -166,10 +172,21 @@ class GroupHandle:
         self._applied = stop
 
     def mark_moved(self, old_mark: int) -> None:
-        """Save the cursor and delete consumed segments if the mark entered a new segment.  In a transaction."""
+        """Save the cursor as the mark moves; delete consumed segments if it entered a new one.  In a transaction.
+
+        Within a segment the cursor is saved at most every
+        ``CURSOR_INTERVAL`` seconds: it delays no deletion there, and a
+        reader of positions (``Sender.enqueue``'s dedup window) sees acks
+        that late at most.
+        """
         if (self.state.mark ^ old_mark) >> 32:
             self.write_cursor()
             delete_consumed_segments(self.path)
+        elif self.state.mark != old_mark:
+            now = monotonic()
+            if now >= self._cursor_due:
+                self._cursor_due = now + CURSOR_INTERVAL
+                self.write_cursor()
 
     def bump_returns(self) -> None:
         """Count a record made claimable again (waiting claimers watch the word).  In a transaction."""
