@@ -303,13 +303,26 @@ class GroupState:
 
     def skip(self, start: int, end: int, priority: int, run_at: float) -> None:
         """PENDING at the head -> PENDING below it: a claim goes past the record, which keeps its turn."""
-        if start < self.head:
-            raise IllegalTransition(start, self.state_of(start), Event.SKIP, " (below the claim head)")
-        next_state(start, _PENDING, Event.SKIP)
-        self._pass_head(start, end)
-        item = Skipped(end, priority, run_at)
-        self.skipped[start] = item
-        self.skip_log.append((start, item))
+        self.skip_run([(start, Skipped(end, priority, run_at))])
+
+    def skip_run(self, records: Iterable[tuple[int, Skipped]]) -> None:
+        """Skip records in position order (one table lookup for the run: each is PENDING at the head)."""
+        first = True
+        count = 0
+        skipped, skip_log = self.skipped, self.skip_log
+        for start, item in records:
+            if start < self.head:
+                raise IllegalTransition(start, self.state_of(start), Event.SKIP, " (below the claim head)")
+            if first:
+                next_state(start, _PENDING, Event.SKIP)
+                first = False
+            if start != self.head and self.mark == self.head:
+                self.mark = start  # over an end-of-segment marker, as in claim
+            self.head = item.end
+            skipped[start] = item
+            skip_log.append((start, item))
+            count += 1
+        self.head_ordinal += count
 
     def _release(self, start: int, token: int, event: Event) -> Claim:
         claim = self.claims.get(start)
@@ -494,18 +507,21 @@ class GroupState:
             (count,) = LIST_HEAD.unpack_from(body, 0)
             if LIST_HEAD.size + count * SKIP_RECORD.size != len(body):
                 raise ValueError("SKIP record count does not match the entry size")
-            for start, end, priority, run_at in SKIP_RECORD.iter_unpack(body[LIST_HEAD.size :]):
-                if priority > MAX_PRIORITY:
-                    raise ValueError(f"priority {priority} is over {MAX_PRIORITY}")
-                if kind == Kind.SKIP:
-                    self.skip(start, end, priority, run_at)
-                else:
-                    # A snapshot's pending record: the STATE entry already put the head past it.
-                    if start >= self.head or self.state_of(start) is not RecordState.PASSED:
-                        raise self._illegal(start, Event.SKIP)
-                    item = Skipped(end, priority, run_at)
-                    self.skipped[start] = item
-                    self.skip_log.append((start, item))
+            records = [
+                (start, Skipped(end, priority, run_at))
+                for start, end, priority, run_at in SKIP_RECORD.iter_unpack(body[LIST_HEAD.size :])
+            ]
+            if any(item.priority > MAX_PRIORITY for _, item in records):
+                raise ValueError(f"a priority is over {MAX_PRIORITY}")
+            if kind == Kind.SKIP:
+                self.skip_run(records)
+                return
+            for start, item in records:
+                # A snapshot's pending record: the STATE entry already put the head past it.
+                if start >= self.head or self.state_of(start) is not RecordState.PASSED:
+                    raise self._illegal(start, Event.SKIP)
+                self.skipped[start] = item
+                self.skip_log.append((start, item))
         elif kind == Kind.STATE:
             raise ValueError("a STATE entry may only start a journal")
         else:

@@ -479,14 +479,12 @@ class WorkQueue:
         group.append(*entries)  # the skips and the claims commit together
         mark = state.mark
         for is_skip, items in runs:
-            for value in items:
-                if is_skip:
-                    start, skipped = value
-                    state.skip(start, skipped.end, skipped.priority, skipped.run_at)
-                else:
-                    start, end, attempt, data, priority = value
-                    state.claim(token, expires, owner, start, end, attempt, priority)
-                    jobs.append(Job(self, data, start, token, attempt, expires))
+            if is_skip:
+                state.skip_run(items)
+                continue
+            for start, end, attempt, data, priority in items:
+                state.claim(token, expires, owner, start, end, attempt, priority)
+                jobs.append(Job(self, data, start, token, attempt, expires))
         group.mark_moved(mark)
 
     def _read_at(self, start: int) -> bytes:
