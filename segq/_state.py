@@ -98,7 +98,7 @@ class ConsumerKind(str, enum.Enum):
 
 def cursor_path(queue_dir: StrPath, kind: ConsumerKind, name: str) -> str:
     """Return the cursor file of consumer ``name`` of ``kind``."""
-    return os.path.join(queue_dir, CURSOR_DIR, f"{kind.value}.{name}.pos")
+    return os.path.join(queue_dir, CURSOR_DIR, f"{ConsumerKind(kind).value}.{name}.pos")
 
 
 _KIND_LETTERS = {kind.value for kind in ConsumerKind}
