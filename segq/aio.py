@@ -580,7 +580,7 @@ class AsyncSender(_LoopOwner):
 
     # -- sending ---------------------------------------------------------
 
-    async def send(self, data: bytes, timeout: float | None = None, *, headers: Headers | None = None) -> None:
+    async def send(self, data: bytes, timeout: float | None = None, headers: Headers | None = None) -> None:
         """Append one record; when this returns it survives a crash of this process.
 
         ``headers`` travel with the record (see ``Sender.send``).  Raises

@@ -48,10 +48,17 @@ log = logging.getLogger(__name__)
 
 
 class SegqCollector:
-    """A prometheus_client collector for the queues at ``paths`` (and every group of each)."""
+    """A prometheus_client collector for the queues at ``paths`` (and every group of each).
 
-    def __init__(self, paths: Iterable[StrPath]) -> None:
+    ``count_records`` (default True) counts each consumer's backlog records
+    with a checksummed scan of the backlog at every scrape (``segq info
+    --scan``); False keeps a scrape O(segments) and leaves
+    ``segq_backlog_records`` out.
+    """
+
+    def __init__(self, paths: Iterable[StrPath], *, count_records: bool = True) -> None:
         self.paths = [os.fspath(path) for path in paths]
+        self.count_records = count_records
 
     def describe(self) -> list[Metric]:
         """Return nothing: the metrics are only known at scrape time (no collection at registration)."""
@@ -83,7 +90,7 @@ class SegqCollector:
         errors = GaugeMetricFamily("segq_scrape_errors", "1 if the last scrape of the queue failed.", labels=["queue"])
         for path in self.paths:
             try:
-                snapshot = info(path)
+                snapshot = info(path, scan=self.count_records)
             except (SegqError, OSError) as error:
                 log.warning("segq metrics: cannot read %s: %s", path, error)
                 errors.add_metric([path], 1)
@@ -94,7 +101,8 @@ class SegqCollector:
             for consumer in snapshot.consumers:
                 labels = [path, consumer.kind, consumer.name]
                 backlog_bytes.add_metric(labels, consumer.backlog_bytes)
-                backlog_records.add_metric(labels, consumer.backlog_records)
+                if consumer.backlog_records is not None:
+                    backlog_records.add_metric(labels, consumer.backlog_records)
             for group in snapshot.groups:
                 name = str(group["group"])
                 stats = group.get("stats") or {}
@@ -108,11 +116,12 @@ class SegqCollector:
         yield from (backlog_bytes, backlog_records, segments, disk, jobs, done, dead, letters, age, errors)
 
 
-def register(*paths: StrPath, registry: CollectorRegistry = REGISTRY) -> SegqCollector:
+def register(*paths: StrPath, registry: CollectorRegistry = REGISTRY, count_records: bool = True) -> SegqCollector:
     """Expose the metrics of the queues at ``paths`` through ``registry`` (default: the global one).
 
     Returns the collector; ``registry.unregister(collector)`` removes it.
+    ``count_records``: see :class:`SegqCollector`.
     """
-    collector = SegqCollector(paths)
+    collector = SegqCollector(paths, count_records=count_records)
     registry.register(collector)
     return collector

@@ -152,6 +152,8 @@ class Sender:
         self._sync_thread_lock = threading.Lock()
         self._sync_file = open(os.path.join(self.path, "segq.sync.lock"), "a+b")
         self._room_floor = Position.bottom(0)
+        self._segment_sizes: dict[int, int] = {}  # segments grow (next_segment_size): sizes differ
+        self._span = (-1, -1, 0)  # (first, last, bytes of segments first..last-1), the last one asked for
         self._closed = False
         self._stop_syncing = threading.Event()
         self._sync_thread: threading.Thread | None = None
@@ -162,7 +164,7 @@ class Sender:
 
     # -- sending ---------------------------------------------------------
 
-    def send(self, data: bytes, timeout: float | None = None, *, headers: Headers | None = None) -> None:
+    def send(self, data: bytes, timeout: float | None = None, headers: Headers | None = None) -> None:
         """Append one record; when this returns it survives a crash of this process.
 
         ``headers`` (str keys, bytes or str values) travel with the record,
@@ -171,12 +173,10 @@ class Sender:
         ``Full`` if ``timeout`` runs out while the backlog is at
         ``max_queue_bytes``, ``Closed`` after ``close()``.
         """
-        if headers:
-            # The body of a record with headers is a Framed, which the framing
-            # below knows by its type: the plain path pays this one test.
-            data = frame_body(data if type(data) is bytes else as_payload(data), headers)
-        elif headers is not None and not isinstance(headers, Mapping):
-            frame_body(b"", headers)  # raises the clear error for what is not a dict
+        # ``headers`` is positional-or-keyword: a keyword-only default costs a
+        # dict lookup on every call, and the plain path pays only this test.
+        if headers is not None:
+            data = _with_headers(data, headers)
         # The hot path: every attribute it needs is cached on self, and the
         # segment bounds are kept as tail words so one compare checks both
         # "still the same segment" and "the record fits".
@@ -340,7 +340,8 @@ class Sender:
             return word
         following = number + 1
         durable = self._sync_interval is not None
-        if not _segment.create_segment(self.path, following, self._size_for(needed), durable=durable):
+        size = _segment.next_segment_size(window.size, self.segment_size, needed)
+        if not _segment.create_segment(self.path, following, size, durable=durable):
             self._clear_abandoned_segment(following)
         self._show(offset, HEADER_SIZE)
         self._segment_map[offset - window.start : offset - window.start + HEADER_SIZE] = END_MARKER
@@ -355,15 +356,6 @@ class Sender:
         # Again, because a segment left by a sender killed mid-rollover may be
         # smaller than this record: then it is sealed empty and skipped.
         return self._make_room(following << 32 | SEGMENT_HEADER_SIZE, needed)
-
-    def _size_for(self, needed: int) -> int:
-        """Return the size of a new segment for an append of ``needed`` bytes: larger only for a large batch."""
-        if needed <= self.segment_size - SEGMENT_HEADER_SIZE - HEADER_SIZE:
-            return self.segment_size
-        # Like a log rolling after a large append: the batch gets a segment of
-        # its own (page-rounded, with room for the end marker), the next one is
-        # of the usual size again.
-        return -(-(SEGMENT_HEADER_SIZE + needed + HEADER_SIZE) // mmap.PAGESIZE) * mmap.PAGESIZE
 
     def _clear_abandoned_segment(self, number: int) -> None:
         # A sender died after creating this segment and before sealing the one
@@ -420,7 +412,24 @@ class Sender:
             self._room_floor = self._consumed_floor()
         tail_segment, tail_offset = self._control.tail()
         floor = self._room_floor
-        return (tail_segment - floor.segment) * self.segment_size + tail_offset - floor.offset
+        return self._bytes_of_segments(floor.segment, tail_segment) + tail_offset - floor.offset
+
+    def _bytes_of_segments(self, first: int, last: int) -> int:
+        """Return the total size of segments ``first`` to ``last - 1``, each file's size looked up once."""
+        if self._span[:2] != (first, last):
+            sizes = self._segment_sizes
+            for number in [number for number in sizes if number < first]:
+                del sizes[number]
+            total = 0
+            for number in range(first, last):
+                if number not in sizes:
+                    try:
+                        sizes[number] = os.path.getsize(_segment.segment_path(self.path, number))
+                    except FileNotFoundError:
+                        sizes[number] = self.segment_size  # consumed meanwhile: count it at most this large
+                total += sizes[number]
+            self._span = (first, last, total)
+        return self._span[2]
 
     def _consumed_floor(self) -> Position:
         positions = []
@@ -556,6 +565,13 @@ class Sender:
         return f"<segq.Sender {self.path!r} {state}>"
 
 
+
+
+def _with_headers(data: object, headers: Headers) -> bytes:
+    """Return the body of a record with ``headers``: a Framed, or plain data when ``headers`` is empty."""
+    payload = data if type(data) is bytes else as_payload(data)
+    body = frame_body(payload, headers)  # validates, and raises the clear error for what is not a dict
+    return body if headers else payload
 
 
 def batch_payload(record: object) -> bytes:

@@ -1,4 +1,4 @@
-"""AsyncSender and AsyncReceiver as API.md's asyncio section describes them.
+"""AsyncSender and AsyncReceiver as their docstrings and the README's asyncio section describe them.
 
 Every wait here is bounded generously and nothing asserts on elapsed time:
 where a test must prove that a wake-up came through the FIFO (and not from

@@ -147,11 +147,11 @@ def test_info_text_and_json(queue_dir: pathlib.Path) -> None:
     ok("send", queue_dir, "--segment-size", "4096", input=b"".join(b"%03d\n" % n for n in range(400)))
     ok("recv", queue_dir, "-n", 10)
     pid = killed_receiver(queue_dir)
-    text = ok("info", queue_dir).stdout
+    text = ok("info", queue_dir, "--scan").stdout
     assert "(format 2)" in text
     assert "receiver   default at segment 0" in text and "390 records" in text
     assert f"PID {pid} (dead" in text
-    data = json.loads(ok("info", queue_dir, "--json").stdout)
+    data = json.loads(ok("info", queue_dir, "--json", "--scan").stdout)
     assert data["format_version"] == 2 and data["records"] == 400
     assert data["consumers"][0]["backlog_records"] == 390
     assert data["locks"] == [
@@ -207,7 +207,7 @@ def test_recover_text_json_dry_run_and_loss(queue_dir: pathlib.Path) -> None:
     ok("send", queue_dir, "--segment-size", "4096", input=b"".join(b"%03d\n" % n for n in range(1000)))
     ok("recv", queue_dir, "-n", 3)
     pid = killed_receiver(queue_dir)
-    first_segment = json.loads(ok("info", queue_dir, "--json").stdout)["segments"][0]["records"]
+    first_segment = json.loads(ok("info", queue_dir, "--json", "--scan").stdout)["segments"][0]["records"]
     text = ok("recover", queue_dir, "--dry-run").stdout
     assert "dry run, nothing changed" in text and f"dead PID {pid}" in text
     assert (queue_dir / "cursors" / "r.default.lock").exists()
@@ -231,7 +231,7 @@ def test_recover_text_json_dry_run_and_loss(queue_dir: pathlib.Path) -> None:
 
 def test_recv_stops_right_at_damage_and_recover_loss_moves_it_past(queue_dir: pathlib.Path) -> None:
     ok("send", queue_dir, "--segment-size", "4K", input=b"".join(b"%d\n" % n for n in range(1000)))
-    numbers_in = json.loads(ok("info", queue_dir, "--json").stdout)["segments"][0]["records"]
+    numbers_in = json.loads(ok("info", queue_dir, "--json", "--scan").stdout)["segments"][0]["records"]
     with open(segment_path(queue_dir, 1), "r+b") as segment:  # a payload byte of segment 1's 6th record
         segment.seek(SEGMENT_HEADER_SIZE + 5 * (HEADER_SIZE + 3) + HEADER_SIZE)
         segment.write(b"?")
@@ -252,7 +252,7 @@ def test_recover_of_an_unknown_name_says_so(queue_dir: pathlib.Path) -> None:
         "no receiver named 'ghost' is registered (registered: worker)"
         in ok("recover", queue_dir, "--name", "ghost").stdout
     )
-    assert "bad receiver name" in fails("recover", queue_dir, "--name", "../etc")
+    assert "bad receiver name" in fails("recover", queue_dir, "--name", "../etc", code=2)
 
 
 def test_unlock_removes_dead_locks_and_names_live_holders(queue_dir: pathlib.Path) -> None:

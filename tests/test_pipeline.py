@@ -135,7 +135,7 @@ def test_a_follower_killed_mid_stream_and_restarted_loses_nothing(queue_dir: pat
 def recovery_backlog(queue_dir: pathlib.Path) -> int:
     from segq import recovery
 
-    return recovery.info(queue_dir).consumers[0].backlog_records
+    return recovery.info(queue_dir, scan=True).consumers[0].backlog_records
 
 
 def test_a_sender_killed_mid_stream_leaves_an_intact_prefix_and_a_restart_completes_it(

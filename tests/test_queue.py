@@ -1,4 +1,4 @@
-"""Sender and Receiver as API.md describes them, in one process."""
+"""Sender and Receiver as their docstrings and the README describe them, in one process."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""WorkQueue: the API of API.md's "Work queue" section, one behaviour per test.
+"""WorkQueue: the API its docstrings and docs/workqueue.md promise, one behaviour per test.
 
 Multi-process and crash tests live in test_workqueue_crash.py; the model-based
 state machine in test_workqueue_statemachine.py.

@@ -33,6 +33,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from .._control import DEFAULT_SEGMENT_SIZE
 from .._headers import Framed, frame_body, split_body
 from .._segment import StrPath, list_segments, segment_path
 from .._state import Position, check_name
@@ -54,9 +55,14 @@ def dead_letter_path(path: StrPath, group: str = "default") -> str:
 
 
 def dead_letter_segment_size(path: StrPath) -> int:
-    """Size dead-letter segments so the largest record of the queue at ``path`` fits in an envelope."""
+    """Bound dead-letter segments so the largest record of the queue at ``path`` fits in an envelope.
+
+    A bound only: the dead-letter queue's segments start at 1 MiB and grow
+    with its traffic (``_segment.next_segment_size``), so one dead letter
+    costs 1 MiB of disk.
+    """
     segments = list_segments(path)
-    size = 1 << 20
+    size = DEFAULT_SEGMENT_SIZE
     if segments:
         try:
             size = max(size, os.path.getsize(segment_path(path, segments[-1])))
