@@ -130,6 +130,7 @@ class IllegalTransition(SegqError):
 
 
 _PENDING, _WAITING, _CLAIMED = RecordState.PENDING, RecordState.WAITING, RecordState.CLAIMED
+_transition = TRANSITIONS.get
 _CLAIM = Event.CLAIM
 
 
@@ -277,14 +278,24 @@ class GroupState:
         self, token: int, expires: float, owner: Owner, start: int, end: int, attempt: int, priority: int = 0
     ) -> None:
         """PENDING or WAITING -> CLAIMED."""
-        if self.waiting.pop(start, None) is not None:
+        head = self.head
+        if start >= head:
+            # Every claim and skip ends at or below the head, so a record at or past it is PENDING.
+            # The hot path: the table lookup written out (next_state raises on a missing key).
+            if _transition((_PENDING, _CLAIM)) is None:
+                next_state(start, _PENDING, _CLAIM)
+            if start != head and self.mark == head:
+                # The reader stepped over an end-of-segment marker at the head,
+                # where the mark waits too: move the mark over it as well.
+                self.mark = start
+            self.head = end
+            self.head_ordinal += 1
+        elif self.waiting.pop(start, None) is not None:
             next_state(start, _WAITING, _CLAIM)
-        elif start < self.head and self.skipped.pop(start, None) is not None:
+        elif self.skipped.pop(start, None) is not None:
             next_state(start, _PENDING, _CLAIM)
         else:
-            # Every claim and skip ends at or below the head, so a record at or past it is PENDING.
-            next_state(start, _PENDING if start >= self.head else self.state_of(start), _CLAIM)
-            self._pass_head(start, end)
+            next_state(start, self.state_of(start), _CLAIM)  # raises: CLAIMED, DONE or PASSED
         self.claims[start] = Claim(end, token, expires, owner, attempt, priority)
         owners = self.owners
         owners[owner] = owners.get(owner, 0) + 1
@@ -292,14 +303,6 @@ class GroupState:
             self.next_expiry = expires
         if token >= self.next_token:
             self.next_token = token + 1
-
-    def _pass_head(self, start: int, end: int) -> None:
-        if start != self.head and self.mark == self.head:
-            # The reader stepped over an end-of-segment marker at the head,
-            # where the mark waits too: move the mark over it as well.
-            self.mark = start
-        self.head = end
-        self.head_ordinal += 1
 
     def skip(self, start: int, end: int, priority: int, run_at: float) -> None:
         """PENDING at the head -> PENDING below it: a claim goes past the record, which keeps its turn."""
@@ -328,7 +331,8 @@ class GroupState:
         claim = self.claims.get(start)
         if claim is None:
             next_state(start, self.state_of(start), event)  # raises: only a CLAIMED record can be released
-        next_state(start, _CLAIMED, event)
+        if _transition((_CLAIMED, event)) is None:
+            next_state(start, _CLAIMED, event)
         if claim is None or claim.token != token:
             raise self._illegal(start, event, token)  # CLAIMED, by another claim
         del self.claims[start]

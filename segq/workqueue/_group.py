@@ -78,7 +78,7 @@ class GroupHandle:
         self._group_lock: GroupLock | None = None
         self._cursor: CursorFile | None = None
         self._applied = 0
-        self._cursor_due = 0.0  # monotonic time the cursor may next be saved within a segment
+        self.cursor_due = 0.0  # monotonic time the cursor may next be saved within a segment (mark_moved)
         try:
             os.makedirs(directory, exist_ok=True)
             try:
@@ -184,8 +184,8 @@ class GroupHandle:
             delete_consumed_segments(self.path)
         elif self.state.mark != old_mark:
             now = monotonic()
-            if now >= self._cursor_due:
-                self._cursor_due = now + CURSOR_INTERVAL
+            if now >= self.cursor_due:
+                self.cursor_due = now + CURSOR_INTERVAL
                 self.write_cursor()
 
     def bump_returns(self) -> None:

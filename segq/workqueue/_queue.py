@@ -74,7 +74,7 @@ from ._group import GroupHandle
 from ._index import ClaimIndex
 from ._stats import GroupStats, group_stats
 from ._grouplock import group_dir
-from ._jobs import Job, JobBatch, JobState, next_job_state
+from ._jobs import JOB_TRANSITIONS, Job, JobBatch, JobState, next_job_state
 from ._journal import END, RETURNS, SEALED_MARK, Kind, entry, entry_prefix_crc
 
 __all__ = ["WorkQueue", "WaitPlan", "LIVENESS_INTERVAL"]
@@ -89,6 +89,7 @@ _ACK_ONE_WORD, _ACK_ONE_CRC = entry_prefix_crc(Kind.ACK, ACK_ONE.size)
 _CLAIM_ONE_KIND = struct.unpack("<I", _CLAIM_ONE_WORD)[0]
 _ACK_ONE_KIND = struct.unpack("<I", _ACK_ONE_WORD)[0]
 _HELD = JobState.HELD
+_job_transition = JOB_TRANSITIONS.get
 _PRIORITY_NAME = PRIORITY.encode("ascii")
 _RUN_AT_NAME = RUN_AT.encode("ascii")
 
@@ -307,7 +308,7 @@ class WorkQueue:
             group.append_small(Kind.CLAIM, _CLAIM_ONE_KIND, _CLAIM_ONE_CRC, body)
             mark = state.mark
             state.claim(token, expires, owner, start, end, 1)
-            if state.mark != mark:
+            if state.mark != mark and ((state.mark ^ mark) >> 32 or monotonic() >= group.cursor_due):
                 group.mark_moved(mark)
         finally:
             group.end()
@@ -673,8 +674,10 @@ class WorkQueue:
         return ClaimLost(f"cannot {call} the record at {job.position} (attempt {job.attempt}): {why}")
 
     def _ack(self, job: Job) -> None:
-        # The hot path: one small append.
-        following = self._check(job, "ack")
+        # The hot path: one small append, the JOB_TRANSITIONS lookup written out.
+        following = _job_transition((job.state, "ack"))
+        if following is None or job._queue is not self:
+            following = self._check(job, "ack")  # raises
         if self._closed:
             self._raise_closed()
         start = job._start
@@ -688,7 +691,7 @@ class WorkQueue:
             group.append_small(Kind.ACK, _ACK_ONE_KIND, _ACK_ONE_CRC, ACK_ONE.pack(1, start, token))
             old_mark = state.mark
             state.settle(start, token)
-            if state.mark != old_mark:
+            if state.mark != old_mark and ((state.mark ^ old_mark) >> 32 or monotonic() >= group.cursor_due):
                 group.mark_moved(old_mark)
         finally:
             group.end()
