@@ -10,6 +10,7 @@ from .errors import (
     ClaimLost,
     Closed,
     CorruptionError,
+    DuplicateJobId,
     Empty,
     Full,
     InvalidArgument,
@@ -28,8 +29,9 @@ if TYPE_CHECKING:
     from . import recovery
     from .aio import AsyncBatch, AsyncJob, AsyncJobBatch, AsyncMessage, AsyncReceiver, AsyncSender, AsyncWorkQueue
     from ._followups import Enqueue
+    from ._options import Enqueued
     from .worker import arun_worker, run_worker
-    from .workqueue import DeadLetter, Job, JobBatch, WorkQueue
+    from .workqueue import DeadLetter, GroupStats, Job, JobBatch, WorkQueue
 
 __all__ = [
     "Sender",
@@ -48,6 +50,9 @@ __all__ = [
     "InvalidArgument",
     "Closed",
     "ClaimLost",
+    "DuplicateJobId",
+    "Enqueued",
+    "GroupStats",
     "WorkQueue",
     "Job",
     "JobBatch",
@@ -74,6 +79,8 @@ _LAZY = {
     "Job": "workqueue",
     "JobBatch": "workqueue",
     "DeadLetter": "workqueue",
+    "GroupStats": "workqueue",
+    "Enqueued": "_options",
     "recovery": "recovery",
     "AsyncSender": "aio",
     "AsyncReceiver": "aio",

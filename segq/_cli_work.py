@@ -1,4 +1,4 @@
-"""``segq work``: a durable xargs over a work-queue group.
+"""``segq work`` and ``segq enqueue``: a durable xargs over a work-queue group, and jobs from the shell.
 
 ``segq work PATH -- CMD`` runs CMD once per job (through ``segq.worker``):
 the job's data on its stdin, ``SEGQ_JOB_ID`` and ``SEGQ_ATTEMPT`` in its
@@ -13,6 +13,7 @@ and waits for them, not the commands themselves.
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import signal
@@ -28,7 +29,7 @@ from .errors import SegqError
 
 if TYPE_CHECKING:
     from ._followups import Enqueue
-    from ._jobs import Job
+    from .workqueue._jobs import Job
 
 # The work queue, asyncio and the worker are imported when `work` runs, not when
 # `segq` starts (issue 14: the CLI loads only what its command uses).
@@ -175,8 +176,58 @@ def _check_command(command: Sequence[str]) -> None:
         raise click.BadParameter(f"{program}: command not found", param_hint="CMD")
 
 
+def _parse_time(text: str) -> datetime.datetime | float:
+    """Read --run-at: seconds since the epoch, or an ISO 8601 time (UTC unless it names a zone)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a time: give seconds since the epoch or ISO 8601 (2026-11-29T03:00:00Z)",
+            param_hint="--run-at",
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=datetime.timezone.utc)
+
+
 def register(cli: click.Group, library_warnings: Callable[[], ContextManager[None]]) -> None:
-    """Add ``work`` to the ``segq`` command group."""
+    """Add ``work`` and ``enqueue`` to the ``segq`` command group."""
+
+    @cli.command()
+    @click.argument("path", type=click.Path(path_type=str))
+    @click.option("--delay", type=click.FloatRange(min=0), help="Seconds before the jobs may be claimed.")
+    @click.option("--run-at", "run_at", help="When the jobs may be claimed: epoch seconds or ISO 8601 (UTC).")
+    @click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True,
+                  help="0..9, higher first.")
+    @click.option("--dedup-key", "dedup_key",
+                  help="Enqueue nothing while a job with this key is pending, claimed or recently done.")
+    @click.option("--id", "job_id", help="The job's id (one input line only).")
+    def enqueue(
+        path: str, delay: float | None, run_at: str | None, priority: int, dedup_key: str | None, job_id: str | None
+    ) -> None:
+        """Enqueue each line of stdin as a job in the queue at PATH, with the options given.
+
+        Prints each job's id, one per line ("ID duplicate" when --dedup-key
+        matched a job and nothing was written).  The queue is created if
+        missing.
+        """
+        if delay is not None and run_at is not None:
+            raise click.UsageError("give --delay or --run-at, not both")
+        when = _parse_time(run_at) if run_at is not None else None
+        lines = sys.stdin.buffer.read().splitlines()
+        if job_id is not None and len(lines) > 1:
+            raise click.UsageError(f"--id names one job, but stdin has {len(lines)} lines")
+        from .sender import Sender
+
+        with library_warnings(), Sender(path) as sender:
+            for line in lines:
+                result = sender.enqueue(
+                    line, run_at=when, delay=delay, priority=priority, dedup_key=dedup_key, job_id=job_id
+                )
+                click.echo(f"{result.id} duplicate" if result.duplicate else result.id)
+
 
     @cli.command(context_settings={"ignore_unknown_options": True})
     @click.argument("path", type=click.Path(path_type=str))

@@ -45,7 +45,7 @@ from types import FrameType
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
 from ._followups import Enqueue
-from ._jobs import Job, JobState, reason_of
+from .workqueue._jobs import Job, JobState, reason_of
 from ._segment import StrPath
 from .aio import AsyncJob, AsyncWorkQueue
 from .errors import ClaimLost, Empty, InvalidArgument, SegqError

@@ -32,7 +32,7 @@ import pytest
 import segq
 import segq._segment
 from _harness import record_figure
-from segq._outbox import FROM_HEADER, PIN_KIND
+from segq.workqueue._outbox import FROM_HEADER, PIN_KIND
 from segq._state import RELEASED_SEGMENT, list_cursors, read_position
 from segq.workqueue import group_info
 
@@ -273,3 +273,37 @@ def test_soak_follow_ups_through_random_kills(tmp_path: pathlib.Path) -> None:
         record_figure("soak chained: worker deaths survived", deaths)
         record_figure("soak chained: follow-ups checked", 10_000)
         round_number += 1
+
+
+def test_follow_ups_carry_their_options_and_headers(tmp_path: pathlib.Path) -> None:
+    source = tmp_path / "source"
+    target = tmp_path / "target"
+    with segq.Sender(source, segment_size=1 << 20) as tx:
+        tx.send_batch([b"job 1", b"job 2"])
+    with segq.Sender(target, segment_size=1 << 20) as tx:
+        existing = tx.enqueue(b"charge", dedup_key="order-12")
+    with segq.WorkQueue(source, lease=60) as wq:
+        job = wq.claim(timeout=5)
+        job.ack(
+            enqueue=[
+                segq.Enqueue(b"urgent", queue=target, priority=9, job_id="next-1", headers={"trace": b"t1"}),
+                segq.Enqueue(b"later", queue=target, delay=3600),
+                segq.Enqueue(b"charge", queue=target, dedup_key="order-12"),  # a duplicate: written nowhere
+                segq.Enqueue(b"again", delay=0),
+            ]
+        )
+        own = wq.claim(timeout=5)
+        assert own.data == b"job 2"
+        own.ack()
+        own = wq.claim(timeout=5)
+        assert own.data == b"again"
+        own.ack()
+    with segq.WorkQueue(target, lease=60) as wq:
+        first = wq.claim(timeout=5)
+        assert (first.data, first.id, first.priority, first.headers["trace"]) == (b"urgent", "next-1", 9, b"t1")
+        first.ack()
+        second = wq.claim(timeout=5)
+        assert (second.data, second.id) == (b"charge", existing.id)
+        second.ack()
+        assert wq.try_claim() is None  # "later" is due in an hour
+        assert wq.stats().scheduled == 1

@@ -272,3 +272,41 @@ def test_a_progress_line_shows_on_a_terminal(queue_dir: pathlib.Path) -> None:
             os.close(terminal)
     assert b"5 done, 0 failed" in output
     assert b"jobs/s" in output
+
+
+def test_enqueue_makes_each_stdin_line_a_job_with_the_options(queue_dir: pathlib.Path) -> None:
+    result = run_segq("enqueue", queue_dir, "--priority", 7, "--delay", 3600, input=b"resize a\nresize b\n")
+    assert result.returncode == 0, result.stderr
+    ids = result.stdout.decode().split()
+    assert len(ids) == 2
+    with segq.WorkQueue(queue_dir, lease=60) as wq:
+        assert wq.try_claim() is None  # not due for an hour
+        assert wq.stats().scheduled == 2
+    result = run_segq("enqueue", queue_dir, "--priority", 9, "--id", "invoice-7", input=b"send invoice 7\n")
+    assert result.stdout == b"invoice-7\n"
+    with segq.WorkQueue(queue_dir, lease=60) as wq:
+        job = wq.claim(timeout=5)
+        assert (job.data, job.id, job.priority) == (b"send invoice 7", "invoice-7", 9)
+        job.ack()
+
+
+def test_enqueue_with_a_dedup_key_says_duplicate_and_writes_nothing(queue_dir: pathlib.Path) -> None:
+    first = run_segq("enqueue", queue_dir, "--dedup-key", "order-12", input=b"charge order 12\n")
+    again = run_segq("enqueue", queue_dir, "--dedup-key", "order-12", input=b"charge order 12\n")
+    job_id = first.stdout.decode().strip()
+    assert again.stdout.decode().strip() == f"{job_id} duplicate"
+    assert drain(queue_dir) == [b"charge order 12"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--delay", "5", "--run-at", "2030-01-01T00:00:00"], b"--delay or --run-at, not both"),
+        (["--run-at", "next tuesday"], b"is not a time"),
+        (["--id", "x"], b"--id names one job, but stdin has 2 lines"),
+    ],
+)
+def test_enqueue_refuses_bad_options_with_usage_errors(queue_dir: pathlib.Path, args: list[str], message: bytes) -> None:
+    result = run_segq("enqueue", queue_dir, *args, input=b"a\nb\n")
+    assert result.returncode == 2
+    assert message in result.stderr and b"Traceback" not in result.stderr

@@ -40,8 +40,8 @@ the floor, so the queue keeps those segments anyway.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
+import logging
 import math
 import os
 import random
@@ -49,15 +49,18 @@ import signal
 import struct
 from dataclasses import dataclass, field
 
+from .._followups import Enqueue
+from .._format import SEGMENT_HEADER_SIZE
+from .._headers import Framed, frame_body, split_body
+from .._options import JobOptions, check_options, check_user_headers, encode_options
+from .._reader import RecordReader
+from .._segment import list_segments, segment_path
+from .._state import RELEASED_SEGMENT, ConsumerKind, CursorFile, register_cursor
+from ..errors import DuplicateJobId, InvalidArgument, RecordTooLarge, SegqError
+from ..sender import Sender, SyncPolicy
 from ._claims import OUTBOX_HEAD
-from ._format import SEGMENT_HEADER_SIZE
-from ._followups import Enqueue
-from ._headers import Framed, frame_body, split_body
-from ._reader import RecordReader
-from ._segment import list_segments, segment_path
-from ._state import RELEASED_SEGMENT, CursorFile, register_cursor
-from .errors import SegqError, UsageError
-from .sender import Sender, SyncPolicy
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FollowUp",
@@ -74,7 +77,7 @@ __all__ = [
 #: The reserved header each delivered follow-up carries: ``<source>:<token>:<index>``.
 FROM_HEADER = "segq-from"
 #: Pins are cursors of this kind in the target queue.
-PIN_KIND = "o"
+PIN_KIND = ConsumerKind.PIN
 #: A released pin's segment number: past any real one, and skipped by retention.
 PIN_RELEASED = RELEASED_SEGMENT
 
@@ -191,36 +194,29 @@ def source_id(queue_path: str, group: str) -> str:
 
 
 def follow_ups(requests: list[Enqueue], now: float) -> list[FollowUp]:
-    """Resolve what ``ack(enqueue=...)`` was given: check types, make times absolute, encode headers."""
+    """Resolve what ``ack(enqueue=...)`` was given: check it as ``Sender.enqueue`` would, make times absolute.
+
+    Raises ``InvalidArgument`` (nothing written) on a bad follow-up.
+    """
     items = []
     for request in requests:
         if not isinstance(request, Enqueue):
-            raise UsageError(f"ack(enqueue=...) takes a list of segq.Enqueue, not {type(request).__name__}")
-        run_at: float | None
-        if request.delay is not None:
-            run_at = now + float(request.delay)
-        elif isinstance(request.run_at, datetime.datetime):
-            if request.run_at.tzinfo is None:
-                raise UsageError("run_at must be an aware datetime (UTC) or epoch seconds")
-            run_at = request.run_at.timestamp()
-        elif request.run_at is not None:
-            run_at = float(request.run_at)
-        else:
-            run_at = None
-        headers = {}
-        for key, value in (request.headers or {}).items():
-            if not isinstance(key, str) or not key:
-                raise UsageError(f"header names are non-empty str, not {key!r}")
-            if key.startswith("segq-"):
-                raise UsageError(f"header name {key!r}: names starting with 'segq-' are reserved")
-            headers[key] = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-        if run_at is not None or request.priority or request.dedup_key is not None or request.job_id is not None:
-            # Job options travel as reserved headers that only Sender.enqueue writes and
-            # only a work queue with options reads; until then they would be dropped.
-            raise UsageError("follow-up options (run_at, delay, priority, dedup_key, job_id) need job options support")
+            raise InvalidArgument(f"ack(enqueue=...) takes a list of segq.Enqueue, not {type(request).__name__}")
+        options = check_options(
+            run_at=request.run_at,
+            delay=request.delay,
+            priority=request.priority,
+            dedup_key=request.dedup_key,
+            job_id=request.job_id,
+            now=now,
+        )
+        headers = check_user_headers(request.headers)
         target = "" if request.queue is None else os.fspath(request.queue)
         items.append(
-            FollowUp(target, request.data, run_at, request.priority, request.dedup_key, request.job_id, headers)
+            FollowUp(
+                target, request.data, options.run_at or None, options.priority, options.dedup_key, options.job_id,
+                headers,
+            )
         )
     return items
 
@@ -274,8 +270,6 @@ class Outbox:
         for item in items:
             sender = self.sender(self.path_of(item))
             if len(item.data) > sender.max_record_size:
-                from .errors import RecordTooLarge
-
                 raise RecordTooLarge(
                     f"a follow-up of {len(item.data)} bytes is larger than {self.path_of(item)} accepts "
                     f"({sender.max_record_size} bytes); nothing was acked",
@@ -354,8 +348,22 @@ class Outbox:
 
 
 def _send(sender: Sender, item: FollowUp, headers: dict[str, bytes]) -> None:
-    """Send one follow-up with its options and headers."""
-    sender.send(frame_body(item.data, headers, allow_reserved=True))
+    """Send one follow-up with its options (reserved headers, as ``Sender.enqueue`` writes them) and headers.
+
+    A follow-up with a dedup key or a job id goes through the queue's dedup
+    index: a key that matches writes nothing (as ``enqueue`` would); an id
+    taken since the ack committed cannot be refused any more, so the
+    follow-up is dropped with a warning.
+    """
+    options = JobOptions(item.priority, item.run_at or 0.0, item.dedup_key, item.job_id)
+    body = frame_body(item.data, {**headers, **encode_options(options)}, allow_reserved=True)
+    if options.dedup_key is None and options.job_id is None:
+        sender.send(body)
+        return
+    try:
+        sender._dedup_index().enqueue(sender, body, options)
+    except DuplicateJobId as error:
+        log.warning("%s: a follow-up was dropped: %s", sender.path, error)
 
 
 def _markers_from(sender: Sender, floor: int) -> list[bytes]:
