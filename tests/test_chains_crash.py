@@ -208,10 +208,10 @@ def data_and_headers(message: segq.Message) -> tuple[bytes, dict[str, bytes]]:
 
 
 def test_each_follow_up_lands_exactly_once_through_random_kills(tmp_path: pathlib.Path) -> None:
-    deaths = kill_loop(tmp_path, jobs=2000, workers=2, seed=12, deadline=time.monotonic() + 6)
+    deaths = kill_loop(tmp_path, jobs=3000, workers=2, seed=12, deadline=time.monotonic() + 6)
     assert deaths >= 5  # the kills did land
     record_figure("chained: worker deaths survived", deaths)
-    record_figure("chained: follow-ups checked", 4000)
+    record_figure("chained: follow-ups checked", 6000)
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
