@@ -279,6 +279,9 @@ class Waker:
         self._fds: dict[int, tuple[int, int]] = {}  # slot -> (generation, fd)
         self._table: _SlotTable | None = None
         self._next_claimer = 0  # where the next look for a claimer to wake starts: turns go round
+        # The threads of a WorkQueue wake through one Waker (a claim passing a
+        # wake-up on, a nack in a handler thread): the FIFO cache is shared.
+        self._lock = threading.Lock()
 
     def _forget_dead_waiter(self, region: int, slot: int) -> None:
         # Its process is gone: lower its flag so sends stop trying to wake it.
@@ -327,6 +330,10 @@ class Waker:
 
     def _wake_slot(self, slot: int, region: int) -> bool:
         """Write a wake-up byte to ``slot``'s FIFO; False if its waiter is gone."""
+        with self._lock:
+            return self._write_slot(slot, region)
+
+    def _write_slot(self, slot: int, region: int) -> bool:
         control = self._control
         pid, generation = SLOT.unpack_from(control.map, SLOTS + slot * SLOT.size)
         cached = self._fds.get(slot)
