@@ -239,11 +239,12 @@ def register(cli: click.Group, library_warnings: Callable[[], ContextManager[Non
     @click.option("--max-attempts", type=click.IntRange(min=1), default=5, show_default=True,
                   help="After this many failed attempts a job goes to the dead-letter queue.")
     @click.option("--drain", is_flag=True, help="Exit (status 0) once nothing is claimable and no command runs.")
+    @click.option("--create", is_flag=True, help="Create the queue if it is missing (a worker that starts first).")
     @click.option("--then", "then", type=click.Path(path_type=str),
                   help="Each line CMD prints becomes a job in this queue, atomically with the ack.")
     @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
     def work(
-        path: str, group: str, concurrency: int, lease: float, max_attempts: int, drain: bool,
+        path: str, group: str, concurrency: int, lease: float, max_attempts: int, drain: bool, create: bool,
         then: str | None, command: tuple[str, ...],
     ) -> None:
         """Run CMD once per job of the queue at PATH: a durable xargs.
@@ -281,6 +282,7 @@ def register(cli: click.Group, library_warnings: Callable[[], ContextManager[Non
                     dead_letter=None,
                     sync="never",
                     drain=drain,
+                    create=create,
                 )
         finally:
             tally.close()

@@ -282,6 +282,7 @@ def run_worker(
     stop: threading.Event | None = None,
     dead_letter: StrPath | None = None,
     sync: SyncPolicy = "never",
+    create: bool = False,
 ) -> None:
     """Run ``handler`` on each job of ``group`` in the queue at ``path`` until stopped.
 
@@ -299,6 +300,7 @@ def run_worker(
     and SIGINT do the same (a second signal acts as usual).  Threads suit
     handlers that wait (I/O, subprocesses); for CPU-bound handlers run one
     worker per core, each in its own process (see docs/workqueue.md).
+    ``dead_letter``, ``sync`` and ``create`` are passed to the ``WorkQueue``.
 
     >>> import segq, tempfile, threading
     >>> path = tempfile.mkdtemp()
@@ -321,6 +323,7 @@ def run_worker(
         stop=stop,
         dead_letter=dead_letter,
         sync=sync,
+        create=create,
     )
 
 
@@ -336,6 +339,7 @@ def serve(
     dead_letter: StrPath | None,
     sync: SyncPolicy,
     drain: bool = False,
+    create: bool = False,
 ) -> int | None:
     """Do what ``run_worker`` does; return the signal that stopped it (None for ``stop``).
 
@@ -348,7 +352,7 @@ def serve(
     pipe = _StopPipe(stop)
     try:
         with WorkQueue(
-            path, group, lease=lease, max_attempts=max_attempts, dead_letter=dead_letter, sync=sync
+            path, group, lease=lease, max_attempts=max_attempts, dead_letter=dead_letter, sync=sync, create=create
         ) as work_queue:
             if concurrency == 1:
                 _serve_inline(work_queue, handler, pipe, drain)
@@ -452,6 +456,7 @@ async def arun_worker(
     stop: asyncio.Event | None = None,
     dead_letter: StrPath | None = None,
     sync: SyncPolicy = "never",
+    create: bool = False,
 ) -> None:
     """Run the coroutine ``handler`` on each job of ``group`` until stopped: ``run_worker`` on asyncio.
 
@@ -478,7 +483,7 @@ async def arun_worker(
     stopped = asyncio.ensure_future(stopping.wait())
     try:
         async with AsyncWorkQueue(
-            path, group, lease=lease, max_attempts=max_attempts, dead_letter=dead_letter, sync=sync
+            path, group, lease=lease, max_attempts=max_attempts, dead_letter=dead_letter, sync=sync, create=create
         ) as work_queue:
             while not stopping.is_set():
                 idle = concurrency - len(running)

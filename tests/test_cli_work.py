@@ -204,16 +204,15 @@ def test_the_readme_two_stage_pipeline_survives_kill_9_of_either_stage(tmp_path:
     for script in (stage1, stage2):
         script.chmod(0o755)
     lines = [b"photo-%03d" % number for number in range(150)]
-    fill(first, *lines)
-    with segq.Sender(middle, segment_size=1 << 20):
-        pass  # stage 2 may start first
 
     def start(stage: int) -> subprocess.Popen[bytes]:
         if stage == 1:
-            return segq_command("work", first, "--then", middle, "-j", 2, "--", str(stage1))
-        return segq_command("work", middle, "-j", 2, "--", str(stage2))
+            return segq_command("work", first, "--create", "--then", middle, "-j", 2, "--", str(stage1))
+        return segq_command("work", middle, "--create", "-j", 2, "--", str(stage2))
 
-    stages = {1: start(1), 2: start(2)}
+    stages = {1: start(1), 2: start(2)}  # both start before any queue exists, as in the README
+    result = run_segq("enqueue", first, input=b"".join(line + b"\n" for line in lines))
+    assert result.returncode == 0, result.stderr
     kills = 0
     try:
         deadline = time.monotonic() + 3
@@ -310,3 +309,14 @@ def test_enqueue_refuses_bad_options_with_usage_errors(queue_dir: pathlib.Path, 
     result = run_segq("enqueue", queue_dir, *args, input=b"a\nb\n")
     assert result.returncode == 2
     assert message in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_work_on_a_missing_queue_is_an_error_unless_told_to_create_it(tmp_path: pathlib.Path) -> None:
+    missing = tmp_path / "nope"
+    result = run_segq("work", missing, "--drain", "--", "true")
+    assert result.returncode == 1
+    assert b"no queue at" in result.stderr and b"Traceback" not in result.stderr
+    assert not missing.exists()
+    result = run_segq("work", missing, "--create", "--drain", "--", "true")
+    assert result.returncode == 0, result.stderr
+    assert missing.is_dir()
