@@ -380,9 +380,13 @@ def _markers_from(sender: Sender, floor: int) -> list[bytes]:
     reader = RecordReader(sender._control, position, consumer="follow-up recovery")
     markers = []
     try:
-        while (body := reader.next()) is not None:
+        while True:
+            start = reader.position
+            body = reader.next()
+            if body is None:
+                break
             if type(body) is Framed:
-                _, headers = split_body(body, path, reader.position)
+                _, headers = split_body(body, path, start)
                 marker = headers.get(FROM_HEADER)
                 if marker is not None:
                     markers.append(marker)
