@@ -85,6 +85,7 @@ def _followups(job_position: object, result: object) -> list[Enqueue] | None:
 
 
 def log_failed_settlement(job: Job | AsyncJob, call: str, error: SegqError) -> None:
+    """Log a settlement that failed: a lost claim at WARNING, saying so; anything else at ERROR."""
     if isinstance(error, ClaimLost):
         log.warning("lost claim: could not %s the job at %s (attempt %d): %s", call, job.position, job.attempt, error)
     else:
@@ -112,6 +113,13 @@ def _settle(job: Job, result: object, error: BaseException | None) -> None:
             job.nack(reason=reason_of(error))
     except SegqError as failure:
         log_failed_settlement(job, call, failure)
+        if call == "ack" and job.state is JobState.HELD and not isinstance(failure, ClaimLost):
+            # Refused before anything was written (a bad or too large follow-up): give
+            # the job back with the reason, so it ends in the dead-letter queue, not in a loop of leases.
+            try:
+                job.nack(reason=f"follow-ups refused: {failure}")
+            except SegqError as again:
+                log_failed_settlement(job, "nack", again)
 
 
 def _run_job(handler: Handler, job: Job) -> None:
@@ -431,6 +439,11 @@ async def _settle_async(job: AsyncJob, result: object, error: BaseException | No
             await job.nack(reason=reason_of(error))
     except SegqError as failure:
         log_failed_settlement(job, call, failure)
+        if call == "ack" and job.state is JobState.HELD and not isinstance(failure, ClaimLost):
+            try:
+                await job.nack(reason=f"follow-ups refused: {failure}")
+            except SegqError as again:
+                log_failed_settlement(job, "nack", again)
 
 
 async def _run_async_job(handler: AsyncHandler, job: AsyncJob) -> None:

@@ -307,3 +307,24 @@ async def test_arun_worker_enqueues_follow_ups_with_the_ack(queue_dir: pathlib.P
 
     await asyncio.wait_for(segq.arun_worker(queue_dir, handler, concurrency=2, stop=stop), PATIENCE)
     assert sorted(follow_up_data(uploads)) == sorted(b"upload job %d" % n for n in range(10))
+
+
+def test_follow_ups_refused_before_the_commit_nack_the_job(queue_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    fill(queue_dir, 1)
+    small = tmp_path / "small"
+    with segq.Sender(small, segment_size=4096):
+        pass  # its records are at most about 4 KiB
+    stop = threading.Event()
+    attempts: list[int] = []
+
+    def handler(job: segq.Job) -> list[segq.Enqueue]:
+        attempts.append(job.attempt)
+        if job.attempt == 2:
+            stop.set()
+        return [segq.Enqueue(b"x" * 10_000, queue=small)]
+
+    segq.run_worker(queue_dir, handler, max_attempts=2, stop=stop)
+    assert attempts == [1, 2]
+    with segq.Receiver(queue_dir / "dead" / "default") as rx:
+        letter = segq.DeadLetter.decode(rx.recv(timeout=PATIENCE).data)
+    assert letter.reason.startswith("follow-ups refused: a follow-up of 10000 bytes is larger than")
