@@ -307,3 +307,33 @@ def test_follow_ups_carry_their_options_and_headers(tmp_path: pathlib.Path) -> N
         second.ack()
         assert wq.try_claim() is None  # "later" is due in an hour
         assert wq.stats().scheduled == 1
+
+
+def test_an_unwritable_target_keeps_the_ack_and_its_follow_ups_until_it_can_be_written(tmp_path: pathlib.Path) -> None:
+    source = tmp_path / "source"
+    target = tmp_path / "target"
+    with segq.Sender(source, segment_size=1 << 20) as tx:
+        tx.send_batch([b"job00000", b"job00001"])
+    script = (
+        "import sys, segq\n"
+        "wq = segq.WorkQueue(sys.argv[1], lease=60)\n"
+        "job = wq.claim(timeout=5)\n"
+        "job.ack(enqueue=[segq.Enqueue(b'A ' + job.data, queue=sys.argv[2]),"
+        " segq.Enqueue(b'B ' + job.data, queue=sys.argv[2])])\n"
+    )
+    environment = dict(os.environ, PYTHONPATH=REPO, SEGQ_TEST_CRASH_AT="after-outbox-entry:1")
+    crashed = subprocess.run([sys.executable, "-c", script, str(source), str(target)], env=environment, timeout=60)
+    assert crashed.returncode == -signal.SIGKILL
+    moved = tmp_path / "target.aside"
+    target.rename(moved)
+    target.write_bytes(b"not a queue")  # the follow-ups cannot be delivered now
+    for _ in range(2):
+        with pytest.raises(segq.SegqError):
+            segq.WorkQueue(source, lease=60)
+    target.unlink()
+    moved.rename(target)
+    with segq.WorkQueue(source, lease=60) as wq:  # now it finishes the ack's follow-ups
+        job = wq.claim(timeout=5)
+        assert job.data == b"job00001"
+        job.ack(enqueue=[segq.Enqueue(b"A " + job.data, queue=target), segq.Enqueue(b"B " + job.data, queue=target)])
+    check_target(source, target, 2, read_all(target))

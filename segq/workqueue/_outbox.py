@@ -54,7 +54,7 @@ from .._format import SEGMENT_HEADER_SIZE
 from .._headers import Framed, frame_body, split_body
 from .._options import JobOptions, check_options, check_user_headers, encode_options
 from .._reader import RecordReader
-from .._segment import list_segments, segment_path
+from .._segment import list_segments, os_error, segment_path
 from .._state import RELEASED_SEGMENT, ConsumerKind, CursorFile, register_cursor
 from ..errors import DuplicateJobId, InvalidArgument, RecordTooLarge, SegqError
 from ..sender import Sender, SyncPolicy
@@ -258,10 +258,13 @@ class Outbox:
         sender = self._senders.get(path)
         if sender is None:
             size = _segment_size_of(path)
-            if size is None:
-                sender = Sender(path, sync=self._sync)
-            else:
-                sender = Sender(path, segment_size=size, sync=self._sync)
+            try:
+                if size is None:
+                    sender = Sender(path, sync=self._sync)
+                else:
+                    sender = Sender(path, segment_size=size, sync=self._sync)
+            except OSError as error:
+                raise os_error(error, "open the follow-up queue", path) from None
             self._senders[path] = sender
         return sender
 
@@ -286,7 +289,10 @@ class Outbox:
     def _pin(self, path: str) -> CursorFile:
         pin = self._pins.get(path)
         if pin is None:
-            pin = self._pins[path] = register_cursor(path, PIN_KIND, self.source)
+            try:
+                pin = self._pins[path] = register_cursor(path, PIN_KIND, self.source)
+            except OSError as error:
+                raise os_error(error, "pin the follow-up queue", path) from None
         return pin
 
     def pin(self, items: list[FollowUp]) -> None:

@@ -189,7 +189,11 @@ class WorkQueue:
         _open_queues.add(self)
         self._group.on_outbox = self._settle_outbox
         if self._group.state.outbox is not None:
-            self._group.begin()  # finishes what a crashed ack with follow-ups left
+            try:
+                self._group.begin()  # finishes what a crashed ack with follow-ups left
+            except BaseException:
+                self._abandon()  # a target that cannot be written: this object never opened
+                raise
             self._group.end()
         if self._sync_interval:
             self._sync_thread = threading.Thread(target=self._sync_loop, name="segq-group-sync", daemon=True)
