@@ -15,6 +15,7 @@ import time
 import pytest
 
 import segq
+import segq.workqueue
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PATIENCE = 30.0
