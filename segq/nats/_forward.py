@@ -291,22 +291,19 @@ class _Pump:
     async def run(self, link: Link, stop: asyncio.Event) -> None:
         """Publish rounds until ``stop``; raise ``LinkLost`` when the link fails (the batch rolled back)."""
         client = link.client
-        acks: dict[int, asyncio.Future[Msg]] = {}
         loop = asyncio.get_running_loop()
-        round_done: asyncio.Future[None] = loop.create_future()
+        current = _Round(loop, 0, 0)
 
         async def on_ack(msg: Msg) -> None:
-            future = acks.pop(int(msg.subject.rpartition(".")[2]), None)
-            if future is not None and not future.done():
-                future.set_result(msg)
-                if not acks and not round_done.done():
-                    round_done.set_result(None)
+            current.take(int(msg.subject.rpartition(".")[2]), msg)
 
         inbox = client.new_inbox()
         await client.subscribe(f"{inbox}.*", cb=on_ack)
         stopping = loop.create_task(stop.wait())
         lost = loop.create_task(link.lost.wait())
         serial = 0
+        publish = client.publish
+        subject = self.subject
         try:
             while not stop.is_set():
                 if link.lost.is_set():
@@ -318,68 +315,92 @@ class _Pump:
                     await asyncio.gather(receiving, return_exceptions=True)
                     continue
                 batch = receiving.result()
-                acks.clear()
-                round_done = loop.create_future()
-                futures = []
+                current = _Round(loop, serial + 1, len(batch))
                 try:
                     for message in batch:
                         serial += 1
-                        future: asyncio.Future[Msg] = loop.create_future()
-                        acks[serial] = future
-                        futures.append(future)
-                        await client.publish(
-                            self.subject, message.data, reply=f"{inbox}.{serial}", headers=self._headers(message)
-                        )
+                        await publish(subject, message.data, reply=f"{inbox}.{serial}", headers=self._headers(message))
                     # Every acknowledgement, or the link lost, or the timeout: whichever comes first.
-                    ends: list[asyncio.Future[Any]] = [round_done, lost]
+                    ends: list[asyncio.Future[Any]] = [current.done, lost]
                     await asyncio.wait(ends, timeout=self.ack_timeout, return_when=asyncio.FIRST_COMPLETED)
-                    self._check_acks(batch, futures)
+                    self._check_acks(batch, current)
                 except BaseException as error:
                     await batch.rollback()
                     if isinstance(error, Exception) and not isinstance(error, (LinkLost, BridgeError)):
                         raise LinkLost(f"publishing to {self.subject!r} failed: {error!r}") from None
                     raise
                 await batch.commit()
-                self.stats.published += len(futures)
+                self.stats.published += len(batch)
         finally:
             stopping.cancel()
             lost.cancel()
 
     def _headers(self, message: Message) -> dict[str, str]:
-        headers = to_nats_headers(getattr(message, "headers", {}), f"record at {message.position}")
-        headers["Nats-Msg-Id"] = message_id(self.queue, message.position)
+        record_headers = getattr(message, "headers", None)
+        headers = to_nats_headers(record_headers, f"record at {message.position}") if record_headers else {}
+        position = message.position
+        headers["Nats-Msg-Id"] = f"{self.queue}:{position.segment}:{position.offset}"
         headers["Nats-Expected-Stream"] = self.stream
         return headers
 
-    def _check_acks(self, batch: AsyncBatch, futures: list[asyncio.Future[Msg]]) -> None:
+    def _check_acks(self, batch: AsyncBatch, replies: _Round) -> None:
         """Raise unless every publish of the batch was stored (or was a duplicate of a stored one)."""
-        missing = sum(1 for future in futures if not future.done())
-        if missing:
+        if replies.waiting:
             raise LinkLost(
-                f"{missing} of {len(futures)} publishes to stream {self.stream!r} were not acknowledged "
+                f"{replies.waiting} of {len(batch)} publishes to stream {self.stream!r} were not acknowledged "
                 f"within {self.ack_timeout:g} s"
             )
-        for message, future in zip(batch, futures):
-            reply = future.result()
-            if reply.headers and reply.headers.get("Status") == "503":
-                raise LinkLost(f"no stream answered on {self.subject!r} (no JetStream, or no stream leader yet)")
-            try:
-                ack: Any = json.loads(reply.data)
-            except ValueError:
-                raise LinkLost(f"a publish acknowledgement was not JSON: {reply.data[:80]!r}") from None
-            error = api_error(ack)
-            if error is not None:
-                code, description = error
-                if code in _REFUSALS:
-                    raise BridgeError(
-                        f"stream {self.stream!r} refused the record at {message.position} on {self.subject!r}: "
-                        f"{description}",
-                        stream=self.stream,
-                        subject=self.subject,
-                    )
-                raise LinkLost(f"stream {self.stream!r} did not store a publish: {description} (code {code})")
-            if ack.get("duplicate"):
-                self.stats.duplicates += 1
+        for message, reply in zip(batch, replies.replies):
+            assert reply is not None
+            data = reply.data
+            # The usual answer, {"stream":"S","seq":N} (and "duplicate":true), needs no JSON parse.
+            if data.startswith(b'{"stream":') and b'"error"' not in data:
+                if b'"duplicate":true' in data:
+                    self.stats.duplicates += 1
+                continue
+            self._refusal(message, reply)
+
+    def _refusal(self, message: Message, reply: Msg) -> None:
+        """Raise the error an unusual acknowledgement stands for."""
+        if reply.headers and reply.headers.get("Status") == "503":
+            raise LinkLost(f"no stream answered on {self.subject!r} (no JetStream, or no stream leader yet)")
+        try:
+            ack: Any = json.loads(reply.data)
+        except ValueError:
+            raise LinkLost(f"a publish acknowledgement was not JSON: {reply.data[:80]!r}") from None
+        error = api_error(ack)
+        if error is None:
+            raise LinkLost(f"a publish acknowledgement said neither stored nor refused: {reply.data[:80]!r}")
+        code, description = error
+        if code in _REFUSALS:
+            raise BridgeError(
+                f"stream {self.stream!r} refused the record at {message.position} on {self.subject!r}: "
+                f"{description}",
+                stream=self.stream,
+                subject=self.subject,
+            )
+        raise LinkLost(f"stream {self.stream!r} did not store a publish: {description} (code {code})")
+
+
+class _Round:
+    """The acknowledgements of one batch's publishes (serials ``first`` on), and a future done when all came."""
+
+    __slots__ = ("first", "replies", "waiting", "done")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, first: int, size: int) -> None:
+        self.first = first
+        self.replies: list[Msg | None] = [None] * size
+        self.waiting = size
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def take(self, serial: int, reply: Msg) -> None:
+        index = serial - self.first
+        # A late reply to an earlier round's publish is ignored: that round is settled.
+        if 0 <= index < len(self.replies) and self.replies[index] is None:
+            self.replies[index] = reply
+            self.waiting -= 1
+            if not self.waiting:
+                self.done.set_result(None)
 
 
 def stored_headers(message: dict[str, Any]) -> dict[str, str]:

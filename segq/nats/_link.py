@@ -149,6 +149,8 @@ async def connect(servers: Sequence[str], *, name: str, timeout: float = 2.0) ->
             max_reconnect_attempts=1,
             reconnect_time_wait=0.05,
             error_cb=quiet,
+            # The bridges check their subjects once, at the start; not per publish.
+            skip_subject_validation=True,
             disconnected_cb=on_lost,
             closed_cb=on_lost,
         )
