@@ -55,7 +55,7 @@ from .._state import Position
 from ..aio import AsyncBatch, AsyncReceiver
 from ..receiver import Message
 from ..sender import SyncPolicy
-from ..errors import Empty
+from ..errors import Empty, SegqError
 from ._link import (
     Backoff,
     BridgeError,
@@ -315,15 +315,17 @@ class _Pump:
                     await asyncio.gather(receiving, return_exceptions=True)
                     continue
                 batch = receiving.result()
-                current = _Round(loop, serial + 1, len(batch))
+                messages = batch.messages
                 try:
-                    for message in batch:
-                        serial += 1
-                        await publish(subject, message.data, reply=f"{inbox}.{serial}", headers=self._headers(message))
-                    # Every acknowledgement, or the link lost, or the timeout: whichever comes first.
-                    ends: list[asyncio.Future[Any]] = [current.done, lost]
-                    await asyncio.wait(ends, timeout=self.ack_timeout, return_when=asyncio.FIRST_COMPLETED)
-                    self._check_acks(batch, current)
+                    while messages:
+                        current = _Round(loop, serial + 1, len(messages))
+                        for message in messages:
+                            serial += 1
+                            await publish(subject, message.data, reply=f"{inbox}.{serial}", headers=self._headers(message))
+                        # Every acknowledgement, or the link lost, or the timeout: whichever comes first.
+                        ends: list[asyncio.Future[Any]] = [current.done, lost]
+                        await asyncio.wait(ends, timeout=self.ack_timeout, return_when=asyncio.FIRST_COMPLETED)
+                        messages = self._check_acks(messages, current)
                 except BaseException as error:
                     await batch.rollback()
                     if isinstance(error, Exception) and not isinstance(error, (LinkLost, BridgeError)):
@@ -343,43 +345,70 @@ class _Pump:
         headers["Nats-Expected-Stream"] = self.stream
         return headers
 
-    def _check_acks(self, batch: AsyncBatch, replies: _Round) -> None:
-        """Raise unless every publish of the batch was stored (or was a duplicate of a stored one)."""
-        if replies.waiting:
+    def _check_acks(self, messages: list[Message], replies: _Round) -> list[Message]:
+        """Return the records to publish again; raise unless the rest were stored (or were duplicates).
+
+        What did not land must be a suffix of what was sent, so that the
+        stream holds a prefix of the queue (``catch_up`` relies on it).  A
+        record refused while a later one landed (a stream leader change
+        inside one round) is published again at once, after the later ones:
+        the one case where order gives way to exactly-once.
+        """
+        if replies.waiting == len(messages):
             raise LinkLost(
-                f"{replies.waiting} of {len(batch)} publishes to stream {self.stream!r} were not acknowledged "
+                f"none of {len(messages)} publishes to stream {self.stream!r} was acknowledged "
                 f"within {self.ack_timeout:g} s"
             )
-        for message, reply in zip(batch, replies.replies):
-            assert reply is not None
-            data = reply.data
-            # The usual answer, {"stream":"S","seq":N} (and "duplicate":true), needs no JSON parse.
-            if data.startswith(b'{"stream":') and b'"error"' not in data:
-                if b'"duplicate":true' in data:
-                    self.stats.duplicates += 1
-                continue
-            self._refusal(message, reply)
+        failed: list[Message] = []
+        problem: BaseException | None = None
+        landed_after_failure = False
+        for message, reply in zip(messages, replies.replies):
+            if reply is not None:
+                data = reply.data
+                # The usual answer, {"stream":"S","seq":N} (and "duplicate":true), needs no JSON parse.
+                if data.startswith(b'{"stream":') and b'"error"' not in data:
+                    if b'"duplicate":true' in data:
+                        self.stats.duplicates += 1
+                    landed_after_failure = landed_after_failure or bool(failed)
+                    continue
+                problem = self._refusal(message, reply)
+                if isinstance(problem, BridgeError):
+                    raise problem
+            failed.append(message)
+        if not failed:
+            return []
+        if not landed_after_failure:
+            raise problem or LinkLost(
+                f"{len(failed)} of {len(messages)} publishes to stream {self.stream!r} were not acknowledged "
+                f"within {self.ack_timeout:g} s"
+            )
+        log.warning(
+            "forward: %d records (from %s) were not stored while later ones were (a stream leader change?); "
+            "publishing them again, after those",
+            len(failed), failed[0].position,
+        )
+        return failed
 
-    def _refusal(self, message: Message, reply: Msg) -> None:
-        """Raise the error an unusual acknowledgement stands for."""
+    def _refusal(self, message: Message, reply: Msg) -> SegqError:
+        """Return the error an unusual acknowledgement stands for."""
         if reply.headers and reply.headers.get("Status") == "503":
-            raise LinkLost(f"no stream answered on {self.subject!r} (no JetStream, or no stream leader yet)")
+            return LinkLost(f"no stream answered on {self.subject!r} (no JetStream, or no stream leader yet)")
         try:
             ack: Any = json.loads(reply.data)
         except ValueError:
-            raise LinkLost(f"a publish acknowledgement was not JSON: {reply.data[:80]!r}") from None
+            return LinkLost(f"a publish acknowledgement was not JSON: {reply.data[:80]!r}")
         error = api_error(ack)
         if error is None:
-            raise LinkLost(f"a publish acknowledgement said neither stored nor refused: {reply.data[:80]!r}")
+            return LinkLost(f"a publish acknowledgement said neither stored nor refused: {reply.data[:80]!r}")
         code, description = error
         if code in _REFUSALS:
-            raise BridgeError(
+            return BridgeError(
                 f"stream {self.stream!r} refused the record at {message.position} on {self.subject!r}: "
                 f"{description}",
                 stream=self.stream,
                 subject=self.subject,
             )
-        raise LinkLost(f"stream {self.stream!r} did not store a publish: {description} (code {code})")
+        return LinkLost(f"stream {self.stream!r} did not store a publish: {description} (code {code})")
 
 
 class _Round:
