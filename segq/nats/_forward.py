@@ -177,7 +177,12 @@ async def forward(
             try:
                 if link is None:
                     link = await connect(urls, name=label)
-                    await check_subject(link, stream, subject, ack_timeout)
+                    try:
+                        await check_subject(link, stream, subject, ack_timeout)
+                    except BridgeError as error:
+                        # It worked before: a server still recovering its streams, or a
+                        # stream being remade. Keep trying, and keep saying why.
+                        raise LinkLost(str(error)) from None
                     stats.reconnects += 1
                     log.info("forward: reconnected to %s", link.server)
                 await pump.catch_up(link)

@@ -145,10 +145,14 @@ async def pull(
             try:
                 if link is None:
                     link = await connect(urls, name=label)
-                    await stream_config(link.client, stream, link.server, timeout)
+                    try:
+                        await stream_config(link.client, stream, link.server, timeout)
+                    except BridgeError as error:
+                        # It worked before: a server still recovering its streams, or a
+                        # stream being remade. Keep trying, and keep saying why.
+                        raise LinkLost(str(error)) from None
                     stats.reconnects += 1
                     log.info("pull: reconnected to %s", link.server)
-                await pump.ensure_consumer(link)
                 await pump.catch_up(link, stop)
                 backoff.reset()
                 await pump.run(link, stop)
