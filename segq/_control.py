@@ -60,6 +60,9 @@ __all__ = [
     "Control",
     "split_word",
     "DEFAULT_SEGMENT_SIZE",
+    "read_published_tail",
+    "CONSUMER_SEGMENT_SIZE",
+    "require_queue",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,9 @@ OWNER_INDEX = OWNER // WORD.size
 _CLEAN_SALT = 0x5345_4751_434C_4541
 
 DEFAULT_SEGMENT_SIZE = 64 << 20
+# The first segment of a queue a consumer creates (``create=True``): small,
+# since a consumer never appends; a sender rolls over to its own size.
+CONSUMER_SEGMENT_SIZE = 64 << 10
 
 _STEAL_CHECK_SECONDS = 0.25
 _UNFINISHED_RETRY_SECONDS = 5.0
@@ -104,6 +110,20 @@ def split_word(word: int) -> tuple[int, int]:
 
 def _semaphore_name(token: int) -> str:
     return f"/segq-{token:016x}"
+
+
+def require_queue(queue_dir: str, *, create: bool, who: str) -> None:
+    """Raise ``SegqError`` unless ``queue_dir`` exists or ``create`` allows making it.
+
+    Consumers (``who``, e.g. "Receiver") call this before attaching, so a
+    typo in a path is an error instead of a new, empty queue waited on forever.
+    """
+    if create or os.path.lexists(queue_dir):
+        return
+    raise SegqError(
+        f"no queue at {queue_dir} (no such directory): check the path, or pass create=True to {who} "
+        "to create an empty queue (for a consumer that starts before its producers)"
+    )
 
 
 class AppendLock(Protocol):
@@ -283,7 +303,7 @@ class Control:
     def _find_tail(self, hint: int | None, clean: bool) -> int:
         segments = _segment.list_segments(self.queue_dir)
         if not segments:
-            _segment.create_segment(self.queue_dir, 0, self.segment_size, durable=True)
+            _segment.create_segment(self.queue_dir, 0, _segment.next_segment_size(None, self.segment_size), durable=True)
             return SEGMENT_HEADER_SIZE
         last = segments[-1]
         segment = MappedSegment(self.queue_dir, last, writable=True)
@@ -343,7 +363,8 @@ class Control:
         scan = _segment.scan_records(segment.map, start, segment.size)
         if scan.status is RecordStatus.END:
             following = segment.number + 1
-            _segment.create_segment(self.queue_dir, following, self.segment_size, durable=True)
+            size = _segment.next_segment_size(segment.size, self.segment_size)
+            _segment.create_segment(self.queue_dir, following, size, durable=True)
             return following << 32 | SEGMENT_HEADER_SIZE
         if clean_start:
             # Shut down cleanly with the append lock free: nobody died
@@ -486,3 +507,25 @@ class Control:
         portalocker.unlock(handle)  # the map's duplicate descriptor would otherwise keep the flock
         handle.close()
 
+
+
+def read_published_tail(queue_dir: StrPath) -> tuple[int, int] | None:
+    """Return the tail ``(segment, offset)`` last published in the queue's control file, read-only; None if unknown.
+
+    A snapshot for inspection: the file may be missing, unfinished, or of
+    another version, and then there is no answer rather than an error.
+    """
+    try:
+        fd = os.open(os.path.join(queue_dir, CONTROL_NAME), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        header = os.pread(fd, TAIL + WORD.size, 0)
+    finally:
+        os.close(fd)
+    if len(header) < TAIL + WORD.size:
+        return None
+    magic, version, _ = _HEADER.unpack_from(header, 0)
+    if magic != _MAGIC or version != CONTROL_VERSION:
+        return None
+    return split_word(WORD.unpack_from(header, TAIL)[0])

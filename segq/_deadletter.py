@@ -19,14 +19,21 @@ H      G    group name (UTF-8)
 H+G    R    reason (UTF-8)
 H+G+R  ...  the original payload, unchanged
 ====== ==== ==========================================================
+
+The original record's headers, reserved ones included, are the dead letter's
+own record headers: a Receiver on the dead-letter queue sees them as
+``msg.headers``, and a requeue sends them on with the data.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
+from ._control import DEFAULT_SEGMENT_SIZE
+from ._headers import Framed, frame_body, split_body
 from ._segment import StrPath, list_segments, segment_path
 from ._state import Position, check_name
 from .errors import SegqError
@@ -44,9 +51,14 @@ def dead_letter_path(path: StrPath, group: str = "default") -> str:
 
 
 def dead_letter_segment_size(path: StrPath) -> int:
-    """Size dead-letter segments so the largest record of the queue at ``path`` fits in an envelope."""
+    """Bound dead-letter segments so the largest record of the queue at ``path`` fits in an envelope.
+
+    A bound only: the dead-letter queue's segments start at 1 MiB and grow
+    with its traffic (``_segment.next_segment_size``), so one dead letter
+    costs 1 MiB of disk.
+    """
     segments = list_segments(path)
-    size = 1 << 20
+    size = DEFAULT_SEGMENT_SIZE
     if segments:
         try:
             size = max(size, os.path.getsize(segment_path(path, segments[-1])))
@@ -70,23 +82,46 @@ class DeadLetter:
     group: str
     position: Position = Position(0, 0)  # where the record was in its queue
     dead_at: float = 0.0  # when it was dead-lettered (seconds since the epoch)
+    headers: Mapping[str, bytes] = field(default_factory=dict)  # the original record's
+
+    def __post_init__(self) -> None:
+        if type(self.data) is Framed:  # a record with headers, as a reader returns it
+            data, headers = split_body(self.data)
+            object.__setattr__(self, "data", data)
+            object.__setattr__(self, "headers", headers)
+
+    def original(self) -> bytes:
+        """Return the original record as a ``Sender`` takes it: its data, with its headers if it had any."""
+        if not self.headers:
+            return bytes(self.data)
+        return frame_body(bytes(self.data), self.headers, allow_reserved=True)
 
     def encode(self) -> bytes:
-        """Return the envelope: a 40-byte header, the group name, the reason, then the payload."""
+        """Return the dead letter's record: the envelope, with the original headers as its headers.
+
+        The envelope is a 40-byte header, the group name, the reason, then the payload.
+        """
         group = self.group.encode("utf-8", "replace")
         reason = self.reason.encode("utf-8", "replace")
         word = self.position.segment << 32 | self.position.offset
         header = _LETTER.pack(
             _LETTER_MAGIC, _LETTER_VERSION, _LETTER.size, self.attempts, len(reason), word, self.dead_at, len(group)
         )
-        return header + group + reason + bytes(self.data)
+        envelope = header + group + reason + bytes(self.data)
+        if not self.headers:
+            return envelope
+        return frame_body(envelope, self.headers, allow_reserved=True)
 
     @classmethod
-    def decode(cls, raw: bytes | bytearray | memoryview) -> "DeadLetter":
-        """Decode a dead-letter record (``msg.data`` of a Receiver on the dead-letter queue).
+    def decode(
+        cls, raw: bytes | bytearray | memoryview, headers: Mapping[str, bytes] | None = None
+    ) -> "DeadLetter":
+        """Decode a dead-letter record (``msg.data`` and ``msg.headers`` of a Receiver on the dead-letter queue).
 
         Raises ``SegqError`` if ``raw`` is not a dead letter.
         """
+        if type(raw) is Framed:
+            raw, headers = split_body(raw)
         raw = bytes(raw)
         if len(raw) < _LETTER.size or raw[:4] != _LETTER_MAGIC:
             raise SegqError("not a segq dead letter (bad magic number)")
@@ -98,4 +133,5 @@ class DeadLetter:
             raise SegqError(f"dead letter cut short: {len(raw)} bytes, its header needs {body}")
         group = raw[header_size : header_size + group_size].decode("utf-8", "replace")
         reason = raw[header_size + group_size : body].decode("utf-8", "replace")
-        return cls(raw[body:], attempts, reason, group, Position(word >> 32, word & 0xFFFF_FFFF), dead_at)
+        position = Position(word >> 32, word & 0xFFFF_FFFF)
+        return cls(raw[body:], attempts, reason, group, position, dead_at, dict(headers or {}))

@@ -7,7 +7,9 @@ encoder and decoder.  A record is an 8-byte header followed by its payload::
     u32 le  CRC-32 of the 4 length bytes followed by the payload
     ...     payload
 
-A length word of ``0xFFFFFFFF`` is the end-of-segment marker.  Because
+A record with headers (see ``_headers``) stores the complement of that CRC-32
+and its payload is the header block followed by the data; it travels as a
+``Framed`` body.  A length word of ``0xFFFFFFFF`` is the end-of-segment marker.  Because
 segment files are preallocated with zeros and the CRC-32 of four zero bytes is
 not zero, an all-zero header never decodes as a record: it means "nothing
 written here yet".
@@ -23,6 +25,8 @@ import struct
 import zlib
 from typing import Callable, NamedTuple, Union
 
+from ._headers import Framed
+
 __all__ = [
     "FORMAT_VERSION",
     "Buffer",
@@ -30,6 +34,8 @@ __all__ = [
     "LENGTH_CRC",
     "HEADER_SIZE",
     "CONTINUES",
+    "HEADED_CRC",
+    "READ_VERSIONS",
     "LENGTH_MASK",
     "END_OF_SEGMENT",
     "END_MARKER",
@@ -50,7 +56,8 @@ __all__ = [
     "SPEEDUPS",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1 is version 2 without records with headers
 
 Buffer = Union[bytes, bytearray, memoryview, mmap.mmap]
 
@@ -59,6 +66,7 @@ HEADER_SIZE = RECORD_HEADER.size
 CONTINUES = 0x8000_0000
 LENGTH_MASK = 0x7FFF_FFFF
 END_OF_SEGMENT = 0xFFFF_FFFF
+HEADED_CRC = 0xFFFF_FFFF  # XORed into the CRC-32 of a record with headers
 
 _LENGTH = struct.Struct("<I")
 # CRC-32 state after the four length bytes, precomputed for the common small
@@ -87,9 +95,12 @@ def as_payload(data: object) -> bytes:
 
 
 def encode_record(payload: bytes, *, continues: bool = False) -> bytes:
-    """Return the framed bytes of one record (header and payload)."""
+    """Return the framed bytes of one record (header and payload); a ``Framed`` payload has headers."""
     length_word = len(payload) | (CONTINUES if continues else 0)
-    return RECORD_HEADER.pack(length_word, record_crc(length_word, payload)) + payload
+    crc = record_crc(length_word, payload)
+    if type(payload) is Framed:
+        crc ^= HEADED_CRC
+    return RECORD_HEADER.pack(length_word, crc) + payload
 
 
 def encode_batch(payloads: list[bytes]) -> bytes:
@@ -106,6 +117,8 @@ def encode_batch(payloads: list[bytes]) -> bytes:
             crc = crc32(payload, length_crc[length_word])
         else:
             crc = record_crc(length_word, payload)
+        if type(payload) is not bytes:  # a Framed body: a record with headers
+            crc ^= HEADED_CRC
         append(pack(length_word, crc))
         append(payload)
     return b"".join(parts)
@@ -128,6 +141,7 @@ class Record(NamedTuple):
     start: int  # offset of the payload
     end: int  # offset just past the payload (the next header)
     continues: bool
+    headed: bool = False  # the payload is a header block, then the data
 
     @property
     def length(self) -> int:
@@ -156,9 +170,12 @@ def decode_record(buffer: Buffer, offset: int, limit: int) -> Record:
     continues = bool(length_word & CONTINUES)
     if end > limit:
         return Record(RecordStatus.INCOMPLETE, payload_start, end, continues)
-    if record_crc(length_word, memoryview(buffer)[payload_start:end]) != crc:
-        return Record(RecordStatus.CORRUPT, payload_start, end, continues)
-    return Record(RecordStatus.OK, payload_start, end, continues)
+    computed = record_crc(length_word, memoryview(buffer)[payload_start:end])
+    if computed == crc:
+        return Record(RecordStatus.OK, payload_start, end, continues)
+    if computed ^ HEADED_CRC == crc:
+        return Record(RecordStatus.OK, payload_start, end, continues, True)
+    return Record(RecordStatus.CORRUPT, payload_start, end, continues)
 
 
 _END_CRC = RECORD_HEADER.unpack(END_MARKER)[1]
@@ -195,9 +212,10 @@ def decode_segment_header(data: Buffer) -> int:
     magic, version, header_size, number, crc, _ = _SEGMENT_HEADER.unpack_from(data, 0)
     if magic != SEGMENT_MAGIC:
         raise SegmentHeaderError(f"bad magic {bytes(magic)!r}, not a segq segment")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise SegmentHeaderError(
-            f"format version {version}, this segq reads version {FORMAT_VERSION}", unsupported=True
+            f"format version {version}, this segq reads versions {READ_VERSIONS[0]} to {READ_VERSIONS[-1]}",
+            unsupported=True,
         )
     if zlib.crc32(bytes(data[:24])) != crc or header_size != SEGMENT_HEADER_SIZE:
         raise SegmentHeaderError("header checksum mismatch")
@@ -217,12 +235,18 @@ def _frame_into(target: Buffer, offset: int, payload: bytes) -> int:
     size = len(payload)
     end = offset + HEADER_SIZE + size
     target[offset + HEADER_SIZE : end] = payload  # type: ignore[index]
-    RECORD_HEADER.pack_into(target, offset, size, record_crc(size, payload))
+    crc = record_crc(size, payload)
+    if type(payload) is Framed:
+        crc ^= HEADED_CRC
+    RECORD_HEADER.pack_into(target, offset, size, crc)
     return end
 
 
 def _read_record(buffer: bytes, offset: int) -> bytes | None:
-    """Return the payload of the intact record at ``offset``, or None (short, damaged, end marker)."""
+    """Return the payload of the intact record at ``offset``, or None (short, damaged, end marker).
+
+    The payload of a record with headers comes back as a ``Framed``.
+    """
     if offset < 0 or offset + HEADER_SIZE > len(buffer):
         return None
     length_word, crc = RECORD_HEADER.unpack_from(buffer, offset)
@@ -230,7 +254,12 @@ def _read_record(buffer: bytes, offset: int) -> bytes | None:
     if length_word == END_OF_SEGMENT or end > len(buffer):
         return None
     payload = buffer[offset + HEADER_SIZE : end]
-    return payload if record_crc(length_word, payload) == crc else None
+    computed = record_crc(length_word, payload)
+    if computed == crc:
+        return payload
+    if computed ^ HEADED_CRC == crc:
+        return Framed(payload)
+    return None
 
 
 def _decode_run(buffer: bytes, offset: int, max_count: int) -> tuple[list[bytes], int]:
@@ -256,6 +285,7 @@ if not os.environ.get("SEGQ_PURE_PYTHON"):
     except ImportError:
         pass
     else:
+        _speedups.set_framed_type(Framed)
         frame_into = _speedups.frame_into
         read_record = _speedups.read_record
         decode_run = _speedups.decode_run

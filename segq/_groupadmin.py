@@ -364,11 +364,11 @@ def requeue_dead(
                     batch = receiver.recv_batch(count, timeout=0)
                 except Empty:
                     break
-                letters = [DeadLetter.decode(message.data) for message in batch]
+                letters = [DeadLetter.decode(message.data, message.headers) for message in batch]
                 if sender is None:
                     sender = Sender(path, segment_size=segment_size)
                 for letter in letters:
-                    sender.send(letter.data)
+                    sender.send(letter.original())
                 batch.commit()
                 moved += len(letters)
     finally:

@@ -12,12 +12,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._control import CONTROL_NAME
-from ._format import FORMAT_VERSION, SEGMENT_HEADER_SIZE
+from ._control import CONTROL_NAME, read_published_tail
+from ._format import END_MARKER, FORMAT_VERSION, HEADER_SIZE, SEGMENT_HEADER_SIZE
 from ._lock import read_owner
 from ._scan import Damage, Progress, QueueScans, Repair, missing_segments, position_json, scan_segment
-from ._segment import StrPath, list_segments, segment_path
-from ._state import CURSOR_DIR, CursorFile, Position, cursor_path, list_cursors
+from ._segment import StrPath, dirty_end_in_file, list_segments, segment_path
+from ._state import CURSOR_DIR, Position, cursor_path, list_cursors, read_position
 from .errors import CorruptionError, SegqError
 
 __all__ = [
@@ -57,18 +57,14 @@ def existing_queue(path: StrPath) -> str:
 
 
 def saved_position(queue_dir: str, kind: str, name: str) -> tuple[bool, Position | None, str | None]:
-    """Return (registered, saved position or None, why it could not be read)."""
+    """Return (registered, saved position or None, why it could not be read); reads only."""
     path = cursor_path(queue_dir, kind, name)
     if not os.path.exists(path):
         return False, None, None
     try:
-        cursor = CursorFile(path)
+        return True, read_position(path), None
     except CorruptionError as error:
         return True, None, error.problem
-    try:
-        return True, cursor.position, None
-    finally:
-        cursor.close()
 
 
 @dataclass(frozen=True)
@@ -211,7 +207,7 @@ class ConsumerInfo:
     kind: str  # "receiver" or "group"
     name: str
     position: Position | None
-    backlog_records: int
+    backlog_records: int | None  # None unless the records were counted (``info(scan=True)``)
     backlog_bytes: int
     problem: str | None = None
 
@@ -232,23 +228,27 @@ class QueueInfo:
 
     ``segments`` lists ``(number, records, data bytes)``; ``groups`` holds
     each work-queue group's description (claims in flight, dead letters).
+    Record counts (``records``, each segment's, each backlog's) are None
+    unless ``scanned``: counting them reads every byte.
     """
 
     path: str
     format_version: int
-    segments: list[tuple[int, int, int]]
+    segments: list[tuple[int, int | None, int]]
     segment_bytes: int
     bytes_on_disk: int
     tail: Position
-    records: int
+    records: int | None
     consumers: list[ConsumerInfo]
     locks: list[LockHolder]
     groups: list[dict[str, Any]] = field(default_factory=list)
+    scanned: bool = True
 
     def to_json(self) -> dict[str, Any]:
         """Return the snapshot as a JSON-ready dict (the stable ``segq info --json`` output)."""
         return {
             "path": self.path,
+            "scanned": self.scanned,
             "format_version": self.format_version,
             "segments": [
                 {"number": number, "records": records, "bytes": size} for number, records, size in self.segments
@@ -274,26 +274,117 @@ def _disk_usage(queue_dir: str) -> int:
     return total
 
 
-def info(path: StrPath, *, progress: Progress | None = None) -> QueueInfo:
-    """Describe the queue: segments, bytes, tail, each consumer's backlog (records and bytes), locks.
+def _data_end(queue_dir: str, number: int, tail: tuple[int, int] | None) -> int:
+    """Return where segment ``number``'s records end, without reading them (its end marker not counted).
 
-    Reads only (each backlog record is counted by a checksummed scan); works
-    while other processes use the queue, as a snapshot.
+    In the tail segment that is the published ``tail``.  Past the last
+    record a segment is zero (preallocated), so elsewhere the last non-zero
+    byte is found from the end, holes skipped: a look at the end of each
+    segment (the space a segment's last record did not fit into).
+    """
+    if tail is not None and tail[0] == number:
+        return tail[1]
+    fd = os.open(segment_path(queue_dir, number), os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        # A sealed segment's unused end is smaller than one record: the last
+        # 64 KiB usually hold the end marker; otherwise search from the end.
+        start = max(SEGMENT_HEADER_SIZE, size - (64 << 10))
+        last = os.pread(fd, size - start, start).rstrip(b"\x00")
+        end = start + len(last) if last else dirty_end_in_file(fd, SEGMENT_HEADER_SIZE, start)
+        if end - HEADER_SIZE >= SEGMENT_HEADER_SIZE and os.pread(fd, HEADER_SIZE, end - HEADER_SIZE) == END_MARKER:
+            end -= HEADER_SIZE
+    finally:
+        os.close(fd)
+    return end
+
+
+def _summary(queue_dir: str) -> QueueInfo:
+    """Describe the queue from segment sizes and positions alone: O(segments), no record is read."""
+    table: list[tuple[int, int | None, int]] = []
+    sizes = {}
+    published = read_published_tail(queue_dir)
+    for number in list_segments(queue_dir):
+        try:
+            sizes[number] = os.path.getsize(segment_path(queue_dir, number))
+            if (
+                published is not None
+                and published[0] == number
+                and not SEGMENT_HEADER_SIZE <= published[1] <= sizes[number]
+            ):
+                published = None  # not a tail in this file: look at the bytes instead
+            table.append((number, None, _data_end(queue_dir, number, published) - SEGMENT_HEADER_SIZE))
+        except FileNotFoundError:
+            continue  # consumed and deleted meanwhile
+    tail = Position(table[-1][0], table[-1][2] + SEGMENT_HEADER_SIZE) if table else Position.bottom(0)
+    consumers = []
+    for kind, name, _ in list_cursors(queue_dir):
+        role = {"r": "receiver", "g": "group"}.get(kind, kind)
+        _, saved, problem = saved_position(queue_dir, kind, name)
+        if saved is None:
+            consumers.append(ConsumerInfo(role, name, None, None, 0, problem))
+            continue
+        size = 0
+        for number, _, data in table:
+            if number >= saved.segment:
+                start = saved.offset if number == saved.segment else SEGMENT_HEADER_SIZE
+                size += max(0, data + SEGMENT_HEADER_SIZE - start)
+        consumers.append(ConsumerInfo(role, name, saved, None, size))
+    return QueueInfo(
+        path=queue_dir,
+        format_version=FORMAT_VERSION,
+        segments=table,
+        segment_bytes=sum(sizes.values()),
+        bytes_on_disk=_disk_usage(queue_dir),
+        tail=tail,
+        records=None,
+        consumers=consumers,
+        locks=lock_holders(queue_dir),
+        groups=_groups(queue_dir, [kind for kind, _, _ in list_cursors(queue_dir)]),
+        scanned=False,
+    )
+
+
+def _groups(queue_dir: str, kinds: list[str]) -> list[dict[str, Any]]:
+    """Describe each work-queue group; one that cannot be read (permissions) says why instead."""
+    if "g" not in kinds and not os.path.isdir(os.path.join(queue_dir, "groups")):
+        return []
+    from ._groupadmin import group_info, list_groups
+
+    described = []
+    for group in list_groups(queue_dir):
+        try:
+            described.append(group_info(queue_dir, group))
+        except SegqError as error:
+            described.append({"group": group, "problem": str(error)})
+    return described
+
+
+def info(path: StrPath, *, scan: bool = False, progress: Progress | None = None) -> QueueInfo:
+    """Describe the queue: segments, bytes, tail, each consumer's backlog, locks.
+
+    By default the summary costs O(segments): sizes and positions, no record
+    read, and record counts are None.  ``scan=True`` counts every record
+    with a checksummed scan (``progress(n)`` is called as ``n`` bytes are
+    read).  Reads only, so a user who may only read the queue can run it;
+    works while other processes use the queue, as a snapshot.
     """
     queue_dir = existing_queue(path)
+    if not scan:
+        return _summary(queue_dir)
     scans = QueueScans(queue_dir, progress)
     cursors = [(kind, name, saved_position(queue_dir, kind, name)) for kind, name, _ in list_cursors(queue_dir)]
     for _, _, (_, saved, _) in cursors:
         if saved is not None and saved.segment in scans.segments:
             scans.marks.setdefault(saved.segment, set()).add(saved.offset)
-    table = []
+    table: list[tuple[int, int | None, int]] = []
     for number in list(scans.segments):
         try:
-            scan = scans.get(number)
+            found = scans.get(number)
         except FileNotFoundError:
             scans.segments.remove(number)  # consumed and deleted meanwhile
             continue
-        table.append((number, scan.records, max(0, scan.data_end - SEGMENT_HEADER_SIZE)))
+        table.append((number, found.records, max(0, found.data_end - SEGMENT_HEADER_SIZE)))
     if scans.segments:
         last = scans.get(scans.segments[-1])
         tail = Position.bottom(last.number + 1) if last.sealed else Position(last.number, last.data_end)
@@ -310,18 +401,14 @@ def info(path: StrPath, *, progress: Progress | None = None) -> QueueInfo:
             if number < saved.segment:
                 continue
             try:
-                scan = scans.get(number)
-                start, after = scans.place(saved) if number == saved.segment else (SEGMENT_HEADER_SIZE, scan.records)
+                found = scans.get(number)
+                start, after = scans.place(saved) if number == saved.segment else (SEGMENT_HEADER_SIZE, found.records)
             except FileNotFoundError:
                 continue  # consumed and deleted meanwhile
             records += after
-            size += max(0, scan.data_end - start)
+            size += max(0, found.data_end - start)
         consumers.append(ConsumerInfo(role, name, saved, records, size))
-    groups = []
-    if any(kind == "g" for kind, _, _ in cursors) or os.path.isdir(os.path.join(queue_dir, "groups")):
-        from ._groupadmin import group_info, list_groups
-
-        groups = [group_info(queue_dir, group) for group in list_groups(queue_dir)]
+    groups = _groups(queue_dir, [kind for kind, _, _ in cursors])
     return QueueInfo(
         path=queue_dir,
         format_version=FORMAT_VERSION,
@@ -329,7 +416,7 @@ def info(path: StrPath, *, progress: Progress | None = None) -> QueueInfo:
         segment_bytes=sum(scans.get(number).size for number in scans.segments),
         bytes_on_disk=_disk_usage(queue_dir),
         tail=tail,
-        records=sum(records for _, records, _ in table),
+        records=sum(records or 0 for _, records, _ in table),
         consumers=consumers,
         locks=lock_holders(queue_dir),
         groups=groups,

@@ -11,6 +11,7 @@ import enum
 from types import TracebackType
 from typing import TYPE_CHECKING, Iterator
 
+from ._headers import split_body
 from ._state import Position
 from .errors import ClaimLost, Closed
 
@@ -50,11 +51,13 @@ class Job:
     context manager it is acked on normal exit and nacked on an exception.
     """
 
-    __slots__ = ("data", "attempt", "lease_expires_at", "state", "_queue", "_start", "_token")
+    __slots__ = ("data", "attempt", "lease_expires_at", "state", "_headers", "_queue", "_start", "_token")
 
     def __init__(
         self, queue: "WorkQueue", data: bytes, start: int, token: int, attempt: int, expires: float
     ) -> None:
+        if type(data) is not bytes:  # a Framed body: the record has headers
+            data, self._headers = split_body(data, queue.path, start)
         self.data = data
         self.attempt = attempt
         self.lease_expires_at = expires  # in the queue's clock (time.time by default)
@@ -67,6 +70,14 @@ class Job:
     def position(self) -> Position:
         """Where the record starts in the queue."""
         return Position(self._start >> 32, self._start & 0xFFFF_FFFF)
+
+    @property
+    def headers(self) -> dict[str, bytes]:
+        """The record's headers, name to value; empty when it has none."""
+        try:
+            return self._headers
+        except AttributeError:  # a plain record
+            return {}
 
     def ack(self) -> None:
         """Mark the record done for good.  Raises ``ClaimLost`` (and changes nothing) if the claim is gone."""

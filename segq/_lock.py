@@ -168,6 +168,13 @@ class LockFile:
             if not same_file:
                 handle.close()
                 continue
+            # A lock file is removed on release, so one that still names a
+            # process was left by an owner that died: say whose lock this is.
+            previous, _ = _parse_owner(os.pread(handle.fileno(), 200, 0).decode("ascii", "replace"))
+            if previous is not None:
+                logging.getLogger(__name__).warning(
+                    "%s: %s was held by PID %d, which is dead; taken over", self.path, self.what, previous
+                )
             try:
                 # Unbuffered, so a full disk fails here and not again in close().
                 os.ftruncate(handle.fileno(), 0)

@@ -18,12 +18,14 @@ from . import _format, _segment
 from ._control import TAIL_INDEX, Control
 from ._format import (
     END_OF_SEGMENT,
+    HEADED_CRC,
     HEADER_SIZE,
     LENGTH_MASK,
     RECORD_HEADER,
     SEGMENT_HEADER_SIZE,
     record_crc,
 )
+from ._headers import Framed
 from .errors import CorruptionError, SegqError
 
 __all__ = ["RecordReader"]
@@ -123,7 +125,10 @@ class RecordReader:
                 buffer = self._fill(segment, offset, HEADER_SIZE + size, tail)
                 start, end = HEADER_SIZE, HEADER_SIZE + size
             data = buffer[start:end]
-            if record_crc(length_word, data) != crc:
+            computed = record_crc(length_word, data)
+            if computed ^ HEADED_CRC == crc:
+                data = Framed(data)
+            elif computed != crc:
                 data = self._reread_damaged(segment, offset, length_word, tail)
             self.position = read + HEADER_SIZE + size
             return data
@@ -181,8 +186,12 @@ class RecordReader:
             buffer = self._fill(segment, offset, HEADER_SIZE + size, tail)
             again_word, again_crc = RECORD_HEADER.unpack_from(buffer, 0)
             data = buffer[HEADER_SIZE : HEADER_SIZE + size]
-            if again_word == length_word and record_crc(length_word, data) == again_crc:
-                return data
+            if again_word == length_word:
+                computed = record_crc(length_word, data)
+                if computed == again_crc:
+                    return data
+                if computed ^ HEADED_CRC == again_crc:
+                    return Framed(data)
         raise CorruptionError(_segment.segment_path(self.path, segment), offset, "record checksum mismatch")
 
     def close(self) -> None:

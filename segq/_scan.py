@@ -40,6 +40,7 @@ from ._format import (
     CONTINUES,
     END_MARKER,
     END_OF_SEGMENT,
+    HEADED_CRC,
     HEADER_SIZE,
     LENGTH_CRC,
     LENGTH_MASK,
@@ -170,7 +171,10 @@ def _walk_python(buffer: mmap.mmap, view: memoryview, offset: int, limit: int) -
                     cached = _start_crc(word)
                 start_crc, previous_word = cached, word
             end = offset + HEADER_SIZE + (word & LENGTH_MASK)
-            if end > limit or crc32(view[offset + HEADER_SIZE : end], start_crc) != crc:
+            if end > limit:
+                break
+            computed = crc32(view[offset + HEADER_SIZE : end], start_crc)
+            if computed != crc and computed ^ HEADED_CRC != crc:  # neither plain nor with headers
                 break
             last = offset
             offset = end
@@ -265,7 +269,7 @@ def _resynchronise(buffer: mmap.mmap, view: memoryview, offset: int, limit: int,
         end = candidate + HEADER_SIZE + (word & LENGTH_MASK)
         if end > limit or not _chain_is_plausible(buffer, end, limit):
             continue
-        if _format.record_crc(word, view[candidate + HEADER_SIZE : end]) == crc:
+        if _format.record_crc(word, view[candidate + HEADER_SIZE : end]) in (crc, crc ^ HEADED_CRC):
             return candidate
     return None
 

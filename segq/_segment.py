@@ -31,6 +31,8 @@ __all__ = [
     "StrPath",
     "segment_path",
     "list_segments",
+    "FIRST_SEGMENT_SIZE",
+    "next_segment_size",
     "create_segment",
     "preallocate",
     "open_segment",
@@ -109,6 +111,29 @@ def preallocate(fd: int, size: int) -> None:
     os.ftruncate(fd, size)
 
 
+FIRST_SEGMENT_SIZE = 1 << 20
+
+
+def next_segment_size(previous: int | None, segment_size: int, needed: int = 0) -> int:
+    """Return the size of a new segment: 1 MiB for a queue's first, then double the one before, up to ``segment_size``.
+
+    The sizing policy of every segment a queue grows: a queue that holds
+    three records (a dead-letter queue, one a consumer created) takes 1 MiB
+    of disk, not ``segment_size``, and one under load reaches
+    ``segment_size`` within a few segments.  ``previous`` is the size of the
+    segment before (None for a queue's first); the result always holds
+    ``needed`` bytes of records with the segment header and end marker.
+    """
+    grown = FIRST_SEGMENT_SIZE if previous is None else max(FIRST_SEGMENT_SIZE, 2 * previous)
+    # A larger append (a big batch) gets a segment of its own, page-rounded,
+    # the way a log rolls after a large append.
+    size = min(segment_size, grown)
+    fitting = SEGMENT_HEADER_SIZE + needed + HEADER_SIZE
+    if fitting <= size:
+        return size
+    return -(-fitting // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
 def create_segment(queue_dir: StrPath, number: int, size: int, *, durable: bool) -> bool:
     """Create segment ``number`` of ``size`` bytes; return False if it already exists.
 
@@ -137,12 +162,41 @@ def create_segment(queue_dir: StrPath, number: int, size: int, *, durable: bool)
             fsync_directory(queue_dir)
         return True
     except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_room_for_segment(queue_dir, final, size) from None
         raise os_error(error, "create segment", final) from None
     finally:
         try:
             os.unlink(temporary)
         except FileNotFoundError:
             pass
+
+
+def _no_room_for_segment(queue_dir: StrPath, path: str, size: int) -> SegqError:
+    """Say that a ``size``-byte segment does not fit, and which segment_size would."""
+    try:
+        stats = os.statvfs(queue_dir)
+        free = stats.f_bavail * stats.f_frsize
+    except OSError:
+        return SegqError(f"cannot create segment {path}: the disk is full: free some space and retry")
+    # Half the free space, as a power of two: the queue can then roll over
+    # into a second segment while a consumer still reads the first.
+    fit = 1 << max(0, (free // 2).bit_length() - 1)
+    advice = "free some space and retry"
+    if fit >= 64 << 10:
+        advice += f", or use a smaller segment_size: {_megabytes(fit)} would fit (`segq send --segment-size {_megabytes(fit).replace(' ', '')}`)"
+    return SegqError(
+        f"cannot create segment {path}: the disk is full: a {_megabytes(size)} segment does not fit "
+        f"in the {_megabytes(free)} free; {advice}"
+    )
+
+
+def _megabytes(size: int) -> str:
+    if size >= 1 << 20 and size % (1 << 20) == 0:
+        return f"{size >> 20} MiB"
+    if size >= 1 << 20:
+        return f"{size / (1 << 20):.1f} MiB"
+    return f"{size >> 10} KiB"
 
 
 def read_segment_header(path: str, data: Buffer) -> int:

@@ -8,7 +8,10 @@
  * that together cost more than the rest of the send; here they are one call.
  *
  * The record layout (docs/format.md): u32 le length word, u32 le CRC-32 of
- * the four length bytes followed by the payload, then the payload.
+ * the four length bytes followed by the payload, then the payload.  A record
+ * with headers stores the CRC complemented; its payload (header block, then
+ * data) crosses into Python as an instance of segq._headers.Framed, a bytes
+ * subclass registered here by _format at import (set_framed_type).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -18,6 +21,23 @@
 #define HEADER_SIZE 8
 #define LENGTH_MASK 0x7FFFFFFFu
 #define CONTINUES 0x80000000u
+#define HEADED_CRC 0xFFFFFFFFu
+
+static PyObject *framed_type = NULL; /* segq._headers.Framed */
+
+/* A new Framed holding size bytes at p (a record body with headers). */
+static PyObject *new_framed(const unsigned char *p, Py_ssize_t size) {
+    if (framed_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "segq._speedups: set_framed_type was not called");
+        return NULL;
+    }
+    PyObject *view = PyMemoryView_FromMemory((char *)p, size, PyBUF_READ);
+    if (view == NULL)
+        return NULL;
+    PyObject *result = PyObject_CallOneArg(framed_type, view);
+    Py_DECREF(view);
+    return result;
+}
 
 /* CRC-32 (ISO-HDLC, as zlib), slicing by eight. */
 static uint32_t crc_table[8][256];
@@ -94,8 +114,9 @@ static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t 
     } else {
         unsigned char *at = (unsigned char *)target.buf + offset;
         uint32_t length_word = (uint32_t)payload.len;
+        uint32_t flip = (PyObject *)Py_TYPE(args[2]) == framed_type ? HEADED_CRC : 0;
         memcpy(at + HEADER_SIZE, payload.buf, (size_t)payload.len);
-        put_u32(at + 4, record_crc(length_word, payload.buf, (size_t)payload.len));
+        put_u32(at + 4, record_crc(length_word, payload.buf, (size_t)payload.len) ^ flip);
         put_u32(at, length_word);
         result = PyLong_FromSsize_t(offset + HEADER_SIZE + payload.len);
     }
@@ -106,6 +127,7 @@ static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t 
 
 /* read_record(buffer, offset): the payload of the intact record at offset, or None.
  *
+ * The payload of a record with headers comes back as a Framed.
  * None means "not here in full, or the checksum fails, or an end marker":
  * the caller's slow path decides which.
  */
@@ -125,18 +147,27 @@ static PyObject *read_record(PyObject *module, PyObject *const *args, Py_ssize_t
         const unsigned char *at = (const unsigned char *)buffer.buf + offset;
         uint32_t length_word = get_u32(at);
         Py_ssize_t size = (Py_ssize_t)(length_word & LENGTH_MASK);
-        if (length_word != 0xFFFFFFFFu && size <= buffer.len - HEADER_SIZE - offset &&
-            record_crc(length_word, at + HEADER_SIZE, (size_t)size) == get_u32(at + 4)) {
-            result = PyBytes_FromStringAndSize((const char *)at + HEADER_SIZE, size);
-            PyBuffer_Release(&buffer);
-            return result;
+        if (length_word != 0xFFFFFFFFu && size <= buffer.len - HEADER_SIZE - offset) {
+            uint32_t crc = record_crc(length_word, at + HEADER_SIZE, (size_t)size);
+            uint32_t stored = get_u32(at + 4);
+            if (crc == stored || (crc ^ HEADED_CRC) == stored) {
+                if (crc == stored)
+                    result = PyBytes_FromStringAndSize((const char *)at + HEADER_SIZE, size);
+                else
+                    result = new_framed(at + HEADER_SIZE, size);
+                PyBuffer_Release(&buffer);
+                return result;
+            }
         }
     }
     PyBuffer_Release(&buffer);
     Py_RETURN_NONE;
 }
 
-/* encode_batch(payloads): frame a list of bytes-like objects; all but the last CONTINUE. */
+/* encode_batch(payloads): frame a list of bytes; all but the last CONTINUE.
+ *
+ * An item that is a bytes subclass (a Framed body) is a record with headers.
+ */
 static PyObject *encode_batch(PyObject *module, PyObject *payloads) {
     if (!PyList_Check(payloads)) {
         PyErr_SetString(PyExc_TypeError, "encode_batch takes a list");
@@ -164,9 +195,10 @@ static PyObject *encode_batch(PyObject *module, PyObject *payloads) {
         PyObject *item = PyList_GET_ITEM(payloads, i);
         Py_ssize_t size = PyBytes_GET_SIZE(item);
         uint32_t length_word = (uint32_t)size | (i < count - 1 ? CONTINUES : 0);
+        uint32_t flip = PyBytes_CheckExact(item) ? 0 : HEADED_CRC;
         const unsigned char *payload = (const unsigned char *)PyBytes_AS_STRING(item);
         put_u32(at, length_word);
-        put_u32(at + 4, record_crc(length_word, payload, (size_t)size));
+        put_u32(at + 4, record_crc(length_word, payload, (size_t)size) ^ flip);
         memcpy(at + HEADER_SIZE, payload, (size_t)size);
         at += HEADER_SIZE + size;
     }
@@ -202,10 +234,17 @@ static PyObject *decode_run(PyObject *module, PyObject *const *args, Py_ssize_t 
     while (PyList_GET_SIZE(payloads) < max_count && offset >= 0 && offset <= buffer.len - HEADER_SIZE) {
         uint32_t length_word = get_u32(base + offset);
         Py_ssize_t size = (Py_ssize_t)(length_word & LENGTH_MASK);
-        if (length_word == 0xFFFFFFFFu || size > buffer.len - HEADER_SIZE - offset ||
-            record_crc(length_word, base + offset + HEADER_SIZE, (size_t)size) != get_u32(base + offset + 4))
+        if (length_word == 0xFFFFFFFFu || size > buffer.len - HEADER_SIZE - offset)
             break;
-        PyObject *payload = PyBytes_FromStringAndSize((const char *)base + offset + HEADER_SIZE, size);
+        uint32_t crc = record_crc(length_word, base + offset + HEADER_SIZE, (size_t)size);
+        uint32_t stored = get_u32(base + offset + 4);
+        PyObject *payload;
+        if (crc == stored)
+            payload = PyBytes_FromStringAndSize((const char *)base + offset + HEADER_SIZE, size);
+        else if ((crc ^ HEADED_CRC) == stored)
+            payload = new_framed(base + offset + HEADER_SIZE, size);
+        else
+            break;
         if (payload == NULL || PyList_Append(payloads, payload) < 0) {
             Py_XDECREF(payload);
             Py_DECREF(payloads);
@@ -239,7 +278,157 @@ static PyObject *crc32(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     return PyLong_FromUnsignedLong(value);
 }
 
+/* encode_headers(headers, allow_reserved): the header block of a dict, or None.
+ *
+ * Only the common case is handled here: a dict of non-empty str keys (no NUL,
+ * encodable, not reserved unless allowed) to bytes or str values.  Anything
+ * else returns None and the Python twin in _headers.py raises the error that
+ * names the problem, so both agree on every input they both accept.
+ */
+static PyObject *encode_headers(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "encode_headers(headers, allow_reserved) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *headers = args[0];
+    int allow_reserved = PyObject_IsTrue(args[1]);
+    if (allow_reserved < 0)
+        return NULL;
+    if (!PyDict_CheckExact(headers))
+        Py_RETURN_NONE;
+    Py_ssize_t total = 4, pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(headers, &pos, &key, &value)) {
+        if (!PyUnicode_CheckExact(key))
+            Py_RETURN_NONE;
+        Py_ssize_t key_size;
+        const char *name = PyUnicode_AsUTF8AndSize(key, &key_size);
+        if (name == NULL) {
+            PyErr_Clear(); /* a lone surrogate: the twin says so */
+            Py_RETURN_NONE;
+        }
+        if (key_size == 0 || key_size > 0xFFFF || memchr(name, 0, (size_t)key_size) != NULL ||
+            (!allow_reserved && key_size >= 5 && memcmp(name, "segq-", 5) == 0))
+            Py_RETURN_NONE;
+        Py_ssize_t value_size;
+        if (PyBytes_CheckExact(value)) {
+            value_size = PyBytes_GET_SIZE(value);
+        } else if (PyUnicode_CheckExact(value)) {
+            if (PyUnicode_AsUTF8AndSize(value, &value_size) == NULL) {
+                PyErr_Clear();
+                Py_RETURN_NONE;
+            }
+        } else {
+            Py_RETURN_NONE;
+        }
+        if (value_size > (Py_ssize_t)LENGTH_MASK || total > PY_SSIZE_T_MAX / 2 - 6 - key_size - value_size)
+            Py_RETURN_NONE;
+        total += 6 + key_size + value_size;
+    }
+    if (total - 4 > (Py_ssize_t)0xFFFFFFFFu)
+        Py_RETURN_NONE;
+    PyObject *block = PyBytes_FromStringAndSize(NULL, total);
+    if (block == NULL)
+        return NULL;
+    unsigned char *at = (unsigned char *)PyBytes_AS_STRING(block);
+    put_u32(at, (uint32_t)(total - 4));
+    at += 4;
+    pos = 0;
+    while (PyDict_Next(headers, &pos, &key, &value)) {
+        Py_ssize_t key_size, value_size;
+        const char *name = PyUnicode_AsUTF8AndSize(key, &key_size); /* cached by the first pass */
+        const char *raw = PyBytes_CheckExact(value) ? PyBytes_AS_STRING(value)
+                                                     : PyUnicode_AsUTF8AndSize(value, &value_size);
+        if (PyBytes_CheckExact(value))
+            value_size = PyBytes_GET_SIZE(value);
+        at[0] = (unsigned char)key_size;
+        at[1] = (unsigned char)(key_size >> 8);
+        memcpy(at + 2, name, (size_t)key_size);
+        at += 2 + key_size;
+        put_u32(at, (uint32_t)value_size);
+        memcpy(at + 4, raw, (size_t)value_size);
+        at += 4 + value_size;
+    }
+    return block;
+}
+
+/* split_body(body): (data, headers) of a record body with headers, or None if the block does not parse. */
+static PyObject *split_body(PyObject *module, PyObject *body) {
+    Py_buffer buffer;
+    if (PyObject_GetBuffer(body, &buffer, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *base = (const unsigned char *)buffer.buf;
+    Py_ssize_t size = buffer.len, at = 4, end;
+    PyObject *headers = NULL, *result = NULL;
+    if (size < 4 || (Py_ssize_t)get_u32(base) > size - 4)
+        goto malformed;
+    end = 4 + (Py_ssize_t)get_u32(base);
+    headers = PyDict_New();
+    if (headers == NULL)
+        goto done;
+    while (at < end) {
+        if (end - at < 2)
+            goto malformed;
+        Py_ssize_t key_size = (Py_ssize_t)(base[at] | base[at + 1] << 8);
+        at += 2;
+        if (key_size == 0 || end - at < key_size + 4 || memchr(base + at, 0, (size_t)key_size) != NULL)
+            goto malformed;
+        PyObject *key = PyUnicode_DecodeUTF8((const char *)base + at, key_size, "strict");
+        if (key == NULL) {
+            PyErr_Clear();
+            goto malformed;
+        }
+        at += key_size;
+        Py_ssize_t value_size = (Py_ssize_t)get_u32(base + at);
+        at += 4;
+        int seen = PyDict_Contains(headers, key);
+        if (seen != 0 || value_size > end - at) {
+            Py_DECREF(key);
+            if (seen < 0)
+                goto done;
+            goto malformed;
+        }
+        PyObject *value = PyBytes_FromStringAndSize((const char *)base + at, value_size);
+        if (value == NULL || PyDict_SetItem(headers, key, value) < 0) {
+            Py_DECREF(key);
+            Py_XDECREF(value);
+            goto done;
+        }
+        Py_DECREF(key);
+        Py_DECREF(value);
+        at += value_size;
+    }
+    {
+        PyObject *data = PyBytes_FromStringAndSize((const char *)base + end, size - end);
+        if (data != NULL)
+            result = PyTuple_Pack(2, data, headers);
+        Py_XDECREF(data);
+    }
+    goto done;
+malformed:
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    Py_XDECREF(headers);
+    PyBuffer_Release(&buffer);
+    return result;
+}
+
+static PyObject *set_framed_type(PyObject *module, PyObject *type) {
+    if (!PyType_Check(type) || !PyType_IsSubtype((PyTypeObject *)type, &PyBytes_Type)) {
+        PyErr_SetString(PyExc_TypeError, "set_framed_type takes a bytes subclass");
+        return NULL;
+    }
+    Py_INCREF(type);
+    Py_XSETREF(framed_type, type);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"encode_headers", (PyCFunction)(void (*)(void))encode_headers, METH_FASTCALL,
+     "encode_headers(headers, allow_reserved) -> header block, or None (let Python explain)."},
+    {"split_body", split_body, METH_O, "split_body(body) -> (data, headers), or None if the block does not parse."},
+    {"set_framed_type", set_framed_type, METH_O, "set_framed_type(cls): the bytes subclass of bodies with headers."},
     {"frame_into", (PyCFunction)(void (*)(void))frame_into, METH_FASTCALL,
      "frame_into(target, offset, payload) -> end offset: write one record into a writable buffer."},
     {"read_record", (PyCFunction)(void (*)(void))read_record, METH_FASTCALL,

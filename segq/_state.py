@@ -76,9 +76,8 @@ class Position:
 def check_name(name: str, what: str = "receiver name") -> str:
     """Return ``name`` if it is usable in a file name, else raise ``SegqError``."""
     if not isinstance(name, str) or not _NAME.match(name):
-        raise SegqError(
-            f"bad {what} {name!r}: use 1-100 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
-        )
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 60 else f"{name[:40]!r}... ({len(name):,} characters)"
+        raise SegqError(f"bad {what} {shown}: use 1-100 letters, digits, '.', '_' or '-', not starting with '.' or '-'")
     return name
 
 
@@ -154,17 +153,7 @@ class CursorFile:
             raise
 
     def _read(self) -> tuple[int, Position]:
-        best = None
-        for base in (0, _SLOT_SIZE):
-            try:
-                slot = _decode_slot(self.map[base : base + _SLOT_SIZE])
-            except UnsupportedFormat as error:
-                raise UnsupportedFormat(f"{self.path}: {error}") from None
-            if slot is not None and (best is None or slot[0] > best[0]):
-                best = slot
-        if best is None:
-            raise CorruptionError(self.path, 0, "both position slots are damaged")
-        return best
+        return _newest_slot(self.path, self.map)
 
     def _load(self) -> None:
         self._sequence, position = self._read()
@@ -269,13 +258,40 @@ def _create_cursor_file(path: str, initial: Position) -> None:
             pass
 
 
+def _newest_slot(path: str, data: bytes | mmap.mmap) -> tuple[int, Position]:
+    """Return ``(sequence, position)`` of the newest sound slot in a cursor file's bytes ``data``."""
+    best = None
+    for base in (0, _SLOT_SIZE):
+        try:
+            slot = _decode_slot(data[base : base + _SLOT_SIZE])
+        except UnsupportedFormat as error:
+            raise UnsupportedFormat(f"{path}: {error}") from None
+        if slot is not None and (best is None or slot[0] > best[0]):
+            best = slot
+    if best is None:
+        raise CorruptionError(path, 0, "both position slots are damaged")
+    return best
+
+
 def read_position(path: StrPath) -> Position:
-    """Return the position saved at ``path`` without keeping the file open."""
-    cursor = CursorFile(path)
+    """Return the position saved at ``path``, reading it read-only (inspection needs no write access)."""
+    path = os.fspath(path)
     try:
-        return cursor.position
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise SegqError(f"no consumer state at {path}") from None
+    except OSError as error:
+        raise os_error(error, "read cursor", path) from None
+    try:
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, _FILE_SIZE, 0)
     finally:
-        cursor.close()
+        os.close(fd)
+    if size == 0:
+        raise CorruptionError(path, 0, "cursor file is empty")
+    if size != _FILE_SIZE:
+        raise CorruptionError(path, 0, f"cursor file is {size} bytes, expected {_FILE_SIZE}")
+    return _newest_slot(path, data)[1]
 
 
 def _retention_lock(queue_dir: StrPath):  # type: ignore[no-untyped-def]

@@ -23,6 +23,14 @@ and the moment a message becomes pending are one synchronous step, and every
 raised and no reader registered, and loses nothing: the record stays in the
 queue for the next ``recv``.
 
+Tasks may share an ``AsyncReceiver`` as threads share a ``Receiver``: one
+outstanding receive at a time.  While a task waits in ``recv``, another
+task's ``recv``, ``recv_batch`` or ``try_recv`` raises ``UsageError`` at
+once (it would otherwise take the record the waiting task was woken for);
+while a message is pending, so does any receive.  Leaving an ``async with``
+settles the message only if it is still pending, in one step, even when
+the commit runs on the worker thread.
+
 What runs on the loop, and what does not
 ----------------------------------------
 A send, a commit and a rollback are memory copies into shared maps (a few
@@ -97,7 +105,8 @@ from ._state import Position
 from ._wake import Waiter
 from .errors import ClaimLost, Closed, Empty, Full, UsageError
 from .receiver import Batch, Message, Receiver
-from .sender import DEFAULT_MAX_RECORD_SIZE, Sender, SyncPolicy, parse_sync
+from ._headers import frame_body
+from .sender import DEFAULT_MAX_RECORD_SIZE, BatchItem, Headers, Sender, SyncPolicy, batch_payload, parse_sync
 from .workqueue import WorkQueue
 
 __all__ = ["AsyncBatch", "AsyncJob", "AsyncJobBatch", "AsyncMessage", "AsyncReceiver", "AsyncSender", "AsyncWorkQueue"]
@@ -247,15 +256,20 @@ class _AsyncPending:
         """Give it back: the next ``recv`` returns it again."""
         self._item.rollback()
 
+    async def _settle(self, commit: bool) -> None:
+        """Commit (or roll back) if still pending, in one step: another task may have settled it."""
+        if not self.pending:
+            return
+        settle = functools.partial(self._owner._receiver._settle_if_pending, self._item, commit)
+        if commit:
+            await self._owner._commit(settle)
+        else:
+            settle()
+
     async def __aexit__(
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        if not self.pending:
-            return
-        if kind is None:
-            await self.commit()
-        else:
-            await self.rollback()
+        await self._settle(kind is None)
 
 
 class AsyncMessage(_AsyncPending):
@@ -272,6 +286,11 @@ class AsyncMessage(_AsyncPending):
     def data(self) -> bytes:
         """The record's payload."""
         return self._item.data
+
+    @property
+    def headers(self) -> dict[str, bytes]:
+        """The record's headers; empty when it has none."""
+        return self._item.headers
 
     @property
     def position(self) -> Position:
@@ -327,8 +346,8 @@ class _Iteration:
 
     async def __anext__(self) -> AsyncMessage:
         current = self._current
-        if current is not None and current.pending:
-            await current.commit()
+        if current is not None:
+            await current._settle(True)
         self._current = None
         self._current = await self._owner.recv()
         return self._current
@@ -337,11 +356,11 @@ class _Iteration:
         # The loop was left (break, or its body raised) with this message in
         # hand: give it back, as the blocking receiver's generator does on close.
         current = self._current
-        if current is not None and current.pending:
+        if current is not None:
             try:
-                current._item.rollback()
-            except UsageError:
-                pass  # settled meanwhile (a commit finishing on the worker thread)
+                current._owner._receiver._settle_if_pending(current._item, False)
+            except Closed:
+                pass  # the receiver closed meanwhile, which rolled it back
 
 
 # -- what the async classes share -----------------------------------------
@@ -411,9 +430,11 @@ class AsyncReceiver(_LoopOwner):
     b'job 1'
     """
 
-    def __init__(self, path: StrPath, name: str = "default", *, sync: SyncPolicy = "never") -> None:
+    def __init__(
+        self, path: StrPath, name: str = "default", *, sync: SyncPolicy = "never", create: bool = False
+    ) -> None:
         policy = parse_sync(sync)
-        self._receiver = Receiver(path, name, sync=sync)
+        self._receiver = Receiver(path, name, sync=sync, create=create)
         self.path = self._receiver.path
         self.name = self._receiver.name
         self._closed = False
@@ -439,8 +460,12 @@ class AsyncReceiver(_LoopOwner):
         return AsyncMessage(self, message)
 
     def try_recv(self) -> AsyncMessage | None:
-        """Return the next message if one is ready, else None; never waits."""
+        """Return the next message if one is ready, else None; never waits.
+
+        Raises ``UsageError`` if a message is pending or another task is waiting in ``recv``.
+        """
         self._check_open()
+        self._check_no_waiter()
         message = self._receiver.try_recv()
         return None if message is None else AsyncMessage(self, message)
 
@@ -455,13 +480,17 @@ class AsyncReceiver(_LoopOwner):
     async def _receive(self, attempt: Callable[[], _T | None], timeout: float | None) -> _T:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        self._check_open()
+        self._check_no_waiter()
         while True:
             self._check_open()
             item = attempt()  # the only step that makes something pending: no await in it
             if item is not None:
                 return item
-            if not await self._wait.until(self._receiver._data_ready, deadline):
-                self._check_open()
+            ready = await self._wait.until(self._receiver._data_ready, deadline)
+            self._check_open()
+            self._receiver._raise_if_gone()
+            if not ready:
                 raise Empty(f"no record in {self.path} after {timeout} s")
             # Ready, yet the try may still find nothing (the tail just moved to
             # a new segment's start): try again, wait again.
@@ -505,6 +534,16 @@ class AsyncReceiver(_LoopOwner):
     def _check_open(self) -> None:
         if self._closed:
             raise Closed(f"receiver {self.name!r} is closed")
+
+    def _check_no_waiter(self) -> None:
+        # One outstanding receive per receiver, as for threads on a Receiver:
+        # a task that took a record while another waits would leave that one
+        # woken into a UsageError.
+        if self._wait.active:
+            raise UsageError(
+                f"another task is already waiting in recv on receiver {self.name!r}: a receiver is one consumer "
+                "(for parallel consumers use segq.AsyncWorkQueue)"
+            )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"at {self.committed_position}"
@@ -573,19 +612,24 @@ class AsyncSender(_LoopOwner):
 
     # -- sending ---------------------------------------------------------
 
-    async def send(self, data: bytes, timeout: float | None = None) -> None:
+    async def send(self, data: bytes, timeout: float | None = None, headers: Headers | None = None) -> None:
         """Append one record; when this returns it survives a crash of this process.
 
-        Raises ``RecordTooLarge`` (nothing written), ``Full`` if ``timeout``
+        ``headers`` travel with the record (see ``Sender.send``).  Raises
+        ``RecordTooLarge`` (nothing written), ``Full`` if ``timeout``
         runs out while the backlog is at ``max_queue_bytes``, ``Closed`` after
         ``close()``.  Cancelling a send that waits for room writes nothing.
         """
         payload = data if type(data) is bytes else as_payload(data)
+        if headers is not None:
+            # Validated here, as Sender.send does; empty headers make a plain record.
+            body = frame_body(payload, headers)
+            payload = body if headers else payload
         await self._append(functools.partial(self._sender.send, payload), HEADER_SIZE + len(payload), timeout)
 
-    async def send_batch(self, records: Iterable[bytes], timeout: float | None = None) -> None:
-        """Append many records as one atomic, contiguous write (see ``Sender.send_batch``)."""
-        payloads = [record if type(record) is bytes else as_payload(record) for record in records]
+    async def send_batch(self, records: Iterable[BatchItem], timeout: float | None = None) -> None:
+        """Append many records, each data or a ``(data, headers)`` pair, as one atomic write (see ``Sender.send_batch``)."""
+        payloads = [record if type(record) is bytes else batch_payload(record) for record in records]
         framed = sum(HEADER_SIZE + len(payload) for payload in payloads)
         await self._append(functools.partial(self._sender.send_batch, payloads), framed, timeout)
 
@@ -700,6 +744,11 @@ class AsyncJob(_AsyncHold):
     def data(self) -> bytes:
         """The record's payload."""
         return self._item.data
+
+    @property
+    def headers(self) -> dict[str, bytes]:
+        """The record's headers; empty when it has none."""
+        return self._item.headers
 
     @property
     def attempt(self) -> int:
@@ -832,10 +881,18 @@ class AsyncWorkQueue(_LoopOwner):
         dead_letter: StrPath | None = None,
         sync: SyncPolicy = "never",
         clock: Callable[[], float] = time.time,
+        create: bool = False,
     ) -> None:
         policy = parse_sync(sync)
         self._queue = WorkQueue(
-            path, group, lease=lease, max_attempts=max_attempts, dead_letter=dead_letter, sync=sync, clock=clock
+            path,
+            group,
+            lease=lease,
+            max_attempts=max_attempts,
+            dead_letter=dead_letter,
+            sync=sync,
+            clock=clock,
+            create=create,
         )
         self.path = self._queue.path
         self.group = self._queue.group

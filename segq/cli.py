@@ -5,24 +5,30 @@ Every command is a thin layer over the library.  Errors become one
 rule); nothing prints a traceback.  This is the only module that writes to
 the terminal.  ``send`` and ``recv`` stop cleanly on SIGTERM and SIGINT:
 the signal only interrupts a wait (for input, for a record, for room in the
-output pipe), never a read or write that happened, an append or a commit;
-so ``send`` sends every line it read and ``recv`` commits exactly the
-records it wrote.
+output pipe, for the reader to read or acknowledge), never a read or write
+that happened, an append or a commit; so ``send`` sends every line it read
+and ``recv`` commits exactly the records delivered (see ``recv --help``).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import fcntl
 import io
 import itertools
 import json
 import logging
+import math
 import os
 import select
 import signal
 import stat
+import struct
 import sys
+import termios
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import IO, Any, ClassVar, NoReturn, TypeVar
@@ -30,11 +36,16 @@ from typing import IO, Any, ClassVar, NoReturn, TypeVar
 import click
 
 from . import __version__, recovery
-from ._control import DEFAULT_SEGMENT_SIZE
-from ._segment import list_segments, segment_path
+from ._control import _MAGIC as CONTROL_MAGIC
+from ._control import CONTROL_NAME, DEFAULT_SEGMENT_SIZE
+from ._headers import encode_headers
+from ._inspect import existing_queue, receiver_lock_path
+from ._scan import position_json
+from ._segment import FIRST_SEGMENT_SIZE, list_segments, segment_path
+from ._state import CURSOR_DIR, check_name, list_cursors
 from .errors import Empty, SegqError
-from .receiver import Receiver
-from .sender import Sender
+from .receiver import Message, Receiver
+from .sender import _MIN_SEGMENT_SIZE, Sender
 
 __all__ = ["cli", "main"]
 
@@ -97,6 +108,11 @@ def _size(count: float) -> str:
             return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"
         count /= 1024
     raise AssertionError("unreachable")
+
+
+def _count(number: int, noun: str) -> str:
+    """Return ``number`` with thousands separators and ``noun`` in the right number: "1 record", "2,000 records"."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
 def _where(queue_dir: str, path: str) -> str:
@@ -189,17 +205,42 @@ def _exit_for_signal(signum: int) -> NoReturn:
     raise SystemExit(128 + signum)
 
 
+class _NameParam(click.ParamType[str]):
+    """A receiver or group name, checked as the library checks it (a bad one is bad usage: exit 2)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.name = what.split()[0].upper()
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return check_name(value, self.what)
+        except SegqError as error:
+            self.fail(str(error), param, ctx)
+
+
 def _queue_argument(command: _Command) -> _Command:
     return click.argument("path", type=click.Path(path_type=str))(command)
 
 
 def _framing_options(command: _Command) -> _Command:
-    command = click.option(
-        "--raw", "framing", flag_value="raw", help="The whole input is one record (recv: records back to back)."
-    )(command)
+    command = click.option("--raw", "framing", flag_value="raw", help="Send the whole input as one record.")(command)
     command = click.option("--null", "framing", flag_value="null", help="Records end with a NUL byte.")(command)
     return click.option(
         "--lines", "framing", flag_value="lines", default=True, help="Records end with a newline (the default)."
+    )(command)
+
+
+def _output_framing_options(command: _Command) -> _Command:
+    command = click.option(
+        "--raw",
+        "framing",
+        flag_value="raw",
+        help="Write records back to back, nothing between them (for records that mark their own ends).",
+    )(command)
+    command = click.option("--null", "framing", flag_value="null", help="Write a NUL byte after each record.")(command)
+    return click.option(
+        "--lines", "framing", flag_value="lines", default=True, help="Write a newline after each record (the default)."
     )(command)
 
 
@@ -207,7 +248,13 @@ def _framing_options(command: _Command) -> _Command:
 
 
 class _SizeParam(click.ParamType[int]):
+    """A byte count with an optional unit (64K, 64MiB), from ``minimum`` up to but not including ``limit``."""
+
     name = "size"
+
+    def __init__(self, minimum: int = 0, limit: int | None = None) -> None:
+        self.minimum = minimum
+        self.limit = limit
     _UNITS: ClassVar[dict[str, int]] = {
         "": 1,
         "k": 1 << 10,
@@ -224,9 +271,13 @@ class _SizeParam(click.ParamType[int]):
         text = str(value).strip().lower()
         digits = text.rstrip("kmgib")
         try:
-            return int(digits) * self._UNITS[text[len(digits) :]]
+            size = int(digits) * self._UNITS[text[len(digits) :]]
         except (ValueError, KeyError):
             self.fail(f"{value!r} is not a size (examples: 65536, 64K, 64MiB)", param, ctx)
+        if size < self.minimum or (self.limit is not None and size >= self.limit):
+            top = f" and below {_size(self.limit)}" if self.limit is not None else ""
+            self.fail(f"{value!r}: use at least {self.minimum} bytes{top}", param, ctx)
+        return size
 
 
 class _SyncParam(click.ParamType["str | float"]):
@@ -239,9 +290,24 @@ class _SyncParam(click.ParamType["str | float"]):
             seconds = float(value)
         except ValueError:
             seconds = -1.0
-        if seconds <= 0:
+        if not 0 < seconds < math.inf:  # also refuses nan
             self.fail(f"{value!r}: use never, always or a number of seconds > 0", param, ctx)
         return seconds
+
+
+def _parse_headers(ctx: click.Context, param: click.Parameter, items: tuple[str, ...]) -> dict[str, bytes]:
+    """Turn repeated --header NAME=VALUE options into headers; refuse (exit 2) what a Sender would refuse."""
+    headers: dict[str, bytes] = {}
+    for item in items:
+        name, equals, value = item.partition("=")
+        if not equals:
+            raise click.BadParameter(f"{item!r}: use NAME=VALUE", ctx, param)
+        headers[name] = value.encode("utf-8", "surrogateescape")
+    try:
+        encode_headers(headers)
+    except SegqError as error:
+        raise click.BadParameter(str(error), ctx, param) from None
+    return headers
 
 
 @cli.command()
@@ -249,8 +315,9 @@ class _SyncParam(click.ParamType["str | float"]):
 @_framing_options
 @click.option(
     "--segment-size",
-    type=_SizeParam(),
-    help="Size of new segment files [default: the queue's, or 64MiB for a new queue].",
+    type=_SizeParam(_MIN_SEGMENT_SIZE, 1 << 32),  # offsets in a segment are 32-bit
+    help="Largest size of new segment files; they start at 1MiB and double up to it "
+    "[default: 64MiB, or the queue's if it has segments under 1MiB].",
 )
 @click.option(
     "--sync",
@@ -259,7 +326,17 @@ class _SyncParam(click.ParamType["str | float"]):
     show_default=True,
     help="Power-loss durability: never, always (fsync per write), or a group-commit interval in seconds.",
 )
-def send(path: str, framing: str, segment_size: int | None, sync: str | float) -> None:
+@click.option(
+    "--header",
+    "header_items",
+    multiple=True,
+    metavar="NAME=VALUE",
+    callback=_parse_headers,
+    help="Give every record this header (repeat for more).",
+)
+def send(
+    path: str, framing: str, segment_size: int | None, sync: str | float, header_items: dict[str, bytes]
+) -> None:
     """Append stdin to the queue at PATH, one record per line.
 
     The queue is created if missing.  Input is sent as it arrives, in atomic
@@ -267,26 +344,52 @@ def send(path: str, framing: str, segment_size: int | None, sync: str | float) -
     or SIGINT stops it between records: what was read is sent, a last line
     without its newline is not.  Exits 128+N on signal N.
     """
+    _refuse_a_foreign_directory(path)
     if segment_size is None:
         segment_size = _current_segment_size(path)
     stdin = _Stream(sys.stdin.buffer, signals := _Signals())
     with _library_warnings(), signals:
         try:
             with Sender(path, segment_size=segment_size, sync=sync) as sender:
+                headers = header_items or None
                 if framing == "raw":
-                    sender.send(b"".join(iter(stdin.read, b"")))
+                    sender.send(b"".join(iter(stdin.read, b"")), headers=headers)
                 else:
-                    _send_stream(sender, stdin, _SEPARATORS[framing])
+                    _send_stream(sender, stdin, _SEPARATORS[framing], headers)
         except _Stopped as stop:
             _exit_for_signal(stop.signum)
 
 
+def _refuse_a_foreign_directory(path: str) -> None:
+    """Refuse to make a queue in a directory that holds other things (and could hold a file named segq.ctl)."""
+    try:
+        entries = os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # a new queue, or a file: the Sender says so
+    if not entries or list_segments(path) or os.path.isdir(os.path.join(path, CURSOR_DIR)):
+        return
+    with contextlib.suppress(OSError), open(os.path.join(path, CONTROL_NAME), "rb") as control:
+        # Ours, or one a Sender began and never finished (zeros until its header is written).
+        if control.read(len(CONTROL_MAGIC)) in (CONTROL_MAGIC, bytes(len(CONTROL_MAGIC)), b""):
+            return
+    raise CommandError(
+        f"{path} is not a segq queue and not empty ({_count(len(entries), 'file')}, e.g. {sorted(entries)[0]!r}): "
+        "send creates a queue only in a new or empty directory"
+    )
+
+
 def _current_segment_size(path: str) -> int:
-    """Return the size of the queue's last segment (so new ones match it), or the default for a new queue."""
+    """Return the segment size a queue was made with if it is under 1 MiB (so new segments match), else the default.
+
+    Segments grow from 1 MiB (``next_segment_size``), so a larger last
+    segment may still be growing: only a smaller one was chosen on purpose.
+    """
     segments = list_segments(path) if os.path.isdir(path) else []
     if segments:
         with contextlib.suppress(OSError):
-            return os.path.getsize(segment_path(path, segments[-1]))
+            size = os.path.getsize(segment_path(path, segments[-1]))
+            if size < FIRST_SEGMENT_SIZE:
+                return size
     return DEFAULT_SEGMENT_SIZE
 
 
@@ -326,10 +429,16 @@ class _Stream:
         return os.read(self.fd, 1 << 20)
 
     def write(self, data: bytes) -> int:
-        """Write ``data``; return how much was written when a signal stopped it (all of it otherwise)."""
+        """Write ``data``; return how much was written when a signal stopped it (all of it otherwise).
+
+        Raises ``_WriteFailed`` (saying how much went out) when the reader closed its end.
+        """
         if self.fd is None:
-            self.stream.write(data)
-            self.stream.flush()
+            try:
+                self.stream.write(data)
+                self.stream.flush()
+            except BrokenPipeError:
+                raise _WriteFailed(0) from None
             return len(data)
         written = 0
         with memoryview(data) as view:
@@ -338,23 +447,34 @@ class _Stream:
                     self._wait(select.POLLOUT)
                 except _Stopped:
                     return written
-                written += os.write(self.fd, view[written : written + self.piece])
+                try:
+                    written += os.write(self.fd, view[written : written + self.piece])
+                except BrokenPipeError:
+                    raise _WriteFailed(written) from None
         return written
 
 
-def _send_stream(sender: Sender, stdin: _Stream, separator: bytes) -> None:
+class _WriteFailed(Exception):
+    """The reader closed the output after ``written`` bytes of a write went out."""
+
+    def __init__(self, written: int) -> None:
+        super().__init__(written)
+        self.written = written
+
+
+def _send_stream(sender: Sender, stdin: _Stream, separator: bytes, headers: dict[str, bytes] | None = None) -> None:
     partial = b""
     while chunk := stdin.read():
         records = (partial + chunk).split(separator)
         partial = records.pop()
-        _send_records(sender, records)
+        _send_records(sender, records, headers)
         if len(partial) > sender.max_record_size:
             sender.send(partial)  # raises RecordTooLarge with the limit in its message
     if partial:
-        _send_records(sender, [partial])
+        _send_records(sender, [partial], headers)
 
 
-def _send_records(sender: Sender, records: list[bytes]) -> None:
+def _send_records(sender: Sender, records: list[bytes], headers: dict[str, bytes] | None = None) -> None:
     """Send in batches: each is one atomic append, small next to a segment so little space is left unused."""
     limit = min(1 << 20, sender.segment_size // 16)
     batch: list[bytes] = []
@@ -362,20 +482,26 @@ def _send_records(sender: Sender, records: list[bytes]) -> None:
     for record in records:
         framed = len(record) + 8
         if batch and size + framed > limit:
-            sender.send_batch(batch)
+            sender.send_batch(batch if headers is None else [(data, headers) for data in batch])
             batch, size = [], 0
         if framed > limit:
-            sender.send(record)  # alone; raises RecordTooLarge past max_record_size
+            sender.send(record, headers=headers)  # alone; raises RecordTooLarge past max_record_size
             continue
         batch.append(record)
         size += framed
     if batch:
-        sender.send_batch(batch)
+        sender.send_batch(batch if headers is None else [(data, headers) for data in batch])
 
 
 @cli.command()
 @_queue_argument
-@click.option("--name", default="default", show_default=True, help="Receiver name: each name sees every record.")
+@click.option(
+    "--name",
+    type=_NameParam("receiver name"),
+    default="default",
+    show_default=True,
+    help="Receiver name: each name sees every record.",
+)
 @click.option("-n", "--count", type=click.IntRange(min=1), help="Stop after N records.")
 @click.option("-f", "--follow", is_flag=True, help="Keep waiting for new records (until -n, --timeout or a signal).")
 @click.option(
@@ -383,48 +509,256 @@ def _send_records(sender: Sender, records: list[bytes]) -> None:
     type=click.FloatRange(min=0),
     help="Stop when no record arrives for this many seconds (default: at once without --follow).",
 )
-@_framing_options
-def recv(path: str, name: str, count: int | None, follow: bool, timeout: float | None, framing: str) -> None:
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    help="Write up to N records before they are delivered, committed together once all are "
+    "[default: 1 into a pipe or with --ack-fd, 1000 into a file].",
+)
+@click.option(
+    "--ack-fd",
+    "ack_fd",
+    type=click.IntRange(min=0),
+    help="Commit a record only once acknowledged: one newline read from file descriptor FD per record, in order.",
+)
+@click.option("--create", is_flag=True, help="Create the queue if it is missing (a consumer started before its producers).")
+@_output_framing_options
+@click.option(
+    "--json",
+    "framing",
+    flag_value="json",
+    help="One JSON object per record and line: position, data and headers (bytes as text, or {\"base64\": ...}).",
+)
+def recv(
+    path: str,
+    name: str,
+    count: int | None,
+    follow: bool,
+    timeout: float | None,
+    batch: int | None,
+    ack_fd: int | None,
+    create: bool,
+    framing: str,
+) -> None:
     """Print what a receiver has not committed yet, one record per line.
 
-    A record is committed only after it was written to stdout, so a
-    consumer killed mid-pipe loses nothing: what it had not written comes
-    again.  SIGTERM or SIGINT stops it with every record it wrote committed
-    (exit 128+N on signal N).  Without --follow it stops when the queue is
-    empty; when stdout is closed it exits quietly with status 0.
+    \b
+    A record is committed only once it is delivered:
+      into a file or device  when the write of it returned;
+      into a pipe            when the reader has read it out of the pipe;
+      with --ack-fd FD       when the reader acknowledged it on FD.
+    What was not delivered comes again, so `segq recv q | head -1` takes
+    one record per run.  recv writes at most --batch records ahead of
+    what was delivered and commits them together once all are (a signal
+    or a reader that goes away commits exactly the delivered ones).
+    SIGTERM or SIGINT stops it that way (exit 128+N on signal N).
+    Without --follow it stops when the queue is empty; when stdout (or
+    the acknowledgement descriptor) is closed it exits quietly with status 0.
+    A missing queue is an error unless --create; a queue deleted (or
+    deleted and made again) while --follow waits is an error too: exit 1.
     """
-    if not follow and not os.path.isdir(path):
-        raise CommandError(f"no queue at {path} (use --follow to wait for one to be created)")
-    separator = _SEPARATORS[framing]
+    if not create and not os.path.lexists(path):
+        raise CommandError(f"no queue at {path}: check the path, or use --create to make it and wait for its producers")
+    separator = _SEPARATORS.get(framing)  # None: --json
     wait = timeout if timeout is not None else (None if follow else 0.0)
     stdout = _Stream(sys.stdout.buffer, signals := _Signals())
+    delivery = _delivery(stdout, ack_fd)
     with _library_warnings(), signals:
         try:
-            with Receiver(path, name) as receiver:
-                _receive(receiver, stdout, separator, count, wait)
+            with Receiver(path, name, create=create) as receiver:
+                _receive(receiver, delivery, separator, count, wait, batch or delivery.default_batch)
         except _Stopped as stop:
             _exit_for_signal(stop.signum)
-        except BrokenPipeError:
+        except _ReaderGone:
             _quiet_stdout()
 
 
-def _receive(receiver: Receiver, stdout: _Stream, separator: bytes, count: int | None, wait: float | None) -> None:
+class _ReaderGone(Exception):
+    """The reader closed its end (stdout, or the acknowledgement descriptor)."""
+
+
+class _Delivery:
+    """Records written to stdout count as delivered once the write returned (a file or a device).
+
+    ``deliver`` writes a batch and returns how many of its records were
+    delivered: all of them, unless a signal arrived (then ``stopped`` is
+    set) or the reader went away (``gone``).
+    """
+
+    default_batch = 1000
+
+    def __init__(self, stdout: _Stream) -> None:
+        self.stdout = stdout
+        self.stopped: int | None = None
+        self.gone = False
+
+    def deliver(self, framed: list[bytes]) -> int:
+        return _whole(framed, self._write(b"".join(framed)))
+
+    def _write(self, data: bytes) -> int:
+        try:
+            written = self.stdout.write(data)
+        except _WriteFailed as failure:
+            self.gone = True
+            return failure.written
+        if written < len(data):
+            self.stopped = self.stdout.signals.received or signal.SIGTERM
+        return written
+
+    def finish(self) -> NoReturn:
+        """Raise what ended delivery early: ``_Stopped`` for a signal, ``_ReaderGone`` for a closed reader."""
+        if self.stopped is not None:
+            raise _Stopped(self.stopped)
+        raise _ReaderGone()
+
+
+def _whole(framed: list[bytes], written: int) -> int:
+    """Return how many of the ``framed`` records lie wholly within the first ``written`` bytes."""
+    return sum(1 for end in itertools.accumulate(map(len, framed)) if end <= written)
+
+
+class _PipeDelivery(_Delivery):
+    """Records written into a pipe count as delivered once the reader has read them out of it.
+
+    Bytes still in the pipe when the reader exits are lost with it, so a
+    batch is committed only when the pipe is empty again (``FIONREAD`` on
+    the write end says how much is unread).  With one record in flight at
+    a time, a reader that reads ahead and exits (``head -1``) takes one.
+    """
+
+    default_batch = 1
+    _LONGEST_NAP = 0.02  # seconds between looks at a slow reader's pipe
+
+    def deliver(self, framed: list[bytes]) -> int:
+        written = self._write(b"".join(framed))
+        return _whole(framed, written - self._unread_after_wait())
+
+    def _unread_after_wait(self) -> int:
+        """Wait until the reader has read everything (or went away, or a signal came); return what is unread."""
+        fd = self.stdout.fd
+        assert fd is not None
+        poller = select.poll()
+        poller.register(fd, 0)  # POLLERR alone: the reader closed its end
+        nap = 0.0
+        spins = 0
+        while True:
+            unread = _unread(fd)
+            if unread == 0 or self.gone or self.stopped is not None:
+                return unread
+            if poller.poll(0):
+                self.gone = True
+                continue
+            try:
+                with self.stdout.signals.interruptible():
+                    if spins < 64:
+                        # A reader on another core usually empties the pipe
+                        # within microseconds; yield before sleeping.
+                        spins += 1
+                        os.sched_yield()
+                    else:
+                        nap = min(max(nap * 2, 0.0001), self._LONGEST_NAP)
+                        time.sleep(nap)
+            except _Stopped as stop:
+                self.stopped = stop.signum
+
+
+def _unread(fd: int) -> int:
+    count: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    return count
+
+
+class _AckDelivery(_Delivery):
+    """Records count as delivered once the reader acknowledged them: one newline on ``ack_fd`` per record."""
+
+    default_batch = 1
+
+    def __init__(self, stdout: _Stream, ack_fd: int) -> None:
+        super().__init__(stdout)
+        self.ack_fd = ack_fd
+
+    def deliver(self, framed: list[bytes]) -> int:
+        written = _whole(framed, self._write(b"".join(framed)))
+        acked = 0
+        poller = select.poll()
+        poller.register(self.ack_fd, select.POLLIN)
+        while acked < written:
+            if self.stopped is not None or self.gone:
+                if not poller.poll(0):
+                    break  # stopping: take the acknowledgements already sent, wait for no more
+            else:
+                try:
+                    with self.stdout.signals.interruptible():
+                        poller.poll()
+                except _Stopped as stop:
+                    self.stopped = stop.signum
+                    continue
+            acks = os.read(self.ack_fd, 1 << 16)
+            if not acks:
+                self.gone = True
+                break
+            acked += acks.count(b"\n")
+        if acked > written:
+            raise CommandError(
+                f"{acked} acknowledgements on file descriptor {self.ack_fd} for {written} records written: "
+                "send one newline per record, after reading it"
+            )
+        return acked
+
+
+def _delivery(stdout: _Stream, ack_fd: int | None) -> _Delivery:
+    """Pick how delivery is known: acknowledgements, an emptied pipe, or a returned write."""
+    if ack_fd is not None:
+        try:
+            os.fstat(ack_fd)
+        except OSError as error:
+            raise click.BadParameter(f"file descriptor {ack_fd} is not open ({error.strerror})", param_hint="--ack-fd")
+        return _AckDelivery(stdout, ack_fd)
+    if stdout.fd is not None and stat.S_ISFIFO(os.fstat(stdout.fd).st_mode):
+        return _PipeDelivery(stdout)
+    return _Delivery(stdout)
+
+
+def _json_bytes(value: bytes) -> str | dict[str, str]:
+    """Return bytes for JSON: as text when they are UTF-8, else as ``{"base64": ...}``."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(value).decode("ascii")}
+
+
+def _json_record(message: Message) -> bytes:
+    """Return one record as a line of JSON: its position, data and headers."""
+    position = message.position
+    record = {
+        "position": {"segment": position.segment, "offset": position.offset},
+        "data": _json_bytes(message.data),
+        "headers": {name: _json_bytes(value) for name, value in message.headers.items()},
+    }
+    return json.dumps(record, sort_keys=True).encode("utf-8") + b"\n"
+
+
+def _receive(
+    receiver: Receiver, delivery: _Delivery, separator: bytes | None, count: int | None, wait: float | None, batch_size: int
+) -> None:
     remaining = count
     while remaining is None or remaining > 0:
         try:
-            with stdout.signals.interruptible():
-                batch = receiver.recv_batch(min(remaining or 1000, 1000), timeout=wait)
+            with delivery.stdout.signals.interruptible():
+                batch = receiver.recv_batch(min(remaining or batch_size, batch_size), timeout=wait)
         except Empty:
             return
-        framed = [message.data + separator for message in batch]
-        written = stdout.write(b"".join(framed))
-        if written < sum(map(len, framed)):
-            # Stopped by a signal mid-batch: commit exactly the records written whole.
-            whole = sum(1 for end in itertools.accumulate(map(len, framed)) if end <= written)
+        if separator is None:
+            framed = [_json_record(message) for message in batch]
+        else:
+            framed = [message.data + separator for message in batch]
+        delivered = delivery.deliver(framed)
+        if delivered < len(batch):
+            # Commit exactly the records delivered; the rest come again.
             batch.rollback()
-            if whole:
-                receiver.recv_batch(whole, timeout=0).commit()
-            raise _Stopped(stdout.signals.received or signal.SIGTERM)
+            while delivered:
+                delivered -= len(part := receiver.recv_batch(delivered, timeout=0))
+                part.commit()
+            delivery.finish()
         batch.commit()
         if remaining is not None:
             remaining -= len(batch)
@@ -444,14 +778,20 @@ def _quiet_stdout() -> None:
 @cli.command()
 @_queue_argument
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (stable keys) instead of text.")
-def info(path: str, as_json: bool) -> None:
+@click.option("--scan", is_flag=True, help="Also count records: reads every byte (a progress bar on a terminal).")
+def info(path: str, as_json: bool, scan: bool) -> None:
     """Describe a queue: segments, bytes, backlogs, lock holders.
 
-    Each consumer's backlog counts the records (and bytes) it has not
-    committed; each lock file names its PID and whether that process lives.
+    Each consumer's backlog is the bytes it has not committed (and, with
+    --scan, the records); each lock file names its PID and whether that
+    process lives.  Without --scan it reads no record, so it is quick on
+    any queue; JSON record counts are then null.  Needs only read access.
     """
-    with _progress("counting", recovery.queue_bytes(path)) as progress:
-        snapshot = recovery.info(path, progress=progress)
+    if scan:
+        with _progress("counting", recovery.queue_bytes(path)) as progress:
+            snapshot = recovery.info(path, scan=True, progress=progress)
+    else:
+        snapshot = recovery.info(path)
     if as_json:
         _print_json(snapshot.to_json())
         return
@@ -459,25 +799,34 @@ def info(path: str, as_json: bool) -> None:
     numbers = f" ({segments[0][0]}..{segments[-1][0]})" if len(segments) > 1 else ""
     click.echo(f"queue      {snapshot.path} (format {snapshot.format_version})")
     click.echo(
-        f"segments   {len(segments)}{numbers}, {_size(snapshot.segment_bytes)} in files, "
+        f"segments   {_count(len(segments), 'segment')}{numbers}, {_size(snapshot.segment_bytes)} in files, "
         f"{_size(snapshot.bytes_on_disk)} on disk"
     )
-    click.echo(f"records    {snapshot.records:,} retained; the tail is at {snapshot.tail}")
+    data = _size(sum(size for _, _, size in segments))
+    if snapshot.records is None:
+        click.echo(f"records    {data} retained (`--scan` counts them); the tail is at {snapshot.tail}")
+    else:
+        click.echo(f"records    {_count(snapshot.records, 'record')} ({data}) retained; the tail is at {snapshot.tail}")
     if not snapshot.consumers:
         click.echo("consumers  none registered (a new receiver starts at the oldest record)")
     for consumer in snapshot.consumers:
         label = f"{consumer.kind:<9}  {consumer.name}"
         if consumer.position is None:
             click.echo(f"{label}: metadata unreadable ({consumer.problem}); run `segq recover`")
+        elif consumer.backlog_records is None:
+            click.echo(f"{label} at {consumer.position}: {_size(consumer.backlog_bytes)} not committed")
         else:
             click.echo(
-                f"{label} at {consumer.position}: {consumer.backlog_records:,} records "
+                f"{label} at {consumer.position}: {_count(consumer.backlog_records, 'record')} "
                 f"({_size(consumer.backlog_bytes)}) not committed"
             )
     for holder in snapshot.locks:
         state = "alive" if holder.alive else "dead: `segq unlock` removes it"
         click.echo(f"lock       {_where(snapshot.path, holder.path)}  PID {holder.pid} ({state})  {holder.what}")
     for group in snapshot.groups:
+        if "problem" in group:
+            click.echo(f"group      {group['group']}: cannot be read ({group['problem']})")
+            continue
         click.echo(
             f"group      {group.get('group')}: {len(group.get('claims', []))} claims in flight, "
             f"{len(group.get('waiting', []))} waiting, {group.get('dead_letters_pending', 0)} dead letters pending"
@@ -500,7 +849,8 @@ def verify(path: str, as_json: bool) -> None:
         _print_json(report.to_json())
     else:
         click.echo(
-            f"verified {report.path}: {report.segments} segments, {report.records:,} records, {_size(report.bytes)}"
+            f"verified {report.path}: {_count(report.segments, 'segment')}, {_count(report.records, 'record')}, "
+            f"{_size(report.bytes)}"
         )
         for damage in report.damaged:
             click.echo(
@@ -525,7 +875,13 @@ def verify(path: str, as_json: bool) -> None:
 
 @cli.command()
 @_queue_argument
-@click.option("--name", default="default", show_default=True, help="The receiver whose position to recover.")
+@click.option(
+    "--name",
+    type=_NameParam("receiver name"),
+    default="default",
+    show_default=True,
+    help="The receiver whose position to recover.",
+)
 @click.option("--loss", is_flag=True, help="Skip the rest of a damaged segment instead of stopping at it.")
 @click.option("--dry-run", is_flag=True, help="Report what would be done; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as a JSON object (stable keys).")
@@ -575,7 +931,7 @@ def _print_recovery(report: recovery.RecoveryReport) -> None:
         change = "unchanged" if previous == position else f"was {previous or 'unreadable'}"
         click.echo(f"  receiver   {name!r} starts at {position} ({change})")
     if report.strategy == "loss":
-        click.echo(f"  dropped    {report.dropped_records:,} records ({_size(report.dropped_bytes)})")
+        click.echo(f"  dropped    {_count(report.dropped_records, 'record')} ({_size(report.dropped_bytes)})")
     if report.deleted_segments:
         click.echo(f"  deleted    segments {', '.join(map(str, report.deleted_segments))}")
     for note in report.notes:
@@ -586,7 +942,13 @@ def _print_recovery(report: recovery.RecoveryReport) -> None:
 
 @cli.command("requeue-dead")
 @_queue_argument
-@click.option("--group", default="default", show_default=True, help="The work-queue group whose dead letters to requeue.")
+@click.option(
+    "--group",
+    type=_NameParam("group name"),
+    default="default",
+    show_default=True,
+    help="The work-queue group whose dead letters to requeue.",
+)
 @click.option("--dead-letter", "dead_letter", type=click.Path(), default=None, help="The dead-letter queue, if not PATH/dead/GROUP.")
 @click.option("-n", "--count", type=click.IntRange(min=1), default=None, help="Requeue at most N letters.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (stable keys) instead of text.")
@@ -597,13 +959,145 @@ def requeue_dead(path: str, group: str, dead_letter: str | None, count: int | No
     letter is committed in the dead-letter queue (read with its "default"
     receiver).  A crash mid-way can requeue a letter twice, never lose one.
     """
-    from . import workqueue
-
-    moved = workqueue.requeue_dead(path, group, dead_letter=dead_letter, limit=count)
+    groups = _group_admin()
+    queue_dir = existing_queue(path)
+    if dead_letter is None:
+        _require_group(queue_dir, group)
+    elif not os.path.isdir(dead_letter):
+        raise CommandError(f"no dead-letter queue at {dead_letter}")
+    moved = groups.requeue_dead(queue_dir, group, dead_letter=dead_letter, limit=count)
     if as_json:
         _print_json({"group": group, "requeued": moved})
     else:
-        click.echo(f"requeued {moved} dead letter{'s' if moved != 1 else ''} of group {group!r}")
+        click.echo(f"requeued {_count(moved, 'dead letter')} of group {group!r}")
+
+
+# -- consumers: receivers and work-queue groups ------------------------------------------------
+
+
+def _group_admin() -> Any:
+    """Return the module of the work-queue group admin calls (list_groups, group_info, requeue_dead)."""
+    from . import _groupadmin  # the one place that says where the group admin lives
+
+    return _groupadmin
+
+
+def _require_group(queue_dir: str, group: str) -> None:
+    known = _group_admin().list_groups(queue_dir)
+    if group not in known:
+        listed = f"its groups: {', '.join(known)}" if known else "it has none"
+        raise CommandError(f"{queue_dir} has no work-queue group {group!r} ({listed})")
+
+
+@cli.command()
+@_queue_argument
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (stable keys) instead of text.")
+def receivers(path: str, as_json: bool) -> None:
+    """List the queue's receivers: position, lag, and who has each open.
+
+    The lag is the bytes a receiver has not committed (no record is read).
+    A receiver that no one reads pins every segment from its position on:
+    `segq remove-receiver` unregisters it.
+    """
+    snapshot = recovery.info(path)
+    holders = {holder.path: holder for holder in snapshot.locks}
+    rows: list[dict[str, Any]] = []
+    for consumer in snapshot.consumers:
+        if consumer.kind != "receiver":
+            continue
+        holder = holders.get(receiver_lock_path(snapshot.path, consumer.name))
+        rows.append(
+            {
+                "name": consumer.name,
+                "position": None if consumer.position is None else position_json(consumer.position),
+                "lag_bytes": consumer.backlog_bytes,
+                "holder": None if holder is None else {"pid": holder.pid, "alive": holder.alive},
+                "problem": consumer.problem,
+            }
+        )
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        click.echo(f"no receivers registered in {snapshot.path}")
+    for row in rows:
+        holder = row["holder"]
+        state = "not open" if holder is None else f"{'open by' if holder['alive'] else 'dead'} PID {holder['pid']}"
+        if row["problem"] is not None:
+            click.echo(f"{row['name']}: metadata unreadable ({row['problem']}); {state}")
+            continue
+        position = f"segment {row['position']['segment']} offset {row['position']['offset']}"
+        click.echo(f"{row['name']}: at {position}, {_size(row['lag_bytes'])} behind; {state}")
+
+
+@cli.command("remove-receiver")
+@_queue_argument
+@click.argument("name", type=_NameParam("receiver name"))
+def remove_receiver(path: str, name: str) -> None:
+    """Unregister receiver NAME, so it no longer holds back segment deletion.
+
+    Segments every other consumer has passed are deleted.  Refuses, naming
+    the PID, while a live process has that receiver open.
+    """
+    queue_dir = existing_queue(path)
+    names = [found for kind, found, _ in list_cursors(queue_dir) if kind == "r"]
+    if name not in names:
+        listed = f"its receivers: {', '.join(names)}" if names else "it has none"
+        raise CommandError(f"{queue_dir} has no receiver {name!r} ({listed})")
+    before = set(list_segments(queue_dir))
+    Receiver.remove(queue_dir, name)
+    deleted = sorted(before - set(list_segments(queue_dir)))
+    click.echo(f"removed receiver {name!r} from {queue_dir}")
+    if deleted:
+        click.echo(f"deleted segments {', '.join(map(str, deleted))}")
+
+
+@cli.command()
+@_queue_argument
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (stable keys) instead of text.")
+def groups(path: str, as_json: bool) -> None:
+    """List the queue's work-queue groups: claims in flight, retries, dead letters, lag.
+
+    `segq remove-group` unregisters one that no worker uses any more.
+    """
+    snapshot = recovery.info(path)
+    lags = {consumer.name: consumer.backlog_bytes for consumer in snapshot.consumers if consumer.kind == "group"}
+    rows = [{**group, "lag_bytes": lags.get(group["group"])} for group in snapshot.groups]
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        click.echo(f"no work-queue groups in {snapshot.path}")
+    for row in rows:
+        if "problem" in row:
+            click.echo(f"{row['group']}: cannot be read ({row['problem']})")
+            continue
+        lag = "" if row["lag_bytes"] is None else f", {_size(row['lag_bytes'])} behind"
+        click.echo(
+            f"{row['group']}: {_count(len(row['claims']), 'claim')} in flight, {len(row['waiting']):,} waiting to retry, "
+            f"{_count(row['dead_letters_pending'], 'dead letter')} pending{lag}; {'open' if row['open'] else 'not open'}"
+        )
+
+
+@cli.command("remove-group")
+@_queue_argument
+@click.argument("group", type=_NameParam("group name"))
+def remove_group(path: str, group: str) -> None:
+    """Unregister work-queue GROUP: its claims and attempts are dropped, its dead letters kept.
+
+    Segments every other consumer has passed are deleted.  Refuses while a
+    live process has a WorkQueue of the group open.
+    """
+    from . import WorkQueue
+
+    queue_dir = existing_queue(path)
+    _require_group(queue_dir, group)
+    before = set(list_segments(queue_dir))
+    WorkQueue.remove(queue_dir, group)
+    deleted = sorted(before - set(list_segments(queue_dir)))
+    click.echo(f"removed group {group!r} from {queue_dir}")
+    if deleted:
+        click.echo(f"deleted segments {', '.join(map(str, deleted))}")
 
 
 @cli.command()
@@ -638,9 +1132,10 @@ def clear(path: str, yes: bool) -> None:
     """
     if not yes and sys.stdin.isatty() and sys.stdout.isatty():
         click.confirm(f"Drop every record in {path}?", abort=True)
-    report = recovery.clear(path)
+    with _progress("clearing", recovery.queue_bytes(path)) as progress:
+        report = recovery.clear(path, progress=progress)
     moved = ", ".join(f"{name!r} now at {position}" for name, position in report.receivers.items())
-    click.echo(f"cleared {report.path}: dropped {report.dropped_records:,} records" + (f"; {moved}" if moved else ""))
+    click.echo(f"cleared {report.path}: dropped {_count(report.dropped_records, 'record')}" + (f"; {moved}" if moved else ""))
     if report.deleted_segments:
         click.echo(f"deleted segments {', '.join(map(str, report.deleted_segments))}")
 

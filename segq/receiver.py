@@ -7,6 +7,34 @@ A receiver reads with a ``RecordReader`` (``_reader``).  A message stays
 position after it to the receiver's cursor file (``_state``), one memory copy.
 Rolling back moves the read position back to the committed one.  When a
 commit leaves a segment behind, segments every consumer is past are deleted.
+
+Threads
+-------
+One Receiver may be shared by threads, but it serves one consumer: it holds
+at most one *outstanding* receive, a pending message or batch, or a ``recv``
+still waiting for one.  Every call runs under the receiver's lock (an
+``RLock``, so a signal handler that closes the receiver cannot deadlock), so
+each is atomic: a message is committed once, the committed position only
+moves forward, and a ``recv``/``try_recv``/``recv_batch`` made while another
+is outstanding raises ``UsageError`` at once, whatever the thread.  Parallel
+consumers use a ``WorkQueue``.
+
+| state      | recv, try_recv, recv_batch          | commit, rollback | close                    |
+|------------|-------------------------------------|------------------|--------------------------|
+| idle       | a record: *pending*; none: *waiting* | ``UsageError``   | release now              |
+| waiting    | ``UsageError``                      | ``UsageError``   | wake the waiter, which releases and raises ``Closed`` |
+| pending    | ``UsageError``                      | *idle*           | roll back, release now   |
+
+A waiting ``recv`` sleeps without the lock: no other call touches the read
+position meanwhile (the table above), so the lock is not needed for it, and
+it is taken again to make the record pending in the same step that ends the
+wait.  A wait that ends without a record (timeout, signal) puts the read
+position back where the wait began, so nothing read in it is skipped.
+
+While waiting, a receiver checks once a second that its queue directory is
+still the one it opened (it holds a descriptor on it, so the inode cannot be
+reused): a queue deleted, or deleted and created again, raises ``SegqError``
+instead of waiting forever on files no sender will write again.
 """
 
 from __future__ import annotations
@@ -17,31 +45,52 @@ import time
 from types import TracebackType
 from typing import Iterator
 
-from ._control import DATA_WAITERS, ROOM_WAITERS, ROOM_WAITING, TAIL_INDEX, Control
+from ._control import (
+    CONSUMER_SEGMENT_SIZE,
+    DATA_WAITERS,
+    ROOM_WAITERS,
+    ROOM_WAITING,
+    TAIL_INDEX,
+    Control,
+    require_queue,
+)
 from ._format import HEADER_SIZE
+from ._headers import split_body
 from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._reader import RecordReader
 from ._segment import StrPath
 from ._state import Position, check_name, cursor_path, delete_consumed_segments, register_cursor
 from ._wake import Waiter, Waker
-from .errors import Closed, CorruptionError, Empty, UsageError
+from .errors import Closed, CorruptionError, Empty, SegqError, UsageError
 from .sender import SyncPolicy, parse_sync
 
 __all__ = ["Receiver", "Message", "Batch"]
 
+# How often a waiting receiver checks that its queue directory is still there.
+_IDENTITY_CHECK_SECONDS = 1.0
 
 
 class Message:
-    """One received record.  ``data`` is its payload; it is pending until committed."""
+    """One received record.  ``data`` is its payload, ``headers`` its headers; it is pending until committed."""
 
-    __slots__ = ("data", "_receiver", "_start", "_end")
+    __slots__ = ("data", "_headers", "_receiver", "_start", "_end")
 
     def __init__(self, receiver: "Receiver", data: bytes, start: int, end: int) -> None:
+        if type(data) is not bytes:  # a Framed body: the record has headers
+            data, self._headers = split_body(data, receiver.path, start)
         self.data = data
         self._receiver = receiver
         self._start = start
         self._end = end
+
+    @property
+    def headers(self) -> dict[str, bytes]:
+        """The record's headers, name to value; empty when it has none."""
+        try:
+            return self._headers
+        except AttributeError:  # a plain record: nothing was stored, nothing was parsed
+            return {}
 
     @property
     def position(self) -> Position:
@@ -67,12 +116,7 @@ class Message:
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        if not self.pending:
-            return
-        if kind is None:
-            self.commit()
-        else:
-            self.rollback()
+        self._receiver._settle_if_pending(self, kind is None)
 
     def __repr__(self) -> str:
         return f"<segq.Message {len(self.data)} bytes at {self.position}>"
@@ -116,12 +160,7 @@ class Batch:
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        if not self.pending:
-            return
-        if kind is None:
-            self.commit()
-        else:
-            self.rollback()
+        self._receiver._settle_if_pending(self, kind is None)
 
     def __repr__(self) -> str:
         return f"<segq.Batch of {len(self.messages)} messages>"
@@ -132,13 +171,17 @@ class _InBatch:
 
     _pending = None
 
+    def __init__(self, path: str) -> None:
+        self.path = path  # the queue's, for errors in a message's headers
+
     def _commit(self, item: Message, position: int) -> None:
         raise UsageError("this message belongs to a batch: commit or roll back the batch")
 
     _rollback = _commit
 
+    def _settle_if_pending(self, item: Message | Batch, commit: bool) -> None:
+        """A batch's message is never pending by itself: leaving its ``with`` block settles nothing."""
 
-_IN_BATCH = _InBatch()
 
 
 class Receiver:
@@ -150,6 +193,15 @@ class Receiver:
     commits: ``"never"``, ``"always"`` (msync before ``commit`` returns) or an
     interval in seconds.
 
+    A Receiver does not create a queue: a missing ``path`` raises
+    ``SegqError``, unless ``create=True`` (for a consumer that starts before
+    its producers), which creates the directory with a small first segment.
+
+    Threads may share a Receiver, but it is one consumer: it holds one
+    pending message or batch (or one waiting ``recv``) at a time, and a
+    receive made meanwhile, from any thread, raises ``UsageError``.  For
+    parallel consumers use ``segq.WorkQueue``.
+
     >>> import segq, tempfile
     >>> path = tempfile.mkdtemp()
     >>> with segq.Sender(path, segment_size=1 << 16) as tx:
@@ -160,14 +212,19 @@ class Receiver:
     b'job 1'
     """
 
-    def __init__(self, path: StrPath, name: str = "default", *, sync: SyncPolicy = "never") -> None:
+    def __init__(
+        self, path: StrPath, name: str = "default", *, sync: SyncPolicy = "never", create: bool = False
+    ) -> None:
         self._closed = True
         self.path = os.fspath(path)
         self.name = check_name(name)
         self._sync_interval = parse_sync(sync)
-        self._control = Control(self.path)
+        require_queue(self.path, create=create, who="Receiver")
+        self._control = Control(self.path, segment_size=CONSUMER_SEGMENT_SIZE)
         self._lock = LockFile(cursor_path(self.path, "r", name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
+        self._directory_fd = -1
         try:
+            self._directory_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
             os.makedirs(os.path.dirname(self._lock.path), exist_ok=True)
             self._lock.acquire()
             self._cursor = register_cursor(self.path, "r", name)
@@ -182,11 +239,22 @@ class Receiver:
         except BaseException:
             self._lock.release()
             self._control.close()
+            if self._directory_fd >= 0:
+                os.close(self._directory_fd)
             raise
+        # Holding the directory open keeps its inode from being reused, so a
+        # queue deleted and made again at the same path has another identity.
+        directory = os.fstat(self._directory_fd)
+        self._identity = (directory.st_dev, directory.st_ino)
+        self._next_identity_check = 0.0
+        self._gone: str | None = None  # why the queue is no longer there, once noticed
         self._committed = position.segment << 32 | position.offset
         self._reader = RecordReader(self._control, self._committed, consumer=f"receiver {name!r}")
         self._next_record = self._reader.next
         self._pending: Message | Batch | None = None
+        self._waiting = 0  # the thread id of a recv waiting outside the lock, 0 for none
+        self._released = threading.Event()
+        self._mutex = threading.RLock()
         self._waiter: Waiter | None = None
         self._waker = Waker(self._control)
         self._dirty = False
@@ -198,8 +266,34 @@ class Receiver:
             self._sync_thread.start()
         close_at_exit(self)
 
+    # -- waiting (outside the lock; see "Threads" above) --------------------
+
+    def _begin_wait(self) -> int:
+        """Mark a wait outstanding (hold the lock); return the read position to put back if it fails."""
+        self._waiting = threading.get_ident()
+        return self._reader.position
+
+    def _end_wait(self, start: int, pending: Message | Batch | None) -> None:
+        """End the wait (hold the lock): make ``pending`` pending, or put the read position back."""
+        self._waiting = 0
+        if self._closed:
+            self._reader.position = start
+            self._release()  # close() left it to us
+            raise Closed(f"receiver {self.name!r} was closed while waiting")
+        if pending is None:
+            self._reader.position = start
+        else:
+            self._pending = pending
+
+    def _wait_ready(self) -> bool:
+        """Tell whether a waiting recv should stop waiting: a record, ``close``, or the queue gone."""
+        return self._reader.available() or self._closed or self._queue_gone()
+
     def _wait_for_record(self, timeout: float | None, *, peek: bool = False) -> bytes:
-        """Block until a record is readable and return it (``peek``: leave it unread); ``Empty`` at the deadline."""
+        """Block until a record is readable and return it (``peek``: leave it unread); ``Empty`` at the deadline.
+
+        Runs without the lock, with ``_waiting`` set (no other call moves the reader meanwhile).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         waiter = self._data_waiter()
         while True:
@@ -207,7 +301,11 @@ class Receiver:
             # onto an end-of-segment marker), so wait until a read succeeds.
             # The flag stays up on return: a receiver that waits for every
             # record (a slow stream) keeps it up and pays no syscalls for it.
-            if not waiter.wait(DATA_WAITERS, self._reader.available, deadline, keep_raised=True):
+            ready = waiter.wait(DATA_WAITERS, self._wait_ready, deadline, keep_raised=True)
+            if self._closed:
+                raise Closed(f"receiver {self.name!r} was closed while waiting")
+            self._raise_if_gone()
+            if not ready:
                 raise Empty(f"no record in {self.path} after {timeout} s")
             position = self._reader.position
             data = self._next_record()
@@ -215,6 +313,33 @@ class Receiver:
                 if peek:
                     self._reader.position = position
                 return data
+
+    def _queue_gone(self) -> bool:
+        """Tell whether the queue directory was deleted or replaced (looks at most once a second)."""
+        if self._gone is not None:
+            return True
+        now = time.monotonic()
+        if now < self._next_identity_check:
+            return False
+        self._next_identity_check = now + _IDENTITY_CHECK_SECONDS
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            self._gone = "was deleted"
+            return True
+        except OSError:
+            return False  # not a verdict: look again next time
+        if (found.st_dev, found.st_ino) != self._identity:
+            self._gone = "was deleted and another directory took its place"
+            return True
+        return False
+
+    def _raise_if_gone(self) -> None:
+        if self._gone is not None:
+            raise SegqError(
+                f"the queue at {self.path} {self._gone} while receiver {self.name!r} waited: "
+                "no record can arrive in the old one; open a new Receiver to read the queue there now"
+            )
 
     # -- for segq.aio, which waits on an event loop instead of in poll() --
 
@@ -225,8 +350,8 @@ class Receiver:
         return self._waiter
 
     def _data_ready(self) -> bool:
-        """Tell, without blocking, whether a record lies past the read position."""
-        return self._reader.available()
+        """Tell, without blocking, whether a record lies past the read position (or the queue is gone)."""
+        return self._reader.available() or self._queue_gone()
 
     def _check_ready(self) -> None:
         if self._closed:
@@ -234,7 +359,12 @@ class Receiver:
         if self._pending is not None:
             raise UsageError(
                 f"receiver {self.name!r} already has a pending {type(self._pending).__name__.lower()}: "
-                "commit or roll it back first"
+                "commit or roll it back first (for parallel consumers use segq.WorkQueue)"
+            )
+        if self._waiting:
+            raise UsageError(
+                f"another thread is already waiting in recv on receiver {self.name!r}: a Receiver is one consumer "
+                "(for parallel consumers use segq.WorkQueue)"
             )
 
     # -- the public reading calls ----------------------------------------
@@ -243,55 +373,96 @@ class Receiver:
         """Return the next message, waiting for one; raise ``Empty`` after ``timeout`` seconds.
 
         The message is pending until you commit or roll it back (or leave its
-        ``with`` block).  Raises ``UsageError`` if one is already pending.
+        ``with`` block).  Raises ``UsageError`` if one is already pending, or
+        if another thread is waiting in ``recv`` on this receiver; ``Closed``
+        if the receiver is closed meanwhile; ``SegqError`` if the queue
+        directory is deleted (or replaced) while waiting.
         """
-        if self._pending is not None or self._closed:
-            self._check_ready()
-        data = self._next_record()
-        if data is None:
+        # acquire/release, not ``with``: half the cost on the hot paths.
+        self._mutex.acquire()
+        try:
+            if self._pending is not None or self._closed or self._waiting:
+                self._check_ready()
+            data = self._next_record()
+            if data is not None:
+                if self._waiter is not None and self._waiter.raised:
+                    self._waiter.lower_flag(DATA_WAITERS)  # busy now: sends need not wake us
+                end = self._reader.position
+                message = Message(self, data, end - HEADER_SIZE - len(data), end)
+                self._pending = message
+                return message
+            start = self._begin_wait()
+        finally:
+            self._mutex.release()
+        try:
             data = self._wait_for_record(timeout)
-        elif self._waiter is not None and self._waiter.raised:
-            self._waiter.lower_flag(DATA_WAITERS)  # busy now: sends need not wake us
-        end = self._reader.position
-        message = Message(self, data, end - HEADER_SIZE - len(data), end)
-        self._pending = message
+            end = self._reader.position
+            message = Message(self, data, end - HEADER_SIZE - len(data), end)
+        except BaseException:
+            with self._mutex:
+                self._end_wait(start, None)
+            raise
+        with self._mutex:
+            self._end_wait(start, message)
         return message
 
     def try_recv(self) -> Message | None:
         """Return the next message if one is ready, else None; never blocks."""
-        self._check_ready()
-        data = self._next_record()
-        if data is None:
-            return None
-        message = Message(self, data, self._reader.position - HEADER_SIZE - len(data), self._reader.position)
-        self._pending = message
-        return message
+        self._mutex.acquire()
+        try:
+            if self._pending is not None or self._closed or self._waiting:
+                self._check_ready()
+            data = self._next_record()
+            if data is None:
+                return None
+            end = self._reader.position
+            message = Message(self, data, end - HEADER_SIZE - len(data), end)
+            self._pending = message
+            return message
+        finally:
+            self._mutex.release()
 
     def recv_batch(self, max_count: int, timeout: float | None = None) -> Batch:
         """Return 1 to ``max_count`` messages: as many as are ready once the first is.
 
-        Raises ``Empty`` if none arrives within ``timeout`` seconds.
+        Raises ``Empty`` if none arrives within ``timeout`` seconds, and
+        ``UsageError`` as ``recv`` does.
         """
-        self._check_ready()
-        if max_count < 1:
-            raise UsageError(f"recv_batch needs max_count >= 1, not {max_count}")
-        records, runs = self._reader.next_many(max_count)
-        if not records:
+        with self._mutex:
+            self._check_ready()
+            if max_count < 1:
+                raise UsageError(f"recv_batch needs max_count >= 1, not {max_count}")
+            records, runs = self._reader.next_many(max_count)
+            if records:
+                if self._waiter is not None and self._waiter.raised:
+                    self._waiter.lower_flag(DATA_WAITERS)  # busy now: sends need not wake us
+                batch = self._make_batch(records, runs)
+                self._pending = batch
+                return batch
+            start = self._begin_wait()
+        try:
             self._wait_for_record(timeout, peek=True)
             records, runs = self._reader.next_many(max_count)
-        elif self._waiter is not None and self._waiter.raised:
-            self._waiter.lower_flag(DATA_WAITERS)  # busy now: sends need not wake us
+            batch = self._make_batch(records, runs)
+        except BaseException:
+            with self._mutex:
+                self._end_wait(start, None)
+            raise
+        with self._mutex:
+            self._end_wait(start, batch)
+        return batch
+
+    def _make_batch(self, records: list[bytes], runs: list[tuple[int, int]]) -> Batch:
         messages: list[Message] = []
         append = messages.append
+        in_batch = _InBatch(self.path)
         runs.append((len(records), 0))
         for (first, position), (following, _) in zip(runs, runs[1:]):
             for data in records[first:following]:
                 end = position + HEADER_SIZE + len(data)
-                append(Message(_IN_BATCH, data, position, end))  # type: ignore[arg-type]
+                append(Message(in_batch, data, position, end))  # type: ignore[arg-type]
                 position = end
-        batch = Batch(self, messages, runs[0][1], self._reader.position)
-        self._pending = batch
-        return batch
+        return Batch(self, messages, runs[0][1], self._reader.position)
 
     def __iter__(self) -> Iterator[Message]:
         """Yield messages forever; each is committed when the loop asks for the next one.
@@ -305,52 +476,75 @@ class Receiver:
                 yield message
                 finished = True
             finally:
-                if message.pending and not self._closed:
-                    if finished:
-                        message.commit()
-                    else:
-                        message.rollback()
+                self._settle_if_pending(message, finished)
 
     # -- commit and rollback ---------------------------------------------
 
     def _commit(self, item: Message | Batch, end: int) -> None:
-        if self._pending is not item:
-            raise UsageError("this message is not pending: it was already committed or rolled back")
-        self._pending = None
-        previous_segment = self._committed >> 32
-        self._committed = end
-        self._cursor.write_at(end >> 32, end & 0xFFFF_FFFF)
-        if self._sync_interval == 0.0:
-            self._cursor.sync()
-        else:
-            self._dirty = True
-        if end >> 32 != previous_segment:
-            delete_consumed_segments(self.path)
-        if self._control.bytes[ROOM_WAITING]:
-            self._waker.wake(ROOM_WAITERS)
+        self._mutex.acquire()
+        try:
+            if self._pending is not item:
+                self._not_pending()
+            self._pending = None
+            previous_segment = self._committed >> 32
+            self._committed = end
+            self._cursor.write_at(end >> 32, end & 0xFFFF_FFFF)
+            if self._sync_interval == 0.0:
+                self._cursor.sync()
+            else:
+                self._dirty = True
+            if end >> 32 != previous_segment:
+                delete_consumed_segments(self.path)
+            if self._control.bytes[ROOM_WAITING]:
+                self._waker.wake(ROOM_WAITERS)
+        finally:
+            self._mutex.release()
 
     def _rollback(self, item: Message | Batch, start: int) -> None:
-        if self._pending is not item:
-            raise UsageError("this message is not pending: it was already committed or rolled back")
-        self._pending = None
-        self._reader.position = start
+        with self._mutex:
+            if self._pending is not item:
+                self._not_pending()
+            self._pending = None
+            self._reader.position = start
+
+    def _not_pending(self) -> None:
+        if self._closed:
+            raise Closed(f"receiver {self.name!r} is closed (closing rolled back what was pending)")
+        raise UsageError("this message is not pending: it was already committed or rolled back")
+
+    def _settle_if_pending(self, item: Message | Batch, commit: bool) -> None:
+        """Commit (or roll back) ``item`` if it is still pending; else do nothing.  One atomic step."""
+        with self._mutex:
+            if self._pending is not item:
+                return
+            if commit:
+                self._commit(item, item._end)
+            else:
+                self._rollback(item, item._start)
 
     def commit(self) -> None:
         """Commit the pending message or batch."""
-        if self._pending is None:
-            raise UsageError(f"receiver {self.name!r} has nothing pending to commit")
-        self._pending.commit()
+        with self._mutex:
+            if self._pending is None:
+                if self._closed:
+                    self._not_pending()
+                raise UsageError(f"receiver {self.name!r} has nothing pending to commit")
+            self._pending.commit()
 
     def rollback(self) -> None:
         """Roll back the pending message or batch."""
-        if self._pending is None:
-            raise UsageError(f"receiver {self.name!r} has nothing pending to roll back")
-        self._pending.rollback()
+        with self._mutex:
+            if self._pending is None:
+                if self._closed:
+                    self._not_pending()
+                raise UsageError(f"receiver {self.name!r} has nothing pending to roll back")
+            self._pending.rollback()
 
     @property
     def committed_position(self) -> Position:
         """The position after the last committed message."""
-        return Position(self._committed >> 32, self._committed & 0xFFFF_FFFF)
+        committed = self._committed  # one load: a concurrent commit changes it whole
+        return Position(committed >> 32, committed & 0xFFFF_FFFF)
 
     # -- lifetime --------------------------------------------------------
 
@@ -381,23 +575,48 @@ class Receiver:
             lock.release()
 
     def close(self) -> None:
-        """Release the receiver: a pending message is rolled back (it will come again).  Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._pending = None
-        if self._sync_thread is not None:
-            self._stop_syncing.set()
-            self._sync_thread.join()
-        if self._sync_interval is not None:
-            self._cursor.sync()
-        if self._waiter is not None:
-            self._waiter.close()
-        self._waker.close()
-        self._reader.close()
-        self._cursor.close()
-        self._lock.release()
-        self._control.close()
+        """Release the receiver: a pending message is rolled back (it will come again).  Idempotent.
+
+        A ``recv`` waiting in another thread is woken and raises ``Closed``;
+        ``close`` returns once it has let go of the files.
+        """
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            self._pending = None
+            waiting = self._waiting
+            if not waiting:
+                self._release()
+                return
+            waiter = self._waiter
+        # A recv is waiting: wake it; it releases everything as its wait ends.
+        if waiter is not None and waiter.fd >= 0:
+            try:
+                os.write(waiter.fd, b"\x01")
+            except OSError:
+                pass  # its FIFO is full of wake-ups: it is awake anyway
+        if waiting != threading.get_ident():  # not a signal handler interrupting that very wait
+            self._released.wait()
+
+    def _release(self) -> None:
+        """Let go of every file and thread (hold the lock; nobody waits)."""
+        try:
+            if self._sync_thread is not None:
+                self._stop_syncing.set()
+                self._sync_thread.join()
+            if self._sync_interval is not None:
+                self._cursor.sync()
+            if self._waiter is not None:
+                self._waiter.close()
+            self._waker.close()
+            self._reader.close()
+            self._cursor.close()
+            self._lock.release()
+            self._control.close()
+            os.close(self._directory_fd)
+        finally:
+            self._released.set()  # a close() in another thread waits for this, whatever happened
 
     def __enter__(self) -> "Receiver":
         return self

@@ -616,7 +616,7 @@ class ClearReport:
         }
 
 
-def clear(path: StrPath) -> ClearReport:
+def clear(path: StrPath, *, progress: Progress | None = None) -> ClearReport:
     """Drop every record in the queue: every receiver moves to the tail, consumed segments are deleted.
 
     If no process has the queue open, the last segment is sealed and a new
@@ -624,7 +624,9 @@ def clear(path: StrPath) -> ClearReport:
     registered later).  If senders are live, receivers move to the tail
     they published; records sent after that are kept.  Raises ``Locked`` if a
     live Receiver holds the queue; refuses a queue with work-queue groups
-    (remove them first with ``segq.WorkQueue.remove``).
+    (remove them first with ``segq.WorkQueue.remove`` or ``segq remove-group``).
+    Counting the records dropped reads them: ``progress(n)`` is called as
+    ``n`` bytes are read.
     """
     queue_dir = existing_queue(path)
     cursors = list_cursors(queue_dir)
@@ -632,7 +634,7 @@ def clear(path: StrPath) -> ClearReport:
     if groups:
         raise SegqError(
             f"{queue_dir} has work-queue groups ({', '.join(groups)}); clear handles receivers only: "
-            "remove the groups first (segq.WorkQueue.remove)"
+            f"remove the groups first (`segq remove-group {queue_dir} GROUP`, or segq.WorkQueue.remove)"
         )
     receiver_names = [name for kind, name, _ in cursors if kind == "r"]
     locks = []
@@ -641,18 +643,20 @@ def clear(path: StrPath) -> ClearReport:
             lock = LockFile(receiver_lock_path(queue_dir, name), what=f"receiver {name!r}")
             lock.acquire()
             locks.append(lock)
-        return _clear_locked(queue_dir, receiver_names)
+        return _clear_locked(queue_dir, receiver_names, progress)
     finally:
         for lock in locks:
             lock.release()
 
 
-def _clear_locked(queue_dir: str, receiver_names: list[str]) -> ClearReport:
+def _clear_locked(queue_dir: str, receiver_names: list[str], progress: Progress | None) -> ClearReport:
     from ._state import _retention_lock
 
     report = ClearReport(queue_dir)
-    before = info(queue_dir)
-    report.dropped_records = max((consumer.backlog_records for consumer in before.consumers), default=before.records)
+    before = info(queue_dir, scan=True, progress=progress)
+    report.dropped_records = max(
+        (consumer.backlog_records or 0 for consumer in before.consumers), default=before.records or 0
+    )
     control = _ControlHold(queue_dir, create=True)
     try:
         scans = QueueScans(queue_dir)

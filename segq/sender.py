@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from types import TracebackType
-from typing import Iterable, Union
+from typing import Iterable, Mapping, Union
 
 from . import _format, _segment
 from ._control import (
@@ -41,6 +41,7 @@ from ._control import (
     split_word,
 )
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE, as_payload
+from ._headers import Framed, HeaderValue, frame_body
 from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._segment import MappedSegment, StrPath
@@ -53,7 +54,10 @@ __all__ = ["Sender", "SyncPolicy", "parse_sync", "DEFAULT_MAX_RECORD_SIZE"]
 SyncPolicy = Union[str, float, int]
 DEFAULT_MAX_RECORD_SIZE = 8 << 20
 _MIN_SEGMENT_SIZE = 256
+_MAX_BATCH = (1 << 32) - mmap.PAGESIZE - SEGMENT_HEADER_SIZE - HEADER_SIZE  # what one segment can address
 _registration_counter = itertools.count()
+Headers = Mapping[str, HeaderValue]
+BatchItem = Union[bytes, bytearray, memoryview, "tuple[bytes | bytearray | memoryview, Headers | None]"]
 _frame_into = _format.frame_into
 
 
@@ -138,6 +142,8 @@ class Sender:
         self._sync_thread_lock = threading.Lock()
         self._sync_file = open(os.path.join(self.path, "segq.sync.lock"), "a+b")
         self._room_floor = Position.bottom(0)
+        self._segment_sizes: dict[int, int] = {}  # segments grow (next_segment_size): sizes differ
+        self._span = (-1, -1, 0)  # (first, last, bytes of segments first..last-1), the last one asked for
         self._closed = False
         self._stop_syncing = threading.Event()
         self._sync_thread: threading.Thread | None = None
@@ -148,17 +154,23 @@ class Sender:
 
     # -- sending ---------------------------------------------------------
 
-    def send(self, data: bytes, timeout: float | None = None) -> None:
+    def send(self, data: bytes, timeout: float | None = None, headers: Headers | None = None) -> None:
         """Append one record; when this returns it survives a crash of this process.
 
-        Raises ``RecordTooLarge`` (nothing written) past ``max_record_size``,
+        ``headers`` (str keys, bytes or str values) travel with the record,
+        checksummed with it and counted in ``max_record_size``.  Raises
+        ``RecordTooLarge`` (nothing written) past ``max_record_size``,
         ``Full`` if ``timeout`` runs out while the backlog is at
         ``max_queue_bytes``, ``Closed`` after ``close()``.
         """
+        # ``headers`` is positional-or-keyword: a keyword-only default costs a
+        # dict lookup on every call, and the plain path pays only this test.
+        if headers is not None:
+            data = _with_headers(data, headers)
         # The hot path: every attribute it needs is cached on self, and the
         # segment bounds are kept as tail words so one compare checks both
         # "still the same segment" and "the record fits".
-        if type(data) is not bytes:
+        if type(data) is not bytes and type(data) is not Framed:  # a Framed is segq's own record with headers
             data = as_payload(data)
         size = len(data)
         if size > self._size_limit:
@@ -196,17 +208,21 @@ class Sender:
             limit=self.max_record_size,
         )
 
-    def send_batch(self, records: Iterable[bytes], timeout: float | None = None) -> None:
+    def send_batch(self, records: Iterable[BatchItem], timeout: float | None = None) -> None:
         """Append many records as one atomic, contiguous write.
 
+        Each item is a record's data, or a ``(data, headers)`` pair.
+
         A receiver sees all of them, in order, with no other sender's records
-        between, or none.  If any record is too large, or the whole batch does
-        not fit in one segment, ``RecordTooLarge`` is raised and nothing is
-        written.  An empty batch writes nothing.
+        between, or none.  A batch larger than ``segment_size`` gets a segment
+        of its own, as large as it needs.  If any record is over
+        ``max_record_size`` (or the batch over the 4 GiB a segment can
+        address), ``RecordTooLarge`` is raised and nothing is written.  An
+        empty batch writes nothing.
         """
         if self._closed:
             raise Closed("send_batch() on a closed Sender")
-        payloads = [record if type(record) is bytes else as_payload(record) for record in records]
+        payloads = [record if type(record) is bytes else batch_payload(record) for record in records]
         if not payloads:
             return
         for payload in payloads:
@@ -218,13 +234,12 @@ class Sender:
                     limit=self.max_record_size,
                 )
         blob = _format.encode_batch(payloads)
-        capacity = self.segment_size - SEGMENT_HEADER_SIZE - HEADER_SIZE
-        if len(blob) > capacity:  # the framed batch must fit in one segment
+        if len(blob) > _MAX_BATCH:  # a batch is in one segment, and offsets in a segment are 32-bit
             raise RecordTooLarge(
-                f"batch of {len(payloads)} records ({len(blob)} bytes framed) does not fit in one "
-                f"{self.segment_size}-byte segment; nothing was written (send it in smaller batches)",
+                f"batch of {len(payloads)} records ({len(blob)} bytes framed) is over the {_MAX_BATCH} bytes "
+                "one segment can hold; nothing was written (send it in smaller batches)",
                 size=len(blob),
-                limit=capacity,
+                limit=_MAX_BATCH,
             )
         if self.max_queue_bytes is not None:
             self._wait_for_room(len(blob), timeout)
@@ -270,7 +285,8 @@ class Sender:
             return word
         following = number + 1
         durable = self._sync_interval is not None
-        if not _segment.create_segment(self.path, following, self.segment_size, durable=durable):
+        size = _segment.next_segment_size(window.size, self.segment_size, needed)
+        if not _segment.create_segment(self.path, following, size, durable=durable):
             self._clear_abandoned_segment(following)
         self._show(offset, HEADER_SIZE)
         self._segment_map[offset - window.start : offset - window.start + HEADER_SIZE] = END_MARKER
@@ -341,7 +357,24 @@ class Sender:
             self._room_floor = self._consumed_floor()
         tail_segment, tail_offset = self._control.tail()
         floor = self._room_floor
-        return (tail_segment - floor.segment) * self.segment_size + tail_offset - floor.offset
+        return self._bytes_of_segments(floor.segment, tail_segment) + tail_offset - floor.offset
+
+    def _bytes_of_segments(self, first: int, last: int) -> int:
+        """Return the total size of segments ``first`` to ``last - 1``, each file's size looked up once."""
+        if self._span[:2] != (first, last):
+            sizes = self._segment_sizes
+            for number in [number for number in sizes if number < first]:
+                del sizes[number]
+            total = 0
+            for number in range(first, last):
+                if number not in sizes:
+                    try:
+                        sizes[number] = os.path.getsize(_segment.segment_path(self.path, number))
+                    except FileNotFoundError:
+                        sizes[number] = self.segment_size  # consumed meanwhile: count it at most this large
+                total += sizes[number]
+            self._span = (first, last, total)
+        return self._span[2]
 
     def _consumed_floor(self) -> Position:
         positions = []
@@ -475,3 +508,24 @@ class Sender:
         return f"<segq.Sender {self.path!r} {state}>"
 
 
+
+
+def _with_headers(data: object, headers: Headers) -> bytes:
+    """Return the body of a record with ``headers``: a Framed, or plain data when ``headers`` is empty."""
+    payload = data if type(data) is bytes else as_payload(data)
+    body = frame_body(payload, headers)  # validates, and raises the clear error for what is not a dict
+    return body if headers else payload
+
+
+def batch_payload(record: object) -> bytes:
+    """Return the payload of a batch item: plain data, a ``(data, headers)`` pair, or a ``Framed`` body."""
+    if type(record) is Framed:
+        return record
+    if isinstance(record, tuple):
+        if len(record) != 2:
+            raise SegqError(f"a batch item is data or a (data, headers) pair, not a {len(record)}-tuple")
+        data, headers = record
+        if headers is None or (isinstance(headers, Mapping) and not headers):
+            return as_payload(data)  # no headers: not one byte more than a plain record
+        return frame_body(as_payload(data), headers)
+    return as_payload(record)

@@ -65,7 +65,7 @@ from ._claims import (
     load_state,
     replay,
 )
-from ._control import DATA_WAITERS, DATA_WAITING, TAIL, WORD, Control
+from ._control import CONSUMER_SEGMENT_SIZE, DATA_WAITERS, DATA_WAITING, TAIL, WORD, Control, require_queue
 from ._deadletter import DeadLetter, dead_letter_path, dead_letter_segment_size
 from ._format import HEADER_SIZE
 from ._groupadmin import GroupRecovery, group_dir, group_info, list_groups, recover_group, requeue_dead
@@ -138,7 +138,8 @@ class WorkQueue:
     ``<path>/dead/<group>``).  ``sync`` (``"never"``, ``"always"`` or seconds)
     decides when the group's journal is flushed to stable storage; a SIGKILL
     never loses an operation that returned.  ``clock`` (default ``time.time``)
-    is the wall clock leases are measured in.
+    is the wall clock leases are measured in.  A missing ``path`` raises
+    ``SegqError`` unless ``create=True`` (a WorkQueue does not create a queue).
 
     A WorkQueue may be shared by the threads of a process; many processes may
     open the same group.
@@ -163,6 +164,7 @@ class WorkQueue:
         dead_letter: StrPath | None = None,
         sync: SyncPolicy = "never",
         clock: Callable[[], float] = time.time,
+        create: bool = False,
         _owner: Owner | None = None,
     ) -> None:
         self._closed = True
@@ -181,7 +183,8 @@ class WorkQueue:
         self._clock = clock
         self._owner: Owner = _owner if _owner is not None else my_owner()
         self._group_dir = group_dir(self.path, group)
-        self._control = Control(self.path)
+        require_queue(self.path, create=create, who="WorkQueue")  # a typo'd path is an error, not a new queue
+        self._control = Control(self.path, segment_size=CONSUMER_SEGMENT_SIZE)
         self._files: list[int] = []
         try:
             os.makedirs(self._group_dir, exist_ok=True)

@@ -1,4 +1,4 @@
-"""AsyncSender and AsyncReceiver as API.md's asyncio section describes them.
+"""AsyncSender and AsyncReceiver as their docstrings and the README's asyncio section describe them.
 
 Every wait here is bounded generously and nothing asserts on elapsed time:
 where a test must prove that a wake-up came through the FIFO (and not from
@@ -150,7 +150,7 @@ async def test_async_for_commits_when_asked_for_the_next_and_gives_back_on_break
 
 
 async def test_timeouts_raise_empty(queue_dir: pathlib.Path) -> None:
-    async with segq.AsyncReceiver(queue_dir) as rx:
+    async with segq.AsyncReceiver(queue_dir, create=True) as rx:
         with pytest.raises(segq.Empty):
             await rx.recv(timeout=0)
         with pytest.raises(queue.Empty):
@@ -166,7 +166,7 @@ async def test_timeouts_raise_empty(queue_dir: pathlib.Path) -> None:
 
 
 async def test_a_send_from_another_process_wakes_a_waiting_recv(queue_dir: pathlib.Path, no_safety_net: None) -> None:
-    async with segq.AsyncReceiver(queue_dir) as rx:
+    async with segq.AsyncReceiver(queue_dir, create=True) as rx:
         task = asyncio.create_task(rx.recv())
         await eventually(lambda: is_waiting(rx), "the receiver to wait")
         child = start_child_sender(queue_dir, 1)
@@ -182,7 +182,7 @@ async def test_a_send_from_another_process_wakes_a_waiting_recv(queue_dir: pathl
 async def test_many_receivers_of_different_names_wait_in_one_loop_without_threads_or_polling(
     queue_dir: pathlib.Path, no_safety_net: None
 ) -> None:
-    receivers = [segq.AsyncReceiver(queue_dir, f"consumer-{number}") for number in range(20)]
+    receivers = [segq.AsyncReceiver(queue_dir, f"consumer-{number}", create=True) for number in range(20)]
     checks = [0] * len(receivers)
     for number, rx in enumerate(receivers):
         data_ready = rx._receiver._data_ready
@@ -281,7 +281,7 @@ async def test_asyncio_timeout_times_out_cleanly(queue_dir: pathlib.Path) -> Non
 
 async def test_a_storm_of_timeouts_loses_and_repeats_nothing(queue_dir: pathlib.Path) -> None:
     count = 300
-    async with segq.AsyncReceiver(queue_dir) as rx:
+    async with segq.AsyncReceiver(queue_dir, create=True) as rx:
         child = start_child_sender(queue_dir, count, pause=0.0005)
         received: list[bytes] = []
         timeouts = 0
@@ -310,7 +310,7 @@ async def test_a_storm_of_timeouts_loses_and_repeats_nothing(queue_dir: pathlib.
 
 
 async def test_two_tasks_cannot_wait_on_one_receiver(queue_dir: pathlib.Path) -> None:
-    async with segq.AsyncReceiver(queue_dir) as rx:
+    async with segq.AsyncReceiver(queue_dir, create=True) as rx:
         first = asyncio.create_task(rx.recv())
         await eventually(lambda: is_waiting(rx), "the receiver to wait")
         with pytest.raises(segq.UsageError, match="already waiting"):
@@ -322,7 +322,7 @@ async def test_two_tasks_cannot_wait_on_one_receiver(queue_dir: pathlib.Path) ->
 
 
 async def test_closing_wakes_a_waiting_recv_with_closed(queue_dir: pathlib.Path) -> None:
-    rx = segq.AsyncReceiver(queue_dir)
+    rx = segq.AsyncReceiver(queue_dir, create=True)
     task = asyncio.create_task(rx.recv())
     await eventually(lambda: is_waiting(rx), "the receiver to wait")
     fd = rx._receiver._data_waiter().fileno()
@@ -346,7 +346,7 @@ async def test_backpressure_waits_on_the_loop_and_a_cancelled_send_writes_nothin
     queue_dir: pathlib.Path, no_safety_net: None
 ) -> None:
     record = b"x" * 50
-    async with segq.AsyncReceiver(queue_dir) as rx, segq.AsyncSender(queue_dir, max_queue_bytes=200) as tx:
+    async with segq.AsyncReceiver(queue_dir, create=True) as rx, segq.AsyncSender(queue_dir, max_queue_bytes=200) as tx:
         sent = 0
         with pytest.raises(segq.Full):
             while True:

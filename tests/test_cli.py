@@ -129,9 +129,13 @@ def test_recv_follow_waits_until_count_or_timeout(queue_dir: pathlib.Path) -> No
     assert ok("recv", queue_dir, "--timeout", "0.05").stdout == ""
 
 
-def test_recv_refuses_a_missing_queue_unless_following(tmp_path: pathlib.Path) -> None:
+def test_recv_refuses_a_missing_queue_unless_told_to_create_it(tmp_path: pathlib.Path) -> None:
     assert "no queue at" in fails("recv", tmp_path / "missing")
-    assert ok("recv", tmp_path / "later", "--follow", "--timeout", "0.01").stdout == ""
+    assert "--create" in fails("recv", tmp_path / "typo", "--follow", "--timeout", "0.01")
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "typo").exists()
+    assert ok("recv", tmp_path / "later", "--follow", "--create", "--timeout", "0.01").stdout == ""
+    segments = sorted((tmp_path / "later").glob("*.seg"))
+    assert len(segments) == 1 and segments[0].stat().st_size <= 1 << 20  # no 64 MiB preallocated
 
 
 def test_recv_names_the_live_holder_of_its_name(queue_dir: pathlib.Path) -> None:
@@ -147,12 +151,12 @@ def test_info_text_and_json(queue_dir: pathlib.Path) -> None:
     ok("send", queue_dir, "--segment-size", "4096", input=b"".join(b"%03d\n" % n for n in range(400)))
     ok("recv", queue_dir, "-n", 10)
     pid = killed_receiver(queue_dir)
-    text = ok("info", queue_dir).stdout
-    assert "(format 1)" in text
+    text = ok("info", queue_dir, "--scan").stdout
+    assert "(format 2)" in text
     assert "receiver   default at segment 0" in text and "390 records" in text
     assert f"PID {pid} (dead" in text
-    data = json.loads(ok("info", queue_dir, "--json").stdout)
-    assert data["format_version"] == 1 and data["records"] == 400
+    data = json.loads(ok("info", queue_dir, "--json", "--scan").stdout)
+    assert data["format_version"] == 2 and data["records"] == 400
     assert data["consumers"][0]["backlog_records"] == 390
     assert data["locks"] == [
         {
@@ -207,7 +211,7 @@ def test_recover_text_json_dry_run_and_loss(queue_dir: pathlib.Path) -> None:
     ok("send", queue_dir, "--segment-size", "4096", input=b"".join(b"%03d\n" % n for n in range(1000)))
     ok("recv", queue_dir, "-n", 3)
     pid = killed_receiver(queue_dir)
-    first_segment = json.loads(ok("info", queue_dir, "--json").stdout)["segments"][0]["records"]
+    first_segment = json.loads(ok("info", queue_dir, "--json", "--scan").stdout)["segments"][0]["records"]
     text = ok("recover", queue_dir, "--dry-run").stdout
     assert "dry run, nothing changed" in text and f"dead PID {pid}" in text
     assert (queue_dir / "cursors" / "r.default.lock").exists()
@@ -231,7 +235,7 @@ def test_recover_text_json_dry_run_and_loss(queue_dir: pathlib.Path) -> None:
 
 def test_recv_stops_right_at_damage_and_recover_loss_moves_it_past(queue_dir: pathlib.Path) -> None:
     ok("send", queue_dir, "--segment-size", "4K", input=b"".join(b"%d\n" % n for n in range(1000)))
-    numbers_in = json.loads(ok("info", queue_dir, "--json").stdout)["segments"][0]["records"]
+    numbers_in = json.loads(ok("info", queue_dir, "--json", "--scan").stdout)["segments"][0]["records"]
     with open(segment_path(queue_dir, 1), "r+b") as segment:  # a payload byte of segment 1's 6th record
         segment.seek(SEGMENT_HEADER_SIZE + 5 * (HEADER_SIZE + 3) + HEADER_SIZE)
         segment.write(b"?")
@@ -252,7 +256,7 @@ def test_recover_of_an_unknown_name_says_so(queue_dir: pathlib.Path) -> None:
         "no receiver named 'ghost' is registered (registered: worker)"
         in ok("recover", queue_dir, "--name", "ghost").stdout
     )
-    assert "bad receiver name" in fails("recover", queue_dir, "--name", "../etc")
+    assert "bad receiver name" in fails("recover", queue_dir, "--name", "../etc", code=2)
 
 
 def test_unlock_removes_dead_locks_and_names_live_holders(queue_dir: pathlib.Path) -> None:

@@ -1,4 +1,4 @@
-"""The golden queue pins format version 1: today's code reads it and writes the same bytes."""
+"""The golden queues pin the format: today's code reads every version and writes version 2's bytes."""
 
 from __future__ import annotations
 
@@ -12,15 +12,33 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent / "data"))
 import make_golden  # noqa: E402
 
 
+def read_all(queue: pathlib.Path) -> list[tuple[bytes, dict[str, bytes]]]:
+    got = []
+    with segq.Receiver(queue) as rx:
+        while (msg := rx.try_recv()) is not None:
+            got.append((msg.data, msg.headers))
+            msg.commit()
+    return got
+
+
 def test_the_golden_queue_reads_from_its_saved_position(tmp_path: pathlib.Path) -> None:
     queue = tmp_path / "golden"
     shutil.copytree(make_golden.GOLDEN, queue)
-    with segq.Receiver(queue) as rx:
-        got = []
-        while (msg := rx.try_recv()) is not None:
-            got.append(msg.data)
-            msg.commit()
-    assert got == make_golden.RECORDS[2:]  # the first two were committed
+    assert read_all(queue) == make_golden.RECORDS[2:]  # the first two were committed
+
+
+def test_a_version_1_queue_still_reads_with_no_headers(tmp_path: pathlib.Path) -> None:
+    queue = tmp_path / "golden-v1"
+    shutil.copytree(make_golden.GOLDEN_V1, queue)
+    assert read_all(queue) == [(data, {}) for data in make_golden.RECORDS_V1[2:]]
+
+
+def test_a_version_1_queue_takes_records_with_headers_after_its_old_ones(tmp_path: pathlib.Path) -> None:
+    queue = tmp_path / "golden-v1"
+    shutil.copytree(make_golden.GOLDEN_V1, queue)
+    with segq.Sender(queue) as tx:
+        tx.send(b"new", headers={"k": b"v"})
+    assert read_all(queue) == [(data, {}) for data in make_golden.RECORDS_V1[2:]] + [(b"new", {"k": b"v"})]
 
 
 def test_today_writes_the_golden_bytes(tmp_path: pathlib.Path) -> None:

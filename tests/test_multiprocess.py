@@ -39,7 +39,7 @@ def consume(path: str, total: int, results: "multiprocessing.Queue[list[bytes]]"
 
 def test_producers_and_a_consumer_in_separate_processes(queue_dir: pathlib.Path) -> None:
     path = str(queue_dir)
-    segq.Receiver(path).close()  # register the receiver first so nothing is skipped
+    segq.Receiver(path, create=True).close()  # register the receiver first so nothing is skipped
     producers = 3
     results: multiprocessing.Queue[list[bytes]] = CONTEXT.Queue()
     consumer = CONTEXT.Process(target=consume, args=(path, producers * PER_PRODUCER, results))
@@ -68,7 +68,7 @@ def test_producers_and_a_consumer_in_separate_processes(queue_dir: pathlib.Path)
 
 
 def wait_and_receive(path: str, results: "multiprocessing.Queue[bytes]") -> None:
-    with segq.Receiver(path) as rx:
+    with segq.Receiver(path, create=True) as rx:  # started before the sender
         results.put(b"ready")
         with rx.recv(timeout=60) as msg:  # blocks: no polling, woken by the sender
             results.put(msg.data)

@@ -135,7 +135,7 @@ def test_a_follower_killed_mid_stream_and_restarted_loses_nothing(queue_dir: pat
 def recovery_backlog(queue_dir: pathlib.Path) -> int:
     from segq import recovery
 
-    return recovery.info(queue_dir).consumers[0].backlog_records
+    return recovery.info(queue_dir, scan=True).consumers[0].backlog_records
 
 
 def test_a_sender_killed_mid_stream_leaves_an_intact_prefix_and_a_restart_completes_it(
@@ -201,7 +201,7 @@ def test_sigterm_while_waiting_leaves_the_position_after_the_last_written_record
 
 
 def test_sigterm_stops_send_between_records(queue_dir: pathlib.Path) -> None:
-    segq.Receiver(queue_dir).close()
+    segq.Receiver(queue_dir, create=True).close()
     producer = segq_process("send", queue_dir, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert producer.stdin is not None

@@ -406,13 +406,18 @@ def test_info_counts_each_consumers_backlog_and_lists_lock_holders(queue_dir: pa
     consume(queue_dir, 2, name="slow")
     consume(queue_dir, PER_SEGMENT + 1, name="fast")
     pid = killed_child(f"import segq; sender = segq.Sender({str(queue_dir)!r}, segment_size={SMALL})")
-    snapshot = recovery.info(queue_dir)
+    snapshot = recovery.info(queue_dir, scan=True)
     backlogs = {consumer.name: (consumer.backlog_records, consumer.backlog_bytes) for consumer in snapshot.consumers}
+    summary = recovery.info(queue_dir)  # O(segments): the same bytes and tail, no record counts
+    assert {consumer.name: (consumer.backlog_records, consumer.backlog_bytes) for consumer in summary.consumers} == {
+        name: (None, size) for name, (_, size) in backlogs.items()
+    }
+    assert summary.records is None and summary.tail == snapshot.tail and not summary.scanned
     assert backlogs == {
         "fast": (PER_SEGMENT - 1, (PER_SEGMENT - 1) * RECORD),
         "slow": (PER_SEGMENT * 2 - 2, (PER_SEGMENT * 2 - 2) * RECORD),
     }
-    assert snapshot.records == PER_SEGMENT * 2 and snapshot.format_version == 1
+    assert snapshot.records == PER_SEGMENT * 2 and snapshot.format_version == 2
     assert snapshot.tail == segq.Position(1, record_offset(PER_SEGMENT))
     assert [(holder.pid, holder.alive, holder.what) for holder in snapshot.locks] == [(pid, False, "sender")]
     assert snapshot.bytes_on_disk > 0 and snapshot.segment_bytes == 2 * SMALL

@@ -12,10 +12,25 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from segq import _format
+from segq._headers import frame_body
 
 speedups = pytest.importorskip("segq._speedups")
 
 payloads = st.binary(max_size=300)
+# A record body: plain bytes, or a Framed body (a record with headers).
+bodies = st.one_of(
+    payloads,
+    st.builds(
+        frame_body,
+        payloads,
+        st.dictionaries(st.sampled_from(["trace-id", "k", "é", "content-type"]), st.binary(max_size=20), min_size=1),
+    ),
+)
+
+
+def typed(payloads: list[bytes]) -> list[tuple[type, bytes]]:
+    """Compare bodies with their types: a Framed equals the bytes it holds."""
+    return [(type(payload), payload) for payload in payloads]
 
 
 @given(st.binary(max_size=2000), st.integers(0, 2**32 - 1))
@@ -23,12 +38,12 @@ def test_crc32_matches_zlib(data: bytes, value: int) -> None:
     assert speedups.crc32(data, value) == zlib.crc32(data, value)
 
 
-@given(st.lists(payloads, max_size=30))
+@given(st.lists(bodies, max_size=30))
 def test_encode_batch_matches_python(batch: list[bytes]) -> None:
     assert speedups.encode_batch(batch) == _format._python_encode_batch(batch)
 
 
-@given(payloads, st.integers(0, 40))
+@given(bodies, st.integers(0, 40))
 def test_frame_into_matches_python(payload: bytes, offset: int) -> None:
     size = offset + len(payload) + 8 + 5
     c_target, py_target = bytearray(size), bytearray(size)
@@ -45,11 +60,13 @@ def test_frame_into_refuses_what_does_not_fit() -> None:
 
 @given(st.binary(max_size=200), st.integers(-5, 210), st.integers(0, 10))
 def test_decoding_any_bytes_matches_python(buffer: bytes, offset: int, count: int) -> None:
-    assert speedups.read_record(buffer, offset) == _format._read_record(buffer, offset)
-    assert speedups.decode_run(buffer, offset, count) == _format._decode_run(buffer, offset, count)
+    c_record, py_record = speedups.read_record(buffer, offset), _format._read_record(buffer, offset)
+    assert (type(c_record), c_record) == (type(py_record), py_record)
+    c_run, py_run = speedups.decode_run(buffer, offset, count), _format._decode_run(buffer, offset, count)
+    assert (typed(c_run[0]), c_run[1]) == (typed(py_run[0]), py_run[1])
 
 
-@given(st.lists(payloads, min_size=1, max_size=10), st.data())
+@given(st.lists(bodies, min_size=1, max_size=10), st.data())
 def test_decoding_framed_records_matches_python(batch: list[bytes], data: st.DataObject) -> None:
     framed = _format._python_encode_batch(batch)
     cut = data.draw(st.integers(0, len(framed)))
@@ -57,7 +74,10 @@ def test_decoding_framed_records_matches_python(batch: list[bytes], data: st.Dat
     if damaged and data.draw(st.booleans()):
         damaged[data.draw(st.integers(0, len(damaged) - 1))] ^= 0x40
     buffer = bytes(damaged)
-    assert speedups.decode_run(buffer, 0, 100) == _format._decode_run(buffer, 0, 100)
+    c_run, py_run = speedups.decode_run(buffer, 0, 100), _format._decode_run(buffer, 0, 100)
+    assert (typed(c_run[0]), c_run[1]) == (typed(py_run[0]), py_run[1])
+    if cut == len(framed) and buffer == framed:
+        assert typed(c_run[0]) == typed(batch) and c_run[1] == len(framed)
 
 
 def test_the_core_suite_passes_in_pure_python() -> None:
@@ -65,6 +85,7 @@ def test_the_core_suite_passes_in_pure_python() -> None:
     here = os.path.dirname(__file__)
     env = dict(os.environ, SEGQ_PURE_PYTHON="1")
     tests = ["test_format.py", "test_queue.py", "test_statemachine.py", "test_golden.py", "test_state.py"]
+    tests.append("test_headers.py")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(os.path.join(here, t) for t in tests)],
         env=env,
@@ -73,3 +94,37 @@ def test_the_core_suite_passes_in_pure_python() -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+header_names = st.one_of(st.text(max_size=8), st.sampled_from(["segq-x", "a\x00b", "\ud800", "trace-id"]), st.just(b"k"))
+header_values = st.one_of(st.binary(max_size=20), st.text(max_size=8), st.just(5), st.just(bytearray(b"v")))
+
+
+@given(st.dictionaries(header_names, header_values, max_size=5), st.booleans())
+def test_encode_headers_matches_python_or_leaves_the_error_to_it(headers: dict, allow_reserved: bool) -> None:
+    from segq import _headers
+    from segq.errors import SegqError
+
+    block = speedups.encode_headers(headers, allow_reserved)
+    try:
+        expected = _headers._encode_headers(headers, allow_reserved)
+    except SegqError:
+        assert block is None
+    else:
+        assert block is None or block == expected
+
+
+@given(st.binary(max_size=80), st.dictionaries(st.text(min_size=1, max_size=6), st.binary(max_size=10), max_size=4))
+def test_split_body_matches_python_on_any_bytes(noise: bytes, headers: dict[str, bytes]) -> None:
+    from segq import _headers
+    from segq.errors import CorruptionError
+
+    headers = {name: value for name, value in headers.items() if "\x00" not in name}
+    for body in (noise, _headers._encode_headers(headers, True) + noise):
+        split = speedups.split_body(body)
+        try:
+            expected = _headers._split_body(body)
+        except CorruptionError:
+            assert split is None
+        else:
+            assert split == expected

@@ -1,4 +1,4 @@
-"""WorkQueue: the API of API.md's "Work queue" section, one behaviour per test.
+"""WorkQueue: the API its docstrings and docs/workqueue.md promise, one behaviour per test.
 
 Multi-process and crash tests live in test_workqueue_crash.py; the model-based
 state machine in test_workqueue_statemachine.py.
@@ -86,7 +86,7 @@ def test_claims_in_send_order_and_each_record_once(queue_dir: pathlib.Path) -> N
 
 
 def test_claim_times_out_with_empty(queue_dir: pathlib.Path) -> None:
-    with WorkQueue(queue_dir) as queue:
+    with WorkQueue(queue_dir, create=True) as queue:
         started = time.monotonic()
         with pytest.raises(segq.Empty):
             queue.claim(timeout=0.05)
@@ -96,7 +96,7 @@ def test_claim_times_out_with_empty(queue_dir: pathlib.Path) -> None:
 
 
 def test_claim_wakes_when_a_record_is_sent(queue_dir: pathlib.Path) -> None:
-    with WorkQueue(queue_dir) as queue:
+    with WorkQueue(queue_dir, create=True) as queue:
         got: list[bytes] = []
         worker = threading.Thread(target=lambda: got.append(queue.claim(timeout=30).data))
         worker.start()

@@ -1,8 +1,9 @@
-"""Write tests/data/golden-v1: a small queue pinning format version 1.
+"""Write tests/data/golden-v2: a small queue pinning format version 2.
 
-Run it only when the format version changes (and then write golden-v2 beside
-it): tests/test_golden.py checks that today's code reads this queue and writes
-the very same bytes.
+Run it only when the format version changes (and then write golden-v3 beside
+it): tests/test_golden.py checks that today's code reads this queue and every
+older one (golden-v1, written by format version 1 and kept as it was), and
+writes the very same bytes as this one.
 """
 
 from __future__ import annotations
@@ -13,18 +14,31 @@ import shutil
 
 import segq
 
-GOLDEN = pathlib.Path(__file__).with_name("golden-v1")
+GOLDEN = pathlib.Path(__file__).with_name("golden-v2")
 SEGMENT_SIZE = 256
-RECORDS = [b"", b"a", b"hello, segq", bytes(range(40)), b"x" * 100, b"batch-1", b"batch-2", b"last"]
+# (data, headers): version 2 adds headers to a single record and to a batch record.
+RECORDS: list[tuple[bytes, dict[str, bytes]]] = [
+    (b"", {}),
+    (b"a", {}),
+    (b"hello, segq", {"trace-id": b"4bf9", "content-type": b"text/plain"}),
+    (bytes(range(40)), {}),
+    (b"x" * 100, {}),
+    (b"batch-1", {"k": b""}),
+    (b"batch-2", {}),
+    (b"last", {}),
+]
+
+GOLDEN_V1 = pathlib.Path(__file__).with_name("golden-v1")
+RECORDS_V1 = [b"", b"a", b"hello, segq", bytes(range(40)), b"x" * 100, b"batch-1", b"batch-2", b"last"]
 
 
 def write_queue(path: os.PathLike[str] | str) -> None:
     """Send RECORDS (the two batch records as one batch) and commit the first two as 'default'."""
     with segq.Sender(path, segment_size=SEGMENT_SIZE) as tx:
-        for record in RECORDS[:5]:
-            tx.send(record)
+        for data, headers in RECORDS[:5]:
+            tx.send(data, headers=headers or None)
         tx.send_batch(RECORDS[5:7])
-        tx.send(RECORDS[7])
+        tx.send(RECORDS[7][0])
 
 
 def main() -> None:
