@@ -209,7 +209,7 @@ def test_forward_publishes_every_record_in_order_and_commits_them(server: NatsSe
     assert numbers(records) == list(range(1000))
     queue = (queue_dir / "segq.id").read_text().strip()
     assert records[0][1]["Nats-Msg-Id"] == f"{queue}:0:32"
-    report = segq.recovery.info(queue_dir)
+    report = segq.recovery.info(queue_dir, scan=True)
     forwarder = next(consumer for consumer in report.consumers if consumer.name == "forward")
     assert forwarder.backlog_records == 0
 
@@ -229,11 +229,13 @@ def test_forward_lag_shows_in_segq_info_as_a_receivers_backlog(server: NatsServe
     run(main())
     fill(queue_dir, 5, start=10)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    shown = subprocess.run(
-        [sys.executable, "-m", "segq", "info", str(queue_dir), "--json"], env=env, capture_output=True, check=True
-    )
-    consumers = {entry["name"]: entry for entry in json.loads(shown.stdout)["consumers"]}
-    assert consumers["forward"]["backlog_records"] == 5
+    for options, field, lag in [((), "backlog_bytes", 5 * (8 + 8)), (("--scan",), "backlog_records", 5)]:
+        shown = subprocess.run(
+            [sys.executable, "-m", "segq", "info", str(queue_dir), "--json", *options],
+            env=env, capture_output=True, check=True,
+        )
+        consumers = {entry["name"]: entry for entry in json.loads(shown.stdout)["consumers"]}
+        assert consumers["forward"][field] == lag
 
 
 @pytest.mark.parametrize(
@@ -424,7 +426,7 @@ def test_pull_sends_every_message_into_the_queue_in_order(server: NatsServer, qu
     async def main() -> Any:
         stop = asyncio.Event()
         task = asyncio.create_task(pull(server.url, queue_dir, stream="EVENTS", consumer="edge", stop=stop))
-        while not queue_dir.exists() or segq.recovery.info(queue_dir).records < 1000:
+        while not queue_dir.exists() or segq.recovery.info(queue_dir, scan=True).records < 1000:
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)
         stop.set()
@@ -453,7 +455,7 @@ def test_pull_fetches_nothing_while_the_queue_is_at_max_queue_bytes(server: Nats
             pull(server.url, queue_dir, stream="EVENTS", stop=stop, batch=16, max_queue_bytes=4096)
         )
         await asyncio.sleep(1.5)
-        held = segq.recovery.info(queue_dir).records
+        held = segq.recovery.info(queue_dir, scan=True).records
         assert 0 < held < 500  # held back at about 4 KiB of backlog
         received = queue_numbers(queue_dir)  # a receiver consumes: room appears, pull goes on
         assert received == list(range(len(received)))
@@ -483,7 +485,7 @@ def _pull_kill_loop(server: NatsServer, queue_dir: Path, rounds: int) -> None:
     process = bridge(*arguments)
     try:
         wait_for(
-            lambda: queue_dir.exists() and segq.recovery.info(queue_dir).records >= published,
+            lambda: queue_dir.exists() and segq.recovery.info(queue_dir, scan=True).records >= published,
             90,
             f"{published} records in the queue",
         )
@@ -504,3 +506,40 @@ def test_pull_killed_at_random_instants_and_a_server_restart_send_each_message_o
 @pytest.mark.soak
 def test_pull_kill_loop_soak(server: NatsServer, queue_dir: Path) -> None:
     _pull_kill_loop(server, queue_dir, rounds=max(10, int(SOAK_SECONDS / 1.2)))
+
+
+def test_headers_travel_through_forward_and_pull_with_the_stream_sequence(
+    server: NatsServer, tmp_path: Path
+) -> None:
+    add_stream(server.url)
+    source, target = tmp_path / "source", tmp_path / "target"
+    sent = [
+        (b"plain", {}),
+        (b"traced", {"trace-id": b"4bf9", "content-type": "application/json"}),
+        (b"binary", {"blob": b"\x00\xff\r\n", "padded": b" x "}),
+    ]
+    with segq.Sender(source) as sender:
+        for data, headers in sent:
+            sender.send(data, headers=headers)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(forward(source, server.url, stream="EVENTS", subject="ev.a", stop=stop)),
+            asyncio.create_task(pull(server.url, target, stream="EVENTS", consumer="copy", stop=stop)),
+        ]
+        while not target.exists() or segq.recovery.info(target, scan=True).records < len(sent):
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    run(main())
+    with segq.Receiver(target) as receiver:
+        batch = receiver.recv_batch(10, timeout=1)
+        received = [(message.data, message.headers) for message in batch]
+    expected = [
+        (data, {**{key: value if isinstance(value, bytes) else value.encode() for key, value in headers.items()},
+                "segq-nats-stream": b"EVENTS", "segq-nats-seq": str(number).encode()})
+        for number, (data, headers) in enumerate(sent, start=1)
+    ]
+    assert received == expected

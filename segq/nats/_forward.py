@@ -343,7 +343,7 @@ class _Pump:
             lost.cancel()
 
     def _headers(self, message: Message) -> dict[str, str]:
-        record_headers = getattr(message, "headers", None)
+        record_headers = message.headers
         headers = to_nats_headers(record_headers, f"record at {message.position}") if record_headers else {}
         position = message.position
         headers["Nats-Msg-Id"] = f"{self.queue}:{position.segment}:{position.offset}"

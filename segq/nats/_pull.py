@@ -46,8 +46,11 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .._format import HEADER_SIZE
+from .._headers import frame_body
 from .._segment import StrPath
 from ..aio import AsyncSender
+from ..errors import Full
 from ..sender import SyncPolicy
 from ._forward import servers_list, stored_headers
 from ._link import (
@@ -134,6 +137,7 @@ async def pull(
         raise
     sender = AsyncSender(path, max_queue_bytes=max_queue_bytes, sync=sync)
     pump = _Pump(sender, stream, consumer, filter_subject, batch, timeout, stats)
+    pump.stop = stop
     pump.last = last_pulled(sender.path, stream, STREAM_HEADER, SEQUENCE_HEADER)
     log.info(
         "pulling stream %r (consumer %r) on %s into %s, after sequence %d",
@@ -156,6 +160,8 @@ async def pull(
                 await pump.catch_up(link, stop)
                 backoff.reset()
                 await pump.run(link, stop)
+            except _Stopped:
+                break
             except LinkLost as error:
                 delay = backoff.next_delay()
                 log.warning("pull: %s; reconnecting in %.1f s", error, delay)
@@ -193,6 +199,7 @@ class _Pump:
         self.stats = stats
         self.last = 0
         self.filter: str | None = filter_subject
+        self.stop = asyncio.Event()
 
     async def ensure_consumer(self, link: Link) -> dict[str, Any]:
         """Return the consumer's info, making the durable consumer if it does not exist."""
@@ -272,15 +279,37 @@ class _Pump:
                      self.stream)
 
     async def _send(self, records: list[tuple[bytes, dict[str, bytes], int]]) -> None:
-        """Send ``(data, headers, sequence)`` records to the queue in one atomic batch."""
-        batch = []
-        for data, headers, sequence in records:
-            headers[STREAM_HEADER] = self.stream.encode()
-            headers[SEQUENCE_HEADER] = str(sequence).encode()
-            batch.append((data, headers))
-        await _send_batch(self.sender, batch)
+        """Send ``(data, headers, sequence)`` records to the queue in order, as one atomic batch if it fits.
+
+        Waits for room under ``max_queue_bytes``; raises ``_Stopped`` if
+        ``stop`` is set meanwhile (what was not sent comes again later).
+        """
+        # The segq-nats-* headers are reserved names: framed here, as segq's own code may.
+        bodies = [
+            frame_body(data, {**headers, STREAM_HEADER: self.stream.encode(), SEQUENCE_HEADER: b"%d" % sequence},
+                       allow_reserved=True)
+            for data, headers, sequence in records
+        ]
+        limit = self.sender.max_queue_bytes
+        if limit is not None and sum(HEADER_SIZE + len(body) for body in bodies) > limit:
+            # A batch larger than the queue may hold would never fit: one record at a time.
+            for body, record in zip(bodies, records):
+                await self._append([body])
+                self.last = record[2]
+                self.stats.sent += 1
+            return
+        await self._append(bodies)
         self.last = records[-1][2]
         self.stats.sent += len(records)
+
+    async def _append(self, bodies: Sequence[bytes]) -> None:
+        while True:
+            try:
+                await self.sender.send_batch(bodies, timeout=None if self.sender.max_queue_bytes is None else 0.25)
+                return
+            except Full:
+                if self.stop.is_set():
+                    raise _Stopped() from None
 
     async def _room(self, stop: asyncio.Event) -> None:
         """Wait while the queue's backlog is at ``max_queue_bytes`` (no fetch meanwhile)."""
@@ -378,6 +407,5 @@ def _stream_sequence(reply: str) -> int:
         raise LinkLost(f"a delivery had an unexpected reply subject {reply!r}") from None
 
 
-async def _send_batch(sender: AsyncSender, records: list[tuple[bytes, dict[str, bytes]]]) -> None:
-    # Until record headers are merged, only the data travels.
-    await sender.send_batch([data for data, _ in records])
+class _Stopped(Exception):
+    """``stop`` was set while a send waited for room in the queue."""

@@ -16,6 +16,7 @@ import logging
 
 from .._control import Control
 from .._format import SEGMENT_HEADER_SIZE
+from .._headers import split_body
 from .._reader import RecordReader
 from .._segment import list_segments
 from ..errors import SegqError
@@ -54,6 +55,11 @@ def last_pulled(queue_dir: str, stream: str, stream_header: str, sequence_header
 
 
 def _next_with_headers(reader: RecordReader) -> tuple[bytes, dict[str, bytes]] | None:
-    # Until record headers are merged: records have none.
-    data = reader.next()
-    return None if data is None else (data, {})
+    """Return the next record's data and headers, or None at the end of what is there."""
+    start = reader.position
+    body = reader.next()
+    if body is None:
+        return None
+    if type(body) is bytes:
+        return body, {}
+    return split_body(body, reader.path, start)
