@@ -52,7 +52,7 @@ from .._inspect import existing_queue
 from .._queueid import queue_id
 from .._segment import StrPath
 from .._state import Position
-from ..aio import AsyncBatch, AsyncReceiver
+from ..aio import AsyncReceiver
 from ..receiver import Message
 from ..sender import SyncPolicy
 from ..errors import Empty, SegqError
@@ -64,6 +64,8 @@ from ._link import (
     api_error,
     api_request,
     connect,
+    servers_list,
+    stored_headers,
     stream_config,
     subject_matches,
     to_nats_headers,
@@ -73,7 +75,7 @@ from ._link import (
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
-__all__ = ["forward", "ForwardStats"]
+__all__ = ["forward", "ForwardStats", "message_id", "parse_message_id"]
 
 log = logging.getLogger("segq.nats")
 
@@ -114,11 +116,6 @@ def parse_message_id(value: str | None) -> tuple[str, Position] | None:
     if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
         return None
     return parts[0], Position(int(parts[1]), int(parts[2]))
-
-
-def servers_list(servers: str | Sequence[str]) -> list[str]:
-    """Return ``servers`` (one URL or many) as a list."""
-    return [servers] if isinstance(servers, str) else list(servers)
 
 
 async def forward(
@@ -435,20 +432,3 @@ class _Round:
             self.waiting -= 1
             if not self.waiting:
                 self.done.set_result(None)
-
-
-def stored_headers(message: dict[str, Any]) -> dict[str, str]:
-    """Decode the headers of a message returned by ``STREAM.MSG.GET`` (base64 of a NATS/1.0 block)."""
-    import base64
-
-    raw = message.get("hdrs")
-    if not raw:
-        return {}
-    lines = base64.b64decode(raw).decode("utf-8", "replace").split("\r\n")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        key, colon, value = line.partition(":")
-        if colon:
-            headers.setdefault(key.strip(), value.strip())
-    return headers
-

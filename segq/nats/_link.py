@@ -45,6 +45,8 @@ __all__ = [
     "to_nats_headers",
     "from_nats_headers",
     "wait_or_stop",
+    "servers_list",
+    "stored_headers",
 ]
 
 log = logging.getLogger("segq.nats")
@@ -262,3 +264,23 @@ def from_nats_headers(headers: Mapping[str, str] | None) -> dict[str, bytes]:
             continue
         record[key] = base64.b64decode(value) if key in encoded else value.encode("utf-8")
     return record
+
+
+def servers_list(servers: str | Sequence[str]) -> list[str]:
+    """Return ``servers`` (one URL or many) as a list."""
+    return [servers] if isinstance(servers, str) else list(servers)
+
+
+def stored_headers(message: dict[str, Any]) -> dict[str, str]:
+    """Decode the headers of a message returned by ``STREAM.MSG.GET`` (base64 of a NATS/1.0 block)."""
+    raw = message.get("hdrs")
+    if not raw:
+        return {}
+    lines = base64.b64decode(raw).decode("utf-8", "replace").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        key, colon, value = line.partition(":")
+        if colon:
+            headers.setdefault(key.strip(), value.strip())
+    return headers
+

@@ -52,7 +52,6 @@ from .._segment import StrPath
 from ..aio import AsyncSender
 from ..errors import Full
 from ..sender import SyncPolicy
-from ._forward import servers_list, stored_headers
 from ._link import (
     CONSUMER_NOT_FOUND,
     Backoff,
@@ -63,6 +62,8 @@ from ._link import (
     api_request,
     connect,
     from_nats_headers,
+    servers_list,
+    stored_headers,
     stream_config,
     wait_or_stop,
 )
