@@ -471,22 +471,63 @@ def test_pull_fetches_nothing_while_the_queue_is_at_max_queue_bytes(server: Nats
     run(main())
 
 
+class StreamProducer(threading.Thread):
+    """Publish numbered messages to the stream, one acknowledged at a time, until stopped.
+
+    A publish that fails (the server is down) is retried with the same
+    Nats-Msg-Id, so the stream holds 0, 1, 2, ... once each, in order.
+    """
+
+    def __init__(self, url: str, start: int, per_tick: int = 100, tick: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.sent = start
+        self.per_tick = per_tick
+        self.tick = tick
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._publish())
+
+    async def _publish(self) -> None:
+        client = await nats.connect(self.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+        js = client.jetstream(timeout=2)
+        while not self.halt.is_set():
+            for _ in range(self.per_tick):
+                try:
+                    await js.publish("ev.a", b"%08d" % self.sent, headers={"Nats-Msg-Id": f"n{self.sent}"})
+                except Exception:  # noqa: BLE001 - the server is down: the same message again
+                    await asyncio.sleep(0.1)
+                    break
+                self.sent += 1
+            await asyncio.sleep(self.tick)
+        await client.close()
+
+    def stop(self) -> int:
+        self.halt.set()
+        self.join()
+        return self.sent
+
+
 def _pull_kill_loop(server: NatsServer, queue_dir: Path, rounds: int) -> None:
     add_stream(server.url)
-    publish_numbers(server.url, 2000)
+    publish_numbers(server.url, 1000)
+    producer = StreamProducer(server.url, start=1000)
+    producer.start()
     arguments = ["pull", "--server", server.url, "--stream", "EVENTS", "--consumer", "edge", str(queue_dir)]
-    published = 2000
-    for round_number in range(rounds):
-        process = bridge(*arguments)
-        if round_number == rounds // 2:
-            time.sleep(random.uniform(0.3, 0.8))
-            server.kill()
-            time.sleep(random.uniform(0.2, 0.8))
-            server.start()
-        time.sleep(random.uniform(0.25, 1.0))
-        kill(process)
-        publish_numbers(server.url, 300, start=published)
-        published += 300
+    try:
+        for round_number in range(rounds):
+            process = bridge(*arguments)
+            if round_number == rounds // 2:
+                time.sleep(random.uniform(0.3, 0.8))
+                server.kill()
+                time.sleep(random.uniform(0.2, 0.8))
+                server.start()
+            time.sleep(random.uniform(0.25, 1.0))
+            kill(process)
+    finally:
+        published = producer.stop()
+    assert published > 2000  # messages kept coming while pullers were killed
     process = bridge(*arguments)
     try:
         wait_for(
@@ -505,7 +546,7 @@ def _pull_kill_loop(server: NatsServer, queue_dir: Path, rounds: int) -> None:
 def test_pull_killed_at_random_instants_and_a_server_restart_send_each_message_once_in_order(
     server: NatsServer, queue_dir: Path
 ) -> None:
-    _pull_kill_loop(server, queue_dir, rounds=20)
+    _pull_kill_loop(server, queue_dir, rounds=24)
 
 
 @pytest.mark.soak
