@@ -424,9 +424,21 @@ def queue_numbers(queue: Path) -> list[int]:
             batch.commit()
 
 
-def test_pull_sends_every_message_into_the_queue_in_order(server: NatsServer, queue_dir: Path) -> None:
+@pytest.mark.parametrize("ack_policy", [None, "explicit", "none"])
+def test_pull_sends_every_message_into_the_queue_in_order(
+    server: NatsServer, queue_dir: Path, ack_policy: str | None
+) -> None:
+    """With the consumer pull makes (AckAll), or one made beforehand with another ack policy."""
     add_stream(server.url)
     publish_numbers(server.url, 1000)
+    if ack_policy is not None:
+
+        async def make_consumer(js: Any) -> None:
+            from nats.js.api import AckPolicy, ConsumerConfig
+
+            await js.add_consumer("EVENTS", ConsumerConfig(durable_name="edge", ack_policy=AckPolicy(ack_policy)))
+
+        run(_with_js(server.url, make_consumer))
 
     async def main() -> Any:
         stop = asyncio.Event()

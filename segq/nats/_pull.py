@@ -201,6 +201,7 @@ class _Pump:
         self.last = 0
         self.filter: str | None = filter_subject
         self.stop = asyncio.Event()
+        self.ack_policy = "explicit"
 
     async def ensure_consumer(self, link: Link) -> dict[str, Any]:
         """Return the consumer's info, making the durable consumer if it does not exist."""
@@ -210,7 +211,9 @@ class _Pump:
         if error is not None and error[0] == CONSUMER_NOT_FOUND:
             config: dict[str, Any] = {
                 "durable_name": self.consumer,
-                "ack_policy": "explicit",
+                # Acking one message acks every one before it: one ack per batch, and the
+                # messages a killed puller left unacked (sent by now) are acked with it.
+                "ack_policy": "all",
                 "ack_wait": 30_000_000_000,
                 "max_ack_pending": max(1000, 4 * self.batch),
             }
@@ -253,6 +256,7 @@ class _Pump:
                 stream=self.stream,
             )
         self.filter = filters[0] if filters else None
+        self.ack_policy = str(config.get("ack_policy", "explicit"))
         return dict(reply)
 
     async def catch_up(self, link: Link, stop: asyncio.Event) -> None:
@@ -383,8 +387,9 @@ class _Pump:
             expected -= 1
             sequence = _stream_sequence(msg.reply)
             if sequence <= self.last:
-                self.stats.skipped += 1
-                await msg.ack()
+                self.stats.skipped += 1  # in the queue already: acknowledged, not sent again
+                if self.ack_policy != "none":
+                    await msg.ack()
                 continue
             fresh.append((msg.data, from_nats_headers(msg.headers), sequence))
             replies.append(msg)
@@ -392,9 +397,13 @@ class _Pump:
             await self._settle(fresh, replies)
 
     async def _settle(self, fresh: list[tuple[bytes, dict[str, bytes], int]], replies: list[Msg]) -> None:
+        """Send the messages into the queue, then acknowledge them (all with the last, under AckAll)."""
         await self._send(fresh)
-        for msg in replies:
-            await msg.ack()
+        if self.ack_policy == "all":
+            await replies[-1].ack()
+        elif self.ack_policy == "explicit":
+            for msg in replies:
+                await msg.ack()
 
 
 def _stream_sequence(reply: str) -> int:
