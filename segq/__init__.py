@@ -10,8 +10,10 @@ from .errors import (
     ClaimLost,
     Closed,
     CorruptionError,
+    DuplicateJobId,
     Empty,
     Full,
+    InvalidArgument,
     Locked,
     RecordTooLarge,
     SegqError,
@@ -20,8 +22,14 @@ from .errors import (
 )
 from .receiver import Batch, Message, Receiver
 from .sender import Sender
-from .workqueue import DeadLetter, Job, JobBatch, WorkQueue
-from .aio import AsyncBatch, AsyncJob, AsyncJobBatch, AsyncMessage, AsyncReceiver, AsyncSender, AsyncWorkQueue
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from . import recovery
+    from .aio import AsyncBatch, AsyncJob, AsyncJobBatch, AsyncMessage, AsyncReceiver, AsyncSender, AsyncWorkQueue
+    from ._options import Enqueued
+    from .workqueue import DeadLetter, GroupStats, Job, JobBatch, WorkQueue
 
 __all__ = [
     "Sender",
@@ -37,8 +45,12 @@ __all__ = [
     "CorruptionError",
     "UnsupportedFormat",
     "UsageError",
+    "InvalidArgument",
     "Closed",
     "ClaimLost",
+    "DuplicateJobId",
+    "Enqueued",
+    "GroupStats",
     "WorkQueue",
     "Job",
     "JobBatch",
@@ -55,4 +67,38 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-from . import recovery  # noqa: E402  (segq.recovery, the public recovery module)
+# Loaded on first use, so `import segq` costs no asyncio, work queue or
+# recovery code (issue 14): name -> the submodule that defines it.
+_LAZY = {
+    "WorkQueue": "workqueue",
+    "Job": "workqueue",
+    "JobBatch": "workqueue",
+    "DeadLetter": "workqueue",
+    "GroupStats": "workqueue",
+    "Enqueued": "_options",
+    "recovery": "recovery",
+    "AsyncSender": "aio",
+    "AsyncReceiver": "aio",
+    "AsyncMessage": "aio",
+    "AsyncBatch": "aio",
+    "AsyncWorkQueue": "aio",
+    "AsyncJob": "aio",
+    "AsyncJobBatch": "aio",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a lazily loaded public name on first access, then keep it."""
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    value = module if name == module_name else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

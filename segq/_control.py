@@ -27,17 +27,17 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import struct
+import stat
+import sys
 import threading
 import time
-from typing import IO, Callable, Protocol
-
-import portalocker
+from typing import IO, Any, Callable, Protocol
 
 from . import _segment
+from ._flock import wait_flock
+from ._fs import file_mode, open_file, open_to_read
 from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordStatus, decode_record
-from ._scan import scan_segment
 from ._segment import MappedSegment, StrPath, os_error
 from .errors import Closed, CorruptionError, SegqError, UnsupportedFormat
 
@@ -63,6 +63,9 @@ __all__ = [
     "read_published_tail",
     "CONSUMER_SEGMENT_SIZE",
     "require_queue",
+    "SEMAPHORE",
+    "semaphore_prefix",
+    "remove_semaphores",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,7 @@ DATA_WAITERS = 64  # 64 bytes: slot i waits for data when byte i is non-zero
 ROOM_WAITERS = 128  # 64 bytes: slot i waits for room (backpressure)
 DATA_WAITING = 192  # u8: how many DATA_WAITERS bytes are raised (so a send reads one byte)
 ROOM_WAITING = 193  # u8: likewise for ROOM_WAITERS
+SEMAPHORE = 200  # u64: inode of the append semaphore in /dev/shm (1: unknown; 0: none, appends use flock)
 SLOTS = 256  # 64 slots of SLOT.size bytes: pid, generation
 SLOT_COUNT = 64
 SLOT = struct.Struct("@QQ")
@@ -108,8 +112,49 @@ def split_word(word: int) -> tuple[int, int]:
     return word >> 32, word & 0xFFFF_FFFF
 
 
-def _semaphore_name(token: int) -> str:
-    return f"/segq-{token:016x}"
+def semaphore_prefix(queue_dir: StrPath) -> str:
+    """Return the start of the names of ``queue_dir``'s append semaphores: its device and inode.
+
+    Tying the name to the directory lets ``segq recover`` and ``segq unlock``
+    find and remove a semaphore left by a killed process, and the test suite
+    count what its own queues left in ``/dev/shm``.
+    """
+    info = os.stat(queue_dir)
+    return f"/segq-{info.st_dev:x}.{info.st_ino:x}-"
+
+
+def _semaphore_file(name: str) -> str | None:
+    """Return where the kernel keeps named semaphore ``name`` (Linux), or None where unknown."""
+    return f"/dev/shm/sem.{name[1:]}" if os.path.isdir("/dev/shm") and sys.platform == "linux" else None
+
+
+def remove_semaphores(queue_dir: StrPath) -> list[str]:
+    """Remove every append semaphore named for ``queue_dir``; return their names.
+
+    Only for a caller holding ``segq.ctl`` exclusively (nobody attached):
+    the next opener makes a fresh one.
+    """
+    prefix = semaphore_prefix(queue_dir)
+    removed: list[str] = []
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return removed
+    for file_name in names:
+        if file_name.startswith("sem." + prefix[1:]):
+            name = "/" + file_name[len("sem.") :]
+            try:
+                _sem_unlink(name)
+            except OSError:
+                continue
+            removed.append(name)
+    return removed
+
+
+def _sem_unlink(name: str) -> None:
+    from _multiprocessing import sem_unlink  # type: ignore[import-not-found]
+
+    sem_unlink(name)
 
 
 def require_queue(queue_dir: str, *, create: bool, who: str) -> None:
@@ -139,11 +184,13 @@ class _FlockAppendLock:
 
     def __init__(self, path: str) -> None:
         self._thread_lock = threading.Lock()
-        self._handle = open(path, "a+b")
+        self._handle = os.fdopen(open_file(path, os.O_RDWR, private=True), "r+b", buffering=0)
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
         if not self._thread_lock.acquire(block, -1 if timeout is None else timeout):
             return False
+        import portalocker
+
         flags = portalocker.LockFlags.EXCLUSIVE | (0 if block else portalocker.LockFlags.NON_BLOCKING)
         try:
             portalocker.lock(self._handle, flags)
@@ -153,32 +200,108 @@ class _FlockAppendLock:
         return True
 
     def release(self) -> None:
+        import portalocker
+
         portalocker.unlock(self._handle)
         self._thread_lock.release()
 
 
-def _open_semaphore(token: int, create: bool) -> AppendLock | None:
+def _semlock_class() -> Any:
     try:
-        from _multiprocessing import SemLock  # type: ignore[import-not-found]
+        from _multiprocessing import SemLock
     except ImportError:
         return None
-    name = _semaphore_name(token)
-    semaphore: AppendLock
-    try:
-        if create:
-            semaphore = SemLock(1, 1, 1, name, False)
-        else:
-            semaphore = SemLock._rebuild(0, 1, 1, name)
-    except (OSError, AttributeError, TypeError):
+    return SemLock
+
+
+def _create_semaphore(prefix: str, directory: os.stat_result) -> tuple[int, int] | None:
+    """Create a fresh append semaphore; return ``(token, identity)``, or None where there are none.
+
+    The name is unpredictable and created exclusively, so a semaphore planted
+    under a name a reader could guess is never ours: we pick another token.
+    Its mode is the queue's private mode, so everyone who may write the queue
+    can open it (one append lock per queue, whoever opens it) and no one else.
+    """
+    semlock = _semlock_class()
+    if semlock is None:
         return None
-    return semaphore
+    for _ in range(8):
+        token = int.from_bytes(os.urandom(8), "little") >> 1 | 1
+        name = f"{prefix}{token:016x}"
+        try:
+            semaphore = semlock(1, 1, 1, name, False)
+        except FileExistsError:
+            continue
+        except (OSError, AttributeError, TypeError):
+            return None
+        del semaphore  # it lives on by name; openers map it again
+        where = _semaphore_file(name)
+        if where is None:
+            return token, 1
+        try:
+            if os.geteuid() == 0 and directory.st_uid != 0:
+                os.chown(where, directory.st_uid, -1)  # root must not lock the queue's owner out
+            os.chmod(where, file_mode(directory.st_mode, private=True))
+            return token, os.stat(where).st_ino
+        except OSError:
+            _unlink_quietly(name)
+            return None
+    raise SegqError(f"cannot create an append semaphore named {prefix}*: every name tried was taken")
 
 
-def _unlink_semaphore(token: int) -> None:
+def _open_semaphore(control_path: str, prefix: str, token: int, identity: int, directory: os.stat_result) -> AppendLock:
+    """Open the queue's append semaphore and check that it is the one the control file names.
+
+    Refused (``SegqError``, never used): a semaphore with another identity
+    (planted or recreated under its name), another owner, a mode wider than
+    the queue's, or a value no append lock can have.
+    """
+    name = f"{prefix}{token:016x}"
+    semlock = _semlock_class()
+    where = _semaphore_file(name)
+    advice = f"close every process using the queue and run `segq recover {os.path.dirname(control_path)}`"
+    if semlock is None:
+        raise SegqError(f"{control_path}: the queue uses a named semaphore, which this platform lacks")
     try:
-        from _multiprocessing import sem_unlink
+        semaphore = semlock._rebuild(0, 1, 1, name)
+    except PermissionError:
+        raise SegqError(
+            f"cannot open the append semaphore {name} of {os.path.dirname(control_path)}: permission denied "
+            "(only users who may write the queue may send or receive; see docs/security.md)"
+        ) from None
+    except OSError as error:
+        raise SegqError(f"cannot open the append semaphore {name}: {error.strerror}; {advice}") from None
+    if where is not None:
+        try:
+            info = os.stat(where)
+        except OSError as error:
+            raise SegqError(f"cannot check the append semaphore {where}: {error.strerror}; {advice}") from None
+        widest = file_mode(directory.st_mode, private=True)
+        owner_ok = info.st_uid in (os.geteuid(), directory.st_uid, 0) or (
+            directory.st_mode & stat.S_IWGRP and info.st_gid == directory.st_gid
+        )
+        problem = None
+        if info.st_ino != identity:
+            problem = "is not the one the control file names (planted or recreated)"
+        elif not owner_ok:
+            problem = f"is owned by uid {info.st_uid}, who may not write the queue"
+        elif stat.S_IMODE(info.st_mode) & ~widest:
+            problem = f"has mode {stat.S_IMODE(info.st_mode):o}, wider than the queue allows ({widest:o})"
+        if problem is not None:
+            raise SegqError(f"the append semaphore {where} {problem}; refusing to use it; {advice}")
+    try:
+        value = semaphore._get_value()
+    except (OSError, NotImplementedError):
+        value = 0  # macOS has no sem_getvalue
+    if value not in (0, 1):
+        raise SegqError(f"the append semaphore {name} has value {value}, not 0 or 1 (not a lock of ours); {advice}")
+    lock: AppendLock = semaphore
+    return lock
 
-        sem_unlink(_semaphore_name(token))
+
+def _unlink_quietly(name: str) -> None:
+    try:
+        _sem_unlink(name)
     except (ImportError, OSError):
         pass
 
@@ -191,6 +314,8 @@ class Control:
     """
 
     def __init__(self, queue_dir: StrPath, *, segment_size: int = DEFAULT_SEGMENT_SIZE) -> None:
+        import portalocker  # here, not at the top: `import segq` stays cheap (issue 14)
+
         self.queue_dir = os.fspath(queue_dir)
         self.path = os.path.join(self.queue_dir, CONTROL_NAME)
         self.segment_size = segment_size
@@ -199,7 +324,9 @@ class Control:
             raise SegqError(f"{self.queue_dir} is a file, not a queue directory")
         try:
             os.makedirs(self.queue_dir, exist_ok=True)
-            self._handle = open(self.path, "a+b")
+            self._directory = os.stat(self.queue_dir)
+            self._prefix = semaphore_prefix(self.queue_dir)
+            self._handle = os.fdopen(open_file(self.path, os.O_RDWR, private=True), "r+b", buffering=0)
         except OSError as error:
             raise os_error(error, "open queue", self.queue_dir) from None
         try:
@@ -222,6 +349,8 @@ class Control:
 
     def _attach(self) -> None:
         import mmap
+
+        import portalocker
 
         handle = self._handle
         alone = self._lock(handle)
@@ -250,9 +379,15 @@ class Control:
                 raise CorruptionError(self.path, 0, "control file has a bad magic number")
             if version != CONTROL_VERSION:
                 raise UnsupportedFormat(f"{self.path}: control format {version}, this segq reads {CONTROL_VERSION}")
-        self.append_lock: AppendLock = _open_semaphore(self.word(TOKEN), create=False) or _FlockAppendLock(
-            os.path.join(self.queue_dir, "segq.append.lock")
-        )
+        identity = self.word(SEMAPHORE)
+        if identity:
+            self.append_lock: AppendLock = _open_semaphore(
+                self.path, self._prefix, self.word(TOKEN), identity, self._directory
+            )
+        else:
+            # The queue was rebuilt where named semaphores are missing: every
+            # opener uses the same flock, never a mix of the two.
+            self.append_lock = _FlockAppendLock(os.path.join(self.queue_dir, "segq.append.lock"))
 
     def _lock(self, handle: IO[bytes]) -> bool:
         """Lock the control file, exclusively if no one else has it; return whether we are alone.
@@ -263,17 +398,19 @@ class Control:
         midway.  It lets go and tries again: whoever then finds itself alone
         rebuilds the file.  Past a few seconds the caller reports the damage.
         """
+        import portalocker
+
         deadline = time.monotonic() + _UNFINISHED_RETRY_SECONDS
         while True:
             try:
                 portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
                 return True
             except portalocker.LockException:
-                portalocker.lock(handle, portalocker.LockFlags.SHARED)
+                wait_flock(handle.fileno(), self.path, shared=True, what="the control file, held by an opener or `segq recover`")
             if os.pread(handle.fileno(), len(_MAGIC), 0) == _MAGIC or time.monotonic() > deadline:
                 return False
             portalocker.unlock(handle)
-            time.sleep(0.001 + 0.01 * secrets.randbelow(100) / 100)
+            time.sleep(0.001 + 0.01 * os.urandom(1)[0] / 256)
 
     def _rebuild(self) -> None:
         """Recompute everything in the control file from the segments (we are alone)."""
@@ -289,16 +426,20 @@ class Control:
         # live tail word has no check, and a damaged one must not say where to scan.
         hint = (self.word(CLEAN_TAIL) if clean else self.word(TAIL)) if known else None
         tail = self._find_tail(hint, clean)
-        if old_token:
-            _unlink_semaphore(old_token)
-        token = secrets.randbits(63) | 1
+        # os.urandom, not secrets: that module loads OpenSSL (3 MiB resident, issue 14).
+        # Alone: no one uses any semaphore of this queue, including ones
+        # left by processes killed while attached.
+        remove_semaphores(self.queue_dir)
+        created = _create_semaphore(self._prefix, self._directory)
+        token, identity = created if created is not None else (int.from_bytes(os.urandom(8), "little") >> 1 | 1, 0)
+        if created is None:
+            log.debug("named semaphores unavailable; appends use flock")
         control[:CONTROL_SIZE] = bytes(CONTROL_SIZE)
         _HEADER.pack_into(control, 0, _MAGIC, CONTROL_VERSION, 0)
         WORD.pack_into(control, TOKEN, token)
         WORD.pack_into(control, TAIL, tail)
         WORD.pack_into(control, SYNCED, 0)
-        if _open_semaphore(token, create=True) is None:
-            log.debug("named semaphores unavailable; appends use flock")
+        WORD.pack_into(control, SEMAPHORE, identity)
 
     def _find_tail(self, hint: int | None, clean: bool) -> int:
         segments = _segment.list_segments(self.queue_dir)
@@ -351,6 +492,8 @@ class Control:
                 start = SEGMENT_HEADER_SIZE
             # "Sealed" is decided by a scan that resumes past damage: a damaged
             # record in front of the end marker does not make a segment unsealed.
+            from ._scan import scan_segment
+
             if scan_segment(self.queue_dir, number, last=False).sealed:
                 return None
             log.warning("%s: never sealed (a sender died while starting the next segment)", segment.path)
@@ -441,14 +584,17 @@ class Control:
                 return
 
     def _take_over(self, stalled_tail: int) -> bool:
+        import portalocker
+
         from ._lock import process_is_alive
 
         owner = self.word(OWNER)
         if owner == self.pid or process_is_alive(owner, None):
             if owner == self.pid or not self._dead_sender_registered():
                 return False
-        with open(os.path.join(self.queue_dir, "segq.takeover.lock"), "a+b") as handle:
-            portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE)
+        takeover_path = os.path.join(self.queue_dir, "segq.takeover.lock")
+        with os.fdopen(open_file(takeover_path, os.O_RDWR, private=True), "r+b", buffering=0) as handle:
+            wait_flock(handle.fileno(), takeover_path, what="append-lock takeover")
             if self.word(TAIL) != stalled_tail or self.word(OWNER) != owner:
                 return False
             self.words[OWNER_INDEX] = self.pid
@@ -480,6 +626,8 @@ class Control:
 
     def close(self) -> None:
         """Detach; the last process to detach records a clean shutdown."""
+        import portalocker
+
         if self._closed:
             return
         self._closed = True
@@ -497,7 +645,7 @@ class Control:
                 self.append_lock.release()
                 self.store(CLEAN_TAIL, tail)
                 self.store(CLEAN_CHECK, tail ^ token ^ _CLEAN_SALT)
-            _unlink_semaphore(token)
+            _unlink_quietly(f"{self._prefix}{token:016x}")
         self.words.release()
         self.bytes.release()
         try:
@@ -516,7 +664,7 @@ def read_published_tail(queue_dir: StrPath) -> tuple[int, int] | None:
     another version, and then there is no answer rather than an error.
     """
     try:
-        fd = os.open(os.path.join(queue_dir, CONTROL_NAME), os.O_RDONLY)
+        fd = open_to_read(os.path.join(os.fspath(queue_dir), CONTROL_NAME))
     except OSError:
         return None
     try:

@@ -21,20 +21,30 @@ import errno
 import logging
 import os
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-import portalocker
-import psutil
-
+from ._fs import open_file, open_to_read
 from ._segment import StrPath, os_error
 from .errors import Locked, SegqError
 
+if TYPE_CHECKING:
+    import portalocker
+
 __all__ = ["LockOwner", "read_owner", "process_is_alive", "LockFile", "unlock"]
 
-_EXCLUSIVE = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
+# portalocker and psutil are imported where used, not here: `import segq`
+# stays cheap (issue 14), and an import already done costs a dict lookup.
+
+
+def _exclusive() -> portalocker.LockFlags:
+    import portalocker
+
+    return portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
 
 
 def _start_time(pid: int) -> float | None:
+    import psutil
+
     try:
         return float(psutil.Process(pid).create_time())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
@@ -48,6 +58,8 @@ def process_is_alive(pid: int, start_time: float | None) -> bool:
     """
     if pid <= 0:
         return False
+    import psutil
+
     try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
@@ -96,12 +108,19 @@ def _parse_owner(text: str) -> tuple[int | None, float | None]:
     return pid, start_time
 
 
+def _open_for_reading(path: str) -> IO[bytes]:
+    """Open a lock file to read or probe it, never through a link."""
+    return os.fdopen(open_to_read(path), "rb")
+
+
 def _os_lock_is_free(path: str) -> bool | None:
     """Probe the OS lock; None if the file vanished."""
+    import portalocker
+
     try:
-        with open(path, "rb") as handle:
+        with _open_for_reading(path) as handle:
             try:
-                portalocker.lock(handle, _EXCLUSIVE)
+                portalocker.lock(handle, _exclusive())
             except portalocker.LockException:
                 return False
             portalocker.unlock(handle)
@@ -119,10 +138,14 @@ def read_owner(path: StrPath) -> LockOwner | None:
     """
     path = os.fspath(path)
     try:
-        with open(path, encoding="ascii", errors="replace") as handle:
-            text = handle.read(200)
+        with _open_for_reading(path) as handle:
+            text = handle.read(200).decode("ascii", "replace")
     except FileNotFoundError:
         return None
+    except PermissionError:
+        # Lock files are private to those who may write the queue (so a
+        # reader cannot lock them): a reader cannot tell who holds one.
+        return LockOwner(path, None, None, True)
     except OSError as error:
         raise os_error(error, "read lock file", path) from None
     pid, start_time = _parse_owner(text)
@@ -139,17 +162,21 @@ class LockFile:
     def __init__(self, path: StrPath, *, what: str) -> None:
         self.path = os.fspath(path)
         self.what = what
-        self._handle: IO[str] | None = None
+        self._handle: IO[bytes] | None = None
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`Locked` naming the live holder's PID."""
+        import portalocker
+
         while True:
             try:
-                handle = open(self.path, "a+", encoding="ascii")
+                handle = os.fdopen(open_file(self.path, os.O_RDWR, private=True), "r+b", buffering=0)
+            except FileNotFoundError:
+                raise SegqError(f"cannot create lock file {self.path}: its directory is missing") from None
             except OSError as error:
                 raise os_error(error, "create lock file", self.path) from None
             try:
-                portalocker.lock(handle, _EXCLUSIVE)
+                portalocker.lock(handle, _exclusive())
             except portalocker.LockException:
                 handle.close()
                 owner = read_owner(self.path)
@@ -215,9 +242,11 @@ def unlock(lock_path: StrPath) -> bool:
     while holding its OS lock, so a process taking it over at that moment is
     never robbed of it.
     """
+    import portalocker
+
     path = os.fspath(lock_path)
     try:
-        handle = open(path, "rb")
+        handle = _open_for_reading(path)
     except FileNotFoundError:
         return False
     except IsADirectoryError:
@@ -226,7 +255,7 @@ def unlock(lock_path: StrPath) -> bool:
         raise os_error(error, "open lock file", path) from None
     with handle:
         try:
-            portalocker.lock(handle, _EXCLUSIVE)
+            portalocker.lock(handle, _exclusive())
         except portalocker.LockException:
             owner = read_owner(path)
             pid = owner.pid if owner is not None else None

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _format
+from ._fs import open_file
 from ._format import (
     CONTINUES,
     END_MARKER,
@@ -329,7 +330,7 @@ def scan_segment(
     """
     path = segment_path(queue_dir, number)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_file(path, os.O_RDONLY, create=False)
     except FileNotFoundError:
         raise
     except OSError as error:

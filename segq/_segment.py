@@ -19,12 +19,12 @@ import logging
 import mmap
 import os
 import re
-import secrets
 from dataclasses import dataclass
 from typing import Union
 
 from . import _format
 from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, Buffer, RecordStatus, SegmentHeaderError
+from ._fs import open_file
 from .errors import CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
@@ -141,9 +141,9 @@ def create_segment(queue_dir: StrPath, number: int, size: int, *, durable: bool)
     power loss.  A full disk raises ``SegqError`` and leaves nothing behind.
     """
     final = segment_path(queue_dir, number)
-    temporary = f"{final}.{secrets.token_hex(4)}.tmp"
+    temporary = f"{final}.{os.urandom(4).hex()}.tmp"
     try:
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = open_file(temporary, os.O_RDWR)
     except OSError as error:
         raise os_error(error, "create segment", temporary) from None
     try:
@@ -216,7 +216,7 @@ def open_segment(path: str, number: int, *, writable: bool) -> tuple[int, int]:
     ``UnsupportedFormat`` if its header is not one of ours.
     """
     try:
-        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        fd = open_file(path, os.O_RDWR if writable else os.O_RDONLY, create=False)
     except FileNotFoundError:
         raise
     except OSError as error:

@@ -15,22 +15,24 @@ never garbage.  Durability against power loss comes from ``sync`` (msync).
 
 from __future__ import annotations
 
+import enum
 import errno
 import mmap
 import os
 import re
-import secrets
 import struct
 import zlib
 from dataclasses import dataclass
 
 from ._format import SEGMENT_HEADER_SIZE
+from ._fs import make_dir, open_file, open_to_read
 from ._segment import StrPath, os_error
 from .errors import CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
     "Position",
     "CursorFile",
+    "ConsumerKind",
     "cursor_path",
     "list_cursors",
     "check_name",
@@ -81,12 +83,27 @@ def check_name(name: str, what: str = "receiver name") -> str:
     return name
 
 
-def cursor_path(queue_dir: StrPath, kind: str, name: str) -> str:
-    """Return the cursor file of consumer ``name`` of ``kind`` ("r" receiver, "g" group)."""
-    return os.path.join(queue_dir, CURSOR_DIR, f"{kind}.{name}.pos")
+class ConsumerKind(str, enum.Enum):
+    """What a consumer is; the value is the first letter of its cursor file's name."""
+
+    RECEIVER = "r"
+    GROUP = "g"
+
+    @property
+    def role(self) -> str:
+        """The word for it in reports: "receiver" or "group"."""
+        return self.name.lower()
 
 
-def list_cursors(queue_dir: StrPath) -> list[tuple[str, str, str]]:
+def cursor_path(queue_dir: StrPath, kind: ConsumerKind, name: str) -> str:
+    """Return the cursor file of consumer ``name`` of ``kind``."""
+    return os.path.join(queue_dir, CURSOR_DIR, f"{ConsumerKind(kind).value}.{name}.pos")
+
+
+_KIND_LETTERS = {kind.value for kind in ConsumerKind}
+
+
+def list_cursors(queue_dir: StrPath) -> list[tuple[ConsumerKind, str, str]]:
     """Return ``(kind, name, path)`` of every consumer registered in ``queue_dir``."""
     directory = os.path.join(queue_dir, CURSOR_DIR)
     try:
@@ -97,8 +114,8 @@ def list_cursors(queue_dir: StrPath) -> list[tuple[str, str, str]]:
         raise os_error(error, "list", directory) from None
     found = []
     for file_name in names:
-        if file_name.endswith(".pos") and file_name[1:2] == ".":
-            found.append((file_name[0], file_name[2:-4], os.path.join(directory, file_name)))
+        if file_name.endswith(".pos") and file_name[1:2] == "." and file_name[0] in _KIND_LETTERS:
+            found.append((ConsumerKind(file_name[0]), file_name[2:-4], os.path.join(directory, file_name)))
     return found
 
 
@@ -123,7 +140,7 @@ class CursorFile:
         try:
             if initial is not None:
                 _create_cursor_file(self.path, initial)
-            self.fd = os.open(self.path, os.O_RDWR)
+            self.fd = open_file(self.path, os.O_RDWR, create=False)
         except FileNotFoundError:
             raise SegqError(f"no consumer state at {self.path}") from None
         except OSError as error:
@@ -230,14 +247,14 @@ def _create_cursor_file(path: str, initial: Position) -> None:
     directory = os.path.dirname(path)
     if os.path.exists(path):
         return
-    os.makedirs(directory, exist_ok=True)
+    make_dir(os.path.dirname(directory), os.path.basename(directory))
     content = bytearray(_FILE_SIZE)
     content[0:16] = _PREFIX
     body = _BODY.pack(_MAGIC, _VERSION, 0, 1, initial.segment, initial.offset)
     content[_SLOT_SIZE : _SLOT_SIZE + _BODY.size] = body
     _CRC.pack_into(content, _SLOT_SIZE + _BODY.size, zlib.crc32(body))
-    temporary = f"{path}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    temporary = f"{path}.{os.urandom(4).hex()}.tmp"
+    fd = open_file(temporary, os.O_WRONLY)
     try:
         try:
             if os.write(fd, content) != _FILE_SIZE:
@@ -277,7 +294,7 @@ def read_position(path: StrPath) -> Position:
     """Return the position saved at ``path``, reading it read-only (inspection needs no write access)."""
     path = os.fspath(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_to_read(path)
     except FileNotFoundError:
         raise SegqError(f"no consumer state at {path}") from None
     except OSError as error:
@@ -295,14 +312,19 @@ def read_position(path: StrPath) -> Position:
 
 
 def _retention_lock(queue_dir: StrPath):  # type: ignore[no-untyped-def]
-    import portalocker
+    from ._flock import wait_flock
 
-    handle = open(os.path.join(queue_dir, "segq.gc.lock"), "a+b")
-    portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE)
+    path = os.path.join(queue_dir, "segq.gc.lock")
+    handle = os.fdopen(open_file(path, os.O_RDWR, private=True), "r+b", buffering=0)
+    try:
+        wait_flock(handle.fileno(), path, what="segment deletion lock")
+    except BaseException:
+        handle.close()
+        raise
     return handle
 
 
-def register_cursor(queue_dir: StrPath, kind: str, name: str) -> CursorFile:
+def register_cursor(queue_dir: StrPath, kind: ConsumerKind, name: str) -> CursorFile:
     """Open consumer ``name``'s cursor, creating it at the oldest retained record if new.
 
     Registration and segment deletion take the same lock, so a new consumer

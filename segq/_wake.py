@@ -34,8 +34,7 @@ import threading
 import time
 from typing import Callable
 
-import portalocker
-
+from ._fs import file_mode, give_to_directory_owner, make_dir, open_file
 from ._control import DATA_WAITERS, DATA_WAITING, ROOM_WAITERS, ROOM_WAITING, SLOT, SLOT_COUNT, SLOTS, Control
 from ._segment import os_error
 
@@ -69,15 +68,20 @@ class _SlotTable:
     def __init__(self, control: Control) -> None:
         directory = _wake_dir(control)
         try:
-            os.makedirs(directory, exist_ok=True)
-            self._handle = open(os.path.join(directory, "slots.lock"), "a+b")
+            make_dir(control.queue_dir, os.path.basename(directory))
+            fd = open_file(os.path.join(directory, "slots.lock"), os.O_RDWR, private=True)
+            self._handle = os.fdopen(fd, "r+b", buffering=0)
         except OSError as error:
             raise os_error(error, "create", directory) from None
 
     def __enter__(self) -> None:
+        import portalocker  # not at the top: `import segq` stays cheap (issue 14)
+
         portalocker.lock(self._handle, portalocker.LockFlags.EXCLUSIVE)
 
     def __exit__(self, *exc_info: object) -> None:
+        import portalocker
+
         portalocker.unlock(self._handle)
 
     def close(self) -> None:
@@ -119,8 +123,14 @@ class Waiter:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-            os.mkfifo(path, 0o600)
-            self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+            try:
+                os.mkfifo(path, 0o600)
+                self.fd = open_file(path, os.O_RDWR | os.O_NONBLOCK, private=True, create=False, fifo=True)
+                directory = os.stat(os.path.dirname(path))
+                give_to_directory_owner(self.fd, directory)
+                os.fchmod(self.fd, file_mode(directory.st_mode, private=True))
+            except OSError as error:
+                raise os_error(error, "create", path) from None
             self.slot = slot
             set_flag(control, DATA_WAITERS, slot, False)
             set_flag(control, ROOM_WAITERS, slot, False)
@@ -252,7 +262,7 @@ class Waker:
             del self._fds[slot]
         if cached is None:
             try:
-                fd = os.open(_fifo_path(control, slot), os.O_WRONLY | os.O_NONBLOCK)
+                fd = os.open(_fifo_path(control, slot), os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError as error:
                 if error.errno in (errno.ENXIO, errno.ENOENT):
                     self._forget_dead_waiter(region, slot)

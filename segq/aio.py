@@ -97,9 +97,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
+from ._args import check_timeout
 from ._control import DATA_WAITERS, DEFAULT_SEGMENT_SIZE, ROOM_WAITERS
 from ._format import HEADER_SIZE, as_payload
-from ._jobs import Job, JobBatch, JobState, reason_of
+from .workqueue._jobs import Job, JobBatch, JobState, reason_of
+from .workqueue._stats import GroupStats
 from ._segment import StrPath
 from ._state import Position
 from ._wake import Waiter
@@ -456,6 +458,7 @@ class AsyncReceiver(_LoopOwner):
         already pending, or if another task is waiting on this receiver.
         Cancelling a waiting ``recv`` leaves nothing pending.
         """
+        timeout = check_timeout(timeout)
         message = await self._receive(self._receiver.try_recv, timeout)
         return AsyncMessage(self, message)
 
@@ -474,6 +477,7 @@ class AsyncReceiver(_LoopOwner):
 
         Raises ``Empty`` if none arrives within ``timeout`` seconds.
         """
+        timeout = check_timeout(timeout)
         attempt = functools.partial(_none_if_empty, self._receiver.recv_batch, max_count, timeout=0)
         return AsyncBatch(self, await self._receive(attempt, timeout))
 
@@ -620,6 +624,7 @@ class AsyncSender(_LoopOwner):
         runs out while the backlog is at ``max_queue_bytes``, ``Closed`` after
         ``close()``.  Cancelling a send that waits for room writes nothing.
         """
+        timeout = check_timeout(timeout)
         payload = data if type(data) is bytes else as_payload(data)
         if headers is not None:
             # Validated here, as Sender.send does; empty headers make a plain record.
@@ -629,6 +634,7 @@ class AsyncSender(_LoopOwner):
 
     async def send_batch(self, records: Iterable[BatchItem], timeout: float | None = None) -> None:
         """Append many records, each data or a ``(data, headers)`` pair, as one atomic write (see ``Sender.send_batch``)."""
+        timeout = check_timeout(timeout)
         payloads = [record if type(record) is bytes else batch_payload(record) for record in records]
         framed = sum(HEADER_SIZE + len(payload) for payload in payloads)
         await self._append(functools.partial(self._sender.send_batch, payloads), framed, timeout)
@@ -749,6 +755,21 @@ class AsyncJob(_AsyncHold):
     def headers(self) -> dict[str, bytes]:
         """The record's headers; empty when it has none."""
         return self._item.headers
+
+    @property
+    def id(self) -> str:
+        """The job's id (see ``Job.id``)."""
+        return self._item.id
+
+    @property
+    def priority(self) -> int:
+        """The job's priority, 0 to 9."""
+        return self._item.priority
+
+    @property
+    def run_at(self) -> float | None:
+        """When the job was scheduled to run (seconds since the epoch), None if at once."""
+        return self._item.run_at
 
     @property
     def attempt(self) -> int:
@@ -918,6 +939,10 @@ class AsyncWorkQueue(_LoopOwner):
 
     # -- claiming --------------------------------------------------------
 
+    def stats(self) -> "GroupStats":
+        """Return where the group's jobs are (``WorkQueue.stats``; a short lock, never a wait)."""
+        return self._queue.stats()
+
     async def claim(self, timeout: float | None = None) -> AsyncJob:
         """Return the next record to work on, waiting on the loop; ``Empty`` after ``timeout`` seconds.
 
@@ -925,6 +950,7 @@ class AsyncWorkQueue(_LoopOwner):
         (``async with await wq.claim() as job`` acks or nacks it).  Cancelling
         a waiting ``claim`` leaves nothing claimed.
         """
+        timeout = check_timeout(timeout)
         return AsyncJob(self, await self._claim(self._queue.try_claim, timeout))
 
     async def claim_batch(self, max_count: int, timeout: float | None = None) -> AsyncJobBatch:
@@ -932,6 +958,7 @@ class AsyncWorkQueue(_LoopOwner):
 
         Waits like ``claim`` for the first; takes as many more as are claimable.
         """
+        timeout = check_timeout(timeout)
         attempt = functools.partial(_none_if_empty, self._queue.claim_batch, max_count, timeout=0)
         return AsyncJobBatch(self, await self._claim(attempt, timeout))
 

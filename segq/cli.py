@@ -19,7 +19,6 @@ import io
 import itertools
 import json
 import logging
-import math
 import os
 import select
 import signal
@@ -31,23 +30,47 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import IO, Any, ClassVar, NoReturn, TypeVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 import click
 
-from . import __version__, recovery
+from . import __version__
+from ._args import MAX_INTERVAL, MIN_INTERVAL, check_interval
 from ._control import _MAGIC as CONTROL_MAGIC
 from ._control import CONTROL_NAME, DEFAULT_SEGMENT_SIZE
 from ._headers import encode_headers
 from ._inspect import existing_queue, receiver_lock_path
 from ._scan import position_json
 from ._segment import FIRST_SEGMENT_SIZE, list_segments, segment_path
-from ._state import CURSOR_DIR, check_name, list_cursors
+from ._state import CURSOR_DIR, ConsumerKind, check_name, list_cursors
 from .errors import Empty, SegqError
 from .receiver import Message, Receiver
 from .sender import _MIN_SEGMENT_SIZE, Sender
 
 __all__ = ["cli", "main"]
+
+
+class _ImportedOnUse:
+    """Stand in for a module, importing it at the first attribute access.
+
+    ``segq --help`` and ``segq send`` need no recovery code: importing it
+    (and portalocker and psutil with it) only for the commands that use it
+    keeps every CLI call's start-up short (issue 14).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+if TYPE_CHECKING:
+    from . import recovery
+else:
+    recovery = _ImportedOnUse(f"{__package__}.recovery")
 
 _Command = TypeVar("_Command", bound=Callable[..., Any])
 _SEPARATORS = {"lines": b"\n", "null": b"\0", "raw": b""}
@@ -287,11 +310,27 @@ class _SyncParam(click.ParamType["str | float"]):
         if value in ("never", "always"):
             return str(value)
         try:
+            return check_interval(float(value), "sync")
+        except (ValueError, TypeError):
+            self.fail(
+                f"{value!r}: use never, always or a number of seconds from {MIN_INTERVAL} to {MAX_INTERVAL:g}",
+                param,
+                ctx,
+            )
+
+
+class _SecondsParam(click.ParamType[float]):
+    """A timeout in seconds: finite, not negative (NaN and inf are usage errors, exit 2)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
             seconds = float(value)
-        except ValueError:
-            seconds = -1.0
-        if not 0 < seconds < math.inf:  # also refuses nan
-            self.fail(f"{value!r}: use never, always or a number of seconds > 0", param, ctx)
+        except (ValueError, TypeError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not 0 <= seconds < 1e9:
+            self.fail(f"{value!r}: give a finite number of seconds >= 0", param, ctx)
         return seconds
 
 
@@ -347,10 +386,12 @@ def send(
     _refuse_a_foreign_directory(path)
     if segment_size is None:
         segment_size = _current_segment_size(path)
-    stdin = _Stream(sys.stdin.buffer, signals := _Signals())
+    stdin = _Stream(_standard_stream(sys.stdin, "input"), signals := _Signals())
     with _library_warnings(), signals:
         try:
-            with Sender(path, segment_size=segment_size, sync=sync) as sender:
+            with signals.interruptible():  # opening may wait for another process's lock
+                opened = Sender(path, segment_size=segment_size, sync=sync)
+            with opened as sender:
                 headers = header_items or None
                 if framing == "raw":
                     sender.send(b"".join(iter(stdin.read, b"")), headers=headers)
@@ -506,7 +547,7 @@ def _send_records(sender: Sender, records: list[bytes], headers: dict[str, bytes
 @click.option("-f", "--follow", is_flag=True, help="Keep waiting for new records (until -n, --timeout or a signal).")
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0),
+    type=_SecondsParam(),
     help="Stop when no record arrives for this many seconds (default: at once without --follow).",
 )
 @click.option(
@@ -561,11 +602,13 @@ def recv(
         raise CommandError(f"no queue at {path}: check the path, or use --create to make it and wait for its producers")
     separator = _SEPARATORS.get(framing)  # None: --json
     wait = timeout if timeout is not None else (None if follow else 0.0)
-    stdout = _Stream(sys.stdout.buffer, signals := _Signals())
+    stdout = _Stream(_standard_stream(sys.stdout, "output"), signals := _Signals())
     delivery = _delivery(stdout, ack_fd)
     with _library_warnings(), signals:
         try:
-            with Receiver(path, name, create=create) as receiver:
+            with signals.interruptible():  # opening may wait for another process's lock
+                opened = Receiver(path, name, create=create)
+            with opened as receiver:
                 _receive(receiver, delivery, separator, count, wait, batch or delivery.default_batch)
         except _Stopped as stop:
             _exit_for_signal(stop.signum)
@@ -764,6 +807,15 @@ def _receive(
             remaining -= len(batch)
 
 
+def _standard_stream(stream: IO[str] | None, which: str) -> IO[bytes]:
+    """Return the binary side of stdin or stdout, or a usage error when the shell closed it (``>&-``)."""
+    buffer: IO[bytes] | None = getattr(stream, "buffer", None)
+    if buffer is None:
+        verb = "read from" if which == "input" else "write to"
+        raise click.UsageError(f"standard {which} is closed; give the command something to {verb}")
+    return buffer
+
+
 def _quiet_stdout() -> None:
     # The reader went away: point stdout at /dev/null so the interpreter's
     # final flush does not complain about the broken pipe.
@@ -831,6 +883,14 @@ def info(path: str, as_json: bool, scan: bool) -> None:
             f"group      {group.get('group')}: {len(group.get('claims', []))} claims in flight, "
             f"{len(group.get('waiting', []))} waiting, {group.get('dead_letters_pending', 0)} dead letters pending"
         )
+        stats = group.get("stats")
+        if stats:
+            age = stats["oldest_pending_age"]
+            click.echo(
+                f"           jobs: {stats['pending']} pending, {stats['scheduled']} scheduled, "
+                f"{stats['claimed']} claimed, {stats['retrying']} retrying, {stats['done']} done, {stats['dead']} dead"
+                + (f"; oldest pending {age:.1f} s" if age is not None else "")
+            )
 
 
 @cli.command()
@@ -898,14 +958,11 @@ def recover(path: str, name: str, loss: bool, dry_run: bool, as_json: bool) -> N
     strategy = recovery.recover_with_loss if loss else recovery.recover
     with _progress("scanning", recovery.queue_bytes(path)) as progress:
         report = strategy(path, name, dry_run=dry_run, progress=progress)
-    # Work-queue groups are consumers too: give back dead workers' claims and
-    # repair their journals (replay strategy: nothing acked is lost).
-    groups = [recovery.recover_group(path, group, dry_run=dry_run) for group in recovery.list_groups(path)]
     if as_json:
-        _print_json({**report.to_json(), "groups": [group.to_dict() for group in groups]})
+        _print_json(report.to_json())
         return
     _print_recovery(report)
-    for group in groups:
+    for group in report.groups:
         for repair in group.repairs:
             click.echo(f"  group      {group.group!r}: {repair}")
         if group.returned:
@@ -977,9 +1034,9 @@ def requeue_dead(path: str, group: str, dead_letter: str | None, count: int | No
 
 def _group_admin() -> Any:
     """Return the module of the work-queue group admin calls (list_groups, group_info, requeue_dead)."""
-    from . import _groupadmin  # the one place that says where the group admin lives
+    from .workqueue import _admin  # the one place that says where the group admin lives
 
-    return _groupadmin
+    return _admin
 
 
 def _require_group(queue_dir: str, group: str) -> None:
@@ -1040,7 +1097,7 @@ def remove_receiver(path: str, name: str) -> None:
     the PID, while a live process has that receiver open.
     """
     queue_dir = existing_queue(path)
-    names = [found for kind, found, _ in list_cursors(queue_dir) if kind == "r"]
+    names = [found for kind, found, _ in list_cursors(queue_dir) if kind is ConsumerKind.RECEIVER]
     if name not in names:
         listed = f"its receivers: {', '.join(names)}" if names else "it has none"
         raise CommandError(f"{queue_dir} has no receiver {name!r} ({listed})")
@@ -1117,6 +1174,7 @@ def unlock(path: str) -> None:
     if live:
         names = ", ".join(f"PID {holder.pid} ({holder.what})" for holder in live)
         raise CommandError(f"{queue_dir} is locked by live {names}; stop {'it' if len(live) == 1 else 'them'} first")
+    recovery.remove_idle_semaphores(queue_dir)  # housekeeping, as a rebuild would do: not reported
     if not removed:
         click.echo(f"no stale lock files in {queue_dir}")
 

@@ -14,8 +14,10 @@ __all__ = [
     "CorruptionError",
     "UnsupportedFormat",
     "UsageError",
+    "InvalidArgument",
     "Closed",
     "ClaimLost",
+    "DuplicateJobId",
 ]
 
 
@@ -71,9 +73,25 @@ class UsageError(SegqError):
     """The call is not allowed in the object's current state (e.g. ``recv`` while a message is pending)."""
 
 
+class InvalidArgument(SegqError, ValueError):
+    """An argument is out of range or of the wrong type (a NaN timeout, a bad path); ``name`` says which."""
+
+    def __init__(self, message: str, *, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 class Closed(UsageError):
     """The object was used after ``close()``."""
 
 
 class ClaimLost(SegqError):
     """A work-queue claim is no longer held: its lease ran out and the record went back."""
+
+
+class DuplicateJobId(SegqError):
+    """``enqueue(job_id=...)`` named an id a job in the dedup window already has; nothing was written."""
+
+    def __init__(self, message: str, *, job_id: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id

@@ -45,6 +45,7 @@ import time
 from types import TracebackType
 from typing import Iterator
 
+from ._args import check_path, check_timeout
 from ._control import (
     CONSUMER_SEGMENT_SIZE,
     DATA_WAITERS,
@@ -56,13 +57,14 @@ from ._control import (
 )
 from ._format import HEADER_SIZE
 from ._headers import split_body
+from ._fs import make_dir
 from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._reader import RecordReader
 from ._segment import StrPath
-from ._state import Position, check_name, cursor_path, delete_consumed_segments, register_cursor
+from ._state import ConsumerKind, Position, check_name, cursor_path, delete_consumed_segments, register_cursor
 from ._wake import Waiter, Waker
-from .errors import Closed, CorruptionError, Empty, SegqError, UsageError
+from .errors import Closed, CorruptionError, Empty, InvalidArgument, SegqError, UsageError
 from .sender import SyncPolicy, parse_sync
 
 __all__ = ["Receiver", "Message", "Batch"]
@@ -216,18 +218,18 @@ class Receiver:
         self, path: StrPath, name: str = "default", *, sync: SyncPolicy = "never", create: bool = False
     ) -> None:
         self._closed = True
-        self.path = os.fspath(path)
+        self.path = check_path(path)
         self.name = check_name(name)
         self._sync_interval = parse_sync(sync)
         require_queue(self.path, create=create, who="Receiver")
         self._control = Control(self.path, segment_size=CONSUMER_SEGMENT_SIZE)
-        self._lock = LockFile(cursor_path(self.path, "r", name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
+        self._lock = LockFile(cursor_path(self.path, ConsumerKind.RECEIVER, name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
         self._directory_fd = -1
         try:
             self._directory_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-            os.makedirs(os.path.dirname(self._lock.path), exist_ok=True)
+            make_dir(self.path, os.path.basename(os.path.dirname(self._lock.path)))
             self._lock.acquire()
-            self._cursor = register_cursor(self.path, "r", name)
+            self._cursor = register_cursor(self.path, ConsumerKind.RECEIVER, name)
             position = self._cursor.position
             if position.segment << 32 | position.offset > self._control.words[TAIL_INDEX]:
                 self._cursor.close()
@@ -378,6 +380,8 @@ class Receiver:
         if the receiver is closed meanwhile; ``SegqError`` if the queue
         directory is deleted (or replaced) while waiting.
         """
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         # acquire/release, not ``with``: half the cost on the hot paths.
         self._mutex.acquire()
         try:
@@ -428,6 +432,10 @@ class Receiver:
         Raises ``Empty`` if none arrives within ``timeout`` seconds, and
         ``UsageError`` as ``recv`` does.
         """
+        if timeout is not None:
+            timeout = check_timeout(timeout)
+        if isinstance(max_count, bool) or not isinstance(max_count, int):
+            raise InvalidArgument(f"max_count must be an int, not {max_count!r}", name="max_count")
         with self._mutex:
             self._check_ready()
             if max_count < 1:
@@ -563,11 +571,11 @@ class Receiver:
         Raises ``Locked`` if a live Receiver of that name is open.
         """
         check_name(name)
-        lock = LockFile(cursor_path(path, "r", name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
+        lock = LockFile(cursor_path(path, ConsumerKind.RECEIVER, name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
         lock.acquire()
         try:
             try:
-                os.unlink(cursor_path(path, "r", name))
+                os.unlink(cursor_path(path, ConsumerKind.RECEIVER, name))
             except FileNotFoundError:
                 return
             delete_consumed_segments(path)

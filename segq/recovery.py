@@ -49,7 +49,8 @@ from typing import Any
 
 import portalocker
 
-from ._control import CONTROL_NAME, CONTROL_SIZE, TAIL, TOKEN, WORD, split_word
+from ._control import CONTROL_NAME, CONTROL_SIZE, TAIL, WORD, remove_semaphores, split_word
+from ._fs import open_file, open_to_read
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE
 from ._inspect import (
     ConsumerInfo,
@@ -64,11 +65,11 @@ from ._inspect import (
     saved_position,
     verify,
 )
-from ._groupadmin import GroupRecovery, list_groups, recover_group
+from .workqueue._admin import GroupRecovery, list_groups, recover_group, recover_groups
 from ._lock import LockFile, unlock
 from ._scan import Damage, Progress, QueueScans, Repair, SegmentScan, missing_segments, position_json, scan_segment
 from ._segment import StrPath, create_segment, fsync_directory, list_segments, os_error, segment_path
-from ._state import CursorFile, Position, check_name, cursor_path, delete_consumed_segments, list_cursors
+from ._state import ConsumerKind, CursorFile, Position, check_name, cursor_path, delete_consumed_segments, list_cursors
 from .errors import CorruptionError, Locked, SegqError
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "unlock_for_sending",
     "unlock_for_receiving",
     "unlock_queue",
+    "remove_idle_semaphores",
     "lock_holders",
     "guess_recv_metadata",
     "guess_recv_metadata_with_loss",
@@ -128,7 +130,9 @@ def unlock_for_sending(path: StrPath) -> list[LockHolder]:
 
     Raises ``Locked`` naming a live sender's PID (after removing the dead ones).
     """
-    return _unlock_all([holder for holder in lock_holders(path) if holder.what == "sender"])
+    removed = _unlock_all([holder for holder in lock_holders(path) if holder.what == "sender"])
+    remove_idle_semaphores(path)
+    return removed
 
 
 def unlock_for_receiving(path: StrPath, name: str = "default") -> list[LockHolder]:
@@ -137,7 +141,9 @@ def unlock_for_receiving(path: StrPath, name: str = "default") -> list[LockHolde
     Raises ``Locked`` naming the PID if that receiver is alive.
     """
     lock_path = receiver_lock_path(existing_queue(path), check_name(name))
-    return _unlock_all([holder for holder in lock_holders(path) if holder.path == lock_path])
+    removed = _unlock_all([holder for holder in lock_holders(path) if holder.path == lock_path])
+    remove_idle_semaphores(path)
+    return removed
 
 
 def unlock_queue(path: StrPath) -> list[LockHolder]:
@@ -145,7 +151,29 @@ def unlock_queue(path: StrPath) -> list[LockHolder]:
 
     Raises ``Locked`` naming a live holder's PID (after removing the dead ones).
     """
-    return _unlock_all(lock_holders(path))
+    removed = _unlock_all(lock_holders(path))
+    remove_idle_semaphores(path)
+    return removed
+
+
+def remove_idle_semaphores(path: StrPath) -> list[str]:
+    """Remove the queue's append semaphores from ``/dev/shm`` if no process is attached; return their names.
+
+    A process killed while attached leaves its queue's semaphore behind
+    until the queue is opened again; this removes it now (the next opener
+    makes a new one).  Nothing is removed while any process is attached.
+    """
+    queue_dir = os.fspath(path)
+    hold = _ControlHold(queue_dir, create=False)
+    try:
+        if not hold.alone or not os.path.isdir(queue_dir):
+            return []
+        removed = remove_semaphores(queue_dir)
+    finally:
+        hold.release()
+    for name in removed:
+        log.warning("%s: removed the append semaphore %s left by a process that died", queue_dir, name)
+    return removed
 
 
 # -- the control file ----------------------------------------------------------
@@ -159,7 +187,10 @@ class _ControlHold:
         self.fd = -1
         self.alone = False
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o644)
+            if create:
+                self.fd = open_file(self.path, os.O_RDWR, private=True)
+            else:
+                self.fd = open_to_read(self.path)
         except FileNotFoundError:
             self.alone = True  # no control file: nobody attached (a dry run does not create one)
             return
@@ -182,13 +213,9 @@ class _ControlHold:
 
     def invalidate(self) -> None:
         """Make the next opener rebuild the control file from the segments (only when alone)."""
-        from ._control import _unlink_semaphore
-
         if self.fd < 0 or not self.alone:
             return
-        header = os.pread(self.fd, 64, 0)
-        if len(header) == 64 and header[:8] == b"segq\x00ctl":
-            _unlink_semaphore(WORD.unpack_from(header, TOKEN)[0])
+        remove_semaphores(os.path.dirname(self.path))
         os.pwrite(self.fd, bytes(64), 0)
         log.warning("%s: reset; the next process to open the queue rebuilds it", self.path)
 
@@ -232,7 +259,7 @@ def guess_recv_metadata(path: StrPath, name: str = "default") -> Position:
     start.  Reads only.
     """
     queue_dir = existing_queue(path)
-    _, saved, _ = saved_position(queue_dir, "r", check_name(name))
+    _, saved, _ = saved_position(queue_dir, ConsumerKind.RECEIVER, check_name(name))
     return _replay_position(QueueScans(queue_dir), saved)
 
 
@@ -279,12 +306,16 @@ class RecoveryReport:
     deleted_segments: list[int] = field(default_factory=list)
     in_use: list[LockHolder] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    groups: list[GroupRecovery] = field(default_factory=list)  # every work-queue group, replay strategy
 
     @property
     def changed(self) -> bool:
         """True if anything was (or, in a dry run, would be) written."""
         moved = any(self.previous.get(name) != position for name, position in self.receivers.items())
-        return bool(self.unlocked or self.cut or self.sealed or self.created or self.deleted_segments or moved)
+        repaired_groups = any(group.repairs for group in self.groups)
+        return bool(
+            self.unlocked or self.cut or self.sealed or self.created or self.deleted_segments or moved or repaired_groups
+        )
 
     def to_json(self) -> dict[str, Any]:
         """Return the report as a JSON-ready dict (the stable ``segq recover --json`` output)."""
@@ -305,6 +336,7 @@ class RecoveryReport:
             "deleted_segments": self.deleted_segments,
             "in_use": [holder.to_json() for holder in self.in_use],
             "notes": self.notes,
+            "groups": [group.to_dict() for group in self.groups],
         }
 
 
@@ -367,7 +399,7 @@ def _recover(path: StrPath, name: str, *, loss: bool, dry_run: bool, progress: P
     dead = [holder for holder in holders if not holder.alive]
     report.unlocked = dead if dry_run else [holder for holder in dead if _unlock_quietly(holder.path)]
     receiver_lock = None
-    if not dry_run and os.path.exists(cursor_path(queue_dir, "r", name)):
+    if not dry_run and os.path.exists(cursor_path(queue_dir, ConsumerKind.RECEIVER, name)):
         receiver_lock = LockFile(lock_path, what=f"receiver {name!r}")
         receiver_lock.acquire()  # a Receiver of this name cannot open until we are done
     try:
@@ -378,14 +410,14 @@ def _recover(path: StrPath, name: str, *, loss: bool, dry_run: bool, progress: P
                     holder for holder in lock_holders(queue_dir) if holder.alive and holder.path != lock_path
                 ]
             scans = QueueScans(queue_dir, progress)
-            registered, saved, problem = saved_position(queue_dir, "r", name)
+            registered, saved, problem = saved_position(queue_dir, ConsumerKind.RECEIVER, name)
             if saved is not None and saved.segment in scans.segments:
                 scans.marks.setdefault(saved.segment, set()).add(saved.offset)
             reset_control = _repair_segments(scans, control, report)
             if registered:
                 _recover_receiver(scans, control, report, name, saved, problem, loss)
             else:
-                others = [other for kind, other, _ in list_cursors(queue_dir) if kind == "r"]
+                others = [other for kind, other, _ in list_cursors(queue_dir) if kind is ConsumerKind.RECEIVER]
                 report.notes.append(
                     f"no receiver named {name!r} is registered"
                     + (f" (registered: {', '.join(others)})" if others else "")
@@ -393,6 +425,8 @@ def _recover(path: StrPath, name: str, *, loss: bool, dry_run: bool, progress: P
                 )
             if not dry_run and control.alone and (reset_control or report.cut or report.sealed or report.created):
                 control.invalidate()
+            elif not dry_run and control.alone:
+                remove_semaphores(queue_dir)  # left by a process killed while attached
         finally:
             control.release()
         if loss and not dry_run and report.changed:
@@ -400,6 +434,9 @@ def _recover(path: StrPath, name: str, *, loss: bool, dry_run: bool, progress: P
     finally:
         if receiver_lock is not None:
             receiver_lock.release()
+    # Work-queue groups are consumers too: give back dead workers' claims and
+    # repair their journals (replay strategy, whichever the receiver's: nothing acked is lost).
+    report.groups = recover_groups(queue_dir, dry_run=dry_run)
     return report
 
 
@@ -462,7 +499,7 @@ def _cut(scan: SegmentScan, report: RecoveryReport) -> None:
 
 def _write_zeros(path: str, start: int, end: int) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY)
+        fd = open_file(path, os.O_WRONLY, create=False)
     except OSError as error:
         raise os_error(error, "repair", path) from None
     try:
@@ -504,7 +541,7 @@ def _seal(scans: QueueScans, scan: SegmentScan, report: RecoveryReport, alone: b
     if report.dry_run:
         return True
     try:
-        fd = os.open(scan.path, os.O_WRONLY)
+        fd = open_file(scan.path, os.O_WRONLY, create=False)
     except OSError as error:
         raise os_error(error, "seal", scan.path) from None
     try:
@@ -554,7 +591,7 @@ def _recover_receiver(
             position = target
     report.receivers[name] = position
     if position != saved and not report.dry_run:
-        _write_cursor(cursor_path(scans.queue_dir, "r", name), position)
+        _write_cursor(cursor_path(scans.queue_dir, ConsumerKind.RECEIVER, name), position)
         log.warning("receiver %r of %s: restarts at %s (was %s)", name, scans.queue_dir, position, saved)
     ahead = _first_damage_from(scans, position)
     if ahead is not None:
@@ -630,13 +667,13 @@ def clear(path: StrPath, *, progress: Progress | None = None) -> ClearReport:
     """
     queue_dir = existing_queue(path)
     cursors = list_cursors(queue_dir)
-    groups = [name for kind, name, _ in cursors if kind == "g"]
+    groups = [name for kind, name, _ in cursors if kind is ConsumerKind.GROUP]
     if groups:
         raise SegqError(
             f"{queue_dir} has work-queue groups ({', '.join(groups)}); clear handles receivers only: "
             f"remove the groups first (`segq remove-group {queue_dir} GROUP`, or segq.WorkQueue.remove)"
         )
-    receiver_names = [name for kind, name, _ in cursors if kind == "r"]
+    receiver_names = [name for kind, name, _ in cursors if kind is ConsumerKind.RECEIVER]
     locks = []
     try:
         for name in receiver_names:
@@ -677,7 +714,7 @@ def _clear_locked(queue_dir: str, receiver_names: list[str], progress: Progress 
     finally:
         control.release()
     for name in receiver_names:
-        _write_cursor(cursor_path(queue_dir, "r", name), target)
+        _write_cursor(cursor_path(queue_dir, ConsumerKind.RECEIVER, name), target)
         report.receivers[name] = target
         log.warning("receiver %r of %s: cleared, now at %s", name, queue_dir, target)
     if receiver_names:

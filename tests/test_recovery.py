@@ -422,6 +422,7 @@ def test_info_counts_each_consumers_backlog_and_lists_lock_holders(queue_dir: pa
     assert [(holder.pid, holder.alive, holder.what) for holder in snapshot.locks] == [(pid, False, "sender")]
     assert snapshot.bytes_on_disk > 0 and snapshot.segment_bytes == 2 * SMALL
     assert json.loads(json.dumps(snapshot.to_json()))["consumers"][1]["name"] == "slow"
+    recovery.unlock_queue(queue_dir)  # inspection left the killed sender's lock and semaphore: clean them up
 
 
 def test_clear_drops_every_record_and_refuses_a_live_receiver(queue_dir: pathlib.Path) -> None:

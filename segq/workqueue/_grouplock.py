@@ -41,12 +41,22 @@ import struct
 import threading
 from typing import Any, Callable
 
-from ._segment import os_error
-from .errors import SegqError, UnsupportedFormat
+from .._flock import wait_flock
+from .._fs import open_file
+from .._segment import StrPath, os_error
+from .._state import check_name
+from ..errors import SegqError, UnsupportedFormat
 
-__all__ = ["GroupLock", "robust_mutexes_available"]
+__all__ = ["GROUPS_DIR", "group_dir", "GroupLock", "robust_mutexes_available"]
 
 log = logging.getLogger(__name__)
+
+GROUPS_DIR = "groups"
+
+
+def group_dir(path: StrPath, group: str) -> str:
+    """Return the directory holding ``group``'s journal and locks: ``<path>/groups/<group>``."""
+    return os.path.join(path, GROUPS_DIR, check_name(group, "group name"))
 
 _MUTEX_FILE = "mutex"
 _FLOCK_FILE = "lock"
@@ -107,7 +117,7 @@ class GroupLock:
         self._window: Any = None
         self._thread_lock = threading.Lock()
         try:
-            self._flock_fd = os.open(os.path.join(group_dir, _FLOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+            self._flock_fd = open_file(os.path.join(group_dir, _FLOCK_FILE), os.O_RDWR, private=True)
         except OSError as error:
             raise os_error(error, "open group lock in", group_dir) from None
         libc = _load_libc()
@@ -130,7 +140,7 @@ class GroupLock:
     def _open_mutex(self, libc: Any) -> None:
         path = os.path.join(self.group_dir, _MUTEX_FILE)
         try:
-            self._mutex_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._mutex_fd = open_file(path, os.O_RDWR, private=True)
             if os.fstat(self._mutex_fd).st_size < _FILE_SIZE:
                 os.ftruncate(self._mutex_fd, _FILE_SIZE)
         except OSError as error:
@@ -139,7 +149,7 @@ class GroupLock:
         self._window = (ctypes.c_char * _FILE_SIZE).from_buffer(self._map)
         self.lock_argument = ctypes.c_void_p(ctypes.addressof(self._window) + _MUTEX_OFFSET)
         tag = _layout_tag()
-        fcntl.flock(self._flock_fd, fcntl.LOCK_EX)
+        wait_flock(self._flock_fd, os.path.join(self.group_dir, _FLOCK_FILE), what="group mutex set-up")
         try:
             magic, version, found_tag = _HEADER.unpack_from(self._map, 0)
             if magic == _MAGIC:

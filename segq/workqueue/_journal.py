@@ -49,8 +49,9 @@ import sys
 import zlib
 from typing import Iterator
 
-from ._segment import StrPath, fsync_directory, os_error, preallocate
-from .errors import CorruptionError, SegqError, UnsupportedFormat
+from .._fs import open_file
+from .._segment import StrPath, fsync_directory, os_error, preallocate
+from ..errors import CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
     "JOURNAL_NAME",
@@ -108,8 +109,22 @@ class Kind:
     WAITING = 7  # snapshot only: a given-back record
     DONE = 8  # snapshot only: records done above the mark
     HELD = 9  # snapshot only: a claim in flight (the body of a CLAIM)
+    SKIP = 10  # records a claim went past (lower priority or not yet due), each with its priority and run_at
+    PENDING = 11  # snapshot only: records below the head never claimed (the body of a SKIP)
 
-    NAMES = {1: "STATE", 2: "CLAIM", 3: "ACK", 4: "DEAD", 5: "RETURN", 6: "RENEW", 7: "WAITING", 8: "DONE", 9: "HELD"}
+    NAMES = {
+        1: "STATE",
+        2: "CLAIM",
+        3: "ACK",
+        4: "DEAD",
+        5: "RETURN",
+        6: "RENEW",
+        7: "WAITING",
+        8: "DONE",
+        9: "HELD",
+        10: "SKIP",
+        11: "PENDING",
+    }
 
 
 def entry_prefix_crc(kind: int, length: int) -> tuple[bytes, int]:
@@ -191,7 +206,7 @@ def prepare_journal(group_dir: StrPath, generation: int, body: bytes, *, capacit
     temporary = os.path.join(group_dir, f"{JOURNAL_NAME}.{secrets.token_hex(4)}.tmp")
     capacity = max(capacity, HEADER_SIZE + len(body))
     try:
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = open_file(temporary, os.O_RDWR)
         try:
             preallocate(fd, capacity)
             os.pwrite(fd, _encode_header(generation, capacity, HEADER_SIZE + len(body)) + body, 0)
@@ -257,7 +272,7 @@ class Journal:
         _check_byte_order()
         self.path = os.path.join(group_dir, JOURNAL_NAME)
         try:
-            self.fd = os.open(self.path, os.O_RDWR)
+            self.fd = open_file(self.path, os.O_RDWR, create=False)
         except FileNotFoundError:
             raise
         except OSError as error:
