@@ -16,7 +16,10 @@ refused, not followed), synced, then hard-linked to ``segq.id``.  ``link``
 fails if the name exists, so two processes making the id at once agree on
 the first one linked, and a crash at any instant leaves either no
 ``segq.id`` or a complete one (plus, at worst, a stray ``.tmp`` file, which
-the queue ignores).  Deleting the queue directory deletes the id with it.
+the queue ignores).  It gets the permissions and owner of the queue's other
+readable files (``_fs``), and is read back through ``_fs``'s checks (no
+link, a regular file of an owner who may write the queue).  Deleting the
+queue directory deletes the id with it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import os
 import secrets
 
+from ._fs import check_opened, file_mode, give_to_directory_owner, open_to_read
 from ._segment import StrPath
 from .errors import SegqError
 
@@ -47,9 +51,14 @@ def queue_id(path: StrPath) -> str:
         return existing
     made = secrets.token_hex(_ID_HEX_DIGITS // 2)
     temporary = f"{id_path}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    directory = os.stat(queue_dir)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    # Readable by whoever may read the queue, like its segments (docs/security.md).
+    fd = os.open(temporary, flags, file_mode(directory.st_mode, private=False))
     try:
         try:
+            give_to_directory_owner(fd, directory)
+            os.fchmod(fd, file_mode(directory.st_mode, private=False))  # whatever the umask
             os.write(fd, f"{made}\n".encode())
             os.fsync(fd)
         finally:
@@ -69,12 +78,13 @@ def queue_id(path: StrPath) -> str:
 def _read(id_path: str) -> str | None:
     """Return the id stored at ``id_path``, None if there is no such file."""
     try:
-        fd = os.open(id_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_to_read(id_path)
     except FileNotFoundError:
         return None
     except OSError as error:
-        raise SegqError(f"{id_path}: cannot open the queue id ({error.strerror}); it must be a regular file") from None
+        raise SegqError(f"{id_path}: cannot open the queue id ({error.strerror})") from None
     try:
+        check_opened(fd, id_path)
         content = os.read(fd, 64)
     finally:
         os.close(fd)

@@ -43,7 +43,7 @@ def test_a_symlinked_id_file_is_refused_not_followed(queue_dir: Path, tmp_path: 
     target = tmp_path / "elsewhere"
     target.write_text("0" * 32 + "\n")
     (queue_dir / QUEUE_ID_NAME).symlink_to(target)
-    with pytest.raises(segq.SegqError, match="must be a regular file"):
+    with pytest.raises(segq.SegqError, match="symbolic link"):
         queue_id(queue_dir)
 
 
