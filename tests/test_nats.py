@@ -601,3 +601,47 @@ def test_headers_travel_through_forward_and_pull_with_the_stream_sequence(
         for number, (data, headers) in enumerate(sent, start=1)
     ]
     assert received == expected
+
+
+def _ack(data: bytes = b'{"stream":"EVENTS","seq":1}', headers: dict[str, str] | None = None) -> Any:
+    from nats.aio.msg import Msg
+
+    return Msg(_client=None, subject="_INBOX.x.1", data=data, headers=headers)  # type: ignore[arg-type]
+
+
+def test_a_round_whose_failures_are_a_suffix_is_retried_by_reconnecting_and_a_hole_is_republished(
+    queue_dir: Path,
+) -> None:
+    """The rule _check_acks applies to one round's acknowledgements (fed here as a server would answer)."""
+    from segq.nats._forward import ForwardStats, _Pump, _Round
+    from segq.nats._link import LinkLost
+
+    fill(queue_dir, 4)
+    no_leader = _ack(b"", {"Status": "503"})
+    wrong_stream = _ack(b'{"error":{"code":400,"err_code":10060,"description":"expected stream does not match"}}')
+
+    async def main() -> None:
+        async with segq.AsyncReceiver(queue_dir, "forward") as receiver:
+            pump = _Pump(receiver, "q" * 32, "EVENTS", "ev.a", 4, 1.0, ForwardStats())
+            batch = await receiver.recv_batch(4, timeout=1)
+            messages = batch.messages
+
+            def answered(*replies: Any) -> _Round:
+                answers = _Round(asyncio.get_running_loop(), 1, len(replies))
+                for serial, reply in enumerate(replies, start=1):
+                    if reply is not None:
+                        answers.take(serial, reply)
+                return answers
+
+            assert pump._check_acks(messages, answered(_ack(), _ack(), _ack(), _ack())) == []
+            with pytest.raises(LinkLost, match="no stream answered"):
+                pump._check_acks(messages, answered(_ack(), _ack(), no_leader, no_leader))
+            with pytest.raises(LinkLost, match="not acknowledged"):
+                pump._check_acks(messages, answered(_ack(), None, None, None))
+            hole = pump._check_acks(messages, answered(_ack(), no_leader, _ack(), None))
+            assert [message.position for message in hole] == [messages[1].position, messages[3].position]
+            with pytest.raises(BridgeError, match="expected stream does not match"):
+                pump._check_acks(messages, answered(_ack(), wrong_stream, _ack(), _ack()))
+            await batch.rollback()
+
+    run(main())
