@@ -65,7 +65,10 @@ def spawn(source: pathlib.Path, target: pathlib.Path, rng: random.Random) -> sub
 def drained(source: pathlib.Path) -> bool:
     if not (source / "groups" / "default").exists():
         return False
-    info = group_info(source)
+    try:
+        info = group_info(source)
+    except (segq.SegqError, OSError):
+        return False  # a worker is creating the group right now
     with segq.Sender(source, segment_size=1 << 20) as tx:
         tail = tx._control.tail()
     mark = info["low_water_mark"]
