@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from . import recovery
     from .aio import AsyncBatch, AsyncJob, AsyncJobBatch, AsyncMessage, AsyncReceiver, AsyncSender, AsyncWorkQueue
+    from ._followups import Enqueue
     from ._options import Enqueued
+    from .worker import arun_worker, run_worker
     from .workqueue import DeadLetter, GroupStats, Job, JobBatch, WorkQueue
 
 __all__ = [
@@ -63,6 +65,9 @@ __all__ = [
     "AsyncWorkQueue",
     "AsyncJob",
     "AsyncJobBatch",
+    "Enqueue",
+    "run_worker",
+    "arun_worker",
 ]
 
 __version__ = "0.1.0"
@@ -85,6 +90,9 @@ _LAZY = {
     "AsyncWorkQueue": "aio",
     "AsyncJob": "aio",
     "AsyncJobBatch": "aio",
+    "Enqueue": "_followups",
+    "run_worker": "worker",
+    "arun_worker": "worker",
 }
 
 

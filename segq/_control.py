@@ -51,6 +51,9 @@ __all__ = [
     "ROOM_WAITERS",
     "DATA_WAITING",
     "ROOM_WAITING",
+    "CLAIM_WAITERS",
+    "CLAIM_GROUPS",
+    "CLAIM_GROUP",
     "TAIL_INDEX",
     "OWNER_INDEX",
     "SLOTS",
@@ -92,6 +95,12 @@ SEMAPHORE = 200  # u64: inode of the append semaphore in /dev/shm (1: unknown; 0
 SLOTS = 256  # 64 slots of SLOT.size bytes: pid, generation
 SLOT_COUNT = 64
 SLOT = struct.Struct("@QQ")
+# Work-queue claimers wait apart from receivers: a job wakes one claimer of
+# each group, where a record wakes every receiver.  Their raised flags count
+# in DATA_WAITING too, so a send still reads one byte to know nobody waits.
+CLAIM_WAITERS = 1280  # 64 bytes: slot i waits to claim when byte i is non-zero
+CLAIM_GROUPS = 1344  # 64 x u32: the group slot i waits to claim in (CRC-32 of its name)
+CLAIM_GROUP = struct.Struct("@I")
 WORD = struct.Struct("@Q")
 TAIL_INDEX = TAIL // WORD.size  # the tail as an index into Control.words
 OWNER_INDEX = OWNER // WORD.size

@@ -37,12 +37,15 @@ __all__ = [
     "list_cursors",
     "check_name",
     "CURSOR_DIR",
+    "RELEASED_SEGMENT",
     "read_position",
     "register_cursor",
     "delete_consumed_segments",
 ]
 
 CURSOR_DIR = "cursors"
+#: A cursor at this segment holds nothing back: a released outbox pin (workqueue._outbox).
+RELEASED_SEGMENT = 0xFFFF_FFFF
 _MAGIC = b"segq\x00pos"
 _VERSION = 1
 _BODY = struct.Struct("<8sIIQQQ")  # magic, version, reserved, sequence, segment, offset
@@ -88,6 +91,7 @@ class ConsumerKind(str, enum.Enum):
 
     RECEIVER = "r"
     GROUP = "g"
+    PIN = "o"  # an outbox pin: keeps a queue's segments while follow-ups are in doubt (workqueue._outbox)
 
     @property
     def role(self) -> str:
@@ -189,6 +193,16 @@ class CursorFile:
     def write(self, position: Position) -> None:
         """Save ``position``: one memory copy into the slot not holding the current one."""
         self.write_at(position.segment, position.offset)
+
+    def write_over(self, segment: int, offset: int) -> None:
+        """Save ``(segment, offset)`` over whatever another process wrote last (the caller serialises writers).
+
+        Only the two slots' sequence numbers are read, not their checksums:
+        the write takes a sequence above both, so it wins whatever they hold.
+        """
+        words = self._words
+        self._sequence = max(words[2], words[_SLOT_WORDS + 2]) & 0x7FFF_FFFF_FFFF_FFFF
+        self.write_at(segment, offset)
 
     def write_at(self, segment: int, offset: int) -> None:
         """Save ``(segment, offset)``; the allocation-free form of :meth:`write`."""
@@ -359,6 +373,8 @@ def delete_consumed_segments(queue_dir: StrPath) -> list[int]:
                 position = read_position(path)
             except SegqError:
                 return []
+            if position.segment == RELEASED_SEGMENT:
+                continue  # a released pin is no consumer: with no other, nothing is deleted
             floor = position.segment if floor is None else min(floor, position.segment)
         if floor is None:
             return []

@@ -20,6 +20,17 @@ append semaphore (an atomic instruction); the waiter takes and drops a lock.
 As a last line of defence a wait never blocks longer than a second before
 checking its condition again, so even a lost wake-up costs latency, not a hang.
 
+Work-queue claimers wait in their own region, ``CLAIM_WAITERS``, with the
+group they wait in (a CRC-32 of its name) beside the flag; their flags count
+in ``DATA_WAITING`` too.  A record is work for every receiver but for only
+one claimer of each group, so a send wakes every raised receiver and *one*
+raised claimer per group (taken in turn, so consecutive sends wake different
+claimers), and a record given back wakes one claimer of its group.  A
+claimer that claims while a backlog remains wakes one more of its group
+(``Waker.wake_claimer``): that passing-on is what makes one wake-up per job
+enough, whether several sends picked the same sleeper or the one picked was
+leaving.
+
 The file descriptor of a waiter is pollable, so asyncio can watch it with
 ``loop.add_reader`` instead of a thread.
 """
@@ -32,13 +43,35 @@ import select
 import stat
 import threading
 import time
+import zlib
 from typing import Callable
 
 from ._fs import file_mode, give_to_directory_owner, make_dir, open_file
-from ._control import DATA_WAITERS, DATA_WAITING, ROOM_WAITERS, ROOM_WAITING, SLOT, SLOT_COUNT, SLOTS, Control
+from ._control import (
+    CLAIM_GROUP,
+    CLAIM_GROUPS,
+    CLAIM_WAITERS,
+    DATA_WAITERS,
+    DATA_WAITING,
+    ROOM_WAITERS,
+    ROOM_WAITING,
+    SLOT,
+    SLOT_COUNT,
+    SLOTS,
+    Control,
+)
 from ._segment import os_error
 
-__all__ = ["Waiter", "Waker", "DATA_WAITERS", "ROOM_WAITERS", "DATA_WAITING", "ROOM_WAITING"]
+__all__ = [
+    "Waiter",
+    "Waker",
+    "group_tag",
+    "DATA_WAITERS",
+    "ROOM_WAITERS",
+    "CLAIM_WAITERS",
+    "DATA_WAITING",
+    "ROOM_WAITING",
+]
 
 _SAFETY_SECONDS = 1.0
 _fence_lock = threading.Lock()
@@ -59,7 +92,13 @@ def _fifo_path(control: Control, slot: int) -> str:
     return os.path.join(_wake_dir(control), f"{slot:02d}.fifo")
 
 
-_COUNT_OF = {DATA_WAITERS: DATA_WAITING, ROOM_WAITERS: ROOM_WAITING}
+_COUNT_OF = {DATA_WAITERS: DATA_WAITING, ROOM_WAITERS: ROOM_WAITING, CLAIM_WAITERS: DATA_WAITING}
+_REGIONS = (DATA_WAITERS, ROOM_WAITERS, CLAIM_WAITERS)
+
+
+def group_tag(group: str) -> int:
+    """Return the number a claimer of ``group`` waits under (a CRC-32 of the name)."""
+    return zlib.crc32(group.encode("utf-8"))
 
 
 class _SlotTable:
@@ -132,8 +171,8 @@ class Waiter:
             except OSError as error:
                 raise os_error(error, "create", path) from None
             self.slot = slot
-            set_flag(control, DATA_WAITERS, slot, False)
-            set_flag(control, ROOM_WAITERS, slot, False)
+            for region in _REGIONS:
+                set_flag(control, region, slot, False)
             SLOT.pack_into(control.map, SLOTS + slot * SLOT.size, os.getpid(), generation + 1)
 
     @property
@@ -145,10 +184,15 @@ class Waiter:
         """Return the FIFO's descriptor, readable when a waker has written."""
         return self.fd
 
-    def raise_flag(self, region: int) -> None:
-        """Announce that this slot waits on ``region``; check the condition after this."""
+    def raise_flag(self, region: int, group: int = 0) -> None:
+        """Announce that this slot waits on ``region``; check the condition after this.
+
+        ``group`` is the ``group_tag`` a claimer waits under (``CLAIM_WAITERS``).
+        """
         if self.slot >= 0:
             with self._table:
+                if region == CLAIM_WAITERS:
+                    CLAIM_GROUP.pack_into(self._control.map, CLAIM_GROUPS + self.slot * CLAIM_GROUP.size, group)
                 set_flag(self._control, region, self.slot, True)
             self._raised = region
             _fence()
@@ -212,8 +256,8 @@ class Waiter:
         control = self._control
         if not control.map.closed:
             with self._table:
-                set_flag(control, DATA_WAITERS, self.slot, False)
-                set_flag(control, ROOM_WAITERS, self.slot, False)
+                for region in _REGIONS:
+                    set_flag(control, region, self.slot, False)
                 offset = SLOTS + self.slot * SLOT.size
                 _, generation = SLOT.unpack_from(control.map, offset)
                 SLOT.pack_into(control.map, offset, 0, generation)
@@ -228,12 +272,16 @@ class Waiter:
 
 
 class Waker:
-    """Writes a byte to the FIFO of every process waiting on a region."""
+    """Writes a byte to the FIFO of the processes that should wake: every receiver, one claimer a group."""
 
     def __init__(self, control: Control) -> None:
         self._control = control
         self._fds: dict[int, tuple[int, int]] = {}  # slot -> (generation, fd)
         self._table: _SlotTable | None = None
+        self._next_claimer = 0  # where the next look for a claimer to wake starts: turns go round
+        # The threads of a WorkQueue wake through one Waker (a claim passing a
+        # wake-up on, a nack in a handler thread): the FIFO cache is shared.
+        self._lock = threading.Lock()
 
     def _forget_dead_waiter(self, region: int, slot: int) -> None:
         # Its process is gone: lower its flag so sends stop trying to wake it.
@@ -243,16 +291,49 @@ class Waker:
             set_flag(self._control, region, slot, False)
 
     def wake(self, region: int) -> None:
-        """Wake every waiter raised on ``region`` (cheap when none is)."""
+        """Wake every waiter raised on ``region`` (cheap when none is).
+
+        On ``DATA_WAITERS`` (new records) also wake one claimer of each group.
+        """
         control = self._control
         flags = control.map[region : region + SLOT_COUNT]
-        if flags == _NO_WAITERS:
-            return
-        for slot, flag in enumerate(flags):
-            if flag:
-                self._wake_slot(slot, region)
+        if flags != _NO_WAITERS:
+            for slot, flag in enumerate(flags):
+                if flag:
+                    self._wake_slot(slot, region)
+        if region == DATA_WAITERS:
+            claimers = control.map[CLAIM_WAITERS : CLAIM_WAITERS + SLOT_COUNT]
+            if claimers != _NO_WAITERS:
+                self._wake_claimers(claimers, None)
 
-    def _wake_slot(self, slot: int, region: int) -> None:
+    def wake_claimer(self, group: int) -> None:
+        """Wake one claimer waiting in the group whose ``group_tag`` is ``group``, if one waits."""
+        claimers = self._control.map[CLAIM_WAITERS : CLAIM_WAITERS + SLOT_COUNT]
+        if claimers != _NO_WAITERS:
+            self._wake_claimers(claimers, group)
+
+    def _wake_claimers(self, flags: bytes, group: int | None) -> None:
+        """Wake one raised claimer of ``group`` (None: of every group), starting where the last turn ended."""
+        control_map = self._control.map
+        woken: set[int] = set()
+        start = self._next_claimer
+        for slot in _raised(flags, start):
+            tag = CLAIM_GROUP.unpack_from(control_map, CLAIM_GROUPS + slot * CLAIM_GROUP.size)[0]
+            if tag in woken or (group is not None and tag != group):
+                continue
+            self._next_claimer = (slot + 1) % SLOT_COUNT
+            if not self._wake_slot(slot, CLAIM_WAITERS):
+                continue  # gone: the next claimer of its group takes the turn
+            woken.add(tag)
+            if group is not None:
+                return
+
+    def _wake_slot(self, slot: int, region: int) -> bool:
+        """Write a wake-up byte to ``slot``'s FIFO; False if its waiter is gone."""
+        with self._lock:
+            return self._write_slot(slot, region)
+
+    def _write_slot(self, slot: int, region: int) -> bool:
         control = self._control
         pid, generation = SLOT.unpack_from(control.map, SLOTS + slot * SLOT.size)
         cached = self._fds.get(slot)
@@ -266,10 +347,10 @@ class Waker:
             except OSError as error:
                 if error.errno in (errno.ENXIO, errno.ENOENT):
                     self._forget_dead_waiter(region, slot)
-                return
+                return False
             if not stat.S_ISFIFO(os.fstat(fd).st_mode):
                 os.close(fd)
-                return
+                return False
             self._fds[slot] = cached = (generation, fd)
         try:
             os.write(cached[1], b"\x01")
@@ -279,10 +360,24 @@ class Waker:
             os.close(cached[1])
             del self._fds[slot]
             self._forget_dead_waiter(region, slot)
+            return False
+        return True
 
     def close(self) -> None:
+        """Close the cached FIFO descriptors."""
         for _, fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
         if self._table is not None:
             self._table.close()
+
+
+def _raised(flags: bytes, start: int) -> list[int]:
+    """Return the raised slots of ``flags`` in turn from ``start`` (wrapping round)."""
+    slots = []
+    for first, stop in ((start, SLOT_COUNT), (0, start)):
+        slot = flags.find(1, first, stop)
+        while slot >= 0:
+            slots.append(slot)
+            slot = flags.find(1, slot + 1, stop)
+    return slots

@@ -98,7 +98,8 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ._args import check_timeout
-from ._control import DATA_WAITERS, DEFAULT_SEGMENT_SIZE, ROOM_WAITERS
+from ._control import CLAIM_WAITERS, DATA_WAITERS, DEFAULT_SEGMENT_SIZE, ROOM_WAITERS
+from ._followups import Enqueue
 from ._format import HEADER_SIZE, as_payload
 from .workqueue._jobs import Job, JobBatch, JobState, reason_of
 from .workqueue._stats import GroupStats
@@ -136,9 +137,10 @@ class _LoopWait:
     removed and the flag lowered before it returns or raises.
     """
 
-    def __init__(self, waiter: Callable[[], Waiter], region: int, what: str) -> None:
+    def __init__(self, waiter: Callable[[], Waiter], region: int, what: str, group: int = 0) -> None:
         self._get_waiter = waiter
         self._region = region
+        self._group = group  # the group tag a claimer waits under (CLAIM_WAITERS)
         self._what = what  # for the error when two tasks wait at once
         self._woken: asyncio.Future[bool] | None = None
         self.active = False
@@ -169,7 +171,7 @@ class _LoopWait:
         waiter = self._get_waiter()
         self.active = True
         try:
-            waiter.raise_flag(self._region)
+            waiter.raise_flag(self._region, self._group)
             woken = False
             while not self._stopped:
                 if ready():  # after raising the flag: a send now is sure to wake us
@@ -707,9 +709,17 @@ class _AsyncHold:
     def _held(self) -> bool:
         raise NotImplementedError
 
-    async def ack(self) -> None:
-        """Mark it done for good.  Raises ``ClaimLost`` (and changes nothing) if the claim is gone."""
-        await self._owner._call(self._item.ack)
+    async def ack(self, enqueue: Sequence[Enqueue] | None = None) -> None:
+        """Mark it done for good, with ``enqueue``'s follow-ups atomically (see ``Job.ack``).
+
+        Raises ``ClaimLost`` (and changes nothing) if the claim is gone.
+        """
+        if enqueue:
+            if not isinstance(self._item, Job):
+                raise UsageError("ack a batch's jobs one by one to give them follow-ups")
+            await self._owner._call(functools.partial(self._item.ack, enqueue))
+        else:
+            await self._owner._call(self._item.ack)
 
     async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
         """Give it back: claimable again after ``delay`` seconds (dead-lettered on the last attempt)."""
@@ -925,7 +935,9 @@ class AsyncWorkQueue(_LoopOwner):
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="segq-aio-group") if policy == 0.0 else None
         )
         # One task at a time watches the FIFO; the others wait for its wait to end.
-        self._wait = _LoopWait(self._queue._claim_waiter, DATA_WAITERS, f"work queue group {self.group!r}")
+        self._wait = _LoopWait(
+            self._queue._claim_waiter, CLAIM_WAITERS, f"work queue group {self.group!r}", self._queue._group_tag
+        )
         self._close_blocking = self._queue.close
         self._turn_over: asyncio.Future[bool] | None = None
 
@@ -999,6 +1011,10 @@ class AsyncWorkQueue(_LoopOwner):
                 for fd in plan.pidfds:
                     pidfds.append(os.dup(fd))
                 await self._wait.until(plan.ready, deadline, fds=pidfds, wake_at=wake_at)
+            except asyncio.CancelledError:
+                # This claimer may have been the one a job woke: pass the turn on.
+                self._queue._pass_wake_on()
+                raise
             finally:
                 for fd in pidfds:
                     os.close(fd)

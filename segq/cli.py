@@ -1312,3 +1312,10 @@ def pull(
         lambda stop: run_pull(list(servers), path, stream=stream, consumer=consumer, filter_subject=filter_subject,
                               stop=stop, max_queue_bytes=max_queue_bytes)
     )
+
+
+# -- work: a durable xargs (segq._cli_work) ------------------------------------------------
+
+from ._cli_work import register as _register_work  # noqa: E402
+
+_register_work(cli, _library_warnings)

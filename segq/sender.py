@@ -48,7 +48,7 @@ from ._fs import make_dir, open_file
 from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._segment import MappedSegment, StrPath
-from ._state import Position, list_cursors, read_position
+from ._state import RELEASED_SEGMENT, Position, list_cursors, read_position
 from ._wake import Waiter, Waker
 
 if TYPE_CHECKING:
@@ -525,9 +525,11 @@ class Sender:
         positions = []
         for _, _, path in list_cursors(self.path):
             try:
-                positions.append(read_position(path))
+                position = read_position(path)
             except SegqError:
                 continue
+            if position.segment != RELEASED_SEGMENT:  # a released outbox pin holds no room
+                positions.append(position)
         if positions:
             return min(positions)
         segments = _segment.list_segments(self.path)

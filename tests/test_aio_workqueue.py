@@ -17,6 +17,7 @@ import pytest
 
 import segq
 import segq.aio
+from segq._control import CLAIM_WAITERS
 
 from _loop import PATIENCE, child, count_raised, eventually
 
@@ -48,7 +49,8 @@ def is_waiting(wq: segq.AsyncWorkQueue) -> bool:
 
 
 def raised_flags(wq: segq.AsyncWorkQueue) -> int:
-    return count_raised(wq._queue._control.map)
+    """Count the claimers waiting (their flags are apart from the receivers')."""
+    return count_raised(wq._queue._control.map, CLAIM_WAITERS)
 
 
 def assert_idle(wq: segq.AsyncWorkQueue) -> None:

@@ -60,6 +60,7 @@ __all__ = [
     "PAIR",
     "RETURN_BODY",
     "RENEW_HEAD",
+    "OUTBOX_HEAD",
     "SKIP_RECORD",
     "Skipped",
     "attempt_word",
@@ -193,6 +194,7 @@ PAIR = struct.Struct("<QQ")  # (start, token) in ACK/DEAD/RENEW, (start, end) in
 ACK_ONE = struct.Struct("<IQQ")  # an ACK of one record
 RETURN_BODY = struct.Struct("<QQdIH")  # start, token (end in WAITING), available_at, attempts, reason length
 RENEW_HEAD = struct.Struct("<dI")  # lease end, count
+OUTBOX_HEAD = struct.Struct("<QQI")  # acked record's start, claim token, follow-up count (segq._outbox)
 _MAX_REASON = 4000
 MAX_PRIORITY = 9
 
@@ -243,6 +245,10 @@ class GroupState:
         self.next_expiry = math.inf  # no claim's lease ends before this (a lower bound)
         self._delayed: list[tuple[float, int]] = []  # heap of (available_at, start) of WAITING records
         self._ready: list[tuple[int, int]] = []  # heap of (-priority, start) of WAITING records whose time has come
+        # The last journal entry, when it is an OUTBOX (its body) or the SENT after
+        # one: the next lock holder finishes or cleans up after it (segq._outbox).
+        self.outbox: bytes | None = None
+        self.outbox_sent = False
 
     # -- what a record is ------------------------------------------------
 
@@ -468,6 +474,8 @@ class GroupState:
 
     def apply(self, kind: int, body: bytes) -> None:
         """Replay one journal entry.  Raises ``IllegalTransition``, or ValueError on a bad body."""
+        if self.outbox is not None and kind != Kind.SENT:
+            self.outbox = None  # an entry after it: its follow-ups were delivered and the pins released
         if kind == Kind.CLAIM or kind == Kind.HELD:
             token, expires, pid, started, count = CLAIM_BODY.unpack_from(body, 0)
             if CLAIM_BODY.size + count * CLAIM_RECORD.size != len(body):
@@ -526,6 +534,17 @@ class GroupState:
                     raise self._illegal(start, Event.SKIP)
                 self.skipped[start] = item
                 self.skip_log.append((start, item))
+        elif kind == Kind.OUTBOX or kind == Kind.OPEN_OUTBOX:
+            if len(body) < OUTBOX_HEAD.size:
+                raise ValueError("OUTBOX entry is too short")
+            if kind == Kind.OUTBOX:
+                start, token, _ = OUTBOX_HEAD.unpack_from(body, 0)
+                self.settle(start, token)
+            self.outbox = body
+            self.outbox_sent = False
+        elif kind == Kind.SENT:
+            if self.outbox is not None:
+                self.outbox_sent = True
         elif kind == Kind.STATE:
             raise ValueError("a STATE entry may only start a journal")
         else:
@@ -571,6 +590,8 @@ class GroupState:
         for chunk in _chunks(sorted(self.done.items()), 100_000):
             body = LIST_HEAD.pack(len(chunk)) + b"".join(PAIR.pack(start, end) for start, end in chunk)
             parts.append(entry(Kind.DONE, body))
+        if self.outbox is not None and not self.outbox_sent:
+            parts.append(entry(Kind.OPEN_OUTBOX, self.outbox))  # last: the next lock holder finishes it
         return b"".join(parts)
 
 

@@ -36,6 +36,7 @@ import os
 import threading
 import time
 import zlib
+from typing import Callable
 
 from .._flock import wait_flock
 from .._fs import make_dir, open_file
@@ -80,6 +81,9 @@ class GroupHandle:
         self._group_lock: GroupLock | None = None
         self._cursor: CursorFile | None = None
         self._applied = 0
+        # Called in a transaction when the journal ends with an unfinished (or
+        # just finished) ack with follow-ups: the owner finishes it (segq._outbox).
+        self.on_outbox: Callable[[], None] | None = None
         self.cursor_due = 0.0  # monotonic time the cursor may next be saved within a segment (mark_moved)
         try:
             make_dir(self.path, GROUPS_DIR, group)
@@ -121,6 +125,8 @@ class GroupHandle:
         try:
             if WORD.unpack_from(self.map, END)[0] != self._applied:
                 self._catch_up()
+            if self.state.outbox is not None and self.on_outbox is not None:
+                self.on_outbox()
         except BaseException:
             self.end()
             raise

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import enum
 from types import TracebackType
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 from .._headers import split_body
 from .._options import PLAIN_OPTIONS, JobOptions, decode_options, job_id_of
 from .._state import Position
 from ..errors import ClaimLost, Closed, UsageError
+
+if TYPE_CHECKING:
+    from .._followups import Enqueue
 
 
 
@@ -24,6 +27,8 @@ class Settler(Protocol):
     path: str
 
     def _ack(self, job: "Job") -> None: ...
+
+    def _ack_with(self, job: "Job", requests: "list[Enqueue]") -> None: ...
 
     def _ack_many(self, jobs: list["Job"]) -> None: ...
 
@@ -127,9 +132,18 @@ class Job:
         """When the job was scheduled to run (seconds since the epoch), None if at once."""
         return self._options.run_at or None
 
-    def ack(self) -> None:
-        """Mark the record done for good.  Raises ``ClaimLost`` (and changes nothing) if the claim is gone."""
-        self._queue._ack(self)
+    def ack(self, enqueue: "Sequence[Enqueue] | None" = None) -> None:
+        """Mark the record done for good; with ``enqueue``, enqueue those follow-ups atomically with it.
+
+        The ack and every follow-up land together or not at all, across a
+        SIGKILL at any instant, whatever queue each follow-up targets; each
+        lands exactly once.  Raises ``ClaimLost`` (and changes nothing, no
+        follow-up included) if the claim is gone.  ``ack()`` is ``ack(enqueue=[])``.
+        """
+        if enqueue:
+            self._queue._ack_with(self, list(enqueue))
+        else:
+            self._queue._ack(self)
 
     def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
         """Give the record back: claimable again after ``delay`` seconds.

@@ -111,6 +111,9 @@ class Kind:
     HELD = 9  # snapshot only: a claim in flight (the body of a CLAIM)
     SKIP = 10  # records a claim went past (lower priority or not yet due), each with its priority and run_at
     PENDING = 11  # snapshot only: records below the head never claimed (the body of a SKIP)
+    OUTBOX = 12  # an ack with follow-ups to deliver (segq._outbox)
+    SENT = 13  # the follow-ups of the OUTBOX before it are all delivered
+    OPEN_OUTBOX = 14  # snapshot only: an OUTBOX whose follow-ups may not all be delivered
 
     NAMES = {
         1: "STATE",
@@ -124,6 +127,9 @@ class Kind:
         9: "HELD",
         10: "SKIP",
         11: "PENDING",
+        12: "OUTBOX",
+        13: "SENT",
+        14: "OPEN_OUTBOX",
     }
 
 

@@ -40,10 +40,12 @@ import threading
 import time
 import weakref
 from types import TracebackType
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from .._args import check_path, check_timeout
-from .._control import CONSUMER_SEGMENT_SIZE, DATA_WAITERS, DATA_WAITING, TAIL, TAIL_INDEX, WORD, Control, require_queue
+from .. import _wake
+from .._control import CLAIM_WAITERS, CONSUMER_SEGMENT_SIZE, DATA_WAITING, TAIL, TAIL_INDEX, WORD, Control, require_queue
+from .._followups import Enqueue
 from .._format import HEADER_SIZE
 from .._headers import Framed, split_body
 from .._liveness import Liveness, my_owner
@@ -51,7 +53,7 @@ from .._options import PRIORITY, RUN_AT, decode_options
 from .._reader import RecordReader
 from .._segment import StrPath, segment_path
 from .._state import check_name
-from .._wake import Waiter, Waker
+from .._wake import Waiter, Waker, group_tag
 from ..errors import ClaimLost, Closed, CorruptionError, Empty, InvalidArgument, SegqError, UsageError
 from ..sender import SyncPolicy, parse_sync
 from ._admin import remove_group, requeue_dead
@@ -67,6 +69,7 @@ from ._claims import (
     Owner,
     Skipped,
     attempt_word,
+    describe_word,
     encode_return,
     encode_skips,
 )
@@ -77,6 +80,7 @@ from ._stats import GroupStats, group_stats
 from ._grouplock import group_dir
 from ._jobs import JOB_TRANSITIONS, Job, JobBatch, JobState, next_job_state
 from ._journal import END, RETURNS, SEALED_MARK, Kind, entry, entry_prefix_crc
+from ._outbox import Outbox, OutboxEntry, crash_point, follow_ups
 
 __all__ = ["WorkQueue", "WaitPlan", "LIVENESS_INTERVAL"]
 
@@ -175,12 +179,22 @@ class WorkQueue:
         self._all_waiters: list[Waiter] = []
         self._waker = Waker(self._control)
         self._dead_letters = DeadLetterSender(self.path, group, self.dead_letter, sync)
+        self._outbox = Outbox(self.path, self.group, sync)
+        self._group_tag = group_tag(self.group)  # claimers of this group wait under it
         self._held: set[Job] = set()  # jobs handed out and not settled, given back by close()
         self._next_liveness_check = 0.0  # monotonic time of the next look at other workers' PIDs
         self._stop_syncing = threading.Event()
         self._sync_thread: threading.Thread | None = None
         self._closed = False
         _open_queues.add(self)
+        self._group.on_outbox = self._settle_outbox
+        if self._group.state.outbox is not None:
+            try:
+                self._group.begin()  # finishes what a crashed ack with follow-ups left
+            except BaseException:
+                self._abandon()  # a target that cannot be written: this object never opened
+                raise
+            self._group.end()
         if self._sync_interval:
             self._sync_thread = threading.Thread(target=self._sync_loop, name="segq-group-sync", daemon=True)
             self._sync_thread.start()
@@ -300,6 +314,7 @@ class WorkQueue:
                 jobs = self._claim_records(now, 1, [])
                 if jobs:
                     self._held.add(jobs[0])
+                    woke = woke or self._backlog_remains(now)
                     return jobs[0]
                 return None
             start = plain.popleft()
@@ -318,6 +333,7 @@ class WorkQueue:
             state.claim(token, expires, owner, start, end, 1)
             if state.mark != mark and ((state.mark ^ mark) >> 32 or monotonic() >= group.cursor_due):
                 group.mark_moved(mark)
+            woke = woke or self._backlog_remains(now)
         finally:
             group.end()
             if woke:
@@ -339,6 +355,7 @@ class WorkQueue:
             if self._tail_words[TAIL_INDEX] > self._index.scan:
                 self._read_ahead(now)
             jobs = self._claim_records(now, max_count, [])
+            woke = woke or (bool(jobs) and self._backlog_remains(now))
         finally:
             group.end()
             if woke:
@@ -581,8 +598,37 @@ class WorkQueue:
         self._fail(start, state.claims[start], now, reason)
 
     def _wake_claimers(self) -> None:
+        """Wake one waiting claimer of this group (work came back, or a backlog remains)."""
         if self._control.bytes[DATA_WAITING]:  # the count byte a send checks too
-            self._waker.wake(DATA_WAITERS)
+            self._waker.wake_claimer(self._group_tag)
+
+    def _backlog_remains(self, now: float) -> bool:
+        """Tell, after a claim, whether a claimer waits and there may be more to claim.  In a transaction.
+
+        Then the claim passes one wake-up on (``_wake``): one job wakes one
+        worker, and a backlog keeps waking them one after another.  A stale
+        index entry costs at most one needless wake-up.
+        """
+        if not self._control.bytes[DATA_WAITING]:
+            return False
+        index = self._index
+        if self._tail_words[TAIL_INDEX] > index.scan or index.plain or index.plain_skipped or index.in_heaps:
+            return True
+        state = self._group.state
+        return bool(state.waiting) and state.has_ready(now)
+
+    def _pass_wake_on(self) -> None:
+        """Wake another claimer if there is work: for a claimer that was woken but leaves without claiming."""
+        if self._closed:
+            return
+        group = self._group
+        group.begin()
+        try:
+            backlog = self._backlog_remains(self._clock())
+        finally:
+            group.end()
+        if backlog:
+            self._wake_claimers()
 
     # -- waiting ---------------------------------------------------------
 
@@ -630,16 +676,20 @@ class WorkQueue:
 
         return WaitPlan(waiter, pidfds, ready, wake_at)
 
-    def _wait(self, deadline: float | None) -> bool:
-        """Sleep until a claim may succeed or ``deadline`` (monotonic) passes; False on the deadline."""
+    def _wait(self, deadline: float | None, also: Sequence[int] = ()) -> bool:
+        """Sleep until a claim may succeed or ``deadline`` (monotonic) passes; False on the deadline.
+
+        Also returns (True) when a descriptor of ``also`` becomes readable:
+        ``run_worker``'s stop pipe.
+        """
         waiter, pidfds, ready, due = self._wait_plan()
         wake_at = deadline if due is None else due if deadline is None else min(deadline, due)
         poller = select.poll()
         if waiter.fileno() >= 0:
             poller.register(waiter.fileno(), select.POLLIN)
-        for fd in pidfds:
+        for fd in (*pidfds, *also):
             poller.register(fd, select.POLLIN)
-        waiter.raise_flag(DATA_WAITERS)
+        waiter.raise_flag(CLAIM_WAITERS, self._group_tag)
         try:
             while True:
                 if ready():
@@ -647,7 +697,8 @@ class WorkQueue:
                 now = time.monotonic()
                 if wake_at is not None and now >= wake_at:
                     return deadline is None or now < deadline
-                limit = 1.0 if wake_at is None else min(1.0, wake_at - now)
+                safety = _wake._SAFETY_SECONDS  # read each time: tests switch the safety net off
+                limit = safety if wake_at is None else min(safety, wake_at - now)
                 if waiter.fileno() < 0:
                     time.sleep(min(limit, 0.005))
                     continue
@@ -657,7 +708,7 @@ class WorkQueue:
                 if events:
                     waiter.drain()
         finally:
-            waiter.lower_flag(DATA_WAITERS)
+            waiter.lower_flag(CLAIM_WAITERS)
 
     # -- settling --------------------------------------------------------
 
@@ -705,6 +756,81 @@ class WorkQueue:
             group.end()
         job.state = following
         self._held.discard(job)
+
+    def _ack_with(self, job: Job, requests: list[Enqueue]) -> None:
+        """Ack ``job`` and enqueue ``requests`` atomically (the protocol is in ``segq._outbox``)."""
+        following = self._check(job, "ack")
+        if self._closed:
+            self._raise_closed()
+        if not isinstance(requests, (list, tuple)):
+            raise InvalidArgument(f"ack(enqueue=...) takes a list of segq.Enqueue, not {type(requests).__name__}")
+        items = follow_ups(list(requests), self._clock())
+        group = self._group
+        state = group.begin()
+        try:
+            self._outbox.check(items)  # a follow-up its queue refuses must fail before the commit
+            claim = state.claims.get(job._start)
+            if claim is None or claim.token != job._token or claim.expires <= self._clock():
+                raise self._lost(job, "ack")
+            self._outbox.set_floors(items)
+            outbox = OutboxEntry(job._start, job._token, items)
+            group.append(entry(Kind.OUTBOX, outbox.encode()))  # the commit point
+            crash_point("after-outbox-entry")
+            old_mark = state.mark
+            state.settle(job._start, job._token)
+            if state.mark != old_mark:
+                group.mark_moved(old_mark)
+            job.state = following
+            self._held.discard(job)
+            self._finish_outbox(outbox, fresh=True)
+        finally:
+            group.end()
+
+    def _finish_outbox(self, outbox: OutboxEntry, *, fresh: bool) -> None:
+        """Deliver an outbox's follow-ups (those not already in their queues), then append SENT.  In a transaction.
+
+        ``fresh``: its acker delivering right after the commit, so nothing of
+        it can be in the queues yet; otherwise the queues are scanned first.
+        """
+        state = self._group.state
+        try:
+            self._outbox.pin(outbox.items)
+            delivered = set() if fresh else self._outbox.delivered(outbox)
+            self._outbox.deliver(outbox, delivered)
+            self._group.append(entry(Kind.SENT, PAIR.pack(outbox.start, outbox.token)))
+        except BaseException:
+            # The ack stands: whoever takes the lock next (this process included) finishes it.
+            state.outbox = outbox.encode()
+            state.outbox_sent = False
+            raise
+        state.outbox = None
+        crash_point("after-sent")
+        self._outbox.release(outbox.items)
+
+    def _settle_outbox(self) -> None:
+        """Finish the outbox left last in the journal by a dead (or failed) acker, or release its pins.
+
+        Called by ``GroupHandle.begin`` when the replica's last entry is an OUTBOX or its SENT.
+        """
+        group = self._group
+        state = group.state
+        body = state.outbox
+        assert body is not None
+        try:
+            outbox = OutboxEntry.decode(body)
+        except (ValueError, struct.error) as error:
+            raise CorruptionError(group.journal_path, 0, f"an OUTBOX entry cannot be read ({error})") from None
+        if state.outbox_sent:
+            state.outbox = None
+            self._outbox.release(outbox.items)  # its finisher may have died before releasing them
+            return
+        log.warning(
+            "%s: finishing the %d follow-up(s) of the ack of the record at %s (its worker stopped mid-ack)",
+            group.directory,
+            len(outbox.items),
+            describe_word(outbox.start),
+        )
+        self._finish_outbox(outbox, fresh=False)
 
     def _held_claims(self, jobs: list[Job], call: str) -> list[Claim]:
         """Check that every job is still held; raise ClaimLost naming the first that is not.  In a transaction."""
@@ -856,6 +982,7 @@ class WorkQueue:
         self._head_reader.close()
         self._reader.close()
         self._dead_letters.close()
+        self._outbox.close()
         self._group.close()
         self._control.close()
 
