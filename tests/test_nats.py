@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -560,6 +561,59 @@ def test_pull_fetches_nothing_while_the_queue_is_at_max_queue_bytes(server: Nats
         await task
 
     run(main())
+
+
+def _pull_until(url: str, queue: Path, count: int) -> Any:
+    """Run pull (consumer ``edge``) in-process until the queue holds ``count`` records; return its stats."""
+
+    async def main() -> Any:
+        stop = asyncio.Event()
+        task = asyncio.create_task(pull(url, queue, stream="EVENTS", consumer="edge", stop=stop))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+            not queue.exists() or segq.recovery.info(queue, scan=True).records < count
+        ):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # anything extra would land by now
+        stop.set()
+        return await task
+
+    return run(main())
+
+
+def test_pull_into_a_queue_that_lost_its_pulled_records_resumes_after_the_acknowledged_ones(
+    server: NatsServer, queue_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The queue no longer shows what was pulled (here: made again): the ack floor, not sequence 0, is where to go on."""
+    add_stream(server.url)
+    publish_numbers(server.url, 100)
+    _pull_until(server.url, queue_dir, 100)
+    shutil.rmtree(queue_dir)
+    publish_numbers(server.url, 50, start=100)
+    with caplog.at_level("WARNING", logger="segq.nats"):
+        stats = _pull_until(server.url, queue_dir, 50)
+    assert (stats.sent, queue_numbers(queue_dir)) == (50, list(range(100, 150)))
+    assert "resuming after it" in caplog.text
+
+
+def test_pull_from_a_stream_made_again_pulls_its_new_messages(
+    server: NatsServer, queue_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream made again numbers from 1; sequences at or below the last pulled are not taken as redeliveries."""
+    add_stream(server.url)
+    publish_numbers(server.url, 100)
+    _pull_until(server.url, queue_dir, 100)
+
+    async def remake(js: Any) -> None:
+        await js.delete_stream("EVENTS")
+        await js.add_stream(name="EVENTS", subjects=["ev.>"])
+
+    run(_with_js(server.url, remake))
+    publish_numbers(server.url, 50, start=100)
+    with caplog.at_level("WARNING", logger="segq.nats"):
+        _pull_until(server.url, queue_dir, 150)
+    assert queue_numbers(queue_dir) == list(range(150))
+    assert "the stream was made again" in caplog.text
 
 
 class StreamProducer(threading.Thread):
