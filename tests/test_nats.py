@@ -781,3 +781,33 @@ def test_a_round_whose_failures_are_a_suffix_is_retried_by_reconnecting_and_a_ho
             marks.close()
 
     run(main())
+
+
+def test_a_forward_mark_survives_a_torn_write_and_is_not_used_for_another_stream(queue_dir: Path) -> None:
+    from segq.nats._mark import MarkFile, mark_path
+    from segq._state import Position
+
+    def read(stream: str = "EVENTS") -> Any:
+        marks = MarkFile(str(queue_dir), "forward", stream)
+        marks.close()
+        return marks.mark
+
+    fill(queue_dir, 1)
+    marks = MarkFile(str(queue_dir), "forward", "EVENTS")
+    assert marks.mark is None
+    marks.write(7, Position(0, 32))
+    marks.write(9, Position(0, 48))
+    marks.close()
+    assert read() == (9, Position(0, 48))
+    path = mark_path(str(queue_dir), "forward")
+    with open(path, "r+b") as file:  # the second write torn: its slot (counter 2, at 0) half written
+        file.seek(20)
+        file.write(b"\xff" * 8)
+    reopened = MarkFile(str(queue_dir), "forward", "EVENTS")
+    assert reopened.mark == (7, Position(0, 32))
+    reopened.write(11, Position(0, 64))  # goes to the slot the valid mark is not in
+    reopened.close()
+    assert read() == (11, Position(0, 64))
+    other = MarkFile(str(queue_dir), "forward", "OTHER")
+    assert (other.mark, other.foreign) == (None, True)
+    other.close()
