@@ -372,7 +372,7 @@ class _Pump:
             )
         self.sequence = last[0] if last is not None else 0
         # Before anything is published: every record from here on lands above this sequence.
-        self.marks.write(self.sequence, self.receiver.committed_position)
+        self.marks.write(self.sequence, self.receiver.committed_position, durable=True)
 
     async def _commit_before(self, limit: Position, *, inclusive: bool = False) -> int:
         """Commit, without publishing, the records before ``limit`` (through it with ``inclusive``)."""

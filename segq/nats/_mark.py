@@ -17,11 +17,13 @@ stream's name (a mark made for another stream is not used), a counter, the
 sequence, the position, and a CRC-32 of all that.  A write goes to slot
 ``counter & 1`` with one ``pwrite``: a kill at any instant can damage only
 the slot being written, and the reader takes the valid slot with the higher
-counter, so it sees the old mark or the new one.  Nothing is fsynced: a
-mark older than the receiver's cursor only makes the restart read further
-back, and one newer than the cursor (the cursor's write lost with the page
-cache) is honoured by committing up to its position, so either order of
-loss is safe.  A file with no valid slot reads as no mark.
+counter, so it sees the old mark or the new one.  Only the first mark is
+fsynced (with its directory entry), so a forwarder that published has a
+mark even after a power loss.  Later ones are not: a mark older than the
+receiver's cursor only makes the restart read further back, and one newer
+than the cursor (the cursor's write lost with the page cache) is honoured
+by committing up to its position, so either order of loss is safe.  A
+file with no valid slot reads as no mark.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import struct
 import zlib
 
 from .._fs import open_file
+from .._segment import fsync_directory
 from .._state import Position
 
 __all__ = ["MarkFile", "Mark", "mark_path"]
@@ -85,13 +88,21 @@ class MarkFile:
         else:
             self.foreign = True
 
-    def write(self, sequence: int, position: Position) -> None:
-        """Store the mark (``sequence``, ``position``) in the slot the last write did not use."""
+    def write(self, sequence: int, position: Position, *, durable: bool = False) -> None:
+        """Store the mark (``sequence``, ``position``) in the slot the last write did not use.
+
+        With ``durable`` the file and its directory entry are synced too: for
+        the first mark, so that power lost right after it cannot leave a
+        forwarder that published with no mark at all.
+        """
         self._counter += 1
         body = _BODY.pack(_MAGIC, _VERSION, self._stream, self._counter, sequence, position.segment, position.offset)
         slot = body + _CRC.pack(zlib.crc32(body))
         os.pwrite(self._fd, slot.ljust(_SLOT, b"\x00"), (self._counter & 1) * _SLOT)
         self.mark = (sequence, position)
+        if durable:
+            os.fsync(self._fd)
+            fsync_directory(os.path.dirname(self.path))
 
     def close(self) -> None:
         if self._fd >= 0:
