@@ -326,8 +326,8 @@ class _Pump:
         if last is None or last[0] <= sequence:
             if (last[0] if last else 0) < sequence:
                 log.warning(
-                    "forward: subject %r of stream %r holds nothing from sequence %d on, where this forwarder "
-                    "left it: the stream was purged or made again; forwarding goes on from %s (what the stream "
+                    "forward: subject %r of stream %r no longer holds sequence %d, where this forwarder left "
+                    "it: the stream was purged or made again; forwarding goes on from %s (what the stream "
                     "lost before is not sent again)",
                     self.subject, self.stream, sequence, self.receiver.committed_position,
                 )
