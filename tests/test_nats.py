@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -308,6 +309,85 @@ def test_forward_after_a_crash_past_the_duplicate_window_publishes_nothing_twice
     assert numbers(stream_records(server.url)) == list(range(20))
 
 
+def _forward_until(url: str, queue_dir: Path, count: int, stream: str = "EVENTS", subject: str = "ev.a") -> Any:
+    """Run forward in-process until the stream holds ``count`` messages (and a moment more); return its stats."""
+
+    async def main() -> Any:
+        stop = asyncio.Event()
+        task = asyncio.create_task(forward(queue_dir, url, stream=stream, subject=subject, stop=stop))
+        deadline = time.monotonic() + 30
+        while await count_in_stream(url, stream) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # anything extra (a duplicate) would land by now
+        stop.set()
+        return await task
+
+    return run(main())
+
+
+def test_forward_after_a_kill_in_a_round_cut_short_publishes_the_hole_and_nothing_twice(
+    server: NatsServer, queue_dir: Path
+) -> None:
+    """What a forwarder killed right after a stream leader change split its round leaves, restarted past the window.
+
+    The stream holds 0-9 (a forwarder's committed rounds), then, from the
+    round in flight when it was killed, 10-14 and 16-20 but not 15 (refused
+    by a leader that was stepping down while the new leader stored 16), with
+    a foreign queue's messages in between.  The local cursor is at 10 or
+    before it: records 5-9 were acknowledged and committed, but the kill fell
+    before the mark was written, so the mark is still at 5.  The last message
+    on the subject is record 20: the rule "everything up to the last landed
+    record" would skip 15 for ever.
+    """
+    add_stream(server.url, duplicate_window=0.5)
+    fill(queue_dir, 5)
+    _forward_until(server.url, queue_dir, 5)  # a real forwarder's rounds: cursor and mark at record 5
+    fill(queue_dir, 25, start=5)
+    queue = segq._queueid.queue_id(queue_dir)
+    with segq.Receiver(queue_dir, "forward") as receiver:
+        batch = receiver.recv_batch(25, timeout=1)
+        ids = {int(message.data): message_id(queue, message.position) for message in batch}
+        batch.rollback()
+        # Records 5-9 were acknowledged and committed; the mark was not written after them.
+        receiver.recv_batch(5, timeout=1).commit()
+    landed = [*range(5, 15), "foreign", *range(16, 19), "foreign", 19, 20]
+
+    async def publish(js: Any) -> None:
+        for number in landed:
+            if number == "foreign":
+                await js.publish("ev.a", b"99999999", headers={"Nats-Msg-Id": f"{'f' * 32}:0:32{random.random()}"})
+            else:
+                await js.publish("ev.a", b"%08d" % number, headers={"Nats-Msg-Id": ids[number]})  # type: ignore[index]
+
+    run(_with_js(server.url, publish))
+    time.sleep(1.0)  # longer than the duplicate window: the server forgot those ids
+
+    stats = _forward_until(server.url, queue_dir, 5 + len(landed) + 10)
+    found = [number for number in numbers(stream_records(server.url)) if number != 99999999]
+    assert sorted(found) == list(range(30))  # each record once: 15 included, none twice
+    # In queue order but for the hole, published after the records of its round that had landed.
+    assert found == [*range(15), *range(16, 21), 15, *range(21, 30)]
+    assert (stats.skipped, stats.published, stats.republished, stats.duplicates) == (10, 10, 1, 0)
+
+
+def test_forward_after_its_stream_was_purged_says_so_and_forwards_the_rest(
+    server: NatsServer, queue_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    add_stream(server.url)
+    fill(queue_dir, 10)
+    _forward_until(server.url, queue_dir, 10)
+
+    async def purge(js: Any) -> None:
+        await js.purge_stream("EVENTS")
+
+    run(_with_js(server.url, purge))
+    fill(queue_dir, 10, start=10)
+    with caplog.at_level("WARNING", logger="segq.nats"):
+        _forward_until(server.url, queue_dir, 10)
+    assert "the stream was purged or made again" in caplog.text
+    assert numbers(stream_records(server.url)) == list(range(10, 20))
+
+
 def _forward_kill_loop(server: NatsServer, queue_dir: Path, rounds: int, downtime: float = 0.0) -> None:
     fill(queue_dir, 1)  # the queue exists before the first forwarder starts
     producer = Producer(queue_dir)
@@ -483,6 +563,59 @@ def test_pull_fetches_nothing_while_the_queue_is_at_max_queue_bytes(server: Nats
     run(main())
 
 
+def _pull_until(url: str, queue: Path, count: int) -> Any:
+    """Run pull (consumer ``edge``) in-process until the queue holds ``count`` records; return its stats."""
+
+    async def main() -> Any:
+        stop = asyncio.Event()
+        task = asyncio.create_task(pull(url, queue, stream="EVENTS", consumer="edge", stop=stop))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+            not queue.exists() or segq.recovery.info(queue, scan=True).records < count
+        ):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # anything extra would land by now
+        stop.set()
+        return await task
+
+    return run(main())
+
+
+def test_pull_into_a_queue_that_lost_its_pulled_records_resumes_after_the_acknowledged_ones(
+    server: NatsServer, queue_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The queue no longer shows what was pulled (here: made again): the ack floor, not sequence 0, is where to go on."""
+    add_stream(server.url)
+    publish_numbers(server.url, 100)
+    _pull_until(server.url, queue_dir, 100)
+    shutil.rmtree(queue_dir)
+    publish_numbers(server.url, 50, start=100)
+    with caplog.at_level("WARNING", logger="segq.nats"):
+        stats = _pull_until(server.url, queue_dir, 50)
+    assert (stats.sent, queue_numbers(queue_dir)) == (50, list(range(100, 150)))
+    assert "resuming after it" in caplog.text
+
+
+def test_pull_from_a_stream_made_again_pulls_its_new_messages(
+    server: NatsServer, queue_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream made again numbers from 1; sequences at or below the last pulled are not taken as redeliveries."""
+    add_stream(server.url)
+    publish_numbers(server.url, 100)
+    _pull_until(server.url, queue_dir, 100)
+
+    async def remake(js: Any) -> None:
+        await js.delete_stream("EVENTS")
+        await js.add_stream(name="EVENTS", subjects=["ev.>"])
+
+    run(_with_js(server.url, remake))
+    publish_numbers(server.url, 50, start=100)
+    with caplog.at_level("WARNING", logger="segq.nats"):
+        _pull_until(server.url, queue_dir, 150)
+    assert queue_numbers(queue_dir) == list(range(150))
+    assert "the stream was made again" in caplog.text
+
+
 class StreamProducer(threading.Thread):
     """Publish numbered messages to the stream, one acknowledged at a time, until stopped.
 
@@ -615,6 +748,7 @@ def test_a_round_whose_failures_are_a_suffix_is_retried_by_reconnecting_and_a_ho
     """The rule _check_acks applies to one round's acknowledgements (fed here as a server would answer)."""
     from segq.nats._forward import ForwardStats, _Pump, _Round
     from segq.nats._link import LinkLost
+    from segq.nats._mark import MarkFile
 
     fill(queue_dir, 4)
     no_leader = _ack(b"", {"Status": "503"})
@@ -622,7 +756,8 @@ def test_a_round_whose_failures_are_a_suffix_is_retried_by_reconnecting_and_a_ho
 
     async def main() -> None:
         async with segq.AsyncReceiver(queue_dir, "forward") as receiver:
-            pump = _Pump(receiver, "q" * 32, "EVENTS", "ev.a", 4, 1.0, ForwardStats())
+            marks = MarkFile(str(queue_dir), "forward", "EVENTS")
+            pump = _Pump(receiver, "q" * 32, "EVENTS", "ev.a", 4, 1.0, ForwardStats(), marks)
             batch = await receiver.recv_batch(4, timeout=1)
             messages = batch.messages
 
@@ -643,5 +778,36 @@ def test_a_round_whose_failures_are_a_suffix_is_retried_by_reconnecting_and_a_ho
             with pytest.raises(BridgeError, match="expected stream does not match"):
                 pump._check_acks(messages, answered(_ack(), wrong_stream, _ack(), _ack()))
             await batch.rollback()
+            marks.close()
 
     run(main())
+
+
+def test_a_forward_mark_survives_a_torn_write_and_is_not_used_for_another_stream(queue_dir: Path) -> None:
+    from segq.nats._mark import MarkFile, mark_path
+    from segq._state import Position
+
+    def read(stream: str = "EVENTS") -> Any:
+        marks = MarkFile(str(queue_dir), "forward", stream)
+        marks.close()
+        return marks.mark
+
+    fill(queue_dir, 1)
+    marks = MarkFile(str(queue_dir), "forward", "EVENTS")
+    assert marks.mark is None
+    marks.write(7, Position(0, 32))
+    marks.write(9, Position(0, 48))
+    marks.close()
+    assert read() == (9, Position(0, 48))
+    path = mark_path(str(queue_dir), "forward")
+    with open(path, "r+b") as file:  # the second write torn: its slot (counter 2, at 0) half written
+        file.seek(20)
+        file.write(b"\xff" * 8)
+    reopened = MarkFile(str(queue_dir), "forward", "EVENTS")
+    assert reopened.mark == (7, Position(0, 32))
+    reopened.write(11, Position(0, 64))  # goes to the slot the valid mark is not in
+    reopened.close()
+    assert read() == (11, Position(0, 64))
+    other = MarkFile(str(queue_dir), "forward", "OTHER")
+    assert (other.mark, other.foreign) == (None, True)
+    other.close()

@@ -21,23 +21,44 @@ crash or failure                in the stream afterwards
 before the publish              nothing of the batch
 publish sent, link breaks       a prefix of the batch (one connection, in
                                 order; nothing buffered for a next one)
+a stream leader change inside   any subset of the batch: record k refused
+the round, then a kill          while k+1 was stored
 acknowledged, not committed     the whole batch; the queue still has it
 ==============================  ==========================================
 
-So after every start and every broken link the forwarder asks the stream
-for the last message on its subject.  If that message came from this queue
-(its ``Nats-Msg-Id`` starts with the queue id), every record up to that
-position is in the stream: the forwarder commits those locally without
-publishing them again, and resumes after it.  This does not depend on the
-stream's duplicate window, so a forwarder down for a week does not
-duplicate its last batch.  The duplicate window still covers the one race
-the lookup cannot see: a publish from a dead connection that the server
-stores after the lookup (it is dropped as a duplicate when resent).
+So what landed of the uncommitted records is *some subset*, not always a
+prefix, and the forwarder has to find out which.  After each committed
+round it writes a *mark* (``_mark``, ``QUEUE/forward.NAME.mark``): a stream
+sequence ``S`` and the committed position ``C``.  Every record before
+``C`` was acknowledged; every later record is published after the round's
+acknowledgements came back, so if it lands, it lands above ``S`` (a
+stream's sequences only grow).  On every start and every broken link the
+forwarder:
 
-This needs one subject per forwarded queue (``events.<host>`` into a
-stream taking ``events.>``).  If the last message on the subject is another
-queue's, the forwarder cannot tell from it where this queue stopped and
-relies on the duplicate window alone; it says so in a warning.
+1. commits, without publishing, the records before the mark's ``C`` (a
+   cursor write lost in a crash the mark survived);
+2. reads the messages on its subject from ``S + 1`` to the last one and
+   collects the positions, carrying this queue's id, that landed: at most
+   the round that was in flight and the one before it (when the kill fell
+   between a commit and its mark);
+3. resumes at the committed position, publishing every record whose
+   position did not land and committing, without publishing, those that
+   did.
+
+A record that did not land is published whatever the last message on the
+subject says, so nothing is skipped; a record that landed is never
+published again, however long the forwarder was down, so this does not
+rest on the stream's duplicate window.  The window still covers one race
+the read cannot see: a publish from a dead connection that the server
+stores after the read (it is dropped as a duplicate when sent again).
+
+Without a mark (the first start; a mark file lost) the forwarder asks for
+the last message on the subject: if it is this queue's, the records up to
+it are taken as landed (the rule before marks, right unless a leader
+change cut the last round short); then it writes a mark above everything
+in the stream before publishing anything.  A subject shared with other
+queues works (their messages are read past) but costs longer reads; the
+forwarder says so once.
 """
 
 from __future__ import annotations
@@ -45,6 +66,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +74,7 @@ from .._inspect import existing_queue
 from .._queueid import queue_id
 from .._segment import StrPath
 from .._state import Position
+from ._mark import MarkFile
 from ..aio import AsyncReceiver
 from ..receiver import Message
 from ..sender import SyncPolicy
@@ -84,6 +107,7 @@ _NO_MESSAGE = 10037  # JetStream: no message found (an empty subject)
 # (10060), a record larger than the stream allows (10054), a stream that
 # refuses new messages (10077, discard-new at its limits is retried instead).
 _REFUSALS = frozenset({10060, 10054})
+_SEQ = re.compile(rb'"seq":(\d+)')
 
 
 
@@ -93,12 +117,13 @@ class ForwardStats:
     def __init__(self) -> None:
         self.published = 0
         self.skipped = 0
+        self.republished = 0
         self.duplicates = 0
         self.reconnects = 0
 
     def __repr__(self) -> str:
         return (
-            f"<ForwardStats published={self.published} skipped={self.skipped} "
+            f"<ForwardStats published={self.published} skipped={self.skipped} republished={self.republished} "
             f"duplicates={self.duplicates} reconnects={self.reconnects}>"
         )
 
@@ -134,10 +159,13 @@ async def forward(
 
     Runs as receiver ``name`` of the queue and commits a record only after
     the stream acknowledged it; up to ``window`` publishes are in flight.
-    Each record lands in the stream exactly once and in queue order, with
-    its headers, however the forwarder or the server is stopped or killed
-    (give each forwarded queue its own subject).  A broken connection is
-    retried with backoff, forever.  Returns the totals when ``stop`` is set.
+    Each record lands in the stream exactly once, with its headers, however
+    the forwarder or the server is stopped or killed and for however long;
+    in queue order, except that a record a stream leader change refused
+    while later ones of its round were stored lands after those (at most
+    ``window`` places late).  Keeps its mark in ``forward.NAME.mark`` in the
+    queue directory.  A broken connection is retried with backoff, forever.
+    Returns the totals when ``stop`` is set.
 
     Raises ``BridgeError`` when no server answers the first connection, the
     stream does not exist, or it does not take ``subject``: nothing is
@@ -167,7 +195,13 @@ async def forward(
         "forwarding %s (receiver %r at %s) to stream %r subject %r on %s",
         queue_dir, name, receiver.committed_position, stream, subject, link.server,
     )
-    pump = _Pump(receiver, queue, stream, subject, window, ack_timeout, stats)
+    try:
+        marks = MarkFile(receiver.path, name, stream)
+    except BaseException:
+        await receiver.close()
+        await link.close()
+        raise
+    pump = _Pump(receiver, queue, stream, subject, window, ack_timeout, stats, marks)
     backoff = Backoff()
     try:
         while not stop.is_set():
@@ -196,6 +230,7 @@ async def forward(
         if link is not None:
             await link.close()
         await receiver.close()
+        marks.close()
         log.info("forward stopped: %s", stats)
     return stats
 
@@ -227,6 +262,7 @@ class _Pump:
         window: int,
         ack_timeout: float,
         stats: ForwardStats,
+        marks: MarkFile,
     ) -> None:
         self.receiver = receiver
         self.queue = queue
@@ -235,43 +271,118 @@ class _Pump:
         self.window = window
         self.ack_timeout = ack_timeout
         self.stats = stats
+        self.marks = marks
+        # What catch_up found: positions after the committed one already in the stream
+        # (committed without publishing when run reaches them), and the highest of them.
+        self.landed: set[Position] = set()
+        self.landed_until: Position | None = None
+        self.holes = 0
+        # A stream sequence below every record published from now on: the next mark's.
+        self.sequence = 0
         self._warned_foreign = False
 
-    async def landed(self, link: Link) -> Position | None:
-        """Return the position of this queue's last record in the stream, if the stream says."""
-        reply = await api_request(
-            link.client, f"$JS.API.STREAM.MSG.GET.{self.stream}", {"last_by_subj": self.subject}, self.ack_timeout
-        )
+    async def _get(self, link: Link, request: dict[str, Any]) -> tuple[int, str | None] | None:
+        """Return (sequence, Nats-Msg-Id) of the message ``STREAM.MSG.GET`` finds, None if none."""
+        reply = await api_request(link.client, f"$JS.API.STREAM.MSG.GET.{self.stream}", request, self.ack_timeout)
         error = api_error(reply)
         if error is not None:
             code, description = error
             if code == _NO_MESSAGE:
                 return None
-            raise LinkLost(f"cannot read the last message on {self.subject!r}: {description}")
-        found = parse_message_id(stored_headers(reply["message"]).get("Nats-Msg-Id"))
-        if found is None or found[0] != self.queue:
-            if not self._warned_foreign:
-                self._warned_foreign = True
-                log.warning(
-                    "forward: the last message on subject %r is not from this queue; give each queue its own "
-                    "subject, or exactly-once rests on the stream's duplicate window alone",
-                    self.subject,
-                )
-            return None
-        return found[1]
+            raise LinkLost(f"cannot read the messages on {self.subject!r} of stream {self.stream!r}: {description}")
+        message = reply["message"]
+        return int(message["seq"]), stored_headers(message).get("Nats-Msg-Id")
+
+    def _ours(self, msg_id: str | None) -> Position | None:
+        """Return the position named by ``msg_id`` if it is one of this queue's records; warn once if not."""
+        found = parse_message_id(msg_id)
+        if found is not None and found[0] == self.queue:
+            return found[1]
+        if not self._warned_foreign:
+            self._warned_foreign = True
+            log.warning(
+                "forward: subject %r also carries messages that are not from this queue; each record still lands "
+                "once, but finding out what landed after a restart reads past theirs: give each queue its own "
+                "subject",
+                self.subject,
+            )
+        return None
 
     async def catch_up(self, link: Link) -> None:
-        """Commit, without publishing, the records the stream already holds."""
-        position = await self.landed(link)
-        if position is None:
+        """Find out which uncommitted records are in the stream already (see the module's docstring)."""
+        self.landed = set()
+        self.landed_until = None
+        self.holes = 0
+        last = await self._get(link, {"last_by_subj": self.subject})
+        mark = self.marks.mark
+        if mark is None:
+            await self._without_mark(last)
             return
+        sequence, marked = mark
+        if self.receiver.committed_position < marked:
+            skipped = await self._commit_before(marked)
+            self.stats.skipped += skipped
+            log.info("forward: committed %d records the stream had acknowledged before a crash", skipped)
+        if last is None or last[0] <= sequence:
+            if (last[0] if last else 0) < sequence:
+                log.warning(
+                    "forward: subject %r of stream %r no longer holds sequence %d, where this forwarder left "
+                    "it: the stream was purged or made again; forwarding goes on from %s (what the stream "
+                    "lost before is not sent again)",
+                    self.subject, self.stream, sequence, self.receiver.committed_position,
+                )
+                sequence = last[0] if last else 0
+                self.marks.write(sequence, self.receiver.committed_position)
+            self.sequence = sequence
+            return
+        end = last[0]
+        committed = self.receiver.committed_position
+        read = 0
+        following: tuple[int, str | None] | None = (sequence, None)
+        while following is not None and following[0] < end:
+            following = await self._get(link, {"seq": following[0] + 1, "next_by_subj": self.subject})
+            if following is None or following[0] > end:
+                break
+            read += 1
+            position = self._ours(following[1])
+            if position is not None and position >= committed:
+                self.landed.add(position)
+        self.sequence = end
+        if self.landed:
+            self.landed_until = max(self.landed)
+            log.info(
+                "forward: %d records after %s are in stream %r already (read %d messages after sequence %d); "
+                "committing them without publishing, publishing the others",
+                len(self.landed), committed, self.stream, read, sequence,
+            )
+
+    async def _without_mark(self, last: tuple[int, str | None] | None) -> None:
+        """Start a mark: take the last message on the subject as the end of what landed, if it is ours."""
+        if self.marks.foreign:
+            log.warning("forward: %s was made for another stream; starting a new mark for %r",
+                        self.marks.path, self.stream)
+        position = self._ours(last[1]) if last is not None else None
+        if position is not None and position >= self.receiver.committed_position:
+            skipped = await self._commit_before(position, inclusive=True)
+            self.stats.skipped += skipped
+            log.warning(
+                "forward: no mark in %s; took the last message on %r (%s of this queue) as the end of what "
+                "landed and committed %d records up to it without publishing",
+                self.marks.path, self.subject, position, skipped,
+            )
+        self.sequence = last[0] if last is not None else 0
+        # Before anything is published: every record from here on lands above this sequence.
+        self.marks.write(self.sequence, self.receiver.committed_position, durable=True)
+
+    async def _commit_before(self, limit: Position, *, inclusive: bool = False) -> int:
+        """Commit, without publishing, the records before ``limit`` (through it with ``inclusive``)."""
         skipped = 0
         while True:
             try:
                 batch = await self.receiver.recv_batch(self.window, timeout=0)
             except Empty:
                 break
-            already = sum(1 for message in batch if message.position <= position)
+            already = sum(1 for message in batch if message.position < limit or (inclusive and message.position == limit))
             if already == len(batch):
                 await batch.commit()
                 skipped += already
@@ -283,12 +394,25 @@ class _Pump:
                 await head.commit()
                 skipped += already
             break
-        if skipped:
-            self.stats.skipped += skipped
-            log.info(
-                "forward: %d records were already in stream %r; committed them without publishing",
-                skipped, self.stream,
-            )
+        return skipped
+
+    def _unlanded(self, messages: list[Message]) -> list[Message]:
+        """Return the records of a batch to publish: those catch_up did not find in the stream."""
+        assert self.landed_until is not None
+        publish = [message for message in messages if message.position not in self.landed]
+        self.stats.skipped += len(messages) - len(publish)
+        self.holes += sum(1 for message in publish if message.position < self.landed_until)
+        if messages[-1].position >= self.landed_until:
+            if self.holes:
+                log.warning(
+                    "forward: %d records before %s had not landed while later ones had (a round cut short by a "
+                    "stream leader change); published them now, after those",
+                    self.holes, self.landed_until,
+                )
+                self.stats.republished += self.holes
+            self.landed = set()
+            self.landed_until = None
+        return publish
 
     async def run(self, link: Link, stop: asyncio.Event) -> None:
         """Publish rounds until ``stop``; raise ``LinkLost`` when the link fails (the batch rolled back)."""
@@ -318,6 +442,11 @@ class _Pump:
                     continue
                 batch = receiving.result()
                 messages = batch.messages
+                if self.landed_until is not None:
+                    messages = self._unlanded(messages)
+                    published = len(messages)
+                else:
+                    published = len(batch)
                 try:
                     while messages:
                         current = _Round(loop, serial + 1, len(messages))
@@ -334,7 +463,8 @@ class _Pump:
                         raise LinkLost(f"publishing to {self.subject!r} failed: {error!r}") from None
                     raise
                 await batch.commit()
-                self.stats.published += len(batch)
+                self.stats.published += published
+                self.marks.write(self.sequence, self.receiver.committed_position)
         finally:
             stopping.cancel()
             lost.cancel()
@@ -350,11 +480,12 @@ class _Pump:
     def _check_acks(self, messages: list[Message], replies: _Round) -> list[Message]:
         """Return the records to publish again; raise unless the rest were stored (or were duplicates).
 
-        What did not land must be a suffix of what was sent, so that the
-        stream holds a prefix of the queue (``catch_up`` relies on it).  A
-        record refused while a later one landed (a stream leader change
-        inside one round) is published again at once, after the later ones:
-        the one case where order gives way to exactly-once.
+        A failed suffix is left to ``catch_up`` after a reconnection (it
+        finds out what of it landed).  A record refused while a later one
+        landed (a stream leader change inside one round) is published again
+        at once, after the later ones: the one case where order gives way to
+        exactly-once.  Remembers the sequence of the last stored one as the
+        next mark's (every later publish lands above it).
         """
         if replies.waiting == len(messages):
             raise LinkLost(
@@ -364,6 +495,7 @@ class _Pump:
         failed: list[Message] = []
         problem: BaseException | None = None
         landed_after_failure = False
+        stored = b""
         for message, reply in zip(messages, replies.replies):
             if reply is not None:
                 data = reply.data
@@ -372,11 +504,15 @@ class _Pump:
                     if b'"duplicate":true' in data:
                         self.stats.duplicates += 1
                     landed_after_failure = landed_after_failure or bool(failed)
+                    stored = data
                     continue
                 problem = self._refusal(message, reply)
                 if isinstance(problem, BridgeError):
                     raise problem
             failed.append(message)
+        found = _SEQ.search(stored)
+        if found is not None:
+            self.sequence = int(found.group(1))
         if not failed:
             return []
         if not landed_after_failure:

@@ -32,6 +32,25 @@ after fetch, before the send     read directly from the stream, sent once
 after the send, before the ack   redelivered later, seen as <= last, acked
 ===============================  ===========================================
 
+Why skipping at or below ``last`` never drops a message the queue lacks:
+the queue receives the consumer's messages in stream order (the catch-up
+sends everything up to what was ever delivered, in order, before the first
+fetch; fetches then deliver new messages in increasing order above that),
+so it holds every message up to ``last``, and only redeliveries come out
+of order.  The same order makes AckAll safe: acknowledging ``n`` also
+acknowledges messages below ``n`` only once they were sent.  Both need one
+puller per durable consumer (pullers on other machines use other consumer
+names): a second puller's acknowledgements would cover messages the first
+has not sent yet.
+
+Two states ``last`` cannot tell from the queue are read from the server on
+every start.  A stream deleted and made again numbers from 1 again: if its
+last sequence is below ``last``, ``last`` starts over at 0.  A queue that
+no longer holds its newest pulled record (made again, or other senders
+filled whole segments after it and every receiver consumed them) reads as
+``last`` 0: the consumer's ack floor is then where to resume, since a
+message is acknowledged only after its send returned.
+
 Backpressure: with ``max_queue_bytes``, the puller fetches nothing while the
 local queue's backlog is at the limit.
 """
@@ -261,8 +280,10 @@ class _Pump:
 
     async def catch_up(self, link: Link, stop: asyncio.Event) -> None:
         """Send, in order, what the consumer handed out (to a puller now dead) and the queue lacks."""
+        await self._check_stream(link)
         info = await self.ensure_consumer(link)
         delivered = int(info.get("delivered", {}).get("stream_seq", 0))
+        self._check_acked(info)
         caught = 0
         while self.last < delivered and not stop.is_set():
             request: dict[str, Any] = {"seq": self.last + 1, "next_by_subj": self.filter or ">"}
@@ -282,6 +303,39 @@ class _Pump:
         if caught:
             log.info("pull: sent %d messages read straight from stream %r (fetched before a restart)", caught,
                      self.stream)
+
+    async def _check_stream(self, link: Link) -> None:
+        """Start ``last`` over if the stream was made again (it numbers from 1: all would be skipped)."""
+        reply = await api_request(link.client, f"$JS.API.STREAM.INFO.{self.stream}", None, self.timeout)
+        state = reply.get("state") if isinstance(reply, dict) and api_error(reply) is None else None
+        if state is not None and self.last > int(state.get("last_seq", 0)):
+            log.warning(
+                "pull: stream %r ends at sequence %s, below the last one pulled into %s (%d): the stream was "
+                "made again; pulling its messages from its start",
+                self.stream, state.get("last_seq"), self.sender.path, self.last,
+            )
+            self.last = 0
+
+    def _check_acked(self, info: dict[str, Any]) -> None:
+        """Resume after the consumer's ack floor if the queue lost its newest pulled record.
+
+        A queue whose newest pulled record is gone (other senders filled
+        whole segments after it and every receiver consumed them) reads as
+        ``last`` 0, and everything the consumer delivered would be sent
+        again.  A message is acknowledged only after its send returned, so
+        the ack floor was sent (not with ``ack_policy`` none, which
+        acknowledges on delivery).
+        """
+        if self.ack_policy == "none":
+            return
+        acked = int(info.get("ack_floor", {}).get("stream_seq", 0))
+        if acked > self.last:
+            log.warning(
+                "pull: %s does not hold the newest message consumer %r acknowledged (sequence %d of stream %r; "
+                "the newest the queue holds is %d): resuming after it",
+                self.sender.path, self.consumer, acked, self.stream, self.last,
+            )
+            self.last = acked
 
     async def _send(self, records: list[tuple[bytes, dict[str, bytes], int]]) -> None:
         """Send ``(data, headers, sequence)`` records to the queue in order, as one atomic batch if it fits.
