@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from . import _format, _segment
 from ._control import TAIL_INDEX, Control
@@ -26,6 +27,8 @@ from ._format import (
     record_crc,
 )
 from ._headers import Framed
+from ._messages import decode_messages as _decode_messages
+from ._messages import new_message as _new_message
 from .errors import CorruptionError, SegqError
 
 __all__ = ["RecordReader"]
@@ -98,6 +101,42 @@ class RecordReader:
             runs.append((len(records), self.position - HEADER_SIZE - len(record)))
             records.append(record)
         return records, runs
+
+    def next_messages(self, max_count: int, cls: type, owner: object) -> tuple[list[Any], int]:
+        """Return up to ``max_count`` records that are there now as messages, and how many have headers.
+
+        Each message is a ``cls`` (a ``MessageFields``) settled by ``owner``;
+        its data is a ``Framed`` body if the record has headers (the caller
+        splits those).  Like ``next_many``, with the messages built in C.
+        """
+        messages: list[Any] = []
+        framed = 0
+        words = self._words
+        while len(messages) < max_count:
+            read = self.position
+            if read >= words[TAIL_INDEX]:
+                break
+            base = self._buffer_word
+            found, end, headed = _decode_messages(
+                self._buffer, read - base, max_count - len(messages), cls, owner, base
+            )
+            if found:
+                messages += found
+                framed += headed
+                self.position = base + end
+                continue
+            try:
+                record = self._next_slow()
+            except CorruptionError:
+                if messages:
+                    break  # return the records before the damage; the next call raises at it
+                raise
+            if record is None:
+                break
+            end = self.position
+            framed += type(record) is not bytes
+            messages.append(_new_message(cls, owner, record, end - HEADER_SIZE - len(record), end))
+        return messages, framed
 
     def _next_slow(self) -> bytes | None:
         """Read the next record when the fast path cannot: refill, cross segments, check damage."""

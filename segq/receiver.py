@@ -57,6 +57,7 @@ from ._control import (
 )
 from ._format import HEADER_SIZE
 from ._headers import split_body
+from ._messages import MessageFields, new_message
 from ._fs import make_dir
 from ._lifetime import close_at_exit
 from ._lock import LockFile
@@ -73,18 +74,16 @@ __all__ = ["Receiver", "Message", "Batch"]
 _IDENTITY_CHECK_SECONDS = 1.0
 
 
-class Message:
+class Message(MessageFields):
     """One received record.  ``data`` is its payload, ``headers`` its headers; it is pending until committed."""
 
-    __slots__ = ("data", "_headers", "_receiver", "_start", "_end")
+    # The fields (data, _headers, _receiver, _start, _end) are MessageFields':
+    # a C type with the speedups, so a batch's messages are built in C.
+    __slots__ = ()
 
-    def __init__(self, receiver: "Receiver", data: bytes, start: int, end: int) -> None:
-        if type(data) is not bytes:  # a Framed body: the record has headers
-            data, self._headers = split_body(data, receiver.path, start)
-        self.data = data
-        self._receiver = receiver
-        self._start = start
-        self._end = end
+    def _split_headers(self, path: str) -> None:
+        """Split a Framed body (a record with headers) into ``data`` and ``_headers``."""
+        self.data, self._headers = split_body(self.data, path, self._start)
 
     @property
     def headers(self) -> dict[str, bytes]:
@@ -391,17 +390,14 @@ class Receiver:
             if data is not None:
                 if self._waiter is not None and self._waiter.raised:
                     self._waiter.lower_flag(DATA_WAITERS)  # busy now: sends need not wake us
-                end = self._reader.position
-                message = Message(self, data, end - HEADER_SIZE - len(data), end)
+                message = self._message(data)
                 self._pending = message
                 return message
             start = self._begin_wait()
         finally:
             self._mutex.release()
         try:
-            data = self._wait_for_record(timeout)
-            end = self._reader.position
-            message = Message(self, data, end - HEADER_SIZE - len(data), end)
+            message = self._message(self._wait_for_record(timeout))
         except BaseException:
             with self._mutex:
                 self._end_wait(start, None)
@@ -419,8 +415,7 @@ class Receiver:
             data = self._next_record()
             if data is None:
                 return None
-            end = self._reader.position
-            message = Message(self, data, end - HEADER_SIZE - len(data), end)
+            message = self._message(data)
             self._pending = message
             return message
         finally:
@@ -440,18 +435,18 @@ class Receiver:
             self._check_ready()
             if max_count < 1:
                 raise UsageError(f"recv_batch needs max_count >= 1, not {max_count}")
-            records, runs = self._reader.next_many(max_count)
-            if records:
+            start = self._reader.position
+            messages = self._next_messages(max_count)
+            if messages:
                 if self._waiter is not None and self._waiter.raised:
                     self._waiter.lower_flag(DATA_WAITERS)  # busy now: sends need not wake us
-                batch = self._make_batch(records, runs)
+                batch = Batch(self, messages, start, self._reader.position)
                 self._pending = batch
                 return batch
             start = self._begin_wait()
         try:
             self._wait_for_record(timeout, peek=True)
-            records, runs = self._reader.next_many(max_count)
-            batch = self._make_batch(records, runs)
+            batch = Batch(self, self._next_messages(max_count), start, self._reader.position)
         except BaseException:
             with self._mutex:
                 self._end_wait(start, None)
@@ -460,17 +455,22 @@ class Receiver:
             self._end_wait(start, batch)
         return batch
 
-    def _make_batch(self, records: list[bytes], runs: list[tuple[int, int]]) -> Batch:
-        messages: list[Message] = []
-        append = messages.append
-        in_batch = _InBatch(self.path)
-        runs.append((len(records), 0))
-        for (first, position), (following, _) in zip(runs, runs[1:]):
-            for data in records[first:following]:
-                end = position + HEADER_SIZE + len(data)
-                append(Message(in_batch, data, position, end))  # type: ignore[arg-type]
-                position = end
-        return Batch(self, messages, runs[0][1], self._reader.position)
+    def _message(self, data: bytes) -> Message:
+        """Return the message of the record just read (``data``, ending at the read position)."""
+        end = self._reader.position
+        message: Message = new_message(Message, self, data, end - HEADER_SIZE - len(data), end)
+        if type(data) is not bytes:  # a Framed body: the record has headers
+            message._split_headers(self.path)
+        return message
+
+    def _next_messages(self, max_count: int) -> list[Message]:
+        """Read up to ``max_count`` records that are there now, as messages of one batch."""
+        messages, framed = self._reader.next_messages(max_count, Message, _InBatch(self.path))
+        if framed:
+            for message in messages:
+                if type(message.data) is not bytes:
+                    message._split_headers(self.path)
+        return messages
 
     def __iter__(self) -> Iterator[Message]:
         """Yield messages forever; each is committed when the loop asks for the next one.
