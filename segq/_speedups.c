@@ -546,6 +546,45 @@ static PyObject *decode_messages(PyObject *module, PyObject *const *args, Py_ssi
     return Py_BuildValue("(Nnn)", messages, offset, framed);
 }
 
+/* write_slot(target, base, sequence, segment, offset): a cursor slot's three words, then its CRC.
+ *
+ * The slot's first 16 bytes (magic, version, reserved) are already there;
+ * this stores the u64 le sequence, segment and offset at base + 16, + 24,
+ * + 32 and the u32 le CRC-32 of the slot's first 40 bytes at base + 40, as
+ * segq._state does with a memoryview, in one call instead of five.
+ */
+static PyObject *write_slot(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "write_slot(target, base, sequence, segment, offset) takes 5 arguments");
+        return NULL;
+    }
+    Py_ssize_t at = PyLong_AsSsize_t(args[1]);
+    if (at == -1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long words[3];
+    for (int i = 0; i < 3; i++) {
+        words[i] = PyLong_AsUnsignedLongLong(args[2 + i]);
+        if (words[i] == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    Py_buffer target;
+    if (PyObject_GetBuffer(args[0], &target, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (at < 0 || at > target.len - 44) {
+        PyBuffer_Release(&target);
+        PyErr_SetString(PyExc_ValueError, "write_slot: the slot does not fit in the target");
+        return NULL;
+    }
+    unsigned char *slot = (unsigned char *)target.buf + at;
+    for (int i = 0; i < 3; i++) {
+        put_u32(slot + 16 + 8 * i, (uint32_t)words[i]);
+        put_u32(slot + 20 + 8 * i, (uint32_t)(words[i] >> 32));
+    }
+    put_u32(slot + 40, crc_update(0, slot, 40));
+    PyBuffer_Release(&target);
+    Py_RETURN_NONE;
+}
+
 static PyObject *crc32(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 1 || nargs > 2) {
         PyErr_SetString(PyExc_TypeError, "crc32(data, value=0) takes 1 or 2 arguments");
@@ -729,6 +768,8 @@ static PyMethodDef methods[] = {
      "new_message(cls, owner, data, start, end) -> a message of class cls (a MessageFields subclass)."},
     {"decode_messages", (PyCFunction)(void (*)(void))decode_messages, METH_FASTCALL,
      "decode_messages(buffer, offset, max_count, cls, owner, base_word) -> (messages, next offset, framed count)."},
+    {"write_slot", (PyCFunction)(void (*)(void))write_slot, METH_FASTCALL,
+     "write_slot(target, base, sequence, segment, offset): store a cursor slot's words and CRC."},
     {"crc32", (PyCFunction)(void (*)(void))crc32, METH_FASTCALL, "crc32(data, value=0): zlib-compatible CRC-32."},
     {NULL, NULL, 0, NULL},
 };

@@ -135,6 +135,29 @@ def test_a_c_message_has_its_fields_and_no_headers_until_set() -> None:
         speedups.new_message(object, owner, b"abc", 0, 11)
 
 
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1), st.booleans())
+def test_write_slot_matches_python(sequence: int, segment: int, offset: int, second: bool) -> None:
+    import tempfile
+
+    from segq import _state
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "c.pos")
+        cursor = _state.CursorFile(path, initial=_state.Position(0, 64))
+        try:
+            base = 512 if second else 0
+            before = bytes(cursor.map)
+            speedups.write_slot(cursor.map, base, sequence, segment, offset)
+            c_bytes = bytes(cursor.map)
+            cursor.map[:] = before
+            cursor._write_slot_words(base, sequence, segment, offset)
+            assert c_bytes == bytes(cursor.map)
+        finally:
+            cursor.close()
+    with pytest.raises(ValueError):
+        speedups.write_slot(bytearray(100), 80, 1, 2, 3)
+
+
 def test_the_core_suite_passes_in_pure_python() -> None:
     """Run the core tests again without the extension: the fallback must pass them too."""
     here = os.path.dirname(__file__)
