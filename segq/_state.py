@@ -15,6 +15,7 @@ never garbage.  Durability against power loss comes from ``sync`` (msync).
 
 from __future__ import annotations
 
+import enum
 import errno
 import mmap
 import os
@@ -32,6 +33,7 @@ from .errors import CorruptionError, SegqError, UnsupportedFormat
 __all__ = [
     "Position",
     "CursorFile",
+    "ConsumerKind",
     "cursor_path",
     "list_cursors",
     "check_name",
@@ -84,12 +86,27 @@ def check_name(name: str, what: str = "receiver name") -> str:
     return name
 
 
-def cursor_path(queue_dir: StrPath, kind: str, name: str) -> str:
-    """Return the cursor file of consumer ``name`` of ``kind`` ("r" receiver, "g" group)."""
-    return os.path.join(queue_dir, CURSOR_DIR, f"{kind}.{name}.pos")
+class ConsumerKind(str, enum.Enum):
+    """What a consumer is; the value is the first letter of its cursor file's name."""
+
+    RECEIVER = "r"
+    GROUP = "g"
+
+    @property
+    def role(self) -> str:
+        """The word for it in reports: "receiver" or "group"."""
+        return self.name.lower()
 
 
-def list_cursors(queue_dir: StrPath) -> list[tuple[str, str, str]]:
+def cursor_path(queue_dir: StrPath, kind: ConsumerKind, name: str) -> str:
+    """Return the cursor file of consumer ``name`` of ``kind``."""
+    return os.path.join(queue_dir, CURSOR_DIR, f"{ConsumerKind(kind).value}.{name}.pos")
+
+
+_KIND_LETTERS = {kind.value for kind in ConsumerKind}
+
+
+def list_cursors(queue_dir: StrPath) -> list[tuple[ConsumerKind, str, str]]:
     """Return ``(kind, name, path)`` of every consumer registered in ``queue_dir``."""
     directory = os.path.join(queue_dir, CURSOR_DIR)
     try:
@@ -100,8 +117,8 @@ def list_cursors(queue_dir: StrPath) -> list[tuple[str, str, str]]:
         raise os_error(error, "list", directory) from None
     found = []
     for file_name in names:
-        if file_name.endswith(".pos") and file_name[1:2] == ".":
-            found.append((file_name[0], file_name[2:-4], os.path.join(directory, file_name)))
+        if file_name.endswith(".pos") and file_name[1:2] == "." and file_name[0] in _KIND_LETTERS:
+            found.append((ConsumerKind(file_name[0]), file_name[2:-4], os.path.join(directory, file_name)))
     return found
 
 
@@ -317,7 +334,7 @@ def _retention_lock(queue_dir: StrPath):  # type: ignore[no-untyped-def]
     return handle
 
 
-def register_cursor(queue_dir: StrPath, kind: str, name: str) -> CursorFile:
+def register_cursor(queue_dir: StrPath, kind: ConsumerKind, name: str) -> CursorFile:
     """Open consumer ``name``'s cursor, creating it at the oldest retained record if new.
 
     Registration and segment deletion take the same lock, so a new consumer

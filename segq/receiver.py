@@ -63,7 +63,7 @@ from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._reader import RecordReader
 from ._segment import StrPath
-from ._state import Position, check_name, cursor_path, delete_consumed_segments, register_cursor
+from ._state import ConsumerKind, Position, check_name, cursor_path, delete_consumed_segments, register_cursor
 from ._wake import Waiter, Waker
 from .errors import Closed, CorruptionError, Empty, InvalidArgument, SegqError, UsageError
 from .sender import SyncPolicy, parse_sync
@@ -222,13 +222,13 @@ class Receiver:
         self._sync_interval = parse_sync(sync)
         require_queue(self.path, create=create, who="Receiver")
         self._control = Control(self.path, segment_size=CONSUMER_SEGMENT_SIZE)
-        self._lock = LockFile(cursor_path(self.path, "r", name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
+        self._lock = LockFile(cursor_path(self.path, ConsumerKind.RECEIVER, name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
         self._directory_fd = -1
         try:
             self._directory_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
             make_dir(self.path, os.path.basename(os.path.dirname(self._lock.path)))
             self._lock.acquire()
-            self._cursor = register_cursor(self.path, "r", name)
+            self._cursor = register_cursor(self.path, ConsumerKind.RECEIVER, name)
             position = self._cursor.position
             if position.segment << 32 | position.offset > self._control.words[TAIL_INDEX]:
                 self._cursor.close()
@@ -571,11 +571,11 @@ class Receiver:
         Raises ``Locked`` if a live Receiver of that name is open.
         """
         check_name(name)
-        lock = LockFile(cursor_path(path, "r", name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
+        lock = LockFile(cursor_path(path, ConsumerKind.RECEIVER, name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
         lock.acquire()
         try:
             try:
-                os.unlink(cursor_path(path, "r", name))
+                os.unlink(cursor_path(path, ConsumerKind.RECEIVER, name))
             except FileNotFoundError:
                 return
             delete_consumed_segments(path)
