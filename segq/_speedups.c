@@ -585,6 +585,57 @@ static PyObject *write_slot(PyObject *module, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+/* mutex_lock(view) / mutex_unlock(view): pthread_mutex_lock/unlock of the mutex at the start of a buffer.
+ *
+ * The work-queue group lock (segq/workqueue/_grouplock.py) is a robust,
+ * process-shared pthread mutex in a memory-mapped file; called through
+ * ctypes, a lock+unlock pair cost ~430 ns here, most of it ctypes' argument
+ * conversion, and a claim+ack runs two pairs.  Here a free mutex is taken
+ * without releasing the GIL (trylock); only a busy one is waited for with
+ * the GIL released.  Both return pthread's result (0, or an errno such as
+ * EOWNERDEAD, which the caller handles), as the ctypes calls do.
+ */
+#ifndef _WIN32
+#include <pthread.h>
+#include <errno.h>
+
+static pthread_mutex_t *mutex_in(PyObject *view, Py_buffer *buffer) {
+    if (PyObject_GetBuffer(view, buffer, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (buffer->len < (Py_ssize_t)sizeof(pthread_mutex_t)) {
+        PyBuffer_Release(buffer);
+        PyErr_SetString(PyExc_ValueError, "the buffer is too small to hold a pthread mutex");
+        return NULL;
+    }
+    return (pthread_mutex_t *)buffer->buf;
+}
+
+static PyObject *mutex_lock(PyObject *module, PyObject *view) {
+    Py_buffer buffer;
+    pthread_mutex_t *mutex = mutex_in(view, &buffer);
+    if (mutex == NULL)
+        return NULL;
+    int result = pthread_mutex_trylock(mutex);
+    if (result == EBUSY) {
+        Py_BEGIN_ALLOW_THREADS
+        result = pthread_mutex_lock(mutex);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&buffer);
+    return PyLong_FromLong(result);
+}
+
+static PyObject *mutex_unlock(PyObject *module, PyObject *view) {
+    Py_buffer buffer;
+    pthread_mutex_t *mutex = mutex_in(view, &buffer);
+    if (mutex == NULL)
+        return NULL;
+    int result = pthread_mutex_unlock(mutex);
+    PyBuffer_Release(&buffer);
+    return PyLong_FromLong(result);
+}
+#endif
+
 static PyObject *crc32(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 1 || nargs > 2) {
         PyErr_SetString(PyExc_TypeError, "crc32(data, value=0) takes 1 or 2 arguments");
@@ -770,6 +821,10 @@ static PyMethodDef methods[] = {
      "decode_messages(buffer, offset, max_count, cls, owner, base_word) -> (messages, next offset, framed count)."},
     {"write_slot", (PyCFunction)(void (*)(void))write_slot, METH_FASTCALL,
      "write_slot(target, base, sequence, segment, offset): store a cursor slot's words and CRC."},
+#ifndef _WIN32
+    {"mutex_lock", mutex_lock, METH_O, "mutex_lock(view) -> pthread_mutex_lock's result for the mutex at the start of view."},
+    {"mutex_unlock", mutex_unlock, METH_O, "mutex_unlock(view) -> pthread_mutex_unlock's result."},
+#endif
     {"crc32", (PyCFunction)(void (*)(void))crc32, METH_FASTCALL, "crc32(data, value=0): zlib-compatible CRC-32."},
     {NULL, NULL, 0, NULL},
 };
