@@ -55,7 +55,7 @@ from ._control import (
     Control,
     require_queue,
 )
-from ._format import HEADER_SIZE
+from ._format import HEADER_SIZE, read_record as _read_record
 from ._headers import split_body
 from ._messages import MessageFields, new_message
 from ._fs import make_dir
@@ -252,6 +252,9 @@ class Receiver:
         self._committed = position.segment << 32 | position.offset
         self._reader = RecordReader(self._control, self._committed, consumer=f"receiver {name!r}")
         self._next_record = self._reader.next
+        self._words = self._control.words
+        self._control_bytes = self._control.bytes
+        self._write_cursor = self._cursor.write_at
         self._pending: Message | Batch | None = None
         self._waiting = 0  # the thread id of a recv waiting outside the lock, 0 for none
         self._released = threading.Event()
@@ -386,11 +389,25 @@ class Receiver:
         try:
             if self._pending is not None or self._closed or self._waiting:
                 self._check_ready()
-            data = self._next_record()
+            # RecordReader.next written out (a Python call less per record):
+            # the record from the read buffer if it is whole there, else the slow path.
+            reader = self._reader
+            read = reader.position
+            data = None
+            if read < self._words[TAIL_INDEX]:
+                data = _read_record(reader._buffer, read - reader._buffer_word)
+                if data is None:
+                    data = reader._next_slow()
+                else:
+                    reader.position = read + HEADER_SIZE + len(data)
             if data is not None:
                 if self._waiter is not None and self._waiter.raised:
                     self._waiter.lower_flag(DATA_WAITERS)  # busy now: sends need not wake us
-                message = self._message(data)
+                # _message written out: a Python call less per record.
+                end = self._reader.position
+                message: Message = new_message(Message, self, data, end - HEADER_SIZE - len(data), end)
+                if type(data) is not bytes:  # a Framed body: the record has headers
+                    message._split_headers(self.path)
                 self._pending = message
                 return message
             start = self._begin_wait()
@@ -412,10 +429,21 @@ class Receiver:
         try:
             if self._pending is not None or self._closed or self._waiting:
                 self._check_ready()
-            data = self._next_record()
-            if data is None:
+            reader = self._reader  # RecordReader.next written out, as in recv
+            read = reader.position
+            if read >= self._words[TAIL_INDEX]:
                 return None
-            message = self._message(data)
+            data = _read_record(reader._buffer, read - reader._buffer_word)
+            if data is None:
+                data = reader._next_slow()
+                if data is None:
+                    return None
+            else:
+                reader.position = read + HEADER_SIZE + len(data)
+            end = reader.position
+            message: Message = new_message(Message, self, data, end - HEADER_SIZE - len(data), end)
+            if type(data) is not bytes:  # a Framed body: the record has headers
+                message._split_headers(self.path)
             self._pending = message
             return message
         finally:
@@ -496,14 +524,14 @@ class Receiver:
             self._pending = None
             previous_segment = self._committed >> 32
             self._committed = end
-            self._cursor.write_at(end >> 32, end & 0xFFFF_FFFF)
+            self._write_cursor(end >> 32, end & 0xFFFF_FFFF)
             if self._sync_interval == 0.0:
                 self._cursor.sync()
             else:
                 self._dirty = True
             if end >> 32 != previous_segment:
                 delete_consumed_segments(self.path)
-            if self._control.bytes[ROOM_WAITING]:
+            if self._control_bytes[ROOM_WAITING]:
                 self._waker.wake(ROOM_WAITERS)
         finally:
             self._mutex.release()
