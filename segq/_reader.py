@@ -121,9 +121,11 @@ class RecordReader:
                 self._buffer, read - base, max_count - len(messages), cls, owner, base
             )
             if found:
+                self.position = base + end
+                if not messages and (len(found) == max_count or self.position >= words[TAIL_INDEX]):
+                    return found, headed  # the common case: one walk of the buffer gave them all
                 messages += found
                 framed += headed
-                self.position = base + end
                 continue
             try:
                 record = self._next_slow()

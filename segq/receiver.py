@@ -253,6 +253,7 @@ class Receiver:
         self._reader = RecordReader(self._control, self._committed, consumer=f"receiver {name!r}")
         self._next_record = self._reader.next
         self._words = self._control.words
+        self._in_batch = _InBatch(self.path)  # the stateless stand-in every batch's messages share
         self._control_bytes = self._control.bytes
         self._write_cursor = self._cursor.write_at
         self._pending: Message | Batch | None = None
@@ -459,8 +460,10 @@ class Receiver:
             timeout = check_timeout(timeout)
         if isinstance(max_count, bool) or not isinstance(max_count, int):
             raise InvalidArgument(f"max_count must be an int, not {max_count!r}", name="max_count")
-        with self._mutex:
-            self._check_ready()
+        self._mutex.acquire()
+        try:
+            if self._pending is not None or self._closed or self._waiting:
+                self._check_ready()
             if max_count < 1:
                 raise UsageError(f"recv_batch needs max_count >= 1, not {max_count}")
             start = self._reader.position
@@ -472,6 +475,8 @@ class Receiver:
                 self._pending = batch
                 return batch
             start = self._begin_wait()
+        finally:
+            self._mutex.release()
         try:
             self._wait_for_record(timeout, peek=True)
             batch = Batch(self, self._next_messages(max_count), start, self._reader.position)
@@ -493,7 +498,7 @@ class Receiver:
 
     def _next_messages(self, max_count: int) -> list[Message]:
         """Read up to ``max_count`` records that are there now, as messages of one batch."""
-        messages, framed = self._reader.next_messages(max_count, Message, _InBatch(self.path))
+        messages, framed = self._reader.next_messages(max_count, Message, self._in_batch)
         if framed:
             for message in messages:
                 if type(message.data) is not bytes:
