@@ -410,8 +410,10 @@ class Sender:
         window = self._window
         assert window is not None
         try:
-            with memoryview(framed) as view:
-                _pwrite_all(window.fd, view, offset)
+            written = os.pwrite(window.fd, framed, offset)
+            if written < len(framed):  # rare (a signal, a full disk): write the rest
+                with memoryview(framed) as view:
+                    _pwrite_all(window.fd, view[written:], offset + written)
         except OSError as error:
             # Nothing was published: the tail still points at ``offset``, so
             # the next append overwrites whatever part of this one got there.
