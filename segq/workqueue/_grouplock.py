@@ -19,6 +19,13 @@ because the state the lock protects is a journal whose uncommitted tail is
 ignored (``_journal``).  The mutex is also error-checking: a thread that
 relocks it gets an error, not a deadlock.
 
+Taking no mutex at all while one process has the group open (an
+"exclusive" grant revoked by a second opener) was measured before being
+built: with every lock and unlock call replaced by a no-op, a claim+ack
+took 5.55 us against 5.68 us with the C calls (2 %, before the cost of the
+per-transaction check such a grant needs), so the grant, and the revocation
+protocol it would need to be safe against SIGKILL, are not worth having.
+
 The file starts with a header (magic, version, a tag naming the C library
 and machine that laid the mutex out) and holds the mutex at offset 64.  It
 is initialised once, by the first process to find no header, under an
