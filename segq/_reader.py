@@ -35,7 +35,6 @@ __all__ = ["RecordReader"]
 
 _CHUNK = 1 << 17
 _read_record = _format.read_record
-_decode_run = _format.decode_run
 
 
 class RecordReader:
@@ -70,44 +69,13 @@ class RecordReader:
             return data
         return self._next_slow()
 
-    def next_many(self, max_count: int) -> tuple[list[bytes], list[tuple[int, int]]]:
-        """Return up to ``max_count`` records that are there now, and where they start.
-
-        The second list has one ``(index, position)`` pair per run of records
-        that lie back to back (a run ends where a segment does): record
-        ``index`` starts at ``position`` and the rest of its run follow it.
-        """
-        records: list[bytes] = []
-        runs: list[tuple[int, int]] = []
-        words = self._words
-        while len(records) < max_count:
-            read = self.position
-            if read >= words[TAIL_INDEX]:
-                break
-            payloads, end = _decode_run(self._buffer, read - self._buffer_word, max_count - len(records))
-            if payloads:
-                runs.append((len(records), read))
-                records += payloads
-                self.position = self._buffer_word + end
-                continue
-            try:
-                record = self._next_slow()
-            except CorruptionError:
-                if records:
-                    break  # return the records before the damage; the next call raises at it
-                raise
-            if record is None:
-                break
-            runs.append((len(records), self.position - HEADER_SIZE - len(record)))
-            records.append(record)
-        return records, runs
-
     def next_messages(self, max_count: int, cls: type, owner: object) -> tuple[list[Any], int]:
         """Return up to ``max_count`` records that are there now as messages, and how many have headers.
 
         Each message is a ``cls`` (a ``MessageFields``) settled by ``owner``;
         its data is a ``Framed`` body if the record has headers (the caller
-        splits those).  Like ``next_many``, with the messages built in C.
+        splits those).  The messages of one run of records in the read
+        buffer are built in one C call (``_messages.decode_messages``).
         """
         messages: list[Any] = []
         framed = 0
