@@ -1,9 +1,10 @@
-"""Time one thread's recv+commit and try_recv+commit loops: what the Receiver's lock costs.
+"""Time one thread's recv+commit, try_recv+commit (and recv_batch+commit) loops: the Receiver's per-record cost.
 
 Run from the repository root::
 
     python -m benchmarks.receiver_lock                       # this segq alone
     python -m benchmarks.receiver_lock --against /tmp/old    # and /tmp/old/segq, interleaved
+    python -m benchmarks.receiver_lock --kinds recv_batch    # recv_batch(100), as the suite's batch case
 
 ``--against`` loads another copy of the ``segq`` package (e.g. from
 ``git archive``, with its C extension built) under another name, and the
@@ -52,10 +53,16 @@ def _time_loop(segq: ModuleType, kind: str) -> float:
                 recv = receiver.recv
                 for _ in range(RECORDS):
                     recv().commit()
-            else:
+            elif kind == "try_recv":
                 try_recv = receiver.try_recv
                 for _ in range(RECORDS):
                     try_recv().commit()
+            else:  # as the suite's batch case: recv_batch(100), read each message's data, commit
+                recv_batch = receiver.recv_batch
+                for _ in range(RECORDS // 100):
+                    batch = recv_batch(100)
+                    [message.data for message in batch]
+                    batch.commit()
             elapsed = time.thread_time() - started
         return RECORDS / elapsed
     finally:
@@ -66,13 +73,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", help="a directory holding another segq package to compare with")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--kinds", nargs="+", choices=["recv", "try_recv", "recv_batch"], default=["recv", "try_recv"])
     options = parser.parse_args()
     import segq
 
     versions = {"this": segq}
     if options.against:
         versions["against"] = _load(os.path.join(options.against, "segq"), "segq_against")
-    for kind in ("recv", "try_recv"):
+    for kind in options.kinds:
         rates: dict[str, list[float]] = {label: [] for label in versions}
         for _ in range(options.repeats):
             for label, module in versions.items():

@@ -204,7 +204,11 @@ class LockFile:
                 )
             try:
                 # Unbuffered, so a full disk fails here and not again in close().
-                os.ftruncate(handle.fileno(), 0)
+                # Truncated only if something is there: on ext4 a truncation to
+                # zero marks the file for a data flush when it is closed
+                # (auto_da_alloc), ~1 ms on every release of a fresh lock file.
+                if previous is not None or os.fstat(handle.fileno()).st_size:
+                    os.ftruncate(handle.fileno(), 0)
                 os.write(handle.fileno(), _my_identity().encode("ascii"))
             except OSError as error:
                 if error.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from . import _format, _segment
 from ._control import TAIL_INDEX, Control
@@ -26,13 +27,14 @@ from ._format import (
     record_crc,
 )
 from ._headers import Framed
+from ._messages import decode_messages as _decode_messages
+from ._messages import new_message as _new_message
 from .errors import CorruptionError, SegqError
 
 __all__ = ["RecordReader"]
 
 _CHUNK = 1 << 17
 _read_record = _format.read_record
-_decode_run = _format.decode_run
 
 
 class RecordReader:
@@ -67,37 +69,44 @@ class RecordReader:
             return data
         return self._next_slow()
 
-    def next_many(self, max_count: int) -> tuple[list[bytes], list[tuple[int, int]]]:
-        """Return up to ``max_count`` records that are there now, and where they start.
+    def next_messages(self, max_count: int, cls: type, owner: object) -> tuple[list[Any], int]:
+        """Return up to ``max_count`` records that are there now as messages, and how many have headers.
 
-        The second list has one ``(index, position)`` pair per run of records
-        that lie back to back (a run ends where a segment does): record
-        ``index`` starts at ``position`` and the rest of its run follow it.
+        Each message is a ``cls`` (a ``MessageFields``) settled by ``owner``;
+        its data is a ``Framed`` body if the record has headers (the caller
+        splits those).  The messages of one run of records in the read
+        buffer are built in one C call (``_messages.decode_messages``).
         """
-        records: list[bytes] = []
-        runs: list[tuple[int, int]] = []
+        messages: list[Any] = []
+        framed = 0
         words = self._words
-        while len(records) < max_count:
+        while len(messages) < max_count:
             read = self.position
             if read >= words[TAIL_INDEX]:
                 break
-            payloads, end = _decode_run(self._buffer, read - self._buffer_word, max_count - len(records))
-            if payloads:
-                runs.append((len(records), read))
-                records += payloads
-                self.position = self._buffer_word + end
+            base = self._buffer_word
+            found, end, headed = _decode_messages(
+                self._buffer, read - base, max_count - len(messages), cls, owner, base
+            )
+            if found:
+                self.position = base + end
+                if not messages and (len(found) == max_count or self.position >= words[TAIL_INDEX]):
+                    return found, headed  # the common case: one walk of the buffer gave them all
+                messages += found
+                framed += headed
                 continue
             try:
                 record = self._next_slow()
             except CorruptionError:
-                if records:
+                if messages:
                     break  # return the records before the damage; the next call raises at it
                 raise
             if record is None:
                 break
-            runs.append((len(records), self.position - HEADER_SIZE - len(record)))
-            records.append(record)
-        return records, runs
+            end = self.position
+            framed += type(record) is not bytes
+            messages.append(_new_message(cls, owner, record, end - HEADER_SIZE - len(record), end))
+        return messages, framed
 
     def _next_slow(self) -> bytes | None:
         """Read the next record when the fast path cannot: refill, cross segments, check damage."""

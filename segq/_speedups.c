@@ -15,6 +15,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -375,6 +377,265 @@ static PyObject *decode_run(PyObject *module, PyObject *const *args, Py_ssize_t 
     return result;
 }
 
+/* Received messages (segq.receiver.Message's base): five fields and nothing else.
+ *
+ * recv_batch of 100-byte records spent most of its time running a Python
+ * __init__ per message; built here, a message costs an allocation and five
+ * stores.  The Python twin is segq._messages._PyMessageFields; the subclass
+ * in segq.receiver adds the methods.  "_headers" is unset (AttributeError)
+ * for a record without headers; "_start"/"_end" are position words.
+ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *data;
+    PyObject *headers;
+    PyObject *owner;
+    long long start;
+    long long end;
+} MessageObject;
+
+static int message_traverse(MessageObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->data);
+    Py_VISIT(self->headers);
+    Py_VISIT(self->owner);
+    return 0;
+}
+
+static int message_clear(MessageObject *self) {
+    Py_CLEAR(self->data);
+    Py_CLEAR(self->headers);
+    Py_CLEAR(self->owner);
+    return 0;
+}
+
+static void message_dealloc(MessageObject *self) {
+    PyObject_GC_UnTrack(self);
+    message_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef message_members[] = {
+    {"data", T_OBJECT_EX, offsetof(MessageObject, data), 0, NULL},
+    {"_headers", T_OBJECT_EX, offsetof(MessageObject, headers), 0, NULL},
+    {"_receiver", T_OBJECT_EX, offsetof(MessageObject, owner), 0, NULL},
+    {"_start", T_LONGLONG, offsetof(MessageObject, start), 0, NULL},
+    {"_end", T_LONGLONG, offsetof(MessageObject, end), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject MessageFieldsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "segq._speedups.MessageFields",
+    .tp_basicsize = sizeof(MessageObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The fields of a received message (segq.receiver.Message adds the methods).",
+    .tp_traverse = (traverseproc)message_traverse,
+    .tp_clear = (inquiry)message_clear,
+    .tp_dealloc = (destructor)message_dealloc,
+    .tp_members = message_members,
+};
+
+/* A new message of type cls (a subclass of MessageFields); steals no reference. */
+static PyObject *make_message(PyTypeObject *cls, PyObject *owner, PyObject *data, long long start, long long end) {
+    MessageObject *message = (MessageObject *)cls->tp_alloc(cls, 0);
+    if (message == NULL)
+        return NULL;
+    Py_INCREF(data);
+    message->data = data;
+    Py_INCREF(owner);
+    message->owner = owner;
+    message->start = start;
+    message->end = end;
+    return (PyObject *)message;
+}
+
+static PyTypeObject *message_class(PyObject *cls) {
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, &MessageFieldsType)) {
+        PyErr_SetString(PyExc_TypeError, "the message class must subclass segq._speedups.MessageFields");
+        return NULL;
+    }
+    return (PyTypeObject *)cls;
+}
+
+/* new_message(cls, owner, data, start, end): a message, its fields set (no header parsing). */
+static PyObject *new_message(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "new_message(cls, owner, data, start, end) takes 5 arguments");
+        return NULL;
+    }
+    PyTypeObject *cls = message_class(args[0]);
+    if (cls == NULL)
+        return NULL;
+    long long start = PyLong_AsLongLong(args[3]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    long long end = PyLong_AsLongLong(args[4]);
+    if (end == -1 && PyErr_Occurred())
+        return NULL;
+    return make_message(cls, args[1], args[2], start, end);
+}
+
+/* decode_messages(buffer, offset, max_count, cls, owner, base_word): messages of up to max_count intact records.
+ *
+ * decode_run's walk, building a message of type cls per record (owner its
+ * _receiver; _start/_end the position words base_word + offset of its start
+ * and end).  Returns (messages, next_offset, framed): framed counts the
+ * messages whose data is a Framed body (a record with headers), left for the
+ * caller to split.
+ */
+static PyObject *decode_messages(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "decode_messages(buffer, offset, max_count, cls, owner, base_word) takes 6 arguments");
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
+    if (offset == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t max_count = PyLong_AsSsize_t(args[2]);
+    if (max_count == -1 && PyErr_Occurred())
+        return NULL;
+    PyTypeObject *cls = message_class(args[3]);
+    if (cls == NULL)
+        return NULL;
+    PyObject *owner = args[4];
+    long long base_word = PyLong_AsLongLong(args[5]);
+    if (base_word == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer buffer;
+    if (PyObject_GetBuffer(args[0], &buffer, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t framed = 0;
+    PyObject *messages = PyList_New(0);
+    if (messages == NULL) {
+        PyBuffer_Release(&buffer);
+        return NULL;
+    }
+    const unsigned char *base = (const unsigned char *)buffer.buf;
+    while (PyList_GET_SIZE(messages) < max_count && offset >= 0 && offset <= buffer.len - HEADER_SIZE) {
+        uint32_t length_word = get_u32(base + offset);
+        Py_ssize_t size = (Py_ssize_t)(length_word & LENGTH_MASK);
+        if (length_word == 0xFFFFFFFFu || size > buffer.len - HEADER_SIZE - offset)
+            break;
+        uint32_t crc = record_crc(length_word, base + offset + HEADER_SIZE, (size_t)size);
+        uint32_t stored = get_u32(base + offset + 4);
+        PyObject *payload;
+        if (crc == stored) {
+            payload = PyBytes_FromStringAndSize((const char *)base + offset + HEADER_SIZE, size);
+        } else if ((crc ^ HEADED_CRC) == stored) {
+            payload = new_framed(base + offset + HEADER_SIZE, size);
+            framed++;
+        } else {
+            break;
+        }
+        PyObject *message = NULL;
+        if (payload != NULL) {
+            long long start = base_word + offset;
+            message = make_message(cls, owner, payload, start, start + HEADER_SIZE + size);
+            Py_DECREF(payload);
+        }
+        if (message == NULL || PyList_Append(messages, message) < 0) {
+            Py_XDECREF(message);
+            Py_DECREF(messages);
+            PyBuffer_Release(&buffer);
+            return NULL;
+        }
+        Py_DECREF(message);
+        offset += HEADER_SIZE + size;
+    }
+    PyBuffer_Release(&buffer);
+    return Py_BuildValue("(Nnn)", messages, offset, framed);
+}
+
+/* write_slot(target, base, sequence, segment, offset): a cursor slot's three words, then its CRC.
+ *
+ * The slot's first 16 bytes (magic, version, reserved) are already there;
+ * this stores the u64 le sequence, segment and offset at base + 16, + 24,
+ * + 32 and the u32 le CRC-32 of the slot's first 40 bytes at base + 40, as
+ * segq._state does with a memoryview, in one call instead of five.
+ */
+static PyObject *write_slot(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "write_slot(target, base, sequence, segment, offset) takes 5 arguments");
+        return NULL;
+    }
+    Py_ssize_t at = PyLong_AsSsize_t(args[1]);
+    if (at == -1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long words[3];
+    for (int i = 0; i < 3; i++) {
+        words[i] = PyLong_AsUnsignedLongLong(args[2 + i]);
+        if (words[i] == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    Py_buffer target;
+    if (PyObject_GetBuffer(args[0], &target, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (at < 0 || at > target.len - 44) {
+        PyBuffer_Release(&target);
+        PyErr_SetString(PyExc_ValueError, "write_slot: the slot does not fit in the target");
+        return NULL;
+    }
+    unsigned char *slot = (unsigned char *)target.buf + at;
+    for (int i = 0; i < 3; i++) {
+        put_u32(slot + 16 + 8 * i, (uint32_t)words[i]);
+        put_u32(slot + 20 + 8 * i, (uint32_t)(words[i] >> 32));
+    }
+    put_u32(slot + 40, crc_update(0, slot, 40));
+    PyBuffer_Release(&target);
+    Py_RETURN_NONE;
+}
+
+/* mutex_lock(view) / mutex_unlock(view): pthread_mutex_lock/unlock of the mutex at the start of a buffer.
+ *
+ * The work-queue group lock (segq/workqueue/_grouplock.py) is a robust,
+ * process-shared pthread mutex in a memory-mapped file; called through
+ * ctypes, a lock+unlock pair cost ~430 ns here, most of it ctypes' argument
+ * conversion, and a claim+ack runs two pairs.  Here a free mutex is taken
+ * without releasing the GIL (trylock); only a busy one is waited for with
+ * the GIL released.  Both return pthread's result (0, or an errno such as
+ * EOWNERDEAD, which the caller handles), as the ctypes calls do.
+ */
+#ifndef _WIN32
+#include <pthread.h>
+#include <errno.h>
+
+static pthread_mutex_t *mutex_in(PyObject *view, Py_buffer *buffer) {
+    if (PyObject_GetBuffer(view, buffer, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (buffer->len < (Py_ssize_t)sizeof(pthread_mutex_t)) {
+        PyBuffer_Release(buffer);
+        PyErr_SetString(PyExc_ValueError, "the buffer is too small to hold a pthread mutex");
+        return NULL;
+    }
+    return (pthread_mutex_t *)buffer->buf;
+}
+
+static PyObject *mutex_lock(PyObject *module, PyObject *view) {
+    Py_buffer buffer;
+    pthread_mutex_t *mutex = mutex_in(view, &buffer);
+    if (mutex == NULL)
+        return NULL;
+    int result = pthread_mutex_trylock(mutex);
+    if (result == EBUSY) {
+        Py_BEGIN_ALLOW_THREADS
+        result = pthread_mutex_lock(mutex);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&buffer);
+    return PyLong_FromLong(result);
+}
+
+static PyObject *mutex_unlock(PyObject *module, PyObject *view) {
+    Py_buffer buffer;
+    pthread_mutex_t *mutex = mutex_in(view, &buffer);
+    if (mutex == NULL)
+        return NULL;
+    int result = pthread_mutex_unlock(mutex);
+    PyBuffer_Release(&buffer);
+    return PyLong_FromLong(result);
+}
+#endif
+
 static PyObject *crc32(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 1 || nargs > 2) {
         PyErr_SetString(PyExc_TypeError, "crc32(data, value=0) takes 1 or 2 arguments");
@@ -554,6 +815,16 @@ static PyMethodDef methods[] = {
      "frame_batch(records, limit) -> bytes, or the size of a record over limit, or None if one is not bytes."},
     {"decode_run", (PyCFunction)(void (*)(void))decode_run, METH_FASTCALL,
      "decode_run(buffer, offset, max_count) -> (payloads, next offset)."},
+    {"new_message", (PyCFunction)(void (*)(void))new_message, METH_FASTCALL,
+     "new_message(cls, owner, data, start, end) -> a message of class cls (a MessageFields subclass)."},
+    {"decode_messages", (PyCFunction)(void (*)(void))decode_messages, METH_FASTCALL,
+     "decode_messages(buffer, offset, max_count, cls, owner, base_word) -> (messages, next offset, framed count)."},
+    {"write_slot", (PyCFunction)(void (*)(void))write_slot, METH_FASTCALL,
+     "write_slot(target, base, sequence, segment, offset): store a cursor slot's words and CRC."},
+#ifndef _WIN32
+    {"mutex_lock", mutex_lock, METH_O, "mutex_lock(view) -> pthread_mutex_lock's result for the mutex at the start of view."},
+    {"mutex_unlock", mutex_unlock, METH_O, "mutex_unlock(view) -> pthread_mutex_unlock's result."},
+#endif
     {"crc32", (PyCFunction)(void (*)(void))crc32, METH_FASTCALL, "crc32(data, value=0): zlib-compatible CRC-32."},
     {NULL, NULL, 0, NULL},
 };
@@ -569,5 +840,16 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     use_clmul = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1") &&
                 !getenv("SEGQ_NO_CLMUL");
 #endif
-    return PyModule_Create(&module_def);
+    if (PyType_Ready(&MessageFieldsType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL)
+        return NULL;
+    Py_INCREF(&MessageFieldsType);
+    if (PyModule_AddObject(module, "MessageFields", (PyObject *)&MessageFieldsType) < 0) {
+        Py_DECREF(&MessageFieldsType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

@@ -55,8 +55,9 @@ from ._control import (
     Control,
     require_queue,
 )
-from ._format import HEADER_SIZE
+from ._format import HEADER_SIZE, read_record as _read_record
 from ._headers import split_body
+from ._messages import MessageFields, new_message
 from ._fs import make_dir
 from ._lifetime import close_at_exit
 from ._lock import LockFile
@@ -73,18 +74,16 @@ __all__ = ["Receiver", "Message", "Batch"]
 _IDENTITY_CHECK_SECONDS = 1.0
 
 
-class Message:
+class Message(MessageFields):
     """One received record.  ``data`` is its payload, ``headers`` its headers; it is pending until committed."""
 
-    __slots__ = ("data", "_headers", "_receiver", "_start", "_end")
+    # The fields (data, _headers, _receiver, _start, _end) are MessageFields':
+    # a C type with the speedups, so a batch's messages are built in C.
+    __slots__ = ()
 
-    def __init__(self, receiver: "Receiver", data: bytes, start: int, end: int) -> None:
-        if type(data) is not bytes:  # a Framed body: the record has headers
-            data, self._headers = split_body(data, receiver.path, start)
-        self.data = data
-        self._receiver = receiver
-        self._start = start
-        self._end = end
+    def _split_headers(self, path: str) -> None:
+        """Split a Framed body (a record with headers) into ``data`` and ``_headers``."""
+        self.data, self._headers = split_body(self.data, path, self._start)
 
     @property
     def headers(self) -> dict[str, bytes]:
@@ -253,6 +252,10 @@ class Receiver:
         self._committed = position.segment << 32 | position.offset
         self._reader = RecordReader(self._control, self._committed, consumer=f"receiver {name!r}")
         self._next_record = self._reader.next
+        self._words = self._control.words
+        self._in_batch = _InBatch(self.path)  # the stateless stand-in every batch's messages share
+        self._control_bytes = self._control.bytes
+        self._write_cursor = self._cursor.write_at
         self._pending: Message | Batch | None = None
         self._waiting = 0  # the thread id of a recv waiting outside the lock, 0 for none
         self._released = threading.Event()
@@ -387,21 +390,32 @@ class Receiver:
         try:
             if self._pending is not None or self._closed or self._waiting:
                 self._check_ready()
-            data = self._next_record()
+            # RecordReader.next written out (a Python call less per record):
+            # the record from the read buffer if it is whole there, else the slow path.
+            reader = self._reader
+            read = reader.position
+            data = None
+            if read < self._words[TAIL_INDEX]:
+                data = _read_record(reader._buffer, read - reader._buffer_word)
+                if data is None:
+                    data = reader._next_slow()
+                else:
+                    reader.position = read + HEADER_SIZE + len(data)
             if data is not None:
                 if self._waiter is not None and self._waiter.raised:
                     self._waiter.lower_flag(DATA_WAITERS)  # busy now: sends need not wake us
+                # _message written out: a Python call less per record.
                 end = self._reader.position
-                message = Message(self, data, end - HEADER_SIZE - len(data), end)
+                message: Message = new_message(Message, self, data, end - HEADER_SIZE - len(data), end)
+                if type(data) is not bytes:  # a Framed body: the record has headers
+                    message._split_headers(self.path)
                 self._pending = message
                 return message
             start = self._begin_wait()
         finally:
             self._mutex.release()
         try:
-            data = self._wait_for_record(timeout)
-            end = self._reader.position
-            message = Message(self, data, end - HEADER_SIZE - len(data), end)
+            message = self._message(self._wait_for_record(timeout))
         except BaseException:
             with self._mutex:
                 self._end_wait(start, None)
@@ -416,11 +430,21 @@ class Receiver:
         try:
             if self._pending is not None or self._closed or self._waiting:
                 self._check_ready()
-            data = self._next_record()
-            if data is None:
+            reader = self._reader  # RecordReader.next written out, as in recv
+            read = reader.position
+            if read >= self._words[TAIL_INDEX]:
                 return None
-            end = self._reader.position
-            message = Message(self, data, end - HEADER_SIZE - len(data), end)
+            data = _read_record(reader._buffer, read - reader._buffer_word)
+            if data is None:
+                data = reader._next_slow()
+                if data is None:
+                    return None
+            else:
+                reader.position = read + HEADER_SIZE + len(data)
+            end = reader.position
+            message: Message = new_message(Message, self, data, end - HEADER_SIZE - len(data), end)
+            if type(data) is not bytes:  # a Framed body: the record has headers
+                message._split_headers(self.path)
             self._pending = message
             return message
         finally:
@@ -436,22 +460,26 @@ class Receiver:
             timeout = check_timeout(timeout)
         if isinstance(max_count, bool) or not isinstance(max_count, int):
             raise InvalidArgument(f"max_count must be an int, not {max_count!r}", name="max_count")
-        with self._mutex:
-            self._check_ready()
+        self._mutex.acquire()
+        try:
+            if self._pending is not None or self._closed or self._waiting:
+                self._check_ready()
             if max_count < 1:
                 raise UsageError(f"recv_batch needs max_count >= 1, not {max_count}")
-            records, runs = self._reader.next_many(max_count)
-            if records:
+            start = self._reader.position
+            messages = self._next_messages(max_count)
+            if messages:
                 if self._waiter is not None and self._waiter.raised:
                     self._waiter.lower_flag(DATA_WAITERS)  # busy now: sends need not wake us
-                batch = self._make_batch(records, runs)
+                batch = Batch(self, messages, start, self._reader.position)
                 self._pending = batch
                 return batch
             start = self._begin_wait()
+        finally:
+            self._mutex.release()
         try:
             self._wait_for_record(timeout, peek=True)
-            records, runs = self._reader.next_many(max_count)
-            batch = self._make_batch(records, runs)
+            batch = Batch(self, self._next_messages(max_count), start, self._reader.position)
         except BaseException:
             with self._mutex:
                 self._end_wait(start, None)
@@ -460,17 +488,22 @@ class Receiver:
             self._end_wait(start, batch)
         return batch
 
-    def _make_batch(self, records: list[bytes], runs: list[tuple[int, int]]) -> Batch:
-        messages: list[Message] = []
-        append = messages.append
-        in_batch = _InBatch(self.path)
-        runs.append((len(records), 0))
-        for (first, position), (following, _) in zip(runs, runs[1:]):
-            for data in records[first:following]:
-                end = position + HEADER_SIZE + len(data)
-                append(Message(in_batch, data, position, end))  # type: ignore[arg-type]
-                position = end
-        return Batch(self, messages, runs[0][1], self._reader.position)
+    def _message(self, data: bytes) -> Message:
+        """Return the message of the record just read (``data``, ending at the read position)."""
+        end = self._reader.position
+        message: Message = new_message(Message, self, data, end - HEADER_SIZE - len(data), end)
+        if type(data) is not bytes:  # a Framed body: the record has headers
+            message._split_headers(self.path)
+        return message
+
+    def _next_messages(self, max_count: int) -> list[Message]:
+        """Read up to ``max_count`` records that are there now, as messages of one batch."""
+        messages, framed = self._reader.next_messages(max_count, Message, self._in_batch)
+        if framed:
+            for message in messages:
+                if type(message.data) is not bytes:
+                    message._split_headers(self.path)
+        return messages
 
     def __iter__(self) -> Iterator[Message]:
         """Yield messages forever; each is committed when the loop asks for the next one.
@@ -496,14 +529,14 @@ class Receiver:
             self._pending = None
             previous_segment = self._committed >> 32
             self._committed = end
-            self._cursor.write_at(end >> 32, end & 0xFFFF_FFFF)
+            self._write_cursor(end >> 32, end & 0xFFFF_FFFF)
             if self._sync_interval == 0.0:
                 self._cursor.sync()
             else:
                 self._dirty = True
             if end >> 32 != previous_segment:
                 delete_consumed_segments(self.path)
-            if self._control.bytes[ROOM_WAITING]:
+            if self._control_bytes[ROOM_WAITING]:
                 self._waker.wake(ROOM_WAITERS)
         finally:
             self._mutex.release()

@@ -401,6 +401,28 @@ def test_a_torn_batch_is_a_torn_tail_not_damage(queue_dir: pathlib.Path) -> None
     assert (scan.records, scan.data_end) == (3, record_offset(3))
 
 
+def test_every_prefix_of_a_pwrite_cut_short_by_a_kill_is_a_torn_tail(queue_dir: pathlib.Path) -> None:
+    # A large append is one pwrite of headers and payloads together; a sender
+    # killed inside it leaves any prefix of those bytes past the tail.
+    fill(queue_dir, 3)
+    batch = encode_batch([b"one" * 200, b"two" * 300, b"three" * 100])
+    single = encode_batch([b"x" * 1500])
+    for framed in (batch, single):
+        for cut in range(1, len(framed), 97):
+            with open(segment_path(queue_dir, 0), "r+b") as segment:
+                segment.seek(record_offset(3))
+                segment.write(bytes(len(framed)))
+                segment.seek(record_offset(3))
+                segment.write(framed[:cut])
+            report = recovery.verify(queue_dir)
+            assert report.ok and report.records == 3, (len(framed), cut)
+            assert [torn.start for torn in report.torn] == [record_offset(3)], (len(framed), cut)
+    forget_clean_shutdown(queue_dir)
+    assert [cut.start for cut in recovery.recover(queue_dir).cut] == [record_offset(3)]
+    records = fill(queue_dir, 1, start=3)
+    assert drain(queue_dir)[0][-1:] == records
+
+
 def test_info_counts_each_consumers_backlog_and_lists_lock_holders(queue_dir: pathlib.Path) -> None:
     fill(queue_dir, PER_SEGMENT * 2)
     consume(queue_dir, 2, name="slow")

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from segq import _format
+from segq import _format, _messages
 from segq._headers import frame_body
 
 speedups = pytest.importorskip("segq._speedups")
@@ -92,6 +92,70 @@ def test_decoding_framed_records_matches_python(batch: list[bytes], data: st.Dat
     assert (typed(c_run[0]), c_run[1]) == (typed(py_run[0]), py_run[1])
     if cut == len(framed) and buffer == framed:
         assert typed(c_run[0]) == typed(batch) and c_run[1] == len(framed)
+
+
+class _CMessage(speedups.MessageFields):
+    __slots__ = ()
+
+
+class _PyMessage(_messages._PyMessageFields):
+    __slots__ = ()
+
+
+def fields(messages: list) -> list[tuple[type, bytes, object, int, int]]:
+    return [(type(m.data), m.data, m._receiver, m._start, m._end) for m in messages]
+
+
+@given(st.lists(bodies, min_size=1, max_size=10), st.data())
+def test_decoding_messages_matches_python(batch: list[bytes], data: st.DataObject) -> None:
+    framed = _format._python_encode_batch(batch)
+    cut = data.draw(st.integers(0, len(framed)))
+    damaged = bytearray(framed[:cut])
+    if damaged and data.draw(st.booleans()):
+        damaged[data.draw(st.integers(0, len(damaged) - 1))] ^= 0x40
+    buffer, count = bytes(damaged), data.draw(st.integers(0, 12))
+    base = data.draw(st.sampled_from([0, 5 << 32 | 4096]))
+    owner = object()
+    c_found = speedups.decode_messages(buffer, 0, count, _CMessage, owner, base)
+    py_found = _messages._decode_messages(buffer, 0, count, _PyMessage, owner, base)
+    assert (fields(c_found[0]), c_found[1:]) == (fields(py_found[0]), py_found[1:])
+    assert all(type(m) is _CMessage for m in c_found[0])
+    assert c_found[2] == sum(type(m.data) is not bytes for m in c_found[0])
+
+
+def test_a_c_message_has_its_fields_and_no_headers_until_set() -> None:
+    owner = object()
+    message = speedups.new_message(_CMessage, owner, b"abc", 1 << 32 | 64, 1 << 32 | 75)
+    assert (message.data, message._receiver, message._start, message._end) == (b"abc", owner, 1 << 32 | 64, 1 << 32 | 75)
+    with pytest.raises(AttributeError):
+        message._headers
+    message._headers = {"k": b"v"}
+    assert message._headers == {"k": b"v"}
+    with pytest.raises(TypeError):
+        speedups.new_message(object, owner, b"abc", 0, 11)
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1), st.booleans())
+def test_write_slot_matches_python(sequence: int, segment: int, offset: int, second: bool) -> None:
+    import tempfile
+
+    from segq import _state
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "c.pos")
+        cursor = _state.CursorFile(path, initial=_state.Position(0, 64))
+        try:
+            base = 512 if second else 0
+            before = bytes(cursor.map)
+            speedups.write_slot(cursor.map, base, sequence, segment, offset)
+            c_bytes = bytes(cursor.map)
+            cursor.map[:] = before
+            cursor._write_slot_words(base, sequence, segment, offset)
+            assert c_bytes == bytes(cursor.map)
+        finally:
+            cursor.close()
+    with pytest.raises(ValueError):
+        speedups.write_slot(bytearray(100), 80, 1, 2, 3)
 
 
 def test_the_core_suite_passes_in_pure_python() -> None:
