@@ -219,22 +219,26 @@ def header_never_written(data: Buffer, number: int) -> bool:
     segment is linked only after its header) but its page never reached the
     disk; a header with any other byte is damage.
     """
-    header = bytes(data[:SEGMENT_HEADER_SIZE])
+    return _unwritten_header_version(bytes(data[:SEGMENT_HEADER_SIZE]), number) is not None
+
+
+def _unwritten_header_version(header: bytes, number: int) -> int | None:
+    """Return the format version whose header ``header`` is a torn or zeroed copy of (newest first), or None."""
     if len(header) < SEGMENT_HEADER_SIZE:
-        return not header.strip(b"\x00")
-    for version in _format.READ_VERSIONS:
+        return None
+    for version in sorted(_format.READ_VERSIONS, reverse=True):
         expected = _format.encode_segment_header(number, version)
         if header != expected and all(byte in (0, wanted) for byte, wanted in zip(header, expected)):
-            return True
-    return False
+            return version
+    return None
 
 
 def restore_unwritten_header(queue_dir: StrPath, number: int) -> bool:
     """Rewrite the header of segment ``number`` if it never reached the disk; return whether it did.
 
     For the *last* segment only, and only by a caller that holds the queue
-    alone: the header is rebuilt from the file name in the current format
-    version (which reads every older one), and the records after it are then
+    alone: the header is rebuilt from the file name (in the format version
+    its surviving bytes show, else the current one), and the records after it are then
     judged by the usual tail rules, so nothing unreadable is ever kept.
     """
     path = segment_path(queue_dir, number)
@@ -248,9 +252,12 @@ def restore_unwritten_header(queue_dir: StrPath, number: int) -> bool:
         size = os.fstat(fd).st_size
         if size < SEGMENT_HEADER_SIZE + HEADER_SIZE:
             return False
-        if not header_never_written(os.pread(fd, SEGMENT_HEADER_SIZE, 0), number):
+        version = _unwritten_header_version(os.pread(fd, SEGMENT_HEADER_SIZE, 0), number)
+        if version is None:
             return False
-        os.pwrite(fd, _format.encode_segment_header(number), 0)
+        # The version its own bytes still show (a torn version-1 header stays
+        # version 1); an all-zero one gets the current, which reads every older.
+        os.pwrite(fd, _format.encode_segment_header(number, version), 0)
         os.fsync(fd)
     except OSError as error:
         raise os_error(error, "repair the header of", path) from None

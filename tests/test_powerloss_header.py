@@ -165,3 +165,22 @@ def test_a_zero_header_before_the_last_segment_is_damage_that_recover_loss_skips
     assert report.dropped_records >= 1
     assert read_all(queue) == list(range(sum(counts[:-1]), sum(counts)))
     still_works(queue)
+
+
+def test_only_zeroed_bytes_of_the_right_header_count_as_never_written(tmp_path: pathlib.Path) -> None:
+    from segq._segment import header_never_written, restore_unwritten_header
+
+    right = encode_segment_header(7)
+    assert header_never_written(bytes(SEGMENT_HEADER_SIZE), 7)
+    assert header_never_written(right[:20] + bytes(12), 7)  # torn
+    assert not header_never_written(right, 7)  # intact: nothing to do
+    assert not header_never_written(encode_segment_header(8)[:20] + bytes(12), 7)  # another segment's
+    assert not header_never_written(bytes(8) + b"\xff" + bytes(23), 7)  # a byte no writer puts there
+    # A torn version-1 header is restored as version 1, so an older segq reads it still.
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    old = encode_segment_header(7, 1)
+    pathlib.Path(segment_path(queue, 7)).write_bytes(old[:12] + bytes(20) + bytes(4096))
+    assert restore_unwritten_header(queue, 7)
+    assert pathlib.Path(segment_path(queue, 7)).read_bytes()[:SEGMENT_HEADER_SIZE] == old
+    assert not restore_unwritten_header(queue, 7)  # idempotent
