@@ -184,3 +184,16 @@ def test_only_zeroed_bytes_of_the_right_header_count_as_never_written(tmp_path: 
     assert restore_unwritten_header(queue, 7)
     assert pathlib.Path(segment_path(queue, 7)).read_bytes()[:SEGMENT_HEADER_SIZE] == old
     assert not restore_unwritten_header(queue, 7)  # idempotent
+
+
+@pytest.mark.parametrize("state", ["header page zero, later pages present", "whole segment zero"])
+def test_clear_drops_a_last_segment_whose_header_never_reached_the_disk(tmp_path: pathlib.Path, state: str) -> None:
+    queue = tmp_path / "queue"
+    build(queue)
+    segq.Receiver(queue, "check").close()
+    last = segment_path(queue, list_segments(queue)[-1])
+    span, _ = STATES[state]
+    zero(last, *span(os.path.getsize(last)))
+    recovery.clear(queue)
+    assert read_all(queue) == []
+    still_works(queue)
