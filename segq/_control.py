@@ -456,6 +456,14 @@ class Control:
             _segment.create_segment(self.queue_dir, 0, _segment.next_segment_size(None, self.segment_size), durable=True)
             return SEGMENT_HEADER_SIZE
         last = segments[-1]
+        # A rollover segment (created without a sync under sync="never") whose
+        # header page a power loss kept from the disk: restored from its file
+        # name, its records then judged like any tail's.  Only the last one:
+        # anywhere else a bad header is damage for `segq recover`.
+        if _segment.restore_unwritten_header(self.queue_dir, last):
+            # A power loss, then: the control file is no witness to what
+            # reached the disk (a clean shutdown's tail included), so scan it all.
+            hint, clean = None, False
         segment = MappedSegment(self.queue_dir, last, writable=True)
         try:
             start = SEGMENT_HEADER_SIZE
