@@ -416,6 +416,11 @@ class WorkQueue:
                 if not picked:
                     continue
                 start = picked[0]
+                if start in taken:
+                    # A second live heap entry for one record: it came back, was
+                    # claimed elsewhere and came back again while this replica
+                    # still held the entry from its first return.
+                    continue
                 item = state.waiting[start]
                 if item.attempts >= self.max_attempts:
                     # Given back by a process with a higher max_attempts, or by recovery.
