@@ -13,6 +13,7 @@ import pytest
 
 import segq
 from segq.workqueue import WorkQueue, group_info
+from segq.workqueue._claims import IllegalTransition
 
 SEGMENT_SIZE = 512
 
@@ -58,3 +59,49 @@ def test_a_batch_claim_never_takes_a_record_twice_that_came_back_twice(queue_dir
         assert group_info(queue_dir, "default")["claims"] == []
     with WorkQueue(queue_dir) as again:  # the journal replays: the group is not stuck
         assert again.try_claim() is None
+
+
+def test_a_claim_the_state_machine_refuses_raises_before_it_reaches_the_journal(queue_dir: pathlib.Path) -> None:
+    # Whatever bug offers a record it should not, the entry is checked
+    # against the replica before the append: the caller gets
+    # IllegalTransition and the group stays readable, the records claimable.
+    clock = Clock()
+    with WorkQueue(queue_dir, lease=10, clock=clock) as queue:
+        batch = queue.claim_batch(3)
+        held = batch.jobs[0]
+        queue._nack(batch.jobs[1:], 0.0, None)
+        waiting = batch.jobs[1]
+        bad_claims = {
+            "twice in one claim": [(waiting._start, 0, 1, b"", 0)] * 2,
+            "it is claimed": [(held._start, 0, 1, b"", 0)],
+        }
+        for why, records in bad_claims.items():
+            queue._begin()
+            try:
+                with pytest.raises(IllegalTransition, match=why):
+                    queue._record_claim(clock(), records, [])
+            finally:
+                queue._group.end()
+        held.ack()
+    info = group_info(queue_dir, "default")
+    assert info["claims"] == [] and len(info["waiting"]) == 2
+    with WorkQueue(queue_dir, lease=10, clock=clock) as again:
+        rest = again.claim_batch(5)
+        assert sorted(job.data for job in rest) == [b"r1", b"r2"]
+        rest.ack()
+
+
+def test_settling_one_job_twice_in_one_call_is_refused_before_the_journal(queue_dir: pathlib.Path) -> None:
+    with WorkQueue(queue_dir, lease=10) as queue:
+        batch = queue.claim_batch(2)
+        batch.jobs.append(batch.jobs[0])
+        for settle in (batch.ack, batch.nack):
+            with pytest.raises(segq.errors.UsageError, match="same job twice"):
+                settle()
+        batch.jobs.pop()
+        batch.ack()
+    assert group_info(queue_dir, "default")["claims"] == []
+    with WorkQueue(queue_dir) as again:
+        job = again.try_claim()
+        assert job is not None and job.data == b"r2"
+        job.ack()
