@@ -7,6 +7,7 @@ from the journal at the start of each transaction, as another process would.
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 import segq
 from segq.workqueue import WorkQueue, group_info
 from segq.workqueue._claims import IllegalTransition
+from segq.workqueue._grouplock import group_dir
 
 SEGMENT_SIZE = 512
 
@@ -105,3 +107,19 @@ def test_settling_one_job_twice_in_one_call_is_refused_before_the_journal(queue_
         job = again.try_claim()
         assert job is not None and job.data == b"r2"
         job.ack()
+
+
+def test_group_info_reports_a_group_still_being_opened_as_empty(queue_dir: pathlib.Path) -> None:
+    # A worker makes groups/<group>/ before it writes the journal: a look in
+    # between (``segq info``, a monitoring poll) sees an opening group.
+    os.makedirs(group_dir(queue_dir, "default"))
+    info = group_info(queue_dir, "default")
+    assert info["opening"] is True
+    assert info["claims"] == [] and info["waiting"] == [] and info["done_above_mark"] == 0
+    assert info["stats"]["pending"] == 3
+    with WorkQueue(queue_dir) as queue:
+        job = queue.try_claim()
+        assert job is not None
+        job.ack()
+        info = group_info(queue_dir, "default")
+        assert info["opening"] is False and info["stats"]["pending"] == 2
