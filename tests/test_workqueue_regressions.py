@@ -14,7 +14,7 @@ import pytest
 
 import segq
 from segq.workqueue import WorkQueue, group_info
-from segq.workqueue._claims import IllegalTransition
+from segq.workqueue._claims import GroupState, IllegalTransition
 from segq.workqueue._grouplock import group_dir
 
 SEGMENT_SIZE = 512
@@ -123,3 +123,13 @@ def test_group_info_reports_a_group_still_being_opened_as_empty(queue_dir: pathl
         job.ack()
         info = group_info(queue_dir, "default")
         assert info["opening"] is False and info["stats"]["pending"] == 2
+
+
+def test_check_claim_refuses_steps_below_the_head_or_out_of_order() -> None:
+    state = GroupState(head=100, mark=100)
+    state.check_claim([], [100, 120, 140])  # in order, at and past the head
+    for steps in ([90, 120], [120, 110], [120, 120]):
+        with pytest.raises(IllegalTransition, match="below the claim head"):
+            state.check_claim([], steps)
+    with pytest.raises(IllegalTransition, match="not claimable"):
+        state.check_claim([50], [])

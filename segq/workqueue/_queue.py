@@ -492,7 +492,7 @@ class WorkQueue:
         runs: list[tuple[bool, list[Any]]] = []  # (is a skip run, its items)
         below = [record for record in records if record[0] not in at_head]
         # Before anything is appended (``below`` grows as the runs are built).
-        state.check_claim([record[0] for record in below], [(start, item is None) for start, item in steps or ()])
+        state.check_claim([record[0] for record in below], [start for start, _ in steps or ()])
         if below:
             runs.append((False, below))
         for start, item in steps or ():
@@ -850,7 +850,7 @@ class WorkQueue:
         now = self._clock()
         claims = []
         state = self._group.state
-        if len({job._start for job in jobs}) != len(jobs):
+        if len(jobs) > 1 and len({job._start for job in jobs}) != len(jobs):
             raise UsageError(f"cannot {call} the same job twice in one call")
         for job in jobs:
             claim = state.claims.get(job._start)
