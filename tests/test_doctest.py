@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import pathlib
 import pkgutil
+import tempfile
 
 import pytest
 
@@ -14,7 +16,10 @@ MODULES = sorted(name for _, name, _ in pkgutil.iter_modules(segq.__path__, "seg
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples_run(name: str) -> None:
+def test_docstring_examples_run(name: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The examples make their queues with tempfile.mkdtemp(): keep them in
+    # the test's directory, so the run leaves nothing in /tmp.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     module = importlib.import_module(name)
     failures, _ = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert failures == 0
