@@ -251,7 +251,12 @@ def test_the_readme_two_stage_pipeline_survives_kill_9_of_either_stage(tmp_path:
     assert middle_lines == sorted(line + suffix for line in lines for suffix in (b"-a", b"-b"))
     # Stage 2 ran for every one of them (a command running when its stage was killed ran again).
     handled = {path.read_bytes() for path in done.iterdir()}
-    assert handled == set(middle_lines)
+    assert set(middle_lines) <= handled
+    # A stage killed while writing a job to its command's stdin leaves that
+    # command a cut input (it ran, unacked, and the job ran again whole): only
+    # a proper prefix of some line may show beside the whole ones.
+    cut = handled - set(middle_lines)
+    assert all(any(line.startswith(piece) and line != piece for line in middle_lines) for piece in cut), cut
 
 
 def test_a_progress_line_shows_on_a_terminal(queue_dir: pathlib.Path) -> None:
