@@ -225,6 +225,25 @@ static PyObject *read_record(PyObject *module, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
+/* Frame the count bytes objects of list at at (sized by the caller): the
+ * one framing loop of encode_batch and frame_batch.  All but the last record
+ * CONTINUE; a bytes subclass (a Framed body) is a record with headers, whose
+ * CRC is stored complemented.
+ */
+static void frame_list(unsigned char *at, PyObject *list, Py_ssize_t count) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(list, i);
+        Py_ssize_t size = PyBytes_GET_SIZE(item);
+        uint32_t length_word = (uint32_t)size | (i < count - 1 ? CONTINUES : 0);
+        uint32_t flip = PyBytes_CheckExact(item) ? 0 : HEADED_CRC;
+        const unsigned char *payload = (const unsigned char *)PyBytes_AS_STRING(item);
+        put_u32(at, length_word);
+        put_u32(at + 4, record_crc(length_word, payload, (size_t)size) ^ flip);
+        memcpy(at + HEADER_SIZE, payload, (size_t)size);
+        at += HEADER_SIZE + size;
+    }
+}
+
 /* encode_batch(payloads): frame a list of bytes; all but the last CONTINUE.
  *
  * An item that is a bytes subclass (a Framed body) is a record with headers.
@@ -251,18 +270,7 @@ static PyObject *encode_batch(PyObject *module, PyObject *payloads) {
     PyObject *blob = PyBytes_FromStringAndSize(NULL, total);
     if (blob == NULL)
         return NULL;
-    unsigned char *at = (unsigned char *)PyBytes_AS_STRING(blob);
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *item = PyList_GET_ITEM(payloads, i);
-        Py_ssize_t size = PyBytes_GET_SIZE(item);
-        uint32_t length_word = (uint32_t)size | (i < count - 1 ? CONTINUES : 0);
-        uint32_t flip = PyBytes_CheckExact(item) ? 0 : HEADED_CRC;
-        const unsigned char *payload = (const unsigned char *)PyBytes_AS_STRING(item);
-        put_u32(at, length_word);
-        put_u32(at + 4, record_crc(length_word, payload, (size_t)size) ^ flip);
-        memcpy(at + HEADER_SIZE, payload, (size_t)size);
-        at += HEADER_SIZE + size;
-    }
+    frame_list((unsigned char *)PyBytes_AS_STRING(blob), payloads, count);
     return blob;
 }
 
@@ -309,17 +317,7 @@ static PyObject *frame_batch(PyObject *module, PyObject *const *args, Py_ssize_t
     PyObject *blob = PyBytes_FromStringAndSize(NULL, total);
     if (blob == NULL)
         return NULL;
-    unsigned char *at = (unsigned char *)PyBytes_AS_STRING(blob);
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *item = PyList_GET_ITEM(records, i);
-        Py_ssize_t size = PyBytes_GET_SIZE(item);
-        uint32_t length_word = (uint32_t)size | (i < count - 1 ? CONTINUES : 0);
-        const unsigned char *payload = (const unsigned char *)PyBytes_AS_STRING(item);
-        put_u32(at, length_word);
-        put_u32(at + 4, record_crc(length_word, payload, (size_t)size));
-        memcpy(at + HEADER_SIZE, payload, (size_t)size);
-        at += HEADER_SIZE + size;
-    }
+    frame_list((unsigned char *)PyBytes_AS_STRING(blob), records, count);
     return blob;
 }
 
