@@ -10,39 +10,16 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner, Result
 
 import segq
 from segq._format import HEADER_SIZE, SEGMENT_HEADER_SIZE
 from segq._segment import list_segments, segment_path
 from segq.cli import cli
 
+from _cli import fails, ok, run
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMALL = "8K"
-
-
-def run(*args: object, input: bytes | str | None = None) -> Result:
-    """Invoke segq; check the promise that holds for every outcome: no traceback, ever."""
-    result = CliRunner().invoke(cli, [str(arg) for arg in args], input=input)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    return result
-
-
-def ok(*args: object, input: bytes | str | None = None) -> Result:
-    result = run(*args, input=input)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def fails(*args: object, input: bytes | str | None = None, code: int = 1) -> str:
-    """Run a command that must fail; return its one error line."""
-    result = run(*args, input=input)
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    if code == 1:
-        assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[-1]
 
 
 def records(queue: pathlib.Path, name: str = "default") -> list[bytes]:

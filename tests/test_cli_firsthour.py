@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
 import segq
 from segq._format import SEGMENT_HEADER_SIZE
@@ -21,32 +21,11 @@ from segq._state import cursor_path, read_position
 from segq._segment import list_segments
 from segq.cli import cli
 
+from _cli import fails, ok
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 SEGQ = f"{shlex.quote(sys.executable)} -m segq"
-
-
-def run(*args: object, input: bytes | str | None = None) -> Result:
-    result = CliRunner().invoke(cli, [str(arg) for arg in args], input=input)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    return result
-
-
-def ok(*args: object, input: bytes | str | None = None) -> Result:
-    result = run(*args, input=input)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def fails(*args: object, input: bytes | str | None = None, code: int = 1) -> str:
-    """Run a command that must fail with ``code``; return its last stderr line."""
-    result = run(*args, input=input)
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    if code == 1:
-        assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[-1]
 
 
 def shell(command: str) -> subprocess.CompletedProcess[bytes]:
