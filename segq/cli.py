@@ -1103,10 +1103,15 @@ def remove_receiver(path: str, name: str) -> None:
     if name not in names:
         listed = f"its receivers: {', '.join(names)}" if names else "it has none"
         raise CommandError(f"{queue_dir} has no receiver {name!r} ({listed})")
+    _remove_consumer(queue_dir, f"receiver {name!r}", lambda: Receiver.remove(queue_dir, name))
+
+
+def _remove_consumer(queue_dir: str, what: str, remove: Callable[[], None]) -> None:
+    """Run ``remove`` (unregister a consumer) and say what it removed and which segments went with it."""
     before = set(list_segments(queue_dir))
-    Receiver.remove(queue_dir, name)
+    remove()
     deleted = sorted(before - set(list_segments(queue_dir)))
-    click.echo(f"removed receiver {name!r} from {queue_dir}")
+    click.echo(f"removed {what} from {queue_dir}")
     if deleted:
         click.echo(f"deleted segments {', '.join(map(str, deleted))}")
 
@@ -1151,12 +1156,7 @@ def remove_group(path: str, group: str) -> None:
 
     queue_dir = existing_queue(path)
     _require_group(queue_dir, group)
-    before = set(list_segments(queue_dir))
-    WorkQueue.remove(queue_dir, group)
-    deleted = sorted(before - set(list_segments(queue_dir)))
-    click.echo(f"removed group {group!r} from {queue_dir}")
-    if deleted:
-        click.echo(f"deleted segments {', '.join(map(str, deleted))}")
+    _remove_consumer(queue_dir, f"group {group!r}", lambda: WorkQueue.remove(queue_dir, group))
 
 
 @cli.command()
