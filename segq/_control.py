@@ -43,6 +43,7 @@ from ._fs import file_mode, open_file, open_to_read
 from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordStatus, decode_record
 from ._scan import scan_segment
 from ._segment import MappedSegment, StrPath, os_error
+from ._state import Position
 from .errors import Closed, CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
@@ -62,7 +63,6 @@ __all__ = [
     "SLOT",
     "WORD",
     "Control",
-    "split_word",
     "DEFAULT_SEGMENT_SIZE",
     "read_published_tail",
     "CONSUMER_SEGMENT_SIZE",
@@ -109,11 +109,6 @@ CONSUMER_SEGMENT_SIZE = 64 << 10
 _STEAL_CHECK_SECONDS = 0.25
 _UNFINISHED_RETRY_SECONDS = 5.0
 _STEAL_AFTER_SECONDS = 1.0
-
-
-def split_word(word: int) -> tuple[int, int]:
-    """Split a tail word into ``(segment, offset)``."""
-    return word >> 32, word & 0xFFFF_FFFF
 
 
 def semaphore_prefix(queue_dir: StrPath) -> str:
@@ -438,7 +433,7 @@ class Control:
         segments = _segment.list_segments(self.queue_dir)
         if not segments:
             _segment.create_segment(self.queue_dir, 0, _segment.next_segment_size(None, self.segment_size), durable=True)
-            return SEGMENT_HEADER_SIZE
+            return Position.bottom(0).word
         last = segments[-1]
         segment = MappedSegment(self.queue_dir, last, writable=True)
         try:
@@ -446,9 +441,9 @@ class Control:
             if clean and hint is not None:
                 # After a clean shutdown the saved tail is trusted as a place
                 # to start scanning from, so opening costs no full scan.
-                hint_segment, hint_offset = split_word(hint)
-                if hint_segment == last and SEGMENT_HEADER_SIZE <= hint_offset <= segment.size - HEADER_SIZE:
-                    start = hint_offset
+                hinted = Position.from_word(hint)
+                if hinted.segment == last and SEGMENT_HEADER_SIZE <= hinted.offset <= segment.size - HEADER_SIZE:
+                    start = hinted.offset
             tail = self._repair_tail(segment, start, hint, clean_start=start != SEGMENT_HEADER_SIZE)
         finally:
             segment.close()
@@ -456,7 +451,7 @@ class Control:
         # one (and after a power loss, possibly further back still).
         index = len(segments) - 1
         while index > 0 and segments[index - 1] == segments[index] - 1:
-            if tail != segments[index] << 32 | SEGMENT_HEADER_SIZE:
+            if tail != Position.bottom(segments[index]).word:
                 break
             earlier = self._unsealed_tail(segments[index - 1], hint, clean)
             if earlier is None:
@@ -474,11 +469,11 @@ class Control:
         """
         start = SEGMENT_HEADER_SIZE
         if clean and hint is not None:
-            hint_segment, hint_offset = split_word(hint)
-            if hint_segment == number + 1:
+            hinted = Position.from_word(hint)
+            if hinted.segment == number + 1:
                 return None  # a tail was published in the next segment, which happens after sealing
-            if hint_segment == number:
-                start = hint_offset
+            if hinted.segment == number:
+                start = hinted.offset
         segment = MappedSegment(self.queue_dir, number, writable=True)
         try:
             if not SEGMENT_HEADER_SIZE <= start <= segment.size - HEADER_SIZE:
@@ -499,7 +494,7 @@ class Control:
             following = segment.number + 1
             size = _segment.next_segment_size(segment.size, self.segment_size)
             _segment.create_segment(self.queue_dir, following, size, durable=True)
-            return following << 32 | SEGMENT_HEADER_SIZE
+            return Position.bottom(following).word
         if clean_start:
             # Shut down cleanly with the append lock free: nobody died
             # mid-append, so past the tail the segment is zero (no full read).
@@ -510,12 +505,12 @@ class Control:
             # Only bytes that are there can be damaged: with nothing at all past
             # the last complete record, the published tail's records never
             # reached the disk (power loss), or the tail word is what is damaged.
-            hint_segment, hint_offset = split_word(hint)
-            if hint_segment == segment.number and hint_offset > scan.end and hint_offset <= segment.size:
+            hinted = Position.from_word(hint)
+            if hinted.segment == segment.number and scan.end < hinted.offset <= segment.size:
                 raise CorruptionError(
                     segment.path,
                     scan.stop,
-                    f"{scan.status.value} in a record below the last published one (offset {hint_offset})",
+                    f"{scan.status.value} in a record below the last published one (offset {hinted.offset})",
                 )
         if scan.status is not RecordStatus.EMPTY and scan.stop_extent + HEADER_SIZE <= segment.size:
             after = decode_record(segment.map, scan.stop_extent, segment.size)
@@ -529,7 +524,7 @@ class Control:
                 dirty,
             )
             segment.map[scan.end : dirty] = bytes(dirty - scan.end)
-        return segment.number << 32 | scan.end
+        return Position(segment.number, scan.end).word
 
     # -- shared words ----------------------------------------------------
 
@@ -542,9 +537,9 @@ class Control:
         """Store a 64-bit word at ``offset`` (one aligned store)."""
         WORD.pack_into(self.map, offset, value)
 
-    def tail(self) -> tuple[int, int]:
-        """Return the append position as ``(segment, offset)``."""
-        return split_word(self.word(TAIL))
+    def tail(self) -> Position:
+        """Return the append position."""
+        return Position.from_word(self.word(TAIL))
 
     # -- the append lock -------------------------------------------------
 
@@ -644,8 +639,8 @@ class Control:
 
 
 
-def read_published_tail(queue_dir: StrPath) -> tuple[int, int] | None:
-    """Return the tail ``(segment, offset)`` last published in the queue's control file, read-only; None if unknown.
+def read_published_tail(queue_dir: StrPath) -> Position | None:
+    """Return the tail last published in the queue's control file, read-only; None if unknown.
 
     A snapshot for inspection: the file may be missing, unfinished, or of
     another version, and then there is no answer rather than an error.
@@ -663,4 +658,4 @@ def read_published_tail(queue_dir: StrPath) -> tuple[int, int] | None:
     magic, version, _ = _HEADER.unpack_from(header, 0)
     if magic != _MAGIC or version != CONTROL_VERSION:
         return None
-    return split_word(WORD.unpack_from(header, TAIL)[0])
+    return Position.from_word(WORD.unpack_from(header, TAIL)[0])

@@ -32,6 +32,9 @@ __all__ = [
     "StrPath",
     "segment_path",
     "list_segments",
+    "OFFSET_BITS",
+    "MIN_SEGMENT_SIZE",
+    "SEGMENT_SIZE_LIMIT",
     "FIRST_SEGMENT_SIZE",
     "next_segment_size",
     "create_segment",
@@ -112,6 +115,11 @@ def preallocate(fd: int, size: int) -> None:
     os.ftruncate(fd, size)
 
 
+# An offset in a segment is 32 bits (of a position word, ``_state.Position``),
+# so a segment stays below 4 GiB.
+OFFSET_BITS = 32
+SEGMENT_SIZE_LIMIT = 1 << OFFSET_BITS  # exclusive
+MIN_SEGMENT_SIZE = 256
 FIRST_SEGMENT_SIZE = 1 << 20
 
 

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 
 from ._format import SEGMENT_HEADER_SIZE
 from ._fs import make_dir, open_file, open_to_read
-from ._segment import StrPath, os_error
+from ._segment import OFFSET_BITS, StrPath, os_error
 from .errors import CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
     "Position",
+    "word_segment",
+    "word_offset",
     "CursorFile",
     "cursor_path",
     "list_cursors",
@@ -54,12 +56,20 @@ _FILE_SIZE = 2 * _SLOT_SIZE
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
 
 
+# A position as one 64-bit *word*: ``segment << OFFSET_BITS | offset``.  Words
+# compare in queue order and a record's end is its start plus its length, so
+# the control file's tail, readers and work-queue journals keep positions as
+# words; ``Position.word``/``Position.from_word`` are the one encoding of it.
+_OFFSET_MASK = (1 << OFFSET_BITS) - 1
+
+
 @dataclass(frozen=True, order=True)
 class Position:
     """A place in the queue: a segment number and a byte offset inside it.
 
     Positions compare in queue order.  ``Position(3, 4096)`` prints as
-    ``segment 3 offset 4096``.
+    ``segment 3 offset 4096``; as a word (``.word``) it is
+    ``3 << 32 | 4096``.
     """
 
     segment: int
@@ -72,6 +82,26 @@ class Position:
     def bottom(cls, segment: int) -> "Position":
         """Return the position of the first record of ``segment``."""
         return cls(segment, SEGMENT_HEADER_SIZE)
+
+    @property
+    def word(self) -> int:
+        """The position as one word, ``segment << 32 | offset``: words compare in queue order too."""
+        return self.segment << OFFSET_BITS | self.offset
+
+    @classmethod
+    def from_word(cls, word: int) -> "Position":
+        """Return the position a word (``segment << 32 | offset``) stands for."""
+        return cls(word >> OFFSET_BITS, word & _OFFSET_MASK)
+
+
+def word_segment(word: int) -> int:
+    """Return the segment of a position word, without making a Position (for paths run per record)."""
+    return word >> OFFSET_BITS
+
+
+def word_offset(word: int) -> int:
+    """Return the offset of a position word, without making a Position (for paths run per record)."""
+    return word & _OFFSET_MASK
 
 
 def check_name(name: str, what: str = "receiver name") -> str:
@@ -144,7 +174,7 @@ class CursorFile:
             if fresh:
                 if initial is None:
                     raise CorruptionError(self.path, 0, "cursor file is empty")
-                self._sequence = 0
+                self._sequence = self._segment = self._offset = 0
                 self.write(initial)
                 self.sync()
             else:
@@ -172,10 +202,18 @@ class CursorFile:
 
     def write(self, position: Position) -> None:
         """Save ``position``: one memory copy into the slot not holding the current one."""
-        self.write_at(position.segment, position.offset)
+        self.write_word(position.word)
 
     def write_at(self, segment: int, offset: int) -> None:
-        """Save ``(segment, offset)``; the allocation-free form of :meth:`write`."""
+        """Save ``(segment, offset)``."""
+        self.write_word(segment << OFFSET_BITS | offset)
+
+    def write_word(self, word: int) -> bool:
+        """Save position word ``word``, the allocation-free form of :meth:`write`; return whether its segment changed.
+
+        A commit's one call: True tells the committer it left a segment behind
+        (time to delete consumed ones).
+        """
         # Word stores through a memoryview, then the CRC of the slot's first
         # 40 bytes: about half the cost of packing the slot with struct.
         if not self._prefixed:
@@ -184,13 +222,17 @@ class CursorFile:
         slot = sequence & 1
         words = self._words
         index = slot * _SLOT_WORDS
+        segment = word >> OFFSET_BITS
+        offset = word & _OFFSET_MASK
         words[index + 2] = sequence
         words[index + 3] = segment
         words[index + 4] = offset
         self._crcs[slot * _SLOT_SIZE // 4 + 10] = _crc32(self._bodies[slot])
         self._sequence = sequence
+        moved = segment != self._segment
         self._segment = segment
         self._offset = offset
+        return moved
 
     def _write_prefixes(self) -> None:
         # Magic and version never change: they are written before the first

@@ -41,11 +41,11 @@ from ._control import CONTROL_NAME, DEFAULT_SEGMENT_SIZE
 from ._headers import encode_headers
 from ._inspect import existing_queue, receiver_lock_path
 from ._scan import position_json
-from ._segment import FIRST_SEGMENT_SIZE, list_segments, segment_path
+from ._segment import FIRST_SEGMENT_SIZE, MIN_SEGMENT_SIZE, SEGMENT_SIZE_LIMIT, list_segments, segment_path
 from ._state import CURSOR_DIR, check_name, list_cursors
 from .errors import Empty, SegqError
 from .receiver import Message, Receiver
-from .sender import _MIN_SEGMENT_SIZE, Sender
+from .sender import Sender
 
 __all__ = ["cli", "main"]
 
@@ -331,7 +331,7 @@ def _parse_headers(ctx: click.Context, param: click.Parameter, items: tuple[str,
 @_framing_options
 @click.option(
     "--segment-size",
-    type=_SizeParam(_MIN_SEGMENT_SIZE, 1 << 32),  # offsets in a segment are 32-bit
+    type=_SizeParam(MIN_SEGMENT_SIZE, SEGMENT_SIZE_LIMIT),
     help="Largest size of new segment files; they start at 1MiB and double up to it "
     "[default: 64MiB, or the queue's if it has segments under 1MiB].",
 )

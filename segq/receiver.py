@@ -97,7 +97,7 @@ class Message:
     @property
     def position(self) -> Position:
         """Where the record starts in the queue."""
-        return Position(self._start >> 32, self._start & 0xFFFF_FFFF)
+        return Position.from_word(self._start)
 
     @property
     def pending(self) -> bool:
@@ -231,12 +231,12 @@ class Receiver:
             self._lock.acquire()
             self._cursor = register_cursor(self.path, "r", name)
             position = self._cursor.position
-            if position.segment << 32 | position.offset > self._control.words[TAIL_INDEX]:
+            if position.word > self._control.words[TAIL_INDEX]:
                 self._cursor.close()
                 raise CorruptionError(
                     self._cursor.path,
                     0,
-                    f"position {position} is past the end of the queue ({Position(*self._control.tail())})",
+                    f"position {position} is past the end of the queue ({self._control.tail()})",
                 )
         except BaseException:
             self._lock.release()
@@ -250,7 +250,7 @@ class Receiver:
         self._identity = (directory.st_dev, directory.st_ino)
         self._next_identity_check = 0.0
         self._gone: str | None = None  # why the queue is no longer there, once noticed
-        self._committed = position.segment << 32 | position.offset
+        self._committed = position.word
         self._reader = RecordReader(self._control, self._committed, consumer=f"receiver {name!r}")
         self._next_record = self._reader.next
         self._pending: Message | Batch | None = None
@@ -494,14 +494,13 @@ class Receiver:
             if self._pending is not item:
                 self._not_pending()
             self._pending = None
-            previous_segment = self._committed >> 32
             self._committed = end
-            self._cursor.write_at(end >> 32, end & 0xFFFF_FFFF)
+            left_a_segment = self._cursor.write_word(end)
             if self._sync_interval == 0.0:
                 self._cursor.sync()
             else:
                 self._dirty = True
-            if end >> 32 != previous_segment:
+            if left_a_segment:
                 delete_consumed_segments(self.path)
             if self._control.bytes[ROOM_WAITING]:
                 self._waker.wake(ROOM_WAITERS)
@@ -552,7 +551,7 @@ class Receiver:
     def committed_position(self) -> Position:
         """The position after the last committed message."""
         committed = self._committed  # one load: a concurrent commit changes it whole
-        return Position(committed >> 32, committed & 0xFFFF_FFFF)
+        return Position.from_word(committed)
 
     # -- lifetime --------------------------------------------------------
 

@@ -49,7 +49,7 @@ from typing import Any
 
 import portalocker
 
-from ._control import CONTROL_NAME, CONTROL_SIZE, TAIL, WORD, remove_semaphores, split_word
+from ._control import CONTROL_NAME, CONTROL_SIZE, TAIL, WORD, remove_semaphores
 from ._fs import open_file, open_to_read
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE
 from ._inspect import (
@@ -209,7 +209,7 @@ class _ControlHold:
         header = os.pread(self.fd, 64, 0)
         if header[:8] != b"segq\x00ctl":
             return None
-        return Position(*split_word(WORD.unpack_from(header, TAIL)[0]))
+        return Position.from_word(WORD.unpack_from(header, TAIL)[0])
 
     def invalidate(self) -> None:
         """Make the next opener rebuild the control file from the segments (only when alone)."""

@@ -39,15 +39,14 @@ from ._control import (
     TAIL,
     TAIL_INDEX,
     Control,
-    split_word,
 )
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE, as_payload
 from ._headers import Framed, HeaderValue, frame_body
 from ._fs import make_dir, open_file
 from ._lifetime import close_at_exit
 from ._lock import LockFile
-from ._segment import MappedSegment, StrPath
-from ._state import Position, list_cursors, read_position
+from ._segment import MIN_SEGMENT_SIZE, SEGMENT_SIZE_LIMIT, MappedSegment, StrPath
+from ._state import Position, list_cursors, read_position, word_offset, word_segment
 from ._wake import Waiter, Waker
 from .errors import Closed, Full, InvalidArgument, RecordTooLarge, SegqError
 
@@ -55,8 +54,7 @@ __all__ = ["Sender", "SyncPolicy", "parse_sync", "DEFAULT_MAX_RECORD_SIZE"]
 
 SyncPolicy = Union[str, float, int]
 DEFAULT_MAX_RECORD_SIZE = 8 << 20
-_MIN_SEGMENT_SIZE = 256
-_MAX_BATCH = (1 << 32) - mmap.PAGESIZE - SEGMENT_HEADER_SIZE - HEADER_SIZE  # what one segment can address
+_MAX_BATCH = SEGMENT_SIZE_LIMIT - mmap.PAGESIZE - SEGMENT_HEADER_SIZE - HEADER_SIZE  # what one segment can address
 _registration_counter = itertools.count()
 Headers = Mapping[str, HeaderValue]
 BatchItem = Union[bytes, bytearray, memoryview, "tuple[bytes | bytearray | memoryview, Headers | None]"]
@@ -104,8 +102,8 @@ class Sender:
     ) -> None:
         self._closed = True
         self.path = check_path(path)
-        if not isinstance(segment_size, int) or segment_size < _MIN_SEGMENT_SIZE or segment_size >= 1 << 32:
-            raise InvalidArgument(f"segment_size must be an int from {_MIN_SEGMENT_SIZE} bytes to 4 GiB, not {segment_size!r}")
+        if not isinstance(segment_size, int) or not MIN_SEGMENT_SIZE <= segment_size < SEGMENT_SIZE_LIMIT:
+            raise InvalidArgument(f"segment_size must be an int from {MIN_SEGMENT_SIZE} bytes to 4 GiB, not {segment_size!r}")
         capacity = segment_size - SEGMENT_HEADER_SIZE - 2 * HEADER_SIZE
         if max_record_size == DEFAULT_MAX_RECORD_SIZE:
             max_record_size = min(max_record_size, capacity)
@@ -296,7 +294,8 @@ class Sender:
 
         Called with the append lock held; returns the (possibly new) tail word.
         """
-        number, offset = split_word(word)
+        tail = Position.from_word(word)
+        number, offset = tail.segment, tail.offset
         if number != self._segment_number:
             self._open_segment(number)
         window = self._window
@@ -321,7 +320,7 @@ class Sender:
         # which also covers the marker (a reader never sees an empty new segment).
         # Again, because a segment left by a sender killed mid-rollover may be
         # smaller than this record: then it is sealed empty and skipped.
-        return self._make_room(following << 32 | SEGMENT_HEADER_SIZE, needed)
+        return self._make_room(Position.bottom(following).word, needed)
 
     def _clear_abandoned_segment(self, number: int) -> None:
         # A sender died after creating this segment and before sealing the one
@@ -352,8 +351,8 @@ class Sender:
         window = self._window
         assert window is not None
         self._segment_map: mmap.mmap = window.show(offset, needed)
-        self._base_word = (window.number << 32) + window.start
-        self._limit_word = (window.number << 32) + min(window.end, window.size - HEADER_SIZE)
+        self._base_word = Position(window.number, window.start).word
+        self._limit_word = Position(window.number, min(window.end, window.size - HEADER_SIZE)).word
 
     def _close_segment(self) -> None:
         if self._window is not None:
@@ -364,8 +363,9 @@ class Sender:
         self._limit_word = 0  # nothing shown: every append takes the slow path
 
     def _zero_past_tail(self, word: int) -> None:
-        number, offset = split_word(word)
-        self._zero_from(number, offset)
+        tail = Position.from_word(word)
+        number = tail.segment
+        self._zero_from(number, tail.offset)
         # The dead holder may have sealed this segment and written into the
         # next one without publishing it: nothing there was sent.
         if os.path.exists(_segment.segment_path(self.path, number + 1)):
@@ -376,9 +376,9 @@ class Sender:
     def _backlog(self, refresh: bool) -> int:
         if refresh:
             self._room_floor = self._consumed_floor()
-        tail_segment, tail_offset = self._control.tail()
+        tail = self._words[TAIL_INDEX]  # a word, not a Position: with max_queue_bytes this runs per send
         floor = self._room_floor
-        return self._bytes_of_segments(floor.segment, tail_segment) + tail_offset - floor.offset
+        return self._bytes_of_segments(floor.segment, word_segment(tail)) + word_offset(tail) - floor.offset
 
     def _bytes_of_segments(self, first: int, last: int) -> int:
         """Return the total size of segments ``first`` to ``last - 1``, each file's size looked up once."""
@@ -462,7 +462,7 @@ class Sender:
                 if synced >= word:
                     return
                 target = control.word(TAIL)
-                self._fdatasync_segments(split_word(synced)[0] if synced else 0, split_word(target)[0])
+                self._fdatasync_segments(word_segment(synced), word_segment(target))
                 if control.word(SYNCED) < target:
                     control.store(SYNCED, target)
             finally:

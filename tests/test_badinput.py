@@ -300,7 +300,8 @@ def _tail(queue: pathlib.Path) -> tuple[int, int]:
 
     control = Control(queue)
     try:
-        return control.tail()
+        tail = control.tail()
+        return tail.segment, tail.offset
     finally:
         control.close()
 
