@@ -42,7 +42,7 @@ from ._flock import wait_flock
 from ._fs import file_mode, open_file, open_to_read
 from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordStatus, decode_record
 from ._scan import scan_segment
-from ._segment import MappedSegment, StrPath, os_error
+from ._segment import DEFAULT_SEGMENT_SIZE, MappedSegment, StrPath, os_error
 from ._state import Position
 from .errors import Closed, CorruptionError, SegqError, UnsupportedFormat
 
@@ -101,7 +101,6 @@ TAIL_INDEX = TAIL // WORD.size  # the tail as an index into Control.words
 OWNER_INDEX = OWNER // WORD.size
 _CLEAN_SALT = 0x5345_4751_434C_4541
 
-DEFAULT_SEGMENT_SIZE = 64 << 20
 # The first segment of a queue a consumer creates (``create=True``): small,
 # since a consumer never appends; a sender rolls over to its own size.
 CONSUMER_SEGMENT_SIZE = 64 << 10

@@ -24,7 +24,6 @@ from .errors import CorruptionError, SegqError
 
 __all__ = [
     "existing_queue",
-    "receiver_lock_path",
     "saved_position",
     "LockHolder",
     "lock_holders",
@@ -35,11 +34,6 @@ __all__ = [
     "QueueInfo",
     "info",
 ]
-
-
-def receiver_lock_path(queue_dir: str, name: str) -> str:
-    """Return the lock file a live Receiver of ``name`` holds."""
-    return cursor_path(queue_dir, "r", name)[: -len(".pos")] + ".lock"
 
 
 def existing_queue(path: StrPath) -> str:

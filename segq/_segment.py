@@ -19,13 +19,12 @@ import logging
 import mmap
 import os
 import re
-import secrets
 from dataclasses import dataclass
 from typing import Union
 
 from . import _format
 from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, Buffer, RecordStatus, SegmentHeaderError
-from ._fs import open_file
+from ._fs import create_whole, fsync_directory, open_file
 from .errors import CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
@@ -36,7 +35,9 @@ __all__ = [
     "MIN_SEGMENT_SIZE",
     "SEGMENT_SIZE_LIMIT",
     "FIRST_SEGMENT_SIZE",
+    "DEFAULT_SEGMENT_SIZE",
     "next_segment_size",
+    "queue_segment_size",
     "create_segment",
     "preallocate",
     "open_segment",
@@ -92,15 +93,6 @@ def list_segments(queue_dir: StrPath) -> list[int]:
     return numbers
 
 
-def fsync_directory(path: StrPath) -> None:
-    """Make the directory entries of ``path`` durable (creations, renames, deletions)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def preallocate(fd: int, size: int) -> None:
     """Reserve ``size`` bytes of disk for ``fd`` now, so a full disk fails here and not at write-back."""
     if hasattr(os, "posix_fallocate"):
@@ -121,6 +113,7 @@ OFFSET_BITS = 32
 SEGMENT_SIZE_LIMIT = 1 << OFFSET_BITS  # exclusive
 MIN_SEGMENT_SIZE = 256
 FIRST_SEGMENT_SIZE = 1 << 20
+DEFAULT_SEGMENT_SIZE = 64 << 20
 
 
 def next_segment_size(previous: int | None, segment_size: int, needed: int = 0) -> int:
@@ -143,6 +136,28 @@ def next_segment_size(previous: int | None, segment_size: int, needed: int = 0) 
     return -(-fitting // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
+def queue_segment_size(queue_dir: StrPath, default: int = DEFAULT_SEGMENT_SIZE) -> int:
+    """Return the segment_size of the queue at ``queue_dir`` as its segments tell it; ``default`` where they do not.
+
+    The one reading of "the queue's segment size", for whoever writes to a
+    queue without being told (``segq send``, a requeue, recovery, a
+    dead-letter queue).  Segments grow from ``FIRST_SEGMENT_SIZE`` by
+    doubling up to segment_size, and a batch larger than that gets a segment
+    of its own, so a last segment of ``FIRST_SEGMENT_SIZE`` or more tells
+    nothing (still growing, at the limit, or a big batch's): ``default``.  A
+    smaller one was chosen on purpose, and is the answer.  No segment, or a
+    last one too small to be a segment (damaged): ``default``.
+    """
+    segments = list_segments(queue_dir) if os.path.isdir(queue_dir) else []
+    if not segments:
+        return default
+    try:
+        size = os.path.getsize(segment_path(queue_dir, segments[-1]))
+    except OSError:
+        return default  # deleted meanwhile, or unreadable: nothing to go by
+    return size if MIN_SEGMENT_SIZE <= size < FIRST_SEGMENT_SIZE else default
+
+
 def create_segment(queue_dir: StrPath, number: int, size: int, *, durable: bool) -> bool:
     """Create segment ``number`` of ``size`` bytes; return False if it already exists.
 
@@ -150,35 +165,17 @@ def create_segment(queue_dir: StrPath, number: int, size: int, *, durable: bool)
     power loss.  A full disk raises ``SegqError`` and leaves nothing behind.
     """
     final = segment_path(queue_dir, number)
-    temporary = f"{final}.{secrets.token_hex(4)}.tmp"
+
+    def fill(fd: int) -> None:
+        preallocate(fd, size)
+        os.pwrite(fd, _format.encode_segment_header(number), 0)
+
     try:
-        fd = open_file(temporary, os.O_RDWR)
-    except OSError as error:
-        raise os_error(error, "create segment", temporary) from None
-    try:
-        try:
-            preallocate(fd, size)
-            os.pwrite(fd, _format.encode_segment_header(number), 0)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(temporary, final)
-        except FileExistsError:
-            return False
-        if durable:
-            fsync_directory(queue_dir)
-        return True
+        return create_whole(final, fill, durable=durable)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise _no_room_for_segment(queue_dir, final, size) from None
         raise os_error(error, "create segment", final) from None
-    finally:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
 
 
 def _no_room_for_segment(queue_dir: StrPath, path: str, size: int) -> SegqError:

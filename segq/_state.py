@@ -19,13 +19,12 @@ import errno
 import mmap
 import os
 import re
-import secrets
 import struct
 import zlib
 from dataclasses import dataclass
 
 from ._format import SEGMENT_HEADER_SIZE
-from ._fs import make_dir, open_file, open_to_read
+from ._fs import create_whole, make_dir, open_file, open_to_read
 from ._segment import OFFSET_BITS, StrPath, os_error
 from .errors import CorruptionError, SegqError, UnsupportedFormat
 
@@ -35,6 +34,7 @@ __all__ = [
     "word_offset",
     "CursorFile",
     "cursor_path",
+    "receiver_lock_path",
     "list_cursors",
     "check_name",
     "CURSOR_DIR",
@@ -115,6 +115,11 @@ def check_name(name: str, what: str = "receiver name") -> str:
 def cursor_path(queue_dir: StrPath, kind: str, name: str) -> str:
     """Return the cursor file of consumer ``name`` of ``kind`` ("r" receiver, "g" group)."""
     return os.path.join(queue_dir, CURSOR_DIR, f"{kind}.{name}.pos")
+
+
+def receiver_lock_path(queue_dir: StrPath, name: str) -> str:
+    """Return the lock file a live Receiver of ``name`` holds: its cursor's name, ending ``.lock``."""
+    return cursor_path(queue_dir, "r", name)[: -len(".pos")] + ".lock"
 
 
 def list_cursors(queue_dir: StrPath) -> list[tuple[str, str, str]]:
@@ -268,8 +273,6 @@ def _create_cursor_file(path: str, initial: Position) -> None:
     here with an error (not later, as SIGBUS in a write to a mapped hole),
     and the new name survives power loss.  If the file exists, it is kept.
     """
-    from ._segment import fsync_directory
-
     directory = os.path.dirname(path)
     if os.path.exists(path):
         return
@@ -279,26 +282,14 @@ def _create_cursor_file(path: str, initial: Position) -> None:
     body = _BODY.pack(_MAGIC, _VERSION, 0, 1, initial.segment, initial.offset)
     content[_SLOT_SIZE : _SLOT_SIZE + _BODY.size] = body
     _CRC.pack_into(content, _SLOT_SIZE + _BODY.size, zlib.crc32(body))
-    temporary = f"{path}.{secrets.token_hex(4)}.tmp"
-    fd = open_file(temporary, os.O_WRONLY)
-    try:
-        try:
-            if os.write(fd, content) != _FILE_SIZE:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            return  # another process created it first
-        fsync_directory(directory)
-        fsync_directory(os.path.dirname(directory) or ".")  # the cursor directory's own entry
-    finally:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
+
+    def fill(fd: int) -> None:
+        if os.write(fd, content) != _FILE_SIZE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    # Another process may create it first: then theirs is kept.  The cursor
+    # directory may be new too, so its own entry is synced as well.
+    create_whole(path, fill, durable=True, new_directories=1)
 
 
 def _newest_slot(path: str, data: bytes | mmap.mmap) -> tuple[int, Position]:

@@ -98,10 +98,10 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ._args import check_timeout
-from ._control import DATA_WAITERS, DEFAULT_SEGMENT_SIZE, ROOM_WAITERS
+from ._control import DATA_WAITERS, ROOM_WAITERS
 from ._format import HEADER_SIZE, as_payload
 from ._jobs import Job, JobBatch, JobState, reason_of
-from ._segment import StrPath
+from ._segment import DEFAULT_SEGMENT_SIZE, StrPath
 from ._state import Position
 from ._wake import Waiter
 from .errors import ClaimLost, Closed, Empty, Full, UsageError

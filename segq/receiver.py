@@ -62,7 +62,14 @@ from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._reader import RecordReader
 from ._segment import StrPath
-from ._state import Position, check_name, cursor_path, delete_consumed_segments, register_cursor
+from ._state import (
+    Position,
+    check_name,
+    cursor_path,
+    delete_consumed_segments,
+    receiver_lock_path,
+    register_cursor,
+)
 from ._wake import Waiter, Waker
 from .errors import Closed, CorruptionError, Empty, InvalidArgument, SegqError, UsageError
 from .sender import SyncPolicy, parse_sync
@@ -223,7 +230,7 @@ class Receiver:
         self._sync_interval = parse_sync(sync)
         require_queue(self.path, create=create, who="Receiver")
         self._control = Control(self.path, segment_size=CONSUMER_SEGMENT_SIZE)
-        self._lock = LockFile(cursor_path(self.path, "r", name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
+        self._lock = LockFile(receiver_lock_path(self.path, name), what=f"receiver {name!r}")
         self._directory_fd = -1
         try:
             self._directory_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
@@ -570,7 +577,7 @@ class Receiver:
         Raises ``Locked`` if a live Receiver of that name is open.
         """
         check_name(name)
-        lock = LockFile(cursor_path(path, "r", name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
+        lock = LockFile(receiver_lock_path(path, name), what=f"receiver {name!r}")
         lock.acquire()
         try:
             try:

@@ -50,8 +50,8 @@ from typing import Any
 import portalocker
 
 from ._control import CONTROL_NAME, CONTROL_SIZE, TAIL, WORD, remove_semaphores
-from ._fs import open_file, open_to_read
-from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE
+from ._fs import fsync_directory, open_file, open_to_read
+from ._format import END_MARKER, HEADER_SIZE
 from ._inspect import (
     ConsumerInfo,
     LockHolder,
@@ -61,15 +61,30 @@ from ._inspect import (
     info,
     lock_holders,
     queue_bytes,
-    receiver_lock_path,
     saved_position,
     verify,
 )
 from ._groupadmin import GroupRecovery, list_groups, recover_group
 from ._lock import LockFile, unlock
 from ._scan import Damage, Progress, QueueScans, Repair, SegmentScan, missing_segments, position_json, scan_segment
-from ._segment import StrPath, create_segment, fsync_directory, list_segments, os_error, segment_path
-from ._state import CursorFile, Position, check_name, cursor_path, delete_consumed_segments, list_cursors
+from ._segment import (
+    StrPath,
+    create_segment,
+    list_segments,
+    next_segment_size,
+    os_error,
+    queue_segment_size,
+    segment_path,
+)
+from ._state import (
+    CursorFile,
+    Position,
+    check_name,
+    cursor_path,
+    delete_consumed_segments,
+    list_cursors,
+    receiver_lock_path,
+)
 from .errors import CorruptionError, Locked, SegqError
 
 __all__ = [
@@ -511,7 +526,8 @@ def _create_following(scans: QueueScans, scan: SegmentScan, report: RecoveryRepo
         return False
     path = segment_path(scans.queue_dir, following)
     if not report.dry_run:
-        size = scan.size if scan.size >= 4 * SEGMENT_HEADER_SIZE else 1 << 20
+        # Sized as a sender rolling over would size it.
+        size = next_segment_size(scan.size, queue_segment_size(scans.queue_dir))
         create_segment(scans.queue_dir, following, size, durable=True)
         log.warning("%s: created so the queue can go on past %s", path, scan.path)
     report.created.append(path)

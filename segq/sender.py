@@ -32,7 +32,6 @@ from ._args import MAX_INTERVAL, MIN_INTERVAL, check_interval, check_path, check
 from ._control import (
     DATA_WAITERS,
     DATA_WAITING,
-    DEFAULT_SEGMENT_SIZE,
     OWNER_INDEX,
     ROOM_WAITERS,
     SYNCED,
@@ -45,7 +44,7 @@ from ._headers import Framed, HeaderValue, frame_body
 from ._fs import make_dir, open_file
 from ._lifetime import close_at_exit
 from ._lock import LockFile
-from ._segment import MIN_SEGMENT_SIZE, SEGMENT_SIZE_LIMIT, MappedSegment, StrPath
+from ._segment import DEFAULT_SEGMENT_SIZE, MIN_SEGMENT_SIZE, SEGMENT_SIZE_LIMIT, MappedSegment, StrPath
 from ._state import Position, list_cursors, read_position, word_offset, word_segment
 from ._wake import Waiter, Waker
 from .errors import Closed, Full, InvalidArgument, RecordTooLarge, SegqError
