@@ -15,6 +15,12 @@ BATCH = 100
 CHUNK = MIB
 #: Producer processes in the fan-in and group-commit workloads.
 PRODUCERS = 4
+#: Durable producer processes measured for group commit (rate and fdatasync calls per record).
+DURABLE_PRODUCERS: tuple[int, ...] = (1, 2, 4, 8)
+#: Bytes put and got back, untimed, before a single/batch run's clock starts,
+#: so both modes time the steady state: a new queue's first page faults and
+#: file creation are reported in their own row ("create"), not spread over N.
+WARMUP_BYTES = 512 * KIB
 #: Cap on the bytes one in-process run writes, whatever the calibration says.
 MAX_RUN_BYTES = 256 * MIB
 
@@ -44,6 +50,8 @@ class Mode:
     growth_budget_s: float
     #: Payload bytes read per scan repeat.
     scan_bytes: int
+    #: Queues (or processes) created per repeat of the create and start-up cases.
+    create_samples: int
     #: A consumer process that receives nothing for this long fails the run.
     idle_timeout_s: float
     #: Watchdog for one in-process run, and for one group of child processes.
@@ -65,6 +73,7 @@ QUICK = Mode(
     growth_multipliers=(1, 10, 100),
     growth_budget_s=6.0,
     scan_bytes=4 * MIB,
+    create_samples=5,
     idle_timeout_s=5.0,
     run_timeout_s=60.0,
     child_timeout_s=60.0,
@@ -84,6 +93,7 @@ FULL = Mode(
     growth_multipliers=(1, 10, 100),
     growth_budget_s=45.0,
     scan_bytes=256 * MIB,
+    create_samples=11,
     idle_timeout_s=15.0,
     run_timeout_s=300.0,
     child_timeout_s=300.0,

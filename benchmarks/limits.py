@@ -18,6 +18,8 @@ READ_LOOP = "os.read loop"
 WRITE_CHUNKS = "os.write 1 MiB"
 READ_CHUNKS = "os.read 1 MiB"
 FDATASYNC_LOOP = "os.write+fdatasync loop"
+CREATE_FILE = "os.open(O_CREAT)+write"
+BARE_PYTHON = "python -c pass"
 
 _FILE = "limit.dat"
 
@@ -39,6 +41,21 @@ def write_loop(directory: Path, n: int, size: int, *, fdatasync: bool = False) -
         return time.perf_counter() - start
     finally:
         os.close(fd)
+
+
+def create_and_write(directory: Path, n: int, size: int) -> list[float]:
+    """Time creating ``n`` new files and writing one record to each; return the seconds of each."""
+    payload = b"x" * size
+    times = []
+    for i in range(n):
+        start = time.perf_counter()
+        fd = os.open(directory / f"{_FILE}.{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, payload)
+            times.append(time.perf_counter() - start)
+        finally:
+            os.close(fd)
+    return times
 
 
 def read_loop(directory: Path, n: int, size: int) -> float:

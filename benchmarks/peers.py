@@ -135,6 +135,10 @@ class Adapter(abc.ABC):
     def flush(self) -> None:
         """Push buffered records to the OS (end of a put phase)."""
 
+    def stats(self) -> dict[str, float]:
+        """Return counters the library keeps about its own work (e.g. fdatasync calls), or {}."""
+        return {}
+
     def close(self) -> None:
         """Release the library's files and connections."""
 
@@ -238,6 +242,12 @@ class SegqAdapter(Adapter):
     def flush(self) -> None:
         if self._tx is not None:
             self._tx.flush()
+
+    def stats(self) -> dict[str, float]:
+        # A private counter: how many fdatasync calls this Sender made, to
+        # show group commit at work (calls per record), not only its rate.
+        count = getattr(self._tx, "_fdatasyncs", None)
+        return {} if count is None else {"fdatasyncs": float(count)}
 
     def close(self) -> None:
         for end in (self._tx, self._rx):

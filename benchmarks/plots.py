@@ -81,10 +81,10 @@ def _short_us(v: float) -> str:
 
 
 def _latency(plt, results: ResultSet):  # type: ignore[no-untyped-def]
-    """Draw grouped bars of p50/p99/p99.9 one-way latency per library."""
+    """Draw grouped bars of p50/p90/p99/max one-way latency per library."""
     from matplotlib.ticker import NullFormatter
 
-    pcts = ("p50", "p99", "p99.9")
+    pcts = ("p50", "p90", "p99", "max")
     libs = [m.library for m in results.rows("latency_p50", LIBRARY_ORDER) if m.status == OK]
     if not libs:
         return None

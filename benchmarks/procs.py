@@ -218,7 +218,8 @@ def produce(*, ready: Callable[[], None], wait_go: Callable[[], None], endpoint:
                 put(HEADER.pack(seq, clock()) + pad)
                 flush()
         q.flush()
-        return {"t_start_ns": start, "t_end_ns": time.perf_counter_ns()}
+        end = time.perf_counter_ns()
+        return {"t_start_ns": start, "t_end_ns": end, **q.stats()}
 
 
 def consume(*, ready: Callable[[], None], wait_go: Callable[[], None], endpoint: Endpoint,

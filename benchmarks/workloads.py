@@ -8,10 +8,16 @@ compared fairly.
 
 from __future__ import annotations
 
+import compileall
 import importlib
+import importlib.util
 import math
 import multiprocessing as mp
+import os
+import statistics
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -20,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from . import limits
-from .config import BATCH, MAX_RUN_BYTES, PRODUCERS, RECORD_SIZES, size_label, size_text
+from .config import (BATCH, DURABLE_PRODUCERS, MAX_RUN_BYTES, PRODUCERS, RECORD_SIZES, WARMUP_BYTES,
+                     size_label, size_text)
 from .context import Case, Context, Plan
 from .peers import Adapter, SegqAdapter
 from .procs import Endpoint, Job, consume, grow, produce, run_group
@@ -44,16 +51,41 @@ PIPELINE = Case(f"pipeline/{size_label(SMALL)}",
 LATENCY = [
     Case(f"latency_{name}", f"one-way latency {name}, {size_text(SMALL)}", unit="µs",
          higher_is_better=False, key=name)
-    for name in ("p50", "p99", "p99.9")
+    for name in ("p50", "p90", "p99", "p99.9", "max")
 ]
 
 
 # --- bodies -----------------------------------------------------------------
 
+def _warm_up(q: Adapter, size: int, batched: bool) -> None:
+    """Put and get back ``WARMUP_BYTES`` of records, untimed: the clock then sees the steady state."""
+    payload = b"x" * size
+    count = max(1, WARMUP_BYTES // size)
+    if batched:
+        batches = max(1, count // BATCH)
+        for _ in range(batches):
+            q.put_batch([payload] * BATCH)
+        q.flush()
+        got = 0
+        while got < batches * BATCH:
+            chunk = q.get_batch(BATCH)
+            if not chunk:
+                raise RuntimeError(f"queue empty after {got} warm-up records")
+            got += len(chunk)
+        return
+    for _ in range(count):
+        q.put(payload)
+    q.flush()
+    for got in range(count):
+        if q.try_get() is None:
+            raise RuntimeError(f"queue empty after {got} warm-up records")
+
+
 def _put_get_body(cls: type[Adapter], size: int, batched: bool, d: Path, n: int) -> dict[str, float]:
-    """Put ``n`` records then get+ack them all, in one process; return both rates."""
+    """Put ``n`` records then get+ack them all, in one process, after a warm-up; return both rates."""
     payload = b"x" * size
     with cls(d) as q:
+        _warm_up(q, size, batched)
         if batched:
             items = [payload] * BATCH
             batches = max(1, n // BATCH)
@@ -82,6 +114,59 @@ def _put_get_body(cls: type[Adapter], size: int, batched: bool, d: Path, n: int)
                     raise RuntimeError(f"queue empty after {got} of {n} records")
         end = time.perf_counter()
     return {"put": n / (mid - start), "get": n / (end - mid)}
+
+
+def _create_body(cls: type[Adapter], size: int, d: Path, n: int) -> dict[str, float]:
+    """Open ``n`` new queues, each putting one record; return the median ms from open to that put's return."""
+    payload = b"x" * size
+    times = []
+    for i in range(n):
+        # The directory exists first: some peers (litequeue) open a database
+        # file in it and do not create it.
+        (d / f"q{i}").mkdir()
+        start = time.perf_counter()
+        q = cls(d / f"q{i}")
+        try:
+            q.put(payload)
+            q.flush()
+            times.append((time.perf_counter() - start) * 1e3)
+        finally:
+            q.close()
+    return {"create": statistics.median(times)}
+
+
+def _create_file(size: int, d: Path, n: int) -> dict[str, float]:
+    return {"create": statistics.median(limits.create_and_write(d, n, size)) * 1e3}
+
+
+def _python_run(args: list[str]) -> list[str]:
+    """Run this Python with ``args`` (segq importable as in this process); return stdout lines."""
+    spec = importlib.util.find_spec("segq")
+    env = dict(os.environ)
+    if spec is not None and spec.origin:
+        root = os.path.dirname(os.path.dirname(spec.origin))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, check=True)
+    return done.stdout.splitlines()
+
+
+_PEAK_RSS = ("import sys; print([l.split()[1] for l in open('/proc/self/status') "
+             "if l.startswith('VmHWM')][0])")
+
+
+def _startup_body(code: str | None, args: list[str] | None, d: Path, n: int) -> dict[str, float]:
+    """Start ``n`` interpreters running ``code`` (or ``args``); return median wall ms and peak RSS MiB."""
+    times, rss = [], []
+    for _ in range(n):
+        start = time.perf_counter()
+        out = _python_run(args if args is not None else ["-c", f"{code}\n{_PEAK_RSS}"])
+        times.append((time.perf_counter() - start) * 1e3)
+        if args is None:
+            rss.append(int(out[-1]) / 1024)
+    values = {"start": statistics.median(times)}
+    if rss:
+        values["rss"] = statistics.median(rss)
+    return values
 
 
 def _put_body(cls: type[Adapter], size: int, durable: bool, d: Path, n: int) -> dict[str, float]:
@@ -134,7 +219,11 @@ def _stream_body(ctx: Context, cls: type[Adapter], producers: int, with_consumer
         res = run_group(jobs, ctx.mode.child_timeout_s)
     start = min(r["t_start_ns"] for r in res if "t_start_ns" in r)
     if not with_consumer:
-        return {"rate": total / ((max(r["t_end_ns"] for r in res) - start) / 1e9)}
+        values = {"rate": total / ((max(r["t_end_ns"] for r in res) - start) / 1e9)}
+        syncs = [r["fdatasyncs"] for r in res if "fdatasyncs" in r]
+        if syncs:
+            values["syncs"] = sum(syncs) / total
+        return values
     return {"rate": total / ((res[0]["t_last_ns"] - start) / 1e9),
             EARLY_EMPTY: res[0]["early_empty"]}
 
@@ -154,7 +243,8 @@ def _latency_body(ctx: Context, cls: type[Adapter], d: Path, n: int) -> dict[str
             Job(produce, {"endpoint": pe, "n": n, "size": SMALL, "rate": ctx.mode.latency_rate}),
         ], ctx.mode.child_timeout_s)
     lat = sorted(cons["latencies_ns"][min(WARMUP_MSGS, n // 10):])
-    values = {c.value_key: _percentile(lat, float(c.value_key[1:])) / 1e3 for c in LATENCY}
+    values = {c.value_key: (lat[-1] if c.value_key == "max" else _percentile(lat, float(c.value_key[1:]))) / 1e3
+              for c in LATENCY}
     return {**values, EARLY_EMPTY: cons["early_empty"]}
 
 
@@ -253,7 +343,14 @@ def _read_chunks(size: int, key: str, unit_mb: bool, d: Path, n: int) -> dict[st
 # --- workloads --------------------------------------------------------------
 
 def single(ctx: Context) -> None:
-    """Put N, then get+ack N, in one process, one record per call."""
+    """Put N, then get+ack N, in one process, one record per call (steady state); and queue creation."""
+    create = Case(f"create/{size_label(SMALL)}", f"open a new queue + first put, {size_text(SMALL)}",
+                  unit="ms", higher_is_better=False, key="create")
+    n = ctx.mode.create_samples
+    ctx.measure_all("single", [
+        *(Plan(cls.name, cls.kind, [create], partial(_create_body, cls, SMALL), n=n)
+          for cls in ctx.pick(on_disk=True)),
+        Plan(limits.CREATE_FILE, LIMIT, [create], partial(_create_file, SMALL), n=n)])
     for size in RECORD_SIZES:
         lbl, txt = size_label(size), size_text(size)
         put = Case(f"put/{lbl}", f"put, {txt}, one per call", key="put")
@@ -296,20 +393,37 @@ def _poll_note(cls: type[Adapter]) -> str:
     return "" if cls.native_blocking else "consumer polls (50-500 µs sleeps)"
 
 
-def pipeline(ctx: Context) -> None:
-    """Producer and consumer in two processes: throughput, and latency at a low rate."""
+def _cross_process(ctx: Context, workload: str, cases: list[Case]) -> list[type[Adapter]]:
+    """Return the adapters that work across processes; mark the others n/a for ``cases``."""
     usable = []
     for cls in ctx.pick():
         if cls.cross_process:
             usable.append(cls)
         else:
-            for case in (PIPELINE, *LATENCY):
-                ctx.mark("pipeline", cls.name, cls.kind, case, NA, cls.cross_process_note)
+            for case in cases:
+                ctx.mark(workload, cls.name, cls.kind, case, NA, cls.cross_process_note)
+    return usable
+
+
+def pipeline(ctx: Context) -> None:
+    """Producer and consumer in two processes: throughput."""
+    usable = _cross_process(ctx, "pipeline", [PIPELINE])
     ctx.measure_all("pipeline", [_pipeline_plan(ctx, cls) for cls in usable])
-    ctx.measure_all("pipeline", [
+
+
+def latency(ctx: Context) -> None:
+    """Two-process one-way latency at a low rate: p50/p90/p99/p99.9/max (run last, alone)."""
+    usable = _cross_process(ctx, "latency", LATENCY)
+    rows = ctx.measure_all("latency", [
         Plan(cls.name, cls.kind, LATENCY, partial(_latency_body, ctx, cls), n=ctx.mode.latency_msgs,
              note=_poll_note(cls))
         for cls in usable])
+    for row in rows:
+        # The median hides how much repeats differ: give the range of each.
+        for case_id, m in row.items():
+            if m.repeats and len(m.repeats) > 1:
+                spread = f"repeats {min(m.repeats):,.0f}–{max(m.repeats):,.0f} µs"
+                m.note = "; ".join(filter(None, [spread, m.note]))
 
 
 def durable(ctx: Context) -> None:
@@ -327,12 +441,17 @@ def durable(ctx: Context) -> None:
     ctx.measure_all("durable", plans)
     if not ctx.has(SegqAdapter.name):
         return
+    # Group commit: the aggregate rate, and the mechanism behind it, the
+    # fdatasync calls per record (ideally about 1/k with k producers).
     ctx.measure_all("durable", [
         Plan(SegqAdapter.name, SEGQ,
              [Case(f"durable_p{k}/{lbl}", f'{k} producer process{"es" if k > 1 else ""}, '
-                   f'sync="always", {txt}', key="rate")],
+                   f'sync="always", {txt}', key="rate"),
+              Case(f"durable_syncs_p{k}/{lbl}", f"fdatasync calls per record, {k} durable "
+                   f'producer{"s" if k > 1 else ""}', unit="fdatasync/record", higher_is_better=False,
+                   key="syncs")],
              partial(_stream_body, ctx, SegqAdapter, k, False, True), target_s=ctx.mode.stream_target_s)
-        for k in (1, PRODUCERS)])
+        for k in DURABLE_PRODUCERS])
 
 
 def fanin(ctx: Context) -> None:
@@ -422,8 +541,32 @@ def scan(ctx: Context) -> None:
         ctx.measure_all("scan", plans)
 
 
+def startup(ctx: Context) -> None:
+    """Start a new interpreter: `import segq`, `segq --help`, and the peak RSS after the import."""
+    spec = importlib.util.find_spec("segq")
+    if spec is None or spec.origin is None:
+        ctx.log("  startup needs segq; skipped")
+        return
+    # Installed packages come with bytecode; a source checkout may not have it
+    # (PYTHONDONTWRITEBYTECODE), and compiling on every start is not start-up.
+    compileall.compile_dir(os.path.dirname(spec.origin), quiet=1)
+    n = ctx.mode.create_samples
+    imp = Case("startup_import", "new interpreter: import + exit", unit="ms", higher_is_better=False, key="start")
+    rss = Case("startup_rss", "peak RSS (VmHWM) after the import", unit="MiB", higher_is_better=False, key="rss")
+    cli = Case("startup_help", "new interpreter: `segq --help`", unit="ms", higher_is_better=False, key="start")
+    plans = [Plan(SegqAdapter.name, SEGQ, [imp, rss], partial(_startup_body, "import segq", None), n=n),
+             Plan(SegqAdapter.name, SEGQ, [cli], partial(_startup_body, None, ["-m", "segq", "--help"]), n=n),
+             Plan(limits.BARE_PYTHON, LIMIT, [imp, rss], partial(_startup_body, "pass", None), n=n)]
+    for cls in ctx.pick(on_disk=True):
+        if cls.kind != SEGQ:
+            plans.append(Plan(cls.name, cls.kind, [imp, rss],
+                              partial(_startup_body, f"import {cls.module}", None), n=n))
+    ctx.measure_all("startup", plans)
+
+
 #: Workloads by CLI name, in run order.
 WORKLOADS: dict[str, Callable[[Context], None]] = {
+    "startup": startup,
     "single": single,
     "batch": batch,
     "pipeline": pipeline,
@@ -431,4 +574,5 @@ WORKLOADS: dict[str, Callable[[Context], None]] = {
     "fanin": fanin,
     "growth": growth,
     "scan": scan,
+    "latency": latency,  # last: its tail percentiles suffer most from anything else running
 }

@@ -21,8 +21,13 @@ from .errors import (
 )
 from .receiver import Batch, Message, Receiver
 from .sender import Sender
-from .workqueue import DeadLetter, Job, JobBatch, WorkQueue
-from .aio import AsyncBatch, AsyncJob, AsyncJobBatch, AsyncMessage, AsyncReceiver, AsyncSender, AsyncWorkQueue
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from . import recovery
+    from .aio import AsyncBatch, AsyncJob, AsyncJobBatch, AsyncMessage, AsyncReceiver, AsyncSender, AsyncWorkQueue
+    from .workqueue import DeadLetter, Job, JobBatch, WorkQueue
 
 __all__ = [
     "Sender",
@@ -57,4 +62,36 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-from . import recovery  # noqa: E402  (segq.recovery, the public recovery module)
+# Loaded on first use, so `import segq` costs no asyncio, work queue or
+# recovery code (issue 14): name -> the submodule that defines it.
+_LAZY = {
+    "WorkQueue": "workqueue",
+    "Job": "workqueue",
+    "JobBatch": "workqueue",
+    "DeadLetter": "workqueue",
+    "recovery": "recovery",
+    "AsyncSender": "aio",
+    "AsyncReceiver": "aio",
+    "AsyncMessage": "aio",
+    "AsyncBatch": "aio",
+    "AsyncWorkQueue": "aio",
+    "AsyncJob": "aio",
+    "AsyncJobBatch": "aio",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a lazily loaded public name on first access, then keep it."""
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    value = module if name == module_name else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import struct
 import stat
 import sys
@@ -35,13 +34,10 @@ import threading
 import time
 from typing import IO, Any, Callable, Protocol
 
-import portalocker
-
 from . import _segment
 from ._flock import wait_flock
 from ._fs import file_mode, open_file, open_to_read
 from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordStatus, decode_record
-from ._scan import scan_segment
 from ._segment import DEFAULT_SEGMENT_SIZE, MappedSegment, StrPath, os_error
 from ._state import Position
 from .errors import Closed, CorruptionError, SegqError, UnsupportedFormat
@@ -187,6 +183,8 @@ class _FlockAppendLock:
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
         if not self._thread_lock.acquire(block, -1 if timeout is None else timeout):
             return False
+        import portalocker
+
         flags = portalocker.LockFlags.EXCLUSIVE | (0 if block else portalocker.LockFlags.NON_BLOCKING)
         try:
             portalocker.lock(self._handle, flags)
@@ -196,6 +194,8 @@ class _FlockAppendLock:
         return True
 
     def release(self) -> None:
+        import portalocker
+
         portalocker.unlock(self._handle)
         self._thread_lock.release()
 
@@ -220,7 +220,7 @@ def _create_semaphore(prefix: str, directory: os.stat_result) -> tuple[int, int]
     if semlock is None:
         return None
     for _ in range(8):
-        token = secrets.randbits(63) | 1
+        token = int.from_bytes(os.urandom(8), "little") >> 1 | 1
         name = f"{prefix}{token:016x}"
         try:
             semaphore = semlock(1, 1, 1, name, False)
@@ -308,6 +308,8 @@ class Control:
     """
 
     def __init__(self, queue_dir: StrPath, *, segment_size: int = DEFAULT_SEGMENT_SIZE) -> None:
+        import portalocker  # here, not at the top: `import segq` stays cheap (issue 14)
+
         self.queue_dir = os.fspath(queue_dir)
         self.path = os.path.join(self.queue_dir, CONTROL_NAME)
         self.segment_size = segment_size
@@ -341,6 +343,8 @@ class Control:
 
     def _attach(self) -> None:
         import mmap
+
+        import portalocker
 
         handle = self._handle
         alone = self._lock(handle)
@@ -388,6 +392,8 @@ class Control:
         midway.  It lets go and tries again: whoever then finds itself alone
         rebuilds the file.  Past a few seconds the caller reports the damage.
         """
+        import portalocker
+
         deadline = time.monotonic() + _UNFINISHED_RETRY_SECONDS
         while True:
             try:
@@ -398,7 +404,7 @@ class Control:
             if os.pread(handle.fileno(), len(_MAGIC), 0) == _MAGIC or time.monotonic() > deadline:
                 return False
             portalocker.unlock(handle)
-            time.sleep(0.001 + 0.01 * secrets.randbelow(100) / 100)
+            time.sleep(0.001 + 0.01 * os.urandom(1)[0] / 256)
 
     def _rebuild(self) -> None:
         """Recompute everything in the control file from the segments (we are alone)."""
@@ -414,11 +420,12 @@ class Control:
         # live tail word has no check, and a damaged one must not say where to scan.
         hint = (self.word(CLEAN_TAIL) if clean else self.word(TAIL)) if known else None
         tail = self._find_tail(hint, clean)
+        # os.urandom, not secrets: that module loads OpenSSL (3 MiB resident, issue 14).
         # Alone: no one uses any semaphore of this queue, including ones
         # left by processes killed while attached.
         remove_semaphores(self.queue_dir)
         created = _create_semaphore(self._prefix, self._directory)
-        token, identity = created if created is not None else (secrets.randbits(63) | 1, 0)
+        token, identity = created if created is not None else (int.from_bytes(os.urandom(8), "little") >> 1 | 1, 0)
         if created is None:
             log.debug("named semaphores unavailable; appends use flock")
         control[:CONTROL_SIZE] = bytes(CONTROL_SIZE)
@@ -479,6 +486,8 @@ class Control:
                 start = SEGMENT_HEADER_SIZE
             # "Sealed" is decided by a scan that resumes past damage: a damaged
             # record in front of the end marker does not make a segment unsealed.
+            from ._scan import scan_segment
+
             if scan_segment(self.queue_dir, number, last=False).sealed:
                 return None
             log.warning("%s: never sealed (a sender died while starting the next segment)", segment.path)
@@ -569,6 +578,8 @@ class Control:
                 return
 
     def _take_over(self, stalled_tail: int) -> bool:
+        import portalocker
+
         from ._lock import process_is_alive
 
         owner = self.word(OWNER)
@@ -609,6 +620,8 @@ class Control:
 
     def close(self) -> None:
         """Detach; the last process to detach records a clean shutdown."""
+        import portalocker
+
         if self._closed:
             return
         self._closed = True

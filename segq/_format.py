@@ -53,6 +53,7 @@ __all__ = [
     "frame_into",
     "read_record",
     "decode_run",
+    "frame_batch",
     "SPEEDUPS",
 ]
 
@@ -274,7 +275,27 @@ def _decode_run(buffer: bytes, offset: int, max_count: int) -> tuple[list[bytes]
     return payloads, offset
 
 
+def _frame_batch(records: list[object], limit: int) -> bytes | int | None:
+    """Validate and frame ``records`` in one pass, as ``encode_batch`` frames them.
+
+    Returns the framed bytes; or, framing nothing, the size of the first
+    record over ``limit`` (an int); or None if an item is not exactly bytes
+    (the caller converts the items and calls again).
+    """
+    limit = min(limit, LENGTH_MASK)
+    payloads: list[bytes] = []
+    for record in records:
+        if type(record) is not bytes:
+            return None
+        payloads.append(record)
+    for payload in payloads:
+        if len(payload) > limit:
+            return len(payload)
+    return _python_encode_batch(payloads)
+
+
 _python_encode_batch = encode_batch
+frame_batch: Callable[[list[object], int], "bytes | int | None"] = _frame_batch
 frame_into: Callable[[Buffer, int, bytes], int] = _frame_into
 read_record: Callable[[bytes, int], bytes | None] = _read_record
 decode_run: Callable[[bytes, int, int], tuple[list[bytes], int]] = _decode_run
@@ -290,4 +311,5 @@ if not os.environ.get("SEGQ_PURE_PYTHON"):
         read_record = _speedups.read_record
         decode_run = _speedups.decode_run
         encode_batch = _speedups.encode_batch  # noqa: F811 (the C twin of the function above)
+        frame_batch = _speedups.frame_batch
         SPEEDUPS = True

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 import time
 from typing import Callable
@@ -263,7 +262,8 @@ def write_temporary(path: str, fill: Callable[[int], None], *, durable: bool) ->
     behind is no file any reader opens.  On any error it is removed and the
     error propagates.
     """
-    temporary = f"{path}.{secrets.token_hex(4)}.tmp"
+    # os.urandom, not secrets: that module loads OpenSSL (3 MiB resident, issue 14).
+    temporary = f"{path}.{os.urandom(4).hex()}.tmp"
     fd = open_file(temporary, os.O_RDWR)
     try:
         try:

@@ -21,21 +21,30 @@ import errno
 import logging
 import os
 from dataclasses import dataclass
-from typing import IO
-
-import portalocker
-import psutil
+from typing import IO, TYPE_CHECKING
 
 from ._fs import open_file, open_to_read
 from ._segment import StrPath, os_error
 from .errors import Locked, SegqError
 
+if TYPE_CHECKING:
+    import portalocker
+
 __all__ = ["LockOwner", "read_owner", "process_is_alive", "LockFile", "unlock"]
 
-_EXCLUSIVE = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
+# portalocker and psutil are imported where used, not here: `import segq`
+# stays cheap (issue 14), and an import already done costs a dict lookup.
+
+
+def _exclusive() -> portalocker.LockFlags:
+    import portalocker
+
+    return portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
 
 
 def _start_time(pid: int) -> float | None:
+    import psutil
+
     try:
         return float(psutil.Process(pid).create_time())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
@@ -49,6 +58,8 @@ def process_is_alive(pid: int, start_time: float | None) -> bool:
     """
     if pid <= 0:
         return False
+    import psutil
+
     try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
@@ -104,10 +115,12 @@ def _open_for_reading(path: str) -> IO[bytes]:
 
 def _os_lock_is_free(path: str) -> bool | None:
     """Probe the OS lock; None if the file vanished."""
+    import portalocker
+
     try:
         with _open_for_reading(path) as handle:
             try:
-                portalocker.lock(handle, _EXCLUSIVE)
+                portalocker.lock(handle, _exclusive())
             except portalocker.LockException:
                 return False
             portalocker.unlock(handle)
@@ -153,6 +166,8 @@ class LockFile:
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`Locked` naming the live holder's PID."""
+        import portalocker
+
         while True:
             try:
                 handle = os.fdopen(open_file(self.path, os.O_RDWR, private=True), "r+b", buffering=0)
@@ -161,7 +176,7 @@ class LockFile:
             except OSError as error:
                 raise os_error(error, "create lock file", self.path) from None
             try:
-                portalocker.lock(handle, _EXCLUSIVE)
+                portalocker.lock(handle, _exclusive())
             except portalocker.LockException:
                 handle.close()
                 owner = read_owner(self.path)
@@ -227,6 +242,8 @@ def unlock(lock_path: StrPath) -> bool:
     while holding its OS lock, so a process taking it over at that moment is
     never robbed of it.
     """
+    import portalocker
+
     path = os.fspath(lock_path)
     try:
         handle = _open_for_reading(path)
@@ -238,7 +255,7 @@ def unlock(lock_path: StrPath) -> bool:
         raise os_error(error, "open lock file", path) from None
     with handle:
         try:
-            portalocker.lock(handle, _EXCLUSIVE)
+            portalocker.lock(handle, _exclusive())
         except portalocker.LockException:
             owner = read_owner(path)
             pid = owner.pid if owner is not None else None

@@ -16,6 +16,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define HEADER_SIZE 8
@@ -58,8 +59,8 @@ static void crc_init(void) {
     }
 }
 
-static uint32_t crc_update(uint32_t crc, const unsigned char *p, size_t n) {
-    crc = ~crc;
+/* The raw CRC register (no pre- or post-inversion) after n more bytes, by table. */
+static uint32_t crc_raw_table(uint32_t crc, const unsigned char *p, size_t n) {
     while (n >= 8) {
         uint32_t lo = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
         uint32_t hi = (uint32_t)p[4] | (uint32_t)p[5] << 8 | (uint32_t)p[6] << 16 | (uint32_t)p[7] << 24;
@@ -72,7 +73,65 @@ static uint32_t crc_update(uint32_t crc, const unsigned char *p, size_t n) {
     }
     while (n--)
         crc = crc_table[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
-    return ~crc;
+    return crc;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_CLMUL_PATH 1
+static int use_clmul;
+
+/* Folding with carry-less multiplication (PCLMULQDQ), for runs of 64 bytes
+ * or more: a 4 KiB record's CRC costs about a tenth of the table's.  Four
+ * 128-bit lanes are folded 64 bytes at a time, then into one lane; the
+ * constants are x^(k) mod P for the bit-reflected CRC-32 polynomial at the
+ * fold distances (512 +- 32 bits, 128 +- 32 bits).  Folding keeps the CRC of
+ * "lane bytes" equal to the CRC of everything consumed so far, so the last
+ * 16 bytes of lane and the tail past the last full block go through the
+ * table: no Barrett reduction to get wrong.
+ */
+__attribute__((target("pclmul,sse4.1"))) static uint32_t crc_raw_clmul(uint32_t crc, const unsigned char *p,
+                                                                        size_t n) {
+    const __m128i fold4 = _mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL);
+    const __m128i fold1 = _mm_set_epi64x(0x0ccaa009eLL, 0x1751997d0LL);
+    __m128i x0 = _mm_loadu_si128((const __m128i *)p);
+    __m128i x1 = _mm_loadu_si128((const __m128i *)(p + 16));
+    __m128i x2 = _mm_loadu_si128((const __m128i *)(p + 32));
+    __m128i x3 = _mm_loadu_si128((const __m128i *)(p + 48));
+    x0 = _mm_xor_si128(x0, _mm_cvtsi32_si128((int)crc));
+    p += 64;
+    n -= 64;
+#define FOLD(x, k, data) \
+    _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128((x), (k), 0x00), _mm_clmulepi64_si128((x), (k), 0x11)), (data))
+    while (n >= 64) {
+        x0 = FOLD(x0, fold4, _mm_loadu_si128((const __m128i *)p));
+        x1 = FOLD(x1, fold4, _mm_loadu_si128((const __m128i *)(p + 16)));
+        x2 = FOLD(x2, fold4, _mm_loadu_si128((const __m128i *)(p + 32)));
+        x3 = FOLD(x3, fold4, _mm_loadu_si128((const __m128i *)(p + 48)));
+        p += 64;
+        n -= 64;
+    }
+    x0 = FOLD(x0, fold1, x1);
+    x0 = FOLD(x0, fold1, x2);
+    x0 = FOLD(x0, fold1, x3);
+    while (n >= 16) {
+        x0 = FOLD(x0, fold1, _mm_loadu_si128((const __m128i *)p));
+        p += 16;
+        n -= 16;
+    }
+#undef FOLD
+    unsigned char lane[16];
+    _mm_storeu_si128((__m128i *)lane, x0);
+    return crc_raw_table(crc_raw_table(0, lane, 16), p, n);
+}
+#endif
+
+static uint32_t crc_update(uint32_t crc, const unsigned char *p, size_t n) {
+#ifdef HAVE_CLMUL_PATH
+    if (n >= 64 && use_clmul)
+        return ~crc_raw_clmul(~crc, p, n);
+#endif
+    return ~crc_raw_table(~crc, p, n);
 }
 
 static void put_u32(unsigned char *p, uint32_t v) {
@@ -199,6 +258,63 @@ static PyObject *encode_batch(PyObject *module, PyObject *payloads) {
         const unsigned char *payload = (const unsigned char *)PyBytes_AS_STRING(item);
         put_u32(at, length_word);
         put_u32(at + 4, record_crc(length_word, payload, (size_t)size) ^ flip);
+        memcpy(at + HEADER_SIZE, payload, (size_t)size);
+        at += HEADER_SIZE + size;
+    }
+    return blob;
+}
+
+/* frame_batch(records, limit): validate and frame a list of bytes in one pass.
+ *
+ * Returns the framed bytes, every record but the last marked CONTINUES, as
+ * encode_batch does; or, framing nothing, the size of the first record over
+ * limit (an int); or None if an item is not exactly bytes (the caller
+ * converts the items and calls again).  One pass instead of a Python type
+ * check, a Python length check and then encode_batch: at 100 records of
+ * 100 B those two loops cost more than the framing.
+ */
+static PyObject *frame_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "frame_batch(records, limit) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *records = args[0];
+    if (!PyList_Check(records)) {
+        PyErr_SetString(PyExc_TypeError, "frame_batch takes a list");
+        return NULL;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    if (limit > (Py_ssize_t)LENGTH_MASK)
+        limit = (Py_ssize_t)LENGTH_MASK;
+    Py_ssize_t count = PyList_GET_SIZE(records), total = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(records, i);
+        if (!PyBytes_CheckExact(item))
+            Py_RETURN_NONE;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t size = PyBytes_GET_SIZE(PyList_GET_ITEM(records, i));
+        if (size > limit)
+            return PyLong_FromSsize_t(size);
+        if (total > PY_SSIZE_T_MAX - HEADER_SIZE - size) {
+            PyErr_SetString(PyExc_OverflowError, "batch too large");
+            return NULL;
+        }
+        total += HEADER_SIZE + size;
+    }
+    PyObject *blob = PyBytes_FromStringAndSize(NULL, total);
+    if (blob == NULL)
+        return NULL;
+    unsigned char *at = (unsigned char *)PyBytes_AS_STRING(blob);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(records, i);
+        Py_ssize_t size = PyBytes_GET_SIZE(item);
+        uint32_t length_word = (uint32_t)size | (i < count - 1 ? CONTINUES : 0);
+        const unsigned char *payload = (const unsigned char *)PyBytes_AS_STRING(item);
+        put_u32(at, length_word);
+        put_u32(at + 4, record_crc(length_word, payload, (size_t)size));
         memcpy(at + HEADER_SIZE, payload, (size_t)size);
         at += HEADER_SIZE + size;
     }
@@ -434,6 +550,8 @@ static PyMethodDef methods[] = {
     {"read_record", (PyCFunction)(void (*)(void))read_record, METH_FASTCALL,
      "read_record(buffer, offset) -> payload or None: decode one intact record."},
     {"encode_batch", encode_batch, METH_O, "encode_batch(list of bytes) -> bytes: frame a batch."},
+    {"frame_batch", (PyCFunction)(void (*)(void))frame_batch, METH_FASTCALL,
+     "frame_batch(records, limit) -> bytes, or the size of a record over limit, or None if one is not bytes."},
     {"decode_run", (PyCFunction)(void (*)(void))decode_run, METH_FASTCALL,
      "decode_run(buffer, offset, max_count) -> (payloads, next offset)."},
     {"crc32", (PyCFunction)(void (*)(void))crc32, METH_FASTCALL, "crc32(data, value=0): zlib-compatible CRC-32."},
@@ -446,5 +564,10 @@ static struct PyModuleDef module_def = {
 
 PyMODINIT_FUNC PyInit__speedups(void) {
     crc_init();
+#ifdef HAVE_CLMUL_PATH
+    __builtin_cpu_init();
+    use_clmul = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1") &&
+                !getenv("SEGQ_NO_CLMUL");
+#endif
     return PyModule_Create(&module_def);
 }

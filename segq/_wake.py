@@ -34,8 +34,6 @@ import threading
 import time
 from typing import Callable
 
-import portalocker
-
 from ._fs import file_mode, give_to_directory_owner, make_dir, open_file
 from ._control import DATA_WAITERS, DATA_WAITING, ROOM_WAITERS, ROOM_WAITING, SLOT, SLOT_COUNT, SLOTS, Control
 from ._segment import os_error
@@ -77,9 +75,13 @@ class _SlotTable:
             raise os_error(error, "create", directory) from None
 
     def __enter__(self) -> None:
+        import portalocker  # not at the top: `import segq` stays cheap (issue 14)
+
         portalocker.lock(self._handle, portalocker.LockFlags.EXCLUSIVE)
 
     def __exit__(self, *exc_info: object) -> None:
+        import portalocker
+
         portalocker.unlock(self._handle)
 
     def close(self) -> None:

@@ -30,11 +30,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import IO, Any, ClassVar, NoReturn, TypeVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 import click
 
-from . import __version__, recovery
+from . import __version__
 from ._args import MAX_INTERVAL, MIN_INTERVAL, check_interval
 from ._control import _MAGIC as CONTROL_MAGIC
 from ._control import CONTROL_NAME
@@ -48,6 +48,29 @@ from .receiver import Message, Receiver
 from .sender import Sender
 
 __all__ = ["cli", "main"]
+
+
+class _ImportedOnUse:
+    """Stand in for a module, importing it at the first attribute access.
+
+    ``segq --help`` and ``segq send`` need no recovery code: importing it
+    (and portalocker and psutil with it) only for the commands that use it
+    keeps every CLI call's start-up short (issue 14).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+if TYPE_CHECKING:
+    from . import recovery
+else:
+    recovery = _ImportedOnUse(f"{__package__}.recovery")
 
 _Command = TypeVar("_Command", bound=Callable[..., Any])
 _SEPARATORS = {"lines": b"\n", "null": b"\0", "raw": b""}

@@ -62,7 +62,11 @@ __all__ = [
 ]
 
 CONTEXT = multiprocessing.get_context("forkserver")
-CONTEXT.set_forkserver_preload(["segq", __name__])
+# segq imports portalocker, psutil and recovery code only when used (issue 14);
+# children that drop to user nobody could not import them (this Python lives
+# under /root), so the fork server loads them, as a program that drops
+# privileges after start-up would have to.
+CONTEXT.set_forkserver_preload(["segq", "segq.recovery", "portalocker", "psutil", "encodings.ascii", __name__])
 
 CHILD_TIMEOUT = 60.0  # generous: a loaded 2-core CI machine
 

@@ -43,6 +43,20 @@ def test_encode_batch_matches_python(batch: list[bytes]) -> None:
     assert speedups.encode_batch(batch) == _format._python_encode_batch(batch)
 
 
+@given(st.lists(st.one_of(payloads, payloads.map(bytearray)), max_size=30), st.integers(-1, 320))
+def test_frame_batch_matches_python(batch: list[object], limit: int) -> None:
+    assert speedups.frame_batch(batch, limit) == _format._frame_batch(batch, limit)
+
+
+def test_frame_batch_frames_checks_sizes_and_leaves_other_types_to_the_caller() -> None:
+    assert speedups.frame_batch([b"a", b"bc"], 2) == _format._python_encode_batch([b"a", b"bc"])
+    assert speedups.frame_batch([b"a", b"bcd", b"efgh"], 2) == 3
+    assert speedups.frame_batch([b"a", memoryview(b"b")], 10) is None
+    assert speedups.frame_batch([], 10) == b""
+    with pytest.raises(TypeError):
+        speedups.frame_batch((b"a",), 10)
+
+
 @given(bodies, st.integers(0, 40))
 def test_frame_into_matches_python(payload: bytes, offset: int) -> None:
     size = offset + len(payload) + 8 + 5
@@ -128,3 +142,28 @@ def test_split_body_matches_python_on_any_bytes(noise: bytes, headers: dict[str,
             assert split is None
         else:
             assert split == expected
+_CRC_CHECK = """
+import os, random, zlib
+from segq import _speedups
+rng = random.Random(14)
+data = bytes(rng.getrandbits(8) for _ in range(70000))
+for start in range(0, 17):
+    for length in list(range(0, 260)) + [1023, 1024, 4096, 4104, 10800, 65536]:
+        view = memoryview(data)[start : start + length]
+        value = rng.getrandbits(32)
+        assert _speedups.crc32(view, value) == zlib.crc32(view, value), (start, length)
+"""
+
+
+@pytest.mark.parametrize("table_only", [False, True], ids=["clmul-if-the-cpu-has-it", "table"])
+def test_crc32_matches_zlib_at_every_length_and_alignment_on_both_paths(table_only: bool) -> None:
+    # The carry-less-multiply path takes runs of 64 bytes and more, in 16-byte
+    # steps from any alignment; SEGQ_NO_CLMUL forces the table path.
+    env = dict(os.environ)
+    env.pop("SEGQ_NO_CLMUL", None)
+    if table_only:
+        env["SEGQ_NO_CLMUL"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(_format.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", _CRC_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
