@@ -60,7 +60,10 @@ __all__ = [
     "WORD",
     "Control",
     "DEFAULT_SEGMENT_SIZE",
+    "CONTROL_MAGIC",
     "read_published_tail",
+    "published_tail",
+    "reset_header",
     "CONSUMER_SEGMENT_SIZE",
     "require_queue",
     "SEMAPHORE",
@@ -73,7 +76,7 @@ log = logging.getLogger(__name__)
 CONTROL_NAME = "segq.ctl"
 CONTROL_SIZE = 4096
 CONTROL_VERSION = 1
-_MAGIC = b"segq\x00ctl"
+CONTROL_MAGIC = b"segq\x00ctl"
 
 # Offsets into the control map (native byte order: the file never leaves
 # this machine and is rebuilt whenever no process has it open).
@@ -369,7 +372,7 @@ class Control:
             portalocker.lock(handle, portalocker.LockFlags.SHARED)
         else:
             magic, version, _ = _HEADER.unpack_from(self.map, 0)
-            if magic != _MAGIC:
+            if magic != CONTROL_MAGIC:
                 raise CorruptionError(self.path, 0, "control file has a bad magic number")
             if version != CONTROL_VERSION:
                 raise UnsupportedFormat(f"{self.path}: control format {version}, this segq reads {CONTROL_VERSION}")
@@ -401,7 +404,7 @@ class Control:
                 return True
             except portalocker.LockException:
                 wait_flock(handle.fileno(), self.path, shared=True, what="the control file, held by an opener or `segq recover`")
-            if os.pread(handle.fileno(), len(_MAGIC), 0) == _MAGIC or time.monotonic() > deadline:
+            if os.pread(handle.fileno(), len(CONTROL_MAGIC), 0) == CONTROL_MAGIC or time.monotonic() > deadline:
                 return False
             portalocker.unlock(handle)
             time.sleep(0.001 + 0.01 * os.urandom(1)[0] / 256)
@@ -410,8 +413,8 @@ class Control:
         """Recompute everything in the control file from the segments (we are alone)."""
         control = self.map
         magic, version, _ = _HEADER.unpack_from(control, 0)
-        known = magic == _MAGIC and version == CONTROL_VERSION
-        if magic == _MAGIC and version != CONTROL_VERSION:
+        known = magic == CONTROL_MAGIC and version == CONTROL_VERSION
+        if magic == CONTROL_MAGIC and version != CONTROL_VERSION:
             # No process has it open and it is only a cache: rebuild it in our format.
             log.warning("%s: control format %d, rebuilding it as format %d", self.path, version, CONTROL_VERSION)
         old_token = self.word(TOKEN) if known else 0
@@ -429,7 +432,7 @@ class Control:
         if created is None:
             log.debug("named semaphores unavailable; appends use flock")
         control[:CONTROL_SIZE] = bytes(CONTROL_SIZE)
-        _HEADER.pack_into(control, 0, _MAGIC, CONTROL_VERSION, 0)
+        _HEADER.pack_into(control, 0, CONTROL_MAGIC, CONTROL_VERSION, 0)
         WORD.pack_into(control, TOKEN, token)
         WORD.pack_into(control, TAIL, tail)
         WORD.pack_into(control, SYNCED, 0)
@@ -651,23 +654,41 @@ class Control:
 
 
 
-def read_published_tail(queue_dir: StrPath) -> Position | None:
-    """Return the tail last published in the queue's control file, read-only; None if unknown.
+# -- the header, for those who read the file without attaching (inspection, recovery) --
 
-    A snapshot for inspection: the file may be missing, unfinished, or of
-    another version, and then there is no answer rather than an error.
+
+def published_tail(fd: int) -> Position | None:
+    """Return the tail last published in the open control file ``fd``; None if the file is not a complete one of ours.
+
+    A snapshot: the file may be short (its builder was killed), reset, or
+    of another version, and then there is no answer rather than an error.
     """
+    if os.fstat(fd).st_size < CONTROL_SIZE:
+        return None
+    header = os.pread(fd, TAIL + WORD.size, 0)
+    if len(header) < TAIL + WORD.size:
+        return None
+    magic, version, _ = _HEADER.unpack_from(header, 0)
+    if magic != CONTROL_MAGIC or version != CONTROL_VERSION:
+        return None
+    return Position.from_word(WORD.unpack_from(header, TAIL)[0])
+
+
+def read_published_tail(queue_dir: StrPath) -> Position | None:
+    """Return the tail last published in the queue's control file, read-only; None if unknown (see :func:`published_tail`)."""
     try:
         fd = open_to_read(os.path.join(os.fspath(queue_dir), CONTROL_NAME))
     except OSError:
         return None
     try:
-        header = os.pread(fd, TAIL + WORD.size, 0)
+        return published_tail(fd)
     finally:
         os.close(fd)
-    if len(header) < TAIL + WORD.size:
-        return None
-    magic, version, _ = _HEADER.unpack_from(header, 0)
-    if magic != _MAGIC or version != CONTROL_VERSION:
-        return None
-    return Position.from_word(WORD.unpack_from(header, TAIL)[0])
+
+
+def reset_header(fd: int) -> None:
+    """Zero the header of the open control file ``fd``, so the next process to attach rebuilds it from the segments.
+
+    Only for a caller holding the file's ``flock`` exclusively (nobody attached).
+    """
+    os.pwrite(fd, bytes(CLEAN_CHECK + WORD.size), 0)

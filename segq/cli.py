@@ -36,8 +36,7 @@ import click
 
 from . import __version__
 from ._args import MAX_INTERVAL, MIN_INTERVAL, check_interval
-from ._control import _MAGIC as CONTROL_MAGIC
-from ._control import CONTROL_NAME
+from ._control import CONTROL_MAGIC, CONTROL_NAME
 from ._headers import encode_headers
 from ._inspect import existing_queue
 from ._scan import position_json

@@ -49,7 +49,7 @@ from typing import Any
 
 import portalocker
 
-from ._control import CONTROL_NAME, CONTROL_SIZE, TAIL, WORD, remove_semaphores
+from ._control import CONTROL_NAME, published_tail, remove_semaphores, reset_header
 from ._fs import fsync_directory, open_file, open_to_read
 from ._format import END_MARKER, HEADER_SIZE
 from ._inspect import (
@@ -219,19 +219,14 @@ class _ControlHold:
 
     def published_tail(self) -> Position | None:
         """Return the tail the attached processes last published, if the file is intact."""
-        if self.fd < 0 or os.fstat(self.fd).st_size < CONTROL_SIZE:
-            return None
-        header = os.pread(self.fd, 64, 0)
-        if header[:8] != b"segq\x00ctl":
-            return None
-        return Position.from_word(WORD.unpack_from(header, TAIL)[0])
+        return published_tail(self.fd) if self.fd >= 0 else None
 
     def invalidate(self) -> None:
         """Make the next opener rebuild the control file from the segments (only when alone)."""
         if self.fd < 0 or not self.alone:
             return
         remove_semaphores(os.path.dirname(self.path))
-        os.pwrite(self.fd, bytes(64), 0)
+        reset_header(self.fd)
         log.warning("%s: reset; the next process to open the queue rebuilds it", self.path)
 
     def release(self) -> None:
