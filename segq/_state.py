@@ -39,8 +39,6 @@ __all__ = [
     "check_name",
     "CURSOR_DIR",
     "read_position",
-    "register_cursor",
-    "delete_consumed_segments",
 ]
 
 CURSOR_DIR = "cursors"
@@ -326,68 +324,3 @@ def read_position(path: StrPath) -> Position:
     if size != _FILE_SIZE:
         raise CorruptionError(path, 0, f"cursor file is {size} bytes, expected {_FILE_SIZE}")
     return _newest_slot(path, data)[1]
-
-
-def _retention_lock(queue_dir: StrPath):  # type: ignore[no-untyped-def]
-    from ._flock import wait_flock
-
-    path = os.path.join(queue_dir, "segq.gc.lock")
-    handle = os.fdopen(open_file(path, os.O_RDWR, private=True), "r+b", buffering=0)
-    try:
-        wait_flock(handle.fileno(), path, what="segment deletion lock")
-    except BaseException:
-        handle.close()
-        raise
-    return handle
-
-
-def register_cursor(queue_dir: StrPath, kind: str, name: str) -> CursorFile:
-    """Open consumer ``name``'s cursor, creating it at the oldest retained record if new.
-
-    Registration and segment deletion take the same lock, so a new consumer
-    never starts in a segment that is being deleted.
-    """
-    from ._segment import list_segments
-
-    path = cursor_path(queue_dir, kind, name)
-    if os.path.exists(path):
-        return CursorFile(path)
-    with _retention_lock(queue_dir):
-        if os.path.exists(path):
-            return CursorFile(path)
-        segments = list_segments(queue_dir)
-        return CursorFile(path, initial=Position.bottom(segments[0] if segments else 0))
-
-
-def delete_consumed_segments(queue_dir: StrPath) -> list[int]:
-    """Delete every segment all registered consumers have committed past; return their numbers.
-
-    A consumer whose cursor cannot be read keeps everything (nothing is
-    deleted on a guess).
-    """
-    import logging
-
-    from ._segment import list_segments, segment_path
-
-    with _retention_lock(queue_dir):
-        floor = None
-        for _, _, path in list_cursors(queue_dir):
-            try:
-                position = read_position(path)
-            except SegqError:
-                return []
-            floor = position.segment if floor is None else min(floor, position.segment)
-        if floor is None:
-            return []
-        deleted = []
-        for number in list_segments(queue_dir):
-            if number >= floor:
-                break
-            try:
-                os.unlink(segment_path(queue_dir, number))
-            except FileNotFoundError:
-                continue  # another consumer got there first
-            deleted.append(number)
-        if deleted:
-            logging.getLogger(__name__).debug("%s: deleted consumed segments %s", queue_dir, deleted)
-        return deleted

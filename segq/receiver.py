@@ -45,7 +45,7 @@ import time
 from types import TracebackType
 from typing import Iterator
 
-from ._args import check_path, check_timeout
+from ._args import SyncPolicy, check_path, check_timeout, parse_sync
 from ._control import (
     CONSUMER_SEGMENT_SIZE,
     DATA_WAITERS,
@@ -62,17 +62,10 @@ from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._reader import RecordReader
 from ._segment import StrPath
-from ._state import (
-    Position,
-    check_name,
-    cursor_path,
-    delete_consumed_segments,
-    receiver_lock_path,
-    register_cursor,
-)
+from ._retention import delete_consumed_segments, register_cursor
+from ._state import Position, check_name, cursor_path, receiver_lock_path
 from ._wake import Waiter, Waker
 from .errors import Closed, CorruptionError, Empty, InvalidArgument, SegqError, UsageError
-from .sender import SyncPolicy, parse_sync
 
 __all__ = ["Receiver", "Message", "Batch"]
 

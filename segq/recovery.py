@@ -76,15 +76,8 @@ from ._segment import (
     queue_segment_size,
     segment_path,
 )
-from ._state import (
-    CursorFile,
-    Position,
-    check_name,
-    cursor_path,
-    delete_consumed_segments,
-    list_cursors,
-    receiver_lock_path,
-)
+from ._retention import delete_consumed_segments, delete_segments_below
+from ._state import CursorFile, Position, check_name, cursor_path, list_cursors, receiver_lock_path
 from .errors import CorruptionError, Locked, SegqError
 
 __all__ = [
@@ -690,8 +683,6 @@ def clear(path: StrPath, *, progress: Progress | None = None) -> ClearReport:
 
 
 def _clear_locked(queue_dir: str, receiver_names: list[str], progress: Progress | None) -> ClearReport:
-    from ._state import _retention_lock
-
     report = ClearReport(queue_dir)
     before = info(queue_dir, scan=True, progress=progress)
     report.dropped_records = max(
@@ -723,9 +714,5 @@ def _clear_locked(queue_dir: str, receiver_names: list[str], progress: Progress 
     if receiver_names:
         report.deleted_segments = delete_consumed_segments(queue_dir)
     else:
-        with _retention_lock(queue_dir):
-            for number in list_segments(queue_dir):
-                if number < target.segment:
-                    os.unlink(segment_path(queue_dir, number))
-                    report.deleted_segments.append(number)
+        report.deleted_segments = delete_segments_below(queue_dir, target.segment)
     return report

@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import Iterable, Mapping, Union
 
 from . import _format, _segment
-from ._args import MAX_INTERVAL, MIN_INTERVAL, check_interval, check_path, check_timeout
+from ._args import SyncPolicy, check_path, check_timeout, parse_sync
 from ._control import (
     DATA_WAITERS,
     DATA_WAITING,
@@ -52,7 +52,6 @@ from .errors import Closed, Full, InvalidArgument, RecordTooLarge, SegqError
 
 __all__ = ["Sender", "SyncPolicy", "parse_sync", "DEFAULT_MAX_RECORD_SIZE"]
 
-SyncPolicy = Union[str, float, int]
 DEFAULT_MAX_RECORD_SIZE = 8 << 20
 _MAX_BATCH = SEGMENT_SIZE_LIMIT - mmap.PAGESIZE - SEGMENT_HEADER_SIZE - HEADER_SIZE  # what one segment can address
 _registration_counter = itertools.count()
@@ -74,21 +73,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         written = os.pwrite(fd, data, offset)
         data = data[written:]
         offset += written
-
-
-def parse_sync(sync: SyncPolicy) -> float | None:
-    """Return the group-commit interval of a sync policy: 0 for "always", None for "never"."""
-    if sync == "never":
-        return None
-    if sync == "always":
-        return 0.0
-    if isinstance(sync, (int, float)) and not isinstance(sync, bool):
-        return check_interval(sync, "sync")
-    raise InvalidArgument(
-        f"bad sync policy {sync!r}: use 'never', 'always' or a number of seconds from "
-        f"{MIN_INTERVAL} to {MAX_INTERVAL:g}",
-        name="sync",
-    )
 
 
 class Sender:

@@ -78,7 +78,8 @@ from ._journal import END, RETURNS, SEALED_MARK, Journal, Kind, entry, entry_pre
 from ._liveness import Liveness, my_owner
 from ._reader import RecordReader
 from ._segment import StrPath, os_error, segment_path
-from ._state import Position, check_name, cursor_path, delete_consumed_segments, register_cursor
+from ._retention import delete_consumed_segments, register_cursor
+from ._state import Position, check_name, cursor_path
 from ._wake import Waiter, Waker
 from .errors import ClaimLost, Closed, CorruptionError, Empty, InvalidArgument, Locked, SegqError, UsageError
 from .sender import Sender, SyncPolicy, parse_sync
