@@ -20,7 +20,8 @@ import random
 import time
 
 import pytest
-from _harness import Fleet, Ledger, drain, record_figure
+from _fleet import Fleet, Ledger
+from _harness import drain, record_figure
 
 import segq
 
@@ -191,7 +192,8 @@ def test_sender_killed_in_a_rollover(tmp_path: pathlib.Path, point: str, then: s
     to N.  Either way the queue must go on from N: nothing is lost, nothing
     unsent appears, and readers are not stuck at N's missing end marker.
     """
-    from _harness import call_in_child, read_journal, send_until_killed_in_rollover
+    from _calls import call_in_child, send_until_killed_in_rollover
+    from _harness import read_journal
 
     path = str(tmp_path / "queue")
     prepare_queue(path, ["default"], 1024)

@@ -30,15 +30,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from _harness import (
-    DurableState,
-    call_in_child,
-    parse_record,
-    powerloss_receiver,
-    powerloss_sender,
-    read_durability_journal,
-    record_figure,
-)
+from _calls import call_in_child
+from _harness import parse_record, record_figure
+from _powerloss import DurableState, powerloss_receiver, powerloss_sender, read_durability_journal
 
 import segq
 
