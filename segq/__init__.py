@@ -10,6 +10,7 @@ from .errors import (
     ClaimLost,
     Closed,
     CorruptionError,
+    DuplicateJobId,
     Empty,
     Full,
     InvalidArgument,
@@ -27,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from . import recovery
     from .aio import AsyncBatch, AsyncJob, AsyncJobBatch, AsyncMessage, AsyncReceiver, AsyncSender, AsyncWorkQueue
-    from .workqueue import DeadLetter, Job, JobBatch, WorkQueue
+    from ._options import Enqueued
+    from .workqueue import DeadLetter, GroupStats, Job, JobBatch, WorkQueue
 
 __all__ = [
     "Sender",
@@ -46,6 +48,9 @@ __all__ = [
     "InvalidArgument",
     "Closed",
     "ClaimLost",
+    "DuplicateJobId",
+    "Enqueued",
+    "GroupStats",
     "WorkQueue",
     "Job",
     "JobBatch",
@@ -69,6 +74,8 @@ _LAZY = {
     "Job": "workqueue",
     "JobBatch": "workqueue",
     "DeadLetter": "workqueue",
+    "GroupStats": "workqueue",
+    "Enqueued": "_options",
     "recovery": "recovery",
     "AsyncSender": "aio",
     "AsyncReceiver": "aio",

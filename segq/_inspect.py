@@ -19,7 +19,7 @@ from ._fs import open_to_read
 from ._lock import read_owner
 from ._scan import Damage, Progress, QueueScans, Repair, missing_segments, position_json, scan_segment
 from ._segment import StrPath, dirty_end_in_file, list_segments, segment_path
-from ._state import CURSOR_DIR, Position, cursor_path, list_cursors, read_position
+from ._state import CURSOR_DIR, ConsumerKind, Position, cursor_path, list_cursors, read_position
 from .errors import CorruptionError, SegqError
 
 __all__ = [
@@ -52,7 +52,7 @@ def existing_queue(path: StrPath) -> str:
     return queue_dir
 
 
-def saved_position(queue_dir: str, kind: str, name: str) -> tuple[bool, Position | None, str | None]:
+def saved_position(queue_dir: str, kind: ConsumerKind, name: str) -> tuple[bool, Position | None, str | None]:
     """Return (registered, saved position or None, why it could not be read); reads only."""
     path = cursor_path(queue_dir, kind, name)
     if not os.path.exists(path):
@@ -84,7 +84,7 @@ def _lock_role(queue_dir: str, path: str) -> str:
     relative = os.path.relpath(path, queue_dir)
     directory, name = os.path.split(relative)
     if directory == CURSOR_DIR and name[1:2] == ".":
-        kind = {"r": "receiver", "g": "group"}.get(name[0], "consumer")
+        kind = next((known.role for known in ConsumerKind if known.value == name[0]), "consumer")
         return f"{kind} {name[2 : -len('.lock')]!r}"
     if directory == "senders":
         return "sender"
@@ -315,7 +315,7 @@ def _summary(queue_dir: str) -> QueueInfo:
     tail = Position(table[-1][0], table[-1][2] + SEGMENT_HEADER_SIZE) if table else Position.bottom(0)
     consumers = []
     for kind, name, _ in list_cursors(queue_dir):
-        role = {"r": "receiver", "g": "group"}.get(kind, kind)
+        role = kind.role
         _, saved, problem = saved_position(queue_dir, kind, name)
         if saved is None:
             consumers.append(ConsumerInfo(role, name, None, None, 0, problem))
@@ -341,11 +341,11 @@ def _summary(queue_dir: str) -> QueueInfo:
     )
 
 
-def _groups(queue_dir: str, kinds: list[str]) -> list[dict[str, Any]]:
+def _groups(queue_dir: str, kinds: list[ConsumerKind]) -> list[dict[str, Any]]:
     """Describe each work-queue group; one that cannot be read (permissions) says why instead."""
-    if "g" not in kinds and not os.path.isdir(os.path.join(queue_dir, "groups")):
+    if ConsumerKind.GROUP not in kinds and not os.path.isdir(os.path.join(queue_dir, "groups")):
         return []
-    from ._groupadmin import group_info, list_groups
+    from .workqueue._admin import group_info, list_groups
 
     described = []
     for group in list_groups(queue_dir):
@@ -388,7 +388,7 @@ def info(path: StrPath, *, scan: bool = False, progress: Progress | None = None)
         tail = Position.bottom(0)
     consumers = []
     for kind, name, (_, saved, problem) in cursors:
-        role = {"r": "receiver", "g": "group"}.get(kind, kind)
+        role = kind.role
         if saved is None:
             consumers.append(ConsumerInfo(role, name, None, 0, 0, problem))
             continue

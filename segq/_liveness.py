@@ -20,10 +20,11 @@ import select
 import time
 from typing import Collection, Iterable
 
-from ._claims import Owner
 from ._lock import process_is_alive, process_start_time
 
-__all__ = ["Liveness", "my_owner"]
+__all__ = ["Owner", "Liveness", "my_owner"]
+
+Owner = tuple[int, float]  # PID and process start time: a reused PID is another owner
 _POLL_INTERVAL = 0.2
 
 

@@ -24,7 +24,7 @@ from io import FileIO
 from ._flock import wait_flock
 from ._fs import open_file
 from ._segment import StrPath, list_segments, segment_path
-from ._state import CursorFile, Position, cursor_path, list_cursors, read_position
+from ._state import ConsumerKind, CursorFile, Position, cursor_path, list_cursors, read_position
 from .errors import SegqError
 
 __all__ = ["retention_lock", "register_cursor", "delete_consumed_segments", "delete_segments_below"]
@@ -49,7 +49,7 @@ def retention_lock(queue_dir: StrPath) -> FileIO:
     return handle
 
 
-def register_cursor(queue_dir: StrPath, kind: str, name: str) -> CursorFile:
+def register_cursor(queue_dir: StrPath, kind: ConsumerKind, name: str) -> CursorFile:
     """Open consumer ``name``'s cursor, creating it at the oldest retained record if new."""
     path = cursor_path(queue_dir, kind, name)
     if os.path.exists(path):

@@ -15,6 +15,7 @@ never garbage.  Durability against power loss comes from ``sync`` (msync).
 
 from __future__ import annotations
 
+import enum
 import errno
 import mmap
 import os
@@ -33,6 +34,7 @@ __all__ = [
     "word_segment",
     "word_offset",
     "CursorFile",
+    "ConsumerKind",
     "cursor_path",
     "receiver_lock_path",
     "list_cursors",
@@ -110,17 +112,32 @@ def check_name(name: str, what: str = "receiver name") -> str:
     return name
 
 
-def cursor_path(queue_dir: StrPath, kind: str, name: str) -> str:
-    """Return the cursor file of consumer ``name`` of ``kind`` ("r" receiver, "g" group)."""
-    return os.path.join(queue_dir, CURSOR_DIR, f"{kind}.{name}.pos")
+class ConsumerKind(str, enum.Enum):
+    """What a consumer is; the value is the first letter of its cursor file's name."""
+
+    RECEIVER = "r"
+    GROUP = "g"
+
+    @property
+    def role(self) -> str:
+        """The word for it in reports: "receiver" or "group"."""
+        return self.name.lower()
+
+
+def cursor_path(queue_dir: StrPath, kind: ConsumerKind, name: str) -> str:
+    """Return the cursor file of consumer ``name`` of ``kind``."""
+    return os.path.join(queue_dir, CURSOR_DIR, f"{ConsumerKind(kind).value}.{name}.pos")
 
 
 def receiver_lock_path(queue_dir: StrPath, name: str) -> str:
     """Return the lock file a live Receiver of ``name`` holds: its cursor's name, ending ``.lock``."""
-    return cursor_path(queue_dir, "r", name)[: -len(".pos")] + ".lock"
+    return cursor_path(queue_dir, ConsumerKind.RECEIVER, name)[: -len(".pos")] + ".lock"
 
 
-def list_cursors(queue_dir: StrPath) -> list[tuple[str, str, str]]:
+_KIND_LETTERS = {kind.value for kind in ConsumerKind}
+
+
+def list_cursors(queue_dir: StrPath) -> list[tuple[ConsumerKind, str, str]]:
     """Return ``(kind, name, path)`` of every consumer registered in ``queue_dir``."""
     directory = os.path.join(queue_dir, CURSOR_DIR)
     try:
@@ -131,8 +148,8 @@ def list_cursors(queue_dir: StrPath) -> list[tuple[str, str, str]]:
         raise os_error(error, "list", directory) from None
     found = []
     for file_name in names:
-        if file_name.endswith(".pos") and file_name[1:2] == ".":
-            found.append((file_name[0], file_name[2:-4], os.path.join(directory, file_name)))
+        if file_name.endswith(".pos") and file_name[1:2] == "." and file_name[0] in _KIND_LETTERS:
+            found.append((ConsumerKind(file_name[0]), file_name[2:-4], os.path.join(directory, file_name)))
     return found
 
 

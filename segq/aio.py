@@ -100,7 +100,8 @@ from typing import Any, TypeVar
 from ._args import SyncPolicy, check_timeout, parse_sync
 from ._control import DATA_WAITERS, ROOM_WAITERS
 from ._format import HEADER_SIZE, as_payload
-from ._jobs import Job, JobBatch, JobState, reason_of
+from .workqueue._jobs import Job, JobBatch, JobState, reason_of
+from .workqueue._stats import GroupStats
 from ._segment import DEFAULT_SEGMENT_SIZE, StrPath
 from ._state import Position
 from ._wake import Waiter
@@ -756,6 +757,21 @@ class AsyncJob(_AsyncHold):
         return self._item.headers
 
     @property
+    def id(self) -> str:
+        """The job's id (see ``Job.id``)."""
+        return self._item.id
+
+    @property
+    def priority(self) -> int:
+        """The job's priority, 0 to 9."""
+        return self._item.priority
+
+    @property
+    def run_at(self) -> float | None:
+        """When the job was scheduled to run (seconds since the epoch), None if at once."""
+        return self._item.run_at
+
+    @property
     def attempt(self) -> int:
         """How many times the record was claimed, this claim included (from 1)."""
         return self._item.attempt
@@ -922,6 +938,10 @@ class AsyncWorkQueue(_LoopOwner):
         return self._queue.max_attempts
 
     # -- claiming --------------------------------------------------------
+
+    def stats(self) -> "GroupStats":
+        """Return where the group's jobs are (``WorkQueue.stats``; a short lock, never a wait)."""
+        return self._queue.stats()
 
     async def claim(self, timeout: float | None = None) -> AsyncJob:
         """Return the next record to work on, waiting on the loop; ``Empty`` after ``timeout`` seconds.

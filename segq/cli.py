@@ -41,7 +41,7 @@ from ._headers import encode_headers
 from ._inspect import existing_queue
 from ._scan import position_json
 from ._segment import MIN_SEGMENT_SIZE, SEGMENT_SIZE_LIMIT, list_segments, queue_segment_size
-from ._state import CURSOR_DIR, check_name, list_cursors, receiver_lock_path
+from ._state import CURSOR_DIR, ConsumerKind, check_name, list_cursors, receiver_lock_path
 from .errors import Empty, SegqError
 from .receiver import Message, Receiver
 from .sender import Sender
@@ -867,6 +867,14 @@ def info(path: str, as_json: bool, scan: bool) -> None:
             f"group      {group.get('group')}: {len(group.get('claims', []))} claims in flight, "
             f"{len(group.get('waiting', []))} waiting, {group.get('dead_letters_pending', 0)} dead letters pending"
         )
+        stats = group.get("stats")
+        if stats:
+            age = stats["oldest_pending_age"]
+            click.echo(
+                f"           jobs: {stats['pending']} pending, {stats['scheduled']} scheduled, "
+                f"{stats['claimed']} claimed, {stats['retrying']} retrying, {stats['done']} done, {stats['dead']} dead"
+                + (f"; oldest pending {age:.1f} s" if age is not None else "")
+            )
 
 
 @cli.command()
@@ -934,14 +942,11 @@ def recover(path: str, name: str, loss: bool, dry_run: bool, as_json: bool) -> N
     strategy = recovery.recover_with_loss if loss else recovery.recover
     with _progress("scanning", recovery.queue_bytes(path)) as progress:
         report = strategy(path, name, dry_run=dry_run, progress=progress)
-    # Work-queue groups are consumers too: give back dead workers' claims and
-    # repair their journals (replay strategy: nothing acked is lost).
-    groups = [recovery.recover_group(path, group, dry_run=dry_run) for group in recovery.list_groups(path)]
     if as_json:
-        _print_json({**report.to_json(), "groups": [group.to_dict() for group in groups]})
+        _print_json(report.to_json())
         return
     _print_recovery(report)
-    for group in groups:
+    for group in report.groups:
         for repair in group.repairs:
             click.echo(f"  group      {group.group!r}: {repair}")
         if group.returned:
@@ -1013,9 +1018,9 @@ def requeue_dead(path: str, group: str, dead_letter: str | None, count: int | No
 
 def _group_admin() -> Any:
     """Return the module of the work-queue group admin calls (list_groups, group_info, requeue_dead)."""
-    from . import _groupadmin  # the one place that says where the group admin lives
+    from .workqueue import _admin  # the one place that says where the group admin lives
 
-    return _groupadmin
+    return _admin
 
 
 def _require_group(queue_dir: str, group: str) -> None:
@@ -1076,7 +1081,7 @@ def remove_receiver(path: str, name: str) -> None:
     the PID, while a live process has that receiver open.
     """
     queue_dir = existing_queue(path)
-    names = [found for kind, found, _ in list_cursors(queue_dir) if kind == "r"]
+    names = [found for kind, found, _ in list_cursors(queue_dir) if kind is ConsumerKind.RECEIVER]
     if name not in names:
         listed = f"its receivers: {', '.join(names)}" if names else "it has none"
         raise CommandError(f"{queue_dir} has no receiver {name!r} ({listed})")

@@ -17,6 +17,7 @@ __all__ = [
     "InvalidArgument",
     "Closed",
     "ClaimLost",
+    "DuplicateJobId",
 ]
 
 
@@ -86,3 +87,11 @@ class Closed(UsageError):
 
 class ClaimLost(SegqError):
     """A work-queue claim is no longer held: its lease ran out and the record went back."""
+
+
+class DuplicateJobId(SegqError):
+    """``enqueue(job_id=...)`` named an id a job in the dedup window already has; nothing was written."""
+
+    def __init__(self, message: str, *, job_id: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id

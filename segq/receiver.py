@@ -63,7 +63,7 @@ from ._lock import LockFile
 from ._reader import RecordReader
 from ._segment import StrPath
 from ._retention import delete_consumed_segments, register_cursor
-from ._state import Position, check_name, cursor_path, receiver_lock_path
+from ._state import ConsumerKind, Position, check_name, cursor_path, receiver_lock_path
 from ._wake import Waiter, Waker
 from .errors import Closed, CorruptionError, Empty, InvalidArgument, SegqError, UsageError
 
@@ -229,7 +229,7 @@ class Receiver:
             self._directory_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
             make_dir(self.path, os.path.basename(os.path.dirname(self._lock.path)))
             self._lock.acquire()
-            self._cursor = register_cursor(self.path, "r", name)
+            self._cursor = register_cursor(self.path, ConsumerKind.RECEIVER, name)
             position = self._cursor.position
             if position.word > self._control.words[TAIL_INDEX]:
                 self._cursor.close()
@@ -574,7 +574,7 @@ class Receiver:
         lock.acquire()
         try:
             try:
-                os.unlink(cursor_path(path, "r", name))
+                os.unlink(cursor_path(path, ConsumerKind.RECEIVER, name))
             except FileNotFoundError:
                 return
             delete_consumed_segments(path)

@@ -64,7 +64,7 @@ from ._inspect import (
     saved_position,
     verify,
 )
-from ._groupadmin import GroupRecovery, list_groups, recover_group
+from .workqueue._admin import GroupRecovery, list_groups, recover_group, recover_groups
 from ._lock import LockFile, unlock
 from ._scan import Damage, Progress, QueueScans, Repair, SegmentScan, missing_segments, position_json, scan_segment
 from ._segment import (
@@ -77,7 +77,7 @@ from ._segment import (
     segment_path,
 )
 from ._retention import delete_consumed_segments, delete_segments_below
-from ._state import CursorFile, Position, check_name, cursor_path, list_cursors, receiver_lock_path
+from ._state import ConsumerKind, CursorFile, Position, check_name, cursor_path, list_cursors, receiver_lock_path
 from .errors import CorruptionError, Locked, SegqError
 
 __all__ = [
@@ -262,7 +262,7 @@ def guess_recv_metadata(path: StrPath, name: str = "default") -> Position:
     start.  Reads only.
     """
     queue_dir = existing_queue(path)
-    _, saved, _ = saved_position(queue_dir, "r", check_name(name))
+    _, saved, _ = saved_position(queue_dir, ConsumerKind.RECEIVER, check_name(name))
     return _replay_position(QueueScans(queue_dir), saved)
 
 
@@ -309,12 +309,16 @@ class RecoveryReport:
     deleted_segments: list[int] = field(default_factory=list)
     in_use: list[LockHolder] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    groups: list[GroupRecovery] = field(default_factory=list)  # every work-queue group, replay strategy
 
     @property
     def changed(self) -> bool:
         """True if anything was (or, in a dry run, would be) written."""
         moved = any(self.previous.get(name) != position for name, position in self.receivers.items())
-        return bool(self.unlocked or self.cut or self.sealed or self.created or self.deleted_segments or moved)
+        repaired_groups = any(group.repairs for group in self.groups)
+        return bool(
+            self.unlocked or self.cut or self.sealed or self.created or self.deleted_segments or moved or repaired_groups
+        )
 
     def to_json(self) -> dict[str, Any]:
         """Return the report as a JSON-ready dict (the stable ``segq recover --json`` output)."""
@@ -335,6 +339,7 @@ class RecoveryReport:
             "deleted_segments": self.deleted_segments,
             "in_use": [holder.to_json() for holder in self.in_use],
             "notes": self.notes,
+            "groups": [group.to_dict() for group in self.groups],
         }
 
 
@@ -397,7 +402,7 @@ def _recover(path: StrPath, name: str, *, loss: bool, dry_run: bool, progress: P
     dead = [holder for holder in holders if not holder.alive]
     report.unlocked = dead if dry_run else [holder for holder in dead if _unlock_quietly(holder.path)]
     receiver_lock = None
-    if not dry_run and os.path.exists(cursor_path(queue_dir, "r", name)):
+    if not dry_run and os.path.exists(cursor_path(queue_dir, ConsumerKind.RECEIVER, name)):
         receiver_lock = LockFile(lock_path, what=f"receiver {name!r}")
         receiver_lock.acquire()  # a Receiver of this name cannot open until we are done
     try:
@@ -408,14 +413,14 @@ def _recover(path: StrPath, name: str, *, loss: bool, dry_run: bool, progress: P
                     holder for holder in lock_holders(queue_dir) if holder.alive and holder.path != lock_path
                 ]
             scans = QueueScans(queue_dir, progress)
-            registered, saved, problem = saved_position(queue_dir, "r", name)
+            registered, saved, problem = saved_position(queue_dir, ConsumerKind.RECEIVER, name)
             if saved is not None and saved.segment in scans.segments:
                 scans.marks.setdefault(saved.segment, set()).add(saved.offset)
             reset_control = _repair_segments(scans, control, report)
             if registered:
                 _recover_receiver(scans, control, report, name, saved, problem, loss)
             else:
-                others = [other for kind, other, _ in list_cursors(queue_dir) if kind == "r"]
+                others = [other for kind, other, _ in list_cursors(queue_dir) if kind is ConsumerKind.RECEIVER]
                 report.notes.append(
                     f"no receiver named {name!r} is registered"
                     + (f" (registered: {', '.join(others)})" if others else "")
@@ -432,6 +437,9 @@ def _recover(path: StrPath, name: str, *, loss: bool, dry_run: bool, progress: P
     finally:
         if receiver_lock is not None:
             receiver_lock.release()
+    # Work-queue groups are consumers too: give back dead workers' claims and
+    # repair their journals (replay strategy, whichever the receiver's: nothing acked is lost).
+    report.groups = recover_groups(queue_dir, dry_run=dry_run)
     return report
 
 
@@ -587,7 +595,7 @@ def _recover_receiver(
             position = target
     report.receivers[name] = position
     if position != saved and not report.dry_run:
-        _write_cursor(cursor_path(scans.queue_dir, "r", name), position)
+        _write_cursor(cursor_path(scans.queue_dir, ConsumerKind.RECEIVER, name), position)
         log.warning("receiver %r of %s: restarts at %s (was %s)", name, scans.queue_dir, position, saved)
     ahead = _first_damage_from(scans, position)
     if ahead is not None:
@@ -663,13 +671,13 @@ def clear(path: StrPath, *, progress: Progress | None = None) -> ClearReport:
     """
     queue_dir = existing_queue(path)
     cursors = list_cursors(queue_dir)
-    groups = [name for kind, name, _ in cursors if kind == "g"]
+    groups = [name for kind, name, _ in cursors if kind is ConsumerKind.GROUP]
     if groups:
         raise SegqError(
             f"{queue_dir} has work-queue groups ({', '.join(groups)}); clear handles receivers only: "
             f"remove the groups first (`segq remove-group {queue_dir} GROUP`, or segq.WorkQueue.remove)"
         )
-    receiver_names = [name for kind, name, _ in cursors if kind == "r"]
+    receiver_names = [name for kind, name, _ in cursors if kind is ConsumerKind.RECEIVER]
     locks = []
     try:
         for name in receiver_names:
@@ -708,7 +716,7 @@ def _clear_locked(queue_dir: str, receiver_names: list[str], progress: Progress 
     finally:
         control.release()
     for name in receiver_names:
-        _write_cursor(cursor_path(queue_dir, "r", name), target)
+        _write_cursor(cursor_path(queue_dir, ConsumerKind.RECEIVER, name), target)
         report.receivers[name] = target
         log.warning("receiver %r of %s: cleared, now at %s", name, queue_dir, target)
     if receiver_names:

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from types import TracebackType
-from typing import Iterable, Mapping, Union
+from typing import TYPE_CHECKING, Iterable, Mapping, Union
 
 from . import _format, _segment
 from ._args import SyncPolicy, check_path, check_timeout, parse_sync
@@ -48,6 +48,10 @@ from ._lock import LockFile
 from ._segment import DEFAULT_SEGMENT_SIZE, MIN_SEGMENT_SIZE, SEGMENT_SIZE_LIMIT, MappedSegment, StrPath
 from ._state import Position, list_cursors, read_position, word_offset, word_segment
 from ._wake import Waiter, Waker
+
+if TYPE_CHECKING:
+    from ._enqueue import DedupIndex
+    from ._options import Enqueued, TimeLike
 from .errors import Closed, Full, InvalidArgument, RecordTooLarge, SegqError
 
 __all__ = ["Sender", "SyncPolicy", "parse_sync", "DEFAULT_MAX_RECORD_SIZE"]
@@ -98,9 +102,15 @@ class Sender:
         max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
         sync: SyncPolicy = "never",
         max_queue_bytes: int | None = None,
+        dedup_window: float = 120.0,
     ) -> None:
         self._closed = True
         self.path = check_path(path)
+        if isinstance(dedup_window, bool) or not isinstance(dedup_window, (int, float)) or not 0 <= dedup_window < 1e9:
+            raise InvalidArgument(f"dedup_window must be a finite number of seconds >= 0, not {dedup_window!r}")
+        self.dedup_window = float(dedup_window)
+        self._enqueue_lock = threading.Lock()
+        self._dedup: DedupIndex | None = None
         if not isinstance(segment_size, int) or not MIN_SEGMENT_SIZE <= segment_size < SEGMENT_SIZE_LIMIT:
             raise InvalidArgument(f"segment_size must be an int from {MIN_SEGMENT_SIZE} bytes to 4 GiB, not {segment_size!r}")
         capacity = segment_size - SEGMENT_HEADER_SIZE - 2 * HEADER_SIZE
@@ -217,6 +227,51 @@ class Sender:
         if self._sync_always:
             self._sync_through(end_word)
 
+    def enqueue(
+        self,
+        data: bytes,
+        *,
+        run_at: "TimeLike | None" = None,
+        delay: float | None = None,
+        priority: int = 0,
+        dedup_key: str | None = None,
+        job_id: str | None = None,
+        headers: Mapping[str, HeaderValue] | None = None,
+    ) -> "Enqueued":
+        """Send ``data`` as a work-queue job with options; return its ``Enqueued(id, duplicate)``.
+
+        ``run_at`` (a UTC datetime or epoch seconds) or ``delay`` (seconds):
+        not claimable before then.  ``priority`` 0..9, higher first.
+        ``dedup_key``: while a job with that key is pending, claimed, or was
+        settled less than ``dedup_window`` seconds ago, nothing is written and
+        the existing job's id comes back with ``duplicate=True``, across
+        processes and crashes.  ``job_id``: the id instead of the default (the
+        record's position); one in use raises ``DuplicateJobId``.  Options
+        travel as reserved ``segq-`` headers beside ``headers``.  Bad options
+        raise ``InvalidArgument`` and write nothing.  The default id of a
+        job enqueued with neither key nor id is read after the send: give a
+        Sender shared by threads a ``job_id`` if the ids matter.
+        """
+        from ._enqueue import enqueue
+
+        return enqueue(
+            self,
+            data,
+            run_at=run_at,
+            delay=delay,
+            priority=priority,
+            dedup_key=dedup_key,
+            job_id=job_id,
+            headers=headers,
+        )
+
+    def _dedup_index(self) -> "DedupIndex":
+        if self._dedup is None:
+            from ._enqueue import DedupIndex
+
+            self._dedup = DedupIndex(self._control, self.dedup_window)
+        return self._dedup
+
     def _refuse(self, size: int) -> None:
         if self._closed:
             raise Closed("send() on a closed Sender")
@@ -271,6 +326,23 @@ class Sender:
                 size=len(blob),
                 limit=_MAX_BATCH,
             )
+        self._append_framed(blob, timeout)
+
+    def _append_one(self, payload: bytes) -> int:
+        """Append one record (already a payload, as ``send`` takes it); return its start position word.
+
+        For ``enqueue``, whose default job id is the record's position: unlike
+        reading ``_last_word`` after a ``send``, this is right even while other
+        threads send through the same Sender.
+        """
+        if self._closed:
+            raise Closed("enqueue() on a closed Sender")
+        if len(payload) > self._size_limit:
+            self._refuse(len(payload))
+        return self._append_framed(_format.encode_batch([payload]), None)
+
+    def _append_framed(self, blob: bytes, timeout: float | None) -> int:
+        """Append framed records ``blob`` as one contiguous write; return the position word it starts at."""
         if self.max_queue_bytes is not None:
             self._wait_for_room(len(blob), timeout)
         words = self._words
@@ -302,6 +374,7 @@ class Sender:
             self._waker.wake(DATA_WAITERS)
         if self._sync_always:
             self._sync_through(end_word)
+        return word
 
     def _pwrite_framed(self, offset: int, framed: bytes) -> None:
         """Write framed records at file ``offset`` with ``pwrite``: all but the first header, then that header.
@@ -582,6 +655,8 @@ class Sender:
             self._size_limit = -1
             if self._room_waiter is not None:
                 self._room_waiter.close()
+            if self._dedup is not None:
+                self._dedup.close()
             self._waker.close()
             self._close_segment()
             self._close_sync_fd()

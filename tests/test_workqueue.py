@@ -16,8 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import segq
-from segq import _journal, workqueue
-from segq._claims import TRANSITIONS, Event, RecordState
+from segq import workqueue
+from segq.workqueue import _journal
+from segq._state import ConsumerKind, list_cursors
+from segq.workqueue._claims import TRANSITIONS, Event, GroupState, IllegalTransition, RecordState
 from segq.workqueue import DeadLetter, JobState, WorkQueue, group_info, list_groups, recover_group, requeue_dead
 
 SEGMENT_SIZE = 512
@@ -391,6 +393,47 @@ def test_transition_tables_are_complete_for_what_the_code_does() -> None:
     assert {state for state, _ in workqueue.JOB_TRANSITIONS} == {JobState.HELD}
 
 
+def test_the_record_table_decides_a_transition_not_an_if(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = GroupState(100, 100)
+    state.claim(1, 10.0, (1, 1.0), 100, 200, 1)
+    state.give_back(100, 1, 0.0, 1, "nacked")
+    monkeypatch.delitem(TRANSITIONS, (RecordState.WAITING, Event.CLAIM))
+    with pytest.raises(IllegalTransition) as caught:
+        state.claim(2, 10.0, (1, 1.0), 100, 200, 2)
+    assert (caught.value.state, caught.value.event) == (RecordState.WAITING, Event.CLAIM)
+    assert "cannot claim the record at segment 0 offset 100: it is waiting" in str(caught.value)
+
+
+def test_an_event_the_record_table_lacks_names_the_event_and_the_state() -> None:
+    state = GroupState(100, 100)
+    state.claim(1, 10.0, (1, 1.0), 100, 200, 1)
+    state.settle(100, 1)
+    with pytest.raises(IllegalTransition, match="cannot ack the record at segment 0 offset 100: it is passed"):
+        state.settle(100, 1)
+    with pytest.raises(IllegalTransition, match="cannot renew the record at segment 0 offset 300: it is pending"):
+        state.renew(300, 1, 20.0)
+
+
+def test_the_job_table_decides_what_a_worker_may_do(queue_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fill(queue_dir, 2)
+    with WorkQueue(queue_dir) as queue:
+        job = queue.claim(timeout=1)
+        monkeypatch.delitem(workqueue.JOB_TRANSITIONS, (JobState.HELD, "renew"))
+        with pytest.raises(segq.UsageError, match="cannot renew the job at .*: it is already held"):
+            job.renew()
+        job.ack()
+        with pytest.raises(segq.UsageError, match="cannot nack the job at .*: it is already acked"):
+            job.nack()
+
+
+def test_consumer_kinds_are_an_enum_naming_the_cursor_files(queue_dir: pathlib.Path) -> None:
+    fill(queue_dir, 1)
+    with WorkQueue(queue_dir, "workers"), segq.Receiver(queue_dir, "reader"):
+        kinds = {name: kind for kind, name, _ in list_cursors(queue_dir)}
+    assert kinds == {"workers": ConsumerKind.GROUP, "reader": ConsumerKind.RECEIVER}
+    assert (queue_dir / "cursors" / "g.workers.pos").exists()
+
+
 def test_remove_unregisters_a_closed_group(queue_dir: pathlib.Path) -> None:
     fill(queue_dir, 200)
     queue = WorkQueue(queue_dir, "gone")
@@ -507,8 +550,7 @@ def test_a_cut_journal_gives_claims_again_never_loses_them(queue_dir: pathlib.Pa
     later.now = time.time() + 3600  # the claim whose ack was cut has run out of lease
     with WorkQueue(queue_dir, clock=later) as other:
         assert drain(other) == [b"r1", b"r2"]
-    queue._closed = True  # abandoned, as a killed process would leave it
-    queue._release_files()
+    queue._abandon()  # as a killed process would leave it
 
 
 def test_a_missing_journal_is_rebuilt_at_the_mark(queue_dir: pathlib.Path) -> None:

@@ -32,7 +32,7 @@ REPO = str(pathlib.Path(segq.__file__).resolve().parent.parent)
 WORKER = r"""
 import os, random, sys, time
 import segq
-from segq import _journal
+from segq.workqueue import _journal
 _journal.DEFAULT_CAPACITY = 4096  # compact often, so kills land mid-compaction too
 path, log_path, lease, max_attempts, hold, batch = sys.argv[1:7]
 log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -31,8 +31,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, precondition, rule
 
 import segq
-from segq import _journal, workqueue
-from segq._claims import load_state
+from segq import workqueue
+from segq.workqueue import _journal, _queue
+from segq.workqueue._claims import load_state
 from segq.workqueue import DeadLetter, Job, JobState, WorkQueue
 
 SEGMENT_SIZE = 256
@@ -71,17 +72,7 @@ class Clock:
 
 def abandon(queue: WorkQueue) -> None:
     """Drop a worker as a killed process would: release its files, touch no shared state."""
-    queue._closed = True
-    if queue._dead_sender is not None:
-        queue._dead_sender.close()
-    for waiter in queue._all_waiters:
-        waiter.close()
-    queue._waker.close()
-    queue._liveness.close()
-    queue._head_reader.close()
-    queue._reader.close()
-    queue._cursor.close()
-    queue._release_files()
+    queue._abandon()
 
 
 class WorkQueueMachine(RuleBasedStateMachine):
@@ -370,11 +361,8 @@ class WorkQueueMachine(RuleBasedStateMachine):
             if not worker.alive:
                 continue
             queue = worker.queue
-            queue._enter()  # catches up with the journal
-            try:
-                state = queue._state
-            finally:
-                queue._unlock()
+            with queue._group as state:  # catches up with the journal
+                pass
             assert (state.head, state.mark, state.dead_total) == (fresh.head, fresh.mark, fresh.dead_total)
             assert {s: (c.token, c.expires, c.attempt) for s, c in state.claims.items()} == {
                 s: (c.token, c.expires, c.attempt) for s, c in fresh.claims.items()
@@ -404,7 +392,7 @@ class WorkQueueMachine(RuleBasedStateMachine):
 @pytest.fixture(autouse=True)
 def _tiny_journal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_journal, "DEFAULT_CAPACITY", 700)
-    monkeypatch.setattr(workqueue, "LIVENESS_INTERVAL", 0.0)
+    monkeypatch.setattr(_queue, "LIVENESS_INTERVAL", 0.0)
 
 
 WorkQueueMachine.TestCase.settings = settings(

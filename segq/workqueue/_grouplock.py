@@ -41,14 +41,22 @@ import struct
 import threading
 from typing import Any, Callable
 
-from ._flock import wait_flock
-from ._fs import open_file
-from ._segment import os_error
-from .errors import SegqError, UnsupportedFormat
+from .._flock import wait_flock
+from .._fs import open_file
+from .._segment import StrPath, os_error
+from .._state import check_name
+from ..errors import SegqError, UnsupportedFormat
 
-__all__ = ["GroupLock", "robust_mutexes_available"]
+__all__ = ["GROUPS_DIR", "group_dir", "GroupLock", "robust_mutexes_available"]
 
 log = logging.getLogger(__name__)
+
+GROUPS_DIR = "groups"
+
+
+def group_dir(path: StrPath, group: str) -> str:
+    """Return the directory holding ``group``'s journal and locks: ``<path>/groups/<group>``."""
+    return os.path.join(path, GROUPS_DIR, check_name(group, "group name"))
 
 _MUTEX_FILE = "mutex"
 _FLOCK_FILE = "lock"

@@ -27,18 +27,22 @@ own record headers: a Receiver on the dead-letter queue sees them as
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from ._control import DEFAULT_SEGMENT_SIZE
-from ._headers import Framed, frame_body, split_body
-from ._segment import StrPath, list_segments, segment_path
-from ._state import Position, check_name
-from .errors import SegqError
+from .._control import DEFAULT_SEGMENT_SIZE
+from .._headers import Framed, frame_body, split_body
+from .._segment import StrPath, list_segments, segment_path
+from .._state import Position, check_name
+from ..errors import SegqError
+from ..sender import Sender, SyncPolicy
 
-__all__ = ["DeadLetter", "dead_letter_path", "dead_letter_segment_size"]
+__all__ = ["DeadLetter", "DeadLetterSender", "dead_letter_path", "dead_letter_segment_size"]
+
+log = logging.getLogger(__name__)
 
 _LETTER = struct.Struct("<4sHHIIQdH6x")
 _LETTER_MAGIC = b"sqDL"
@@ -135,3 +139,32 @@ class DeadLetter:
         reason = raw[header_size + group_size : body].decode("utf-8", "replace")
         position = Position(word >> 32, word & 0xFFFF_FFFF)
         return cls(raw[body:], attempts, reason, group, position, dead_at, dict(headers or {}))
+
+
+class DeadLetterSender:
+    """Send the records of ``group`` (of the queue at ``path``) that ran out of attempts to ``dead_letter``.
+
+    The dead-letter queue is opened on the first letter, with segments sized
+    for the queue's largest record and the group's ``sync`` policy.
+    """
+
+    def __init__(self, path: StrPath, group: str, dead_letter: str, sync: SyncPolicy) -> None:
+        self.path = os.fspath(path)
+        self.group = group
+        self.dead_letter = dead_letter
+        self._sync = sync
+        self._sender: Sender | None = None
+
+    def send(self, data: bytes, attempts: int, reason: str, start: int, now: float) -> None:
+        """Send the record that starts at word ``start`` with its last ``reason``; returns once it is queued."""
+        letter = DeadLetter(data, attempts, reason, self.group, Position(start >> 32, start & 0xFFFF_FFFF), now)
+        if self._sender is None:
+            self._sender = Sender(self.dead_letter, segment_size=dead_letter_segment_size(self.path), sync=self._sync)
+        self._sender.send(letter.encode())
+        log.info("%s: record at %s dead-lettered after %d attempts: %s", self.group, letter.position, attempts, reason)
+
+    def close(self) -> None:
+        """Close the dead-letter queue's Sender if one was opened; idempotent."""
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None

@@ -9,16 +9,29 @@ from __future__ import annotations
 
 import enum
 from types import TracebackType
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
-from ._headers import split_body
-from ._state import Position
-from .errors import ClaimLost, Closed
+from .._headers import split_body
+from .._options import PLAIN_OPTIONS, JobOptions, decode_options, job_id_of
+from .._state import Position
+from ..errors import ClaimLost, Closed, UsageError
 
-if TYPE_CHECKING:
-    from .workqueue import WorkQueue
 
-__all__ = ["JobState", "JOB_TRANSITIONS", "Job", "JobBatch", "reason_of"]
+
+class Settler(Protocol):
+    """What a job needs of the WorkQueue that claimed it (``_queue.WorkQueue``; no import, so imports flow one way)."""
+
+    path: str
+
+    def _ack(self, job: "Job") -> None: ...
+
+    def _ack_many(self, jobs: list["Job"]) -> None: ...
+
+    def _nack(self, jobs: list["Job"], delay: float, reason: str | None) -> None: ...
+
+    def _renew(self, jobs: list["Job"], lease: float | None) -> None: ...
+
+__all__ = ["JobState", "JOB_TRANSITIONS", "next_job_state", "Job", "JobBatch", "reason_of"]
 
 
 class JobState(enum.Enum):
@@ -28,6 +41,8 @@ class JobState(enum.Enum):
     ACKED = "acked"
     NACKED = "nacked"
     LOST = "lost"  # its lease ran out (or its claim went back) before the worker settled it
+
+    __hash__ = object.__hash__  # members are singletons: a C-speed hash for the table lookups
 
 
 #: A job's life, seen from its worker: (state, call) -> next state.
@@ -39,9 +54,20 @@ JOB_TRANSITIONS: dict[tuple[JobState, str], JobState] = {
 }
 
 _HELD = JobState.HELD
-_ACKED = JobState.ACKED
-_NACKED = JobState.NACKED
-_LOST = JobState.LOST
+
+
+def next_job_state(job: "Job", call: str) -> JobState:
+    """Look ``(job.state, call)`` up in :data:`JOB_TRANSITIONS`; a missing key is the error.
+
+    Raises ``ClaimLost`` for a LOST job (its claim went back before), else
+    ``UsageError`` naming the call and the job's state.
+    """
+    following = JOB_TRANSITIONS.get((job.state, call))
+    if following is None:
+        if job.state is JobState.LOST:
+            raise ClaimLost(f"cannot {call} the job at {job.position}: its claim was lost before")
+        raise UsageError(f"cannot {call} the job at {job.position}: it is already {job.state.value}")
+    return following
 
 
 class Job:
@@ -54,7 +80,7 @@ class Job:
     __slots__ = ("data", "attempt", "lease_expires_at", "state", "_headers", "_queue", "_start", "_token")
 
     def __init__(
-        self, queue: "WorkQueue", data: bytes, start: int, token: int, attempt: int, expires: float
+        self, queue: Settler, data: bytes, start: int, token: int, attempt: int, expires: float
     ) -> None:
         if type(data) is not bytes:  # a Framed body: the record has headers
             data, self._headers = split_body(data, queue.path, start)
@@ -73,11 +99,33 @@ class Job:
 
     @property
     def headers(self) -> dict[str, bytes]:
-        """The record's headers, name to value; empty when it has none."""
+        """The record's headers, name to value (job options included, as ``segq-`` ones); empty when none."""
         try:
             return self._headers
         except AttributeError:  # a plain record
             return {}
+
+    @property
+    def _options(self) -> JobOptions:
+        try:
+            return decode_options(self._headers)
+        except AttributeError:  # a plain record
+            return PLAIN_OPTIONS
+
+    @property
+    def id(self) -> str:
+        """The job's id: the ``job_id`` it was enqueued with, else one derived from its position."""
+        return job_id_of(self._options, self._start)
+
+    @property
+    def priority(self) -> int:
+        """The job's priority, 0 (the default) to 9 (first)."""
+        return self._options.priority
+
+    @property
+    def run_at(self) -> float | None:
+        """When the job was scheduled to run (seconds since the epoch), None if at once."""
+        return self._options.run_at or None
 
     def ack(self) -> None:
         """Mark the record done for good.  Raises ``ClaimLost`` (and changes nothing) if the claim is gone."""
@@ -121,7 +169,7 @@ class JobBatch:
 
     __slots__ = ("jobs", "_queue")
 
-    def __init__(self, queue: "WorkQueue", jobs: list[Job]) -> None:
+    def __init__(self, queue: Settler, jobs: list[Job]) -> None:
         self.jobs = jobs
         self._queue = queue
 
@@ -170,6 +218,7 @@ class JobBatch:
 
 
 def reason_of(error: BaseException | None) -> str:
+    """Return a nack reason for ``error``: its type name and message."""
     if error is None:
         return ""
     text = str(error)

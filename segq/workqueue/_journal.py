@@ -49,9 +49,9 @@ import sys
 import zlib
 from typing import Iterator
 
-from ._fs import open_file
-from ._segment import StrPath, fsync_directory, os_error, preallocate
-from .errors import CorruptionError, SegqError, UnsupportedFormat
+from .._fs import open_file
+from .._segment import StrPath, fsync_directory, os_error, preallocate
+from ..errors import CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
     "JOURNAL_NAME",
@@ -109,8 +109,22 @@ class Kind:
     WAITING = 7  # snapshot only: a given-back record
     DONE = 8  # snapshot only: records done above the mark
     HELD = 9  # snapshot only: a claim in flight (the body of a CLAIM)
+    SKIP = 10  # records a claim went past (lower priority or not yet due), each with its priority and run_at
+    PENDING = 11  # snapshot only: records below the head never claimed (the body of a SKIP)
 
-    NAMES = {1: "STATE", 2: "CLAIM", 3: "ACK", 4: "DEAD", 5: "RETURN", 6: "RENEW", 7: "WAITING", 8: "DONE", 9: "HELD"}
+    NAMES = {
+        1: "STATE",
+        2: "CLAIM",
+        3: "ACK",
+        4: "DEAD",
+        5: "RETURN",
+        6: "RENEW",
+        7: "WAITING",
+        8: "DONE",
+        9: "HELD",
+        10: "SKIP",
+        11: "PENDING",
+    }
 
 
 def entry_prefix_crc(kind: int, length: int) -> tuple[bytes, int]:

@@ -8,10 +8,13 @@ group keeps only what it needs to tell them apart:
 
 - the *claim head*: records at or past it were never claimed (PENDING);
 - the *low-water mark*: records below it are done and forgotten (PASSED);
-- between the two, every record is in exactly one of three tables:
+- between the two, every record is in exactly one of four tables:
   ``claims`` (CLAIMED: token, lease end, owner, attempt), ``waiting``
-  (WAITING: given back, claimable again from ``available_at``) or ``done``
-  (DONE: acked or dead-lettered, but a record before it is not).
+  (WAITING: given back, claimable again from ``available_at``), ``done``
+  (DONE: acked or dead-lettered, but a record before it is not) or
+  ``skipped`` (PENDING below the head: a claim of a higher-priority or
+  earlier-due record went past it; each carries its priority and run_at, so
+  every replica can order it without reading the queue).
 
 The mark moves when the record at it becomes DONE, over every DONE record
 after it.  Records never straddle segments, so when no record starts at the
@@ -31,17 +34,19 @@ import heapq
 import math
 import struct
 import zlib
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
-from ._format import SEGMENT_HEADER_SIZE
+from .._format import SEGMENT_HEADER_SIZE
+from .._liveness import Owner
 from ._journal import ENTRY_HEADER, HEADER_SIZE, Journal, Kind, entry, entry_prefix_crc, recover_hint
-from .errors import CorruptionError, SegqError
+from ..errors import CorruptionError, SegqError
 
 __all__ = [
     "RecordState",
     "Event",
     "TRANSITIONS",
     "IllegalTransition",
+    "next_state",
     "Claim",
     "Waiting",
     "GroupState",
@@ -55,13 +60,17 @@ __all__ = [
     "PAIR",
     "RETURN_BODY",
     "RENEW_HEAD",
+    "SKIP_RECORD",
+    "Skipped",
+    "attempt_word",
+    "MAX_PRIORITY",
     "encode_return",
+    "encode_skips",
     "describe_word",
     "load_state",
     "replay",
 ]
 
-Owner = tuple[int, float]  # PID and process start time: a reused PID is another owner
 
 
 class RecordState(enum.Enum):
@@ -73,6 +82,9 @@ class RecordState(enum.Enum):
     DONE = "done"  # acked or dead-lettered, above the low-water mark
     PASSED = "passed"  # below the low-water mark: done and forgotten
 
+    # Members are singletons: hash them by identity, in C, for the table lookups.
+    __hash__ = object.__hash__
+
 
 class Event(enum.Enum):
     """What can happen to a record."""
@@ -82,6 +94,9 @@ class Event(enum.Enum):
     DEAD = "dead-letter"
     RETURN = "return"  # nack, lease run out, owner died, worker closed
     RENEW = "renew"
+    SKIP = "skip"  # a claim went past a PENDING record that must wait (lower priority, not yet due)
+
+    __hash__ = object.__hash__
 
 
 #: The state machine: (state, event) -> next state.  Anything else is illegal.
@@ -92,7 +107,16 @@ TRANSITIONS: dict[tuple[RecordState, Event], RecordState] = {
     (RecordState.CLAIMED, Event.DEAD): RecordState.DONE,
     (RecordState.CLAIMED, Event.RETURN): RecordState.WAITING,
     (RecordState.CLAIMED, Event.RENEW): RecordState.CLAIMED,
+    (RecordState.PENDING, Event.SKIP): RecordState.PENDING,
 }
+
+
+def next_state(start: int, state: RecordState, event: Event, detail: str = "") -> RecordState:
+    """Look ``(state, event)`` up in :data:`TRANSITIONS`; a missing key raises ``IllegalTransition``."""
+    following = TRANSITIONS.get((state, event))
+    if following is None:
+        raise IllegalTransition(start, state, event, detail)
+    return following
 
 
 class IllegalTransition(SegqError):
@@ -105,40 +129,64 @@ class IllegalTransition(SegqError):
         super().__init__(f"cannot {event.value} the record at {describe_word(start)}: it is {state.value}{detail}")
 
 
+_PENDING, _WAITING, _CLAIMED = RecordState.PENDING, RecordState.WAITING, RecordState.CLAIMED
+_transition = TRANSITIONS.get
+_CLAIM = Event.CLAIM
+
+
 def describe_word(word: int) -> str:
     """Print a position word as ``segment S offset O``."""
     return f"segment {word >> 32} offset {word & 0xFFFF_FFFF}"
 
 
 class Claim:
-    """A CLAIMED record: who holds it, until when, and which claim (token) it is."""
+    """A CLAIMED record: who holds it, until when, which claim (token) it is, and the job's priority."""
 
-    __slots__ = ("end", "token", "expires", "owner", "attempt")
+    __slots__ = ("end", "token", "expires", "owner", "attempt", "priority")
 
-    def __init__(self, end: int, token: int, expires: float, owner: Owner, attempt: int) -> None:
+    def __init__(self, end: int, token: int, expires: float, owner: Owner, attempt: int, priority: int = 0) -> None:
         self.end = end
         self.token = token
         self.expires = expires
         self.owner = owner
         self.attempt = attempt
+        self.priority = priority
 
 
 class Waiting:
-    """A WAITING record: how many attempts it had, when it may go again, and why it came back."""
+    """A WAITING record: how many attempts it had, when it may go again, why it came back, its priority."""
 
-    __slots__ = ("end", "attempts", "available_at", "reason")
+    __slots__ = ("end", "attempts", "available_at", "reason", "priority")
 
-    def __init__(self, end: int, attempts: int, available_at: float, reason: str) -> None:
+    def __init__(self, end: int, attempts: int, available_at: float, reason: str, priority: int = 0) -> None:
         self.end = end
         self.attempts = attempts
         self.available_at = available_at
         self.reason = reason
+        self.priority = priority
+
+
+class Skipped(NamedTuple):
+    """A PENDING record below the head: where it ends, its priority, and when it is due (0.0: now)."""
+
+    end: int
+    priority: int
+    run_at: float
 
 
 # Entry bodies (docs/workqueue.md).
-STATE_BODY = struct.Struct("<QQQQ")  # head, mark, next token, dead-letter total
+STATE_BODY = struct.Struct("<QQQQQ")  # head, mark, next token, dead-letter total, acked total
+STATE_BODY_V1 = struct.Struct("<QQQQ")  # as written before the acked total: still read
 CLAIM_BODY = struct.Struct("<QdIdI")  # token, lease end, owner PID, owner start time, count
-CLAIM_RECORD = struct.Struct("<QQI")  # start, end, attempt
+CLAIM_RECORD = struct.Struct("<QQI")  # start, end, attempt word (attempt_word)
+SKIP_RECORD = struct.Struct("<QQBd")  # start, end, priority, run_at (0.0: due at once)
+_ATTEMPT_BITS = 24  # an attempt word: attempt (or attempts) in the low 24 bits, the job's priority above
+_ATTEMPT_MASK = (1 << _ATTEMPT_BITS) - 1
+
+
+def attempt_word(attempt: int, priority: int) -> int:
+    """Pack an attempt count and a job priority into the u32 the journal stores (old journals: priority 0)."""
+    return priority << _ATTEMPT_BITS | attempt
 CLAIM_ONE = struct.Struct("<QdIdIQQI")  # a CLAIM of one record, packed in one call
 LIST_HEAD = struct.Struct("<I")  # count of the pairs that follow (ACK, DEAD, DONE)
 PAIR = struct.Struct("<QQ")  # (start, token) in ACK/DEAD/RENEW, (start, end) in DONE
@@ -146,12 +194,24 @@ ACK_ONE = struct.Struct("<IQQ")  # an ACK of one record
 RETURN_BODY = struct.Struct("<QQdIH")  # start, token (end in WAITING), available_at, attempts, reason length
 RENEW_HEAD = struct.Struct("<dI")  # lease end, count
 _MAX_REASON = 4000
+MAX_PRIORITY = 9
 
 
-def encode_return(kind: int, start: int, token_or_end: int, available_at: float, attempts: int, reason: str) -> bytes:
+def encode_return(
+    kind: int, start: int, token_or_end: int, available_at: float, attempts: int, reason: str, priority: int = 0
+) -> bytes:
     """Return a framed RETURN (or snapshot WAITING) entry; long reasons are cut to 4000 bytes."""
     text = reason.encode("utf-8", "replace")[:_MAX_REASON]
-    return entry(kind, RETURN_BODY.pack(start, token_or_end, available_at, attempts, len(text)) + text)
+    word = attempt_word(attempts, priority)
+    return entry(kind, RETURN_BODY.pack(start, token_or_end, available_at, word, len(text)) + text)
+
+
+def encode_skips(kind: int, records: list[tuple[int, Skipped]]) -> list[bytes]:
+    """Return framed SKIP (or snapshot PENDING) entries for ``(start, Skipped)`` pairs, in chunks that fit."""
+    return [
+        entry(kind, LIST_HEAD.pack(len(chunk)) + b"".join(SKIP_RECORD.pack(start, *item) for start, item in chunk))
+        for chunk in _chunks(records, 100_000)
+    ]
 
 
 def _pairs(body: bytes) -> Iterable[tuple[int, int]]:
@@ -164,18 +224,25 @@ def _pairs(body: bytes) -> Iterable[tuple[int, int]]:
 class GroupState:
     """One group's records between its low-water mark and its claim head."""
 
-    def __init__(self, head: int, mark: int, next_token: int = 1, dead_total: int = 0) -> None:
+    def __init__(self, head: int, mark: int, next_token: int = 1, dead_total: int = 0, acked_total: int = 0) -> None:
         self.head = head
         self.mark = mark
         self.next_token = next_token
         self.dead_total = dead_total
+        self.acked_total = acked_total
         self.claims: dict[int, Claim] = {}
         self.waiting: dict[int, Waiting] = {}
         self.done: dict[int, int] = {}  # start -> end
+        self.skipped: dict[int, Skipped] = {}  # PENDING records below the head
+        # Every record the head passed (claimed or skipped), counted from this replica's load:
+        # records in [head, x) number (records counted up to x) - head_ordinal.
+        self.head_ordinal = 0
+        # Records skipped since this replica was loaded, in order: the claim index picks them up.
+        self.skip_log: list[tuple[int, Skipped]] = []
         self.owners: dict[Owner, int] = {}  # owner -> number of its claims
         self.next_expiry = math.inf  # no claim's lease ends before this (a lower bound)
         self._delayed: list[tuple[float, int]] = []  # heap of (available_at, start) of WAITING records
-        self._ready: list[int] = []  # heap of starts of WAITING records whose time has come
+        self._ready: list[tuple[int, int]] = []  # heap of (-priority, start) of WAITING records whose time has come
 
     # -- what a record is ------------------------------------------------
 
@@ -187,7 +254,7 @@ class GroupState:
             return RecordState.WAITING
         if start in self.done:
             return RecordState.DONE
-        if start >= self.head:
+        if start >= self.head or start in self.skipped:
             return RecordState.PENDING
         return RecordState.PASSED
 
@@ -207,18 +274,29 @@ class GroupState:
 
     # -- transitions -----------------------------------------------------
 
-    def claim(self, token: int, expires: float, owner: Owner, start: int, end: int, attempt: int) -> None:
+    def claim(
+        self, token: int, expires: float, owner: Owner, start: int, end: int, attempt: int, priority: int = 0
+    ) -> None:
         """PENDING or WAITING -> CLAIMED."""
-        if self.waiting.pop(start, None) is None:
-            head = self.head
-            if start < head or start in self.claims:
-                raise self._illegal(start, Event.CLAIM)
+        head = self.head
+        if start >= head:
+            # Every claim and skip ends at or below the head, so a record at or past it is PENDING.
+            # The hot path: the table lookup written out (next_state raises on a missing key).
+            if _transition((_PENDING, _CLAIM)) is None:
+                next_state(start, _PENDING, _CLAIM)
             if start != head and self.mark == head:
                 # The reader stepped over an end-of-segment marker at the head,
                 # where the mark waits too: move the mark over it as well.
                 self.mark = start
             self.head = end
-        self.claims[start] = Claim(end, token, expires, owner, attempt)
+            self.head_ordinal += 1
+        elif self.waiting.pop(start, None) is not None:
+            next_state(start, _WAITING, _CLAIM)
+        elif self.skipped.pop(start, None) is not None:
+            next_state(start, _PENDING, _CLAIM)
+        else:
+            next_state(start, self.state_of(start), _CLAIM)  # raises: CLAIMED, DONE or PASSED
+        self.claims[start] = Claim(end, token, expires, owner, attempt, priority)
         owners = self.owners
         owners[owner] = owners.get(owner, 0) + 1
         if expires < self.next_expiry:
@@ -226,10 +304,37 @@ class GroupState:
         if token >= self.next_token:
             self.next_token = token + 1
 
+    def skip(self, start: int, end: int, priority: int, run_at: float) -> None:
+        """PENDING at the head -> PENDING below it: a claim goes past the record, which keeps its turn."""
+        self.skip_run([(start, Skipped(end, priority, run_at))])
+
+    def skip_run(self, records: Iterable[tuple[int, Skipped]]) -> None:
+        """Skip records in position order (one table lookup for the run: each is PENDING at the head)."""
+        first = True
+        count = 0
+        skipped, skip_log = self.skipped, self.skip_log
+        for start, item in records:
+            if start < self.head:
+                raise IllegalTransition(start, self.state_of(start), Event.SKIP, " (below the claim head)")
+            if first:
+                next_state(start, _PENDING, Event.SKIP)
+                first = False
+            if start != self.head and self.mark == self.head:
+                self.mark = start  # over an end-of-segment marker, as in claim
+            self.head = item.end
+            skipped[start] = item
+            skip_log.append((start, item))
+            count += 1
+        self.head_ordinal += count
+
     def _release(self, start: int, token: int, event: Event) -> Claim:
         claim = self.claims.get(start)
+        if claim is None:
+            next_state(start, self.state_of(start), event)  # raises: only a CLAIMED record can be released
+        if _transition((_CLAIMED, event)) is None:
+            next_state(start, _CLAIMED, event)
         if claim is None or claim.token != token:
-            raise self._illegal(start, event, token)
+            raise self._illegal(start, event, token)  # CLAIMED, by another claim
         del self.claims[start]
         owners = self.owners
         left = owners[claim.owner] - 1
@@ -244,6 +349,8 @@ class GroupState:
         claim = self._release(start, token, Event.DEAD if dead else Event.ACK)
         if dead:
             self.dead_total += 1
+        else:
+            self.acked_total += 1
         if start == self.mark:
             self.mark = claim.end
             if self.done or self.mark < self.head:
@@ -254,14 +361,15 @@ class GroupState:
     def give_back(self, start: int, token: int, available_at: float, attempts: int, reason: str) -> None:
         """CLAIMED -> WAITING: claimable again from ``available_at``."""
         claim = self._release(start, token, Event.RETURN)
-        self.waiting[start] = Waiting(claim.end, attempts, available_at, reason)
+        self.waiting[start] = Waiting(claim.end, attempts, available_at, reason, claim.priority)
         heapq.heappush(self._delayed, (available_at, start))
 
     def renew(self, start: int, token: int, expires: float) -> None:
         """CLAIMED -> CLAIMED with a new lease end."""
-        claim = self.held(start, token)
-        if claim is None:
-            raise self._illegal(start, Event.RENEW, token)
+        claim = self.claims.get(start)
+        next_state(start, _CLAIMED if claim is not None else self.state_of(start), Event.RENEW)
+        if claim is None or claim.token != token:
+            raise self._illegal(start, Event.RENEW, token)  # CLAIMED, by another claim
         claim.expires = expires
         if expires < self.next_expiry:
             self.next_expiry = expires
@@ -272,7 +380,7 @@ class GroupState:
             end = done.pop(mark, None)
             if end is not None:
                 mark = end
-            elif mark in self.claims or mark in self.waiting or mark >> 32 >= head >> 32:
+            elif mark in self.claims or mark in self.waiting or mark in self.skipped or mark >> 32 >= head >> 32:
                 break
             else:
                 # No record starts here yet the head is past: an end-of-segment marker.
@@ -281,7 +389,7 @@ class GroupState:
 
     def raise_mark(self, floor: int) -> None:
         """Forget every record below ``floor`` (known done elsewhere) and move the mark there."""
-        for table in (self.claims, self.waiting, self.done):
+        for table in (self.claims, self.waiting, self.done, self.skipped):
             for start in [start for start in table if start < floor]:
                 del table[start]
         self.owners = {}
@@ -293,17 +401,36 @@ class GroupState:
 
     # -- what can be claimed --------------------------------------------
 
-    def take_ready(self, now: float, limit: int) -> list[int]:
-        """Remove and return up to ``limit`` WAITING records claimable at ``now``, lowest first."""
+    def _move_due(self, now: float) -> None:
         delayed, ready, waiting = self._delayed, self._ready, self.waiting
         while delayed and delayed[0][0] <= now:
             available_at, start = heapq.heappop(delayed)
             item = waiting.get(start)
             if item is not None and item.available_at == available_at:
-                heapq.heappush(ready, start)
+                heapq.heappush(ready, (-item.priority, start))
+
+    def ready_priority(self, now: float) -> int:
+        """Return the highest priority of a WAITING record claimable at ``now``, or -1 if none is."""
+        self._move_due(now)
+        ready, waiting = self._ready, self.waiting
+        while ready:
+            negative, start = ready[0]
+            item = waiting.get(start)
+            if item is not None and item.available_at <= now and item.priority == -negative:
+                return -negative
+            heapq.heappop(ready)  # claimed meanwhile, or given back again for later
+        return -1
+
+    def take_ready(self, now: float, limit: int, priority: int = 0) -> list[int]:
+        """Remove and return up to ``limit`` WAITING records claimable at ``now`` of at least ``priority``.
+
+        Highest priority first, lowest position first within one.
+        """
+        self._move_due(now)
+        ready, waiting = self._ready, self.waiting
         picked: list[int] = []
-        while ready and len(picked) < limit:
-            start = heapq.heappop(ready)
+        while ready and len(picked) < limit and -ready[0][0] >= priority:
+            _, start = heapq.heappop(ready)
             item = waiting.get(start)
             if item is None or item.available_at > now or (picked and picked[-1] == start):
                 continue  # claimed meanwhile, or given back again for later, or a duplicate
@@ -346,28 +473,30 @@ class GroupState:
             if CLAIM_BODY.size + count * CLAIM_RECORD.size != len(body):
                 raise ValueError("CLAIM record count does not match the entry size")
             owner = (pid, started)
-            for start, end, attempt in CLAIM_RECORD.iter_unpack(body[CLAIM_BODY.size :]):
+            for start, end, word in CLAIM_RECORD.iter_unpack(body[CLAIM_BODY.size :]):
+                attempt, priority = word & _ATTEMPT_MASK, word >> _ATTEMPT_BITS
                 if kind == Kind.HELD:
                     # A snapshot's claim: the STATE entry already put the head past it.
                     if start in self.claims or start in self.waiting or start in self.done:
                         raise self._illegal(start, Event.CLAIM)
-                    self.waiting[start] = Waiting(end, attempt - 1, math.inf, "")
-                self.claim(token, expires, owner, start, end, attempt)
+                    self.waiting[start] = Waiting(end, attempt - 1, math.inf, "", priority)
+                self.claim(token, expires, owner, start, end, attempt, priority)
         elif kind == Kind.ACK or kind == Kind.DEAD:
             dead = kind == Kind.DEAD
             for start, token in _pairs(body):
                 self.settle(start, token, dead)
         elif kind == Kind.RETURN or kind == Kind.WAITING:
-            start, second, available_at, attempts, length = RETURN_BODY.unpack_from(body, 0)
+            start, second, available_at, word, length = RETURN_BODY.unpack_from(body, 0)
             if RETURN_BODY.size + length != len(body):
                 raise ValueError("reason length does not match the entry size")
+            attempts, priority = word & _ATTEMPT_MASK, word >> _ATTEMPT_BITS
             reason = body[RETURN_BODY.size :].decode("utf-8", "replace")
             if kind == Kind.RETURN:
                 self.give_back(start, second, available_at, attempts, reason)
             else:
                 if start in self.claims or start in self.waiting or start in self.done:
                     raise self._illegal(start, Event.RETURN)
-                self.waiting[start] = Waiting(second, attempts, available_at, reason)
+                self.waiting[start] = Waiting(second, attempts, available_at, reason, priority)
                 heapq.heappush(self._delayed, (available_at, start))
         elif kind == Kind.RENEW:
             expires, count = RENEW_HEAD.unpack_from(body, 0)
@@ -378,6 +507,25 @@ class GroupState:
         elif kind == Kind.DONE:
             for start, end in _pairs(body):
                 self.done[start] = end
+        elif kind == Kind.SKIP or kind == Kind.PENDING:
+            (count,) = LIST_HEAD.unpack_from(body, 0)
+            if LIST_HEAD.size + count * SKIP_RECORD.size != len(body):
+                raise ValueError("SKIP record count does not match the entry size")
+            records = [
+                (start, Skipped(end, priority, run_at))
+                for start, end, priority, run_at in SKIP_RECORD.iter_unpack(body[LIST_HEAD.size :])
+            ]
+            if any(item.priority > MAX_PRIORITY for _, item in records):
+                raise ValueError(f"a priority is over {MAX_PRIORITY}")
+            if kind == Kind.SKIP:
+                self.skip_run(records)
+                return
+            for start, item in records:
+                # A snapshot's pending record: the STATE entry already put the head past it.
+                if start >= self.head or self.state_of(start) is not RecordState.PASSED:
+                    raise self._illegal(start, Event.SKIP)
+                self.skipped[start] = item
+                self.skip_log.append((start, item))
         elif kind == Kind.STATE:
             raise ValueError("a STATE entry may only start a journal")
         else:
@@ -386,26 +534,40 @@ class GroupState:
     @classmethod
     def from_state_entry(cls, body: bytes) -> "GroupState":
         """Return the state a journal's first entry (STATE) describes."""
-        if len(body) != STATE_BODY.size:
+        if len(body) == STATE_BODY.size:
+            head, mark, next_token, dead_total, acked_total = STATE_BODY.unpack(body)
+        elif len(body) == STATE_BODY_V1.size:
+            head, mark, next_token, dead_total = STATE_BODY_V1.unpack(body)
+            acked_total = 0
+        else:
             raise ValueError("STATE entry has the wrong size")
-        head, mark, next_token, dead_total = STATE_BODY.unpack(body)
         if mark > head:
             raise ValueError(f"mark {describe_word(mark)} is past the head {describe_word(head)}")
-        return cls(head, mark, next_token, dead_total)
+        return cls(head, mark, next_token, dead_total, acked_total)
 
     def snapshot(self) -> bytes:
         """Return the journal entries that rebuild this state (a compacted journal's body)."""
-        parts = [entry(Kind.STATE, STATE_BODY.pack(self.head, self.mark, self.next_token, self.dead_total))]
+        parts = [
+            entry(Kind.STATE, STATE_BODY.pack(self.head, self.mark, self.next_token, self.dead_total, self.acked_total))
+        ]
         by_claim: dict[tuple[int, float, Owner], list[tuple[int, Claim]]] = {}
         for start, claim in sorted(self.claims.items()):
             by_claim.setdefault((claim.token, claim.expires, claim.owner), []).append((start, claim))
         for (token, expires, owner), members in by_claim.items():
             for chunk in _chunks(members, 50_000):
-                records = b"".join(CLAIM_RECORD.pack(start, claim.end, claim.attempt) for start, claim in chunk)
+                records = b"".join(
+                    CLAIM_RECORD.pack(start, claim.end, attempt_word(claim.attempt, claim.priority))
+                    for start, claim in chunk
+                )
                 head = CLAIM_BODY.pack(token, expires, owner[0], owner[1], len(chunk))
                 parts.append(entry(Kind.HELD, head + records))
         for start, item in sorted(self.waiting.items()):
-            parts.append(encode_return(Kind.WAITING, start, item.end, item.available_at, item.attempts, item.reason))
+            parts.append(
+                encode_return(
+                    Kind.WAITING, start, item.end, item.available_at, item.attempts, item.reason, item.priority
+                )
+            )
+        parts.extend(encode_skips(Kind.PENDING, sorted(self.skipped.items())))
         for chunk in _chunks(sorted(self.done.items()), 100_000):
             body = LIST_HEAD.pack(len(chunk)) + b"".join(PAIR.pack(start, end) for start, end in chunk)
             parts.append(entry(Kind.DONE, body))
@@ -467,7 +629,9 @@ def replay(
         try:
             if word == claim_one:
                 token, expires, pid, started, _, record_start, record_end, attempt = unpack_claim(body)
-                state.claim(token, expires, (pid, started), record_start, record_end, attempt)
+                state.claim(
+                    token, expires, (pid, started), record_start, record_end, attempt & _ATTEMPT_MASK, attempt >> 24
+                )
             elif word == ack_one:
                 _, record_start, token = unpack_ack(body)
                 state.settle(record_start, token)

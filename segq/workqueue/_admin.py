@@ -1,9 +1,10 @@
-"""Work-queue groups from the outside: list, inspect, recover, requeue dead letters.
+"""Work-queue groups from the outside: list, inspect, recover, requeue dead letters, remove.
 
 Theory of operation
 -------------------
 These functions run in a process that has no WorkQueue open (``segq info``,
-``segq recover``, ``segq requeue-dead``), maybe while workers run.  They take
+``segq recover``, ``segq requeue-dead``), maybe while workers run; the CLI
+only renders what they return.  They take
 the group lock, read the journal into a state (``_claims.load_state``), and
 release it.  ``recover_group`` writes a repaired state back as a fresh,
 compacted journal and seals the old one, exactly as a compaction does, so
@@ -15,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,14 +25,27 @@ from typing import Any, Iterator
 from . import _journal
 from ._claims import GroupState, describe_word, load_state
 from ._deadletter import DeadLetter, dead_letter_path
-from ._format import SEGMENT_HEADER_SIZE
-from ._fs import make_dir, open_to_read
-from ._grouplock import GroupLock
+from .._format import SEGMENT_HEADER_SIZE, RecordStatus, decode_record
+from .._fs import make_dir, open_file, open_to_read
+from .._headers import split_body
+from .._options import decode_options
+from ._grouplock import GROUPS_DIR, GroupLock, group_dir
+from ._index import ClaimIndex
+from ._stats import GroupStats, group_stats
 from ._journal import Journal
-from ._lock import process_is_alive
-from ._segment import MappedSegment, StrPath, list_segments, scan_records, segment_path
-from ._state import CURSOR_DIR, CursorFile, Position, check_name, cursor_path, read_position
-from .errors import CorruptionError, Empty, SegqError
+from .._lock import process_is_alive
+from .._segment import MappedSegment, StrPath, list_segments, scan_records, segment_path
+from .._state import (
+    CURSOR_DIR,
+    ConsumerKind,
+    CursorFile,
+    Position,
+    check_name,
+    cursor_path,
+    read_position,
+)
+from .._retention import delete_consumed_segments
+from ..errors import CorruptionError, Empty, Locked, SegqError
 
 __all__ = [
     "GROUPS_DIR",
@@ -38,20 +53,15 @@ __all__ = [
     "group_lock",
     "list_groups",
     "group_info",
+    "read_group_stats",
     "GroupRecovery",
     "recover_group",
+    "recover_groups",
     "requeue_dead",
+    "remove_group",
 ]
 
 log = logging.getLogger(__name__)
-
-GROUPS_DIR = "groups"
-
-
-def group_dir(path: StrPath, group: str) -> str:
-    """Return the directory holding ``group``'s journal and locks."""
-    return os.path.join(path, GROUPS_DIR, check_name(group, "group name"))
-
 
 @contextmanager
 def group_lock(directory: str) -> Iterator[None]:
@@ -97,7 +107,7 @@ def _count_records(queue_dir: str) -> int:
     if not segments:
         return 0
     try:
-        start = read_position(cursor_path(queue_dir, "r", "default"))
+        start = read_position(cursor_path(queue_dir, ConsumerKind.RECEIVER, "default"))
     except SegqError:
         start = Position.bottom(segments[0])
     count = 0
@@ -174,6 +184,7 @@ def group_info(path: StrPath, group: str = "default", *, dead_letter: StrPath | 
         for start, item in sorted(state.waiting.items())
     ]
     dead_dir = os.fspath(dead_letter) if dead_letter is not None else dead_letter_path(path, group)
+    stats = _stats_of(os.fspath(path), state, now)
     return {
         "group": group,
         "low_water_mark": _position(state.mark),
@@ -185,8 +196,52 @@ def group_info(path: StrPath, group: str = "default", *, dead_letter: StrPath | 
         "dead_letter_queue": dead_dir,
         "dead_letters_pending": _count_records(dead_dir) if os.path.isdir(dead_dir) else 0,
         "journal": {"bytes": end, "capacity": capacity, "generation": generation},
+        "stats": stats.to_dict(),
         "open": _is_open(directory),
     }
+
+
+def _stats_of(path: str, state: GroupState, now: float) -> GroupStats:
+    """Index, read-only, the records past the state's head and return the group's stats."""
+    index = ClaimIndex()
+    index.follow(state)
+    index.saw(now)
+    for number in list_segments(path):
+        if number < state.head >> 32:
+            continue
+        try:
+            segment = MappedSegment(path, number, writable=False)
+        except FileNotFoundError:
+            continue  # consumed and deleted meanwhile
+        try:
+            offset = state.head & 0xFFFF_FFFF if number == state.head >> 32 else SEGMENT_HEADER_SIZE
+            while True:
+                record = decode_record(segment.map, offset, segment.size)
+                if record.status is not RecordStatus.OK:
+                    break  # the end of what is written (or damage, which `segq verify` reports)
+                start = number << 32 | offset
+                options = decode_options(split_body(segment.map[record.start : record.end], path, start)[1]) if (
+                    record.headed
+                ) else None
+                priority, run_at = (options.priority, options.run_at) if options is not None else (0, 0.0)
+                index.add_read(start, number << 32 | record.end, priority, run_at, now)
+                offset = record.end
+        finally:
+            segment.close()
+    return group_stats(state, index, now)
+
+
+def read_group_stats(path: StrPath, group: str = "default") -> GroupStats:
+    """Return ``group``'s GroupStats without opening a WorkQueue (``segq info``, the metrics collector)."""
+    directory = _require_group(path, group)
+    with group_lock(directory):
+        journal = Journal(directory)
+        try:
+            end = journal.word(_journal.SEALED) if journal.sealed and journal.is_current() else journal.end
+            state = load_state(journal, end)
+        finally:
+            journal.close()
+    return _stats_of(os.fspath(path), state, time.time())
 
 
 @dataclass
@@ -227,7 +282,7 @@ def recover_group(path: StrPath, group: str = "default", *, dry_run: bool = Fals
     path = os.fspath(path)
     check_name(group, "group name")
     directory = group_dir(path, group)
-    if not os.path.isdir(directory) and not os.path.exists(cursor_path(path, "g", group)):
+    if not os.path.isdir(directory) and not os.path.exists(cursor_path(path, ConsumerKind.GROUP, group)):
         raise SegqError(f"{path} has no work-queue group {group!r}")
     report = GroupRecovery(group, dry_run)
 
@@ -244,7 +299,7 @@ def recover_group(path: StrPath, group: str = "default", *, dry_run: bool = Fals
             leftovers = _journal.remove_leftovers(directory)
         for name in leftovers:
             repair(f"removed {os.path.basename(name)}, left by an interrupted compaction")
-        cursor_file = cursor_path(path, "g", group)
+        cursor_file = cursor_path(path, ConsumerKind.GROUP, group)
         try:
             cursor: Position | None = read_position(cursor_file)
         except SegqError:
@@ -283,6 +338,11 @@ def recover_group(path: StrPath, group: str = "default", *, dry_run: bool = Fals
         if old is not None:
             old.close()
     return report
+
+
+def recover_groups(path: StrPath, *, dry_run: bool = False) -> list[GroupRecovery]:
+    """Run :func:`recover_group` on every group of the queue at ``path``; return their reports."""
+    return [recover_group(path, group, dry_run=dry_run) for group in list_groups(path)]
 
 
 def _recover_journal(
@@ -344,9 +404,9 @@ def requeue_dead(
     attempts, and the dead letter committed.  A crash mid-way can requeue a
     letter twice, never lose one.
     """
-    from ._control import DEFAULT_SEGMENT_SIZE
-    from .receiver import Receiver
-    from .sender import Sender
+    from .._control import DEFAULT_SEGMENT_SIZE
+    from ..receiver import Receiver
+    from ..sender import Sender
 
     dead_dir = os.fspath(dead_letter) if dead_letter is not None else dead_letter_path(path, group)
     if not list_segments(dead_dir):
@@ -379,3 +439,37 @@ def requeue_dead(
         log.info("%s: requeued %d dead letters of group %r", os.fspath(path), moved, group)
     return moved
 
+
+
+def remove_group(path: StrPath, group: str) -> None:
+    """Unregister ``group`` so it no longer holds back segment deletion.
+
+    Its state (claims, attempts) is deleted; its dead-letter queue is kept.
+    Raises ``Locked`` if a WorkQueue of the group is open in any process.
+    """
+    check_name(group, "group name")
+    directory = group_dir(path, group)
+    member = os.path.join(directory, "open.lock")
+    try:
+        fd = open_file(member, os.O_RDWR, private=True, create=False)
+    except FileNotFoundError:
+        fd = -1
+    try:
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Locked(
+                    f"group {group!r} of {os.fspath(path)} is open in a live process; close it first",
+                    path=member,
+                    pid=None,
+                ) from None
+        try:
+            os.unlink(cursor_path(path, ConsumerKind.GROUP, group))
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(directory, ignore_errors=True)
+        delete_consumed_segments(path)
+    finally:
+        if fd >= 0:
+            os.close(fd)

@@ -1,0 +1,891 @@
+"""WorkQueue: competing consumers with leases, retries and a dead-letter queue.
+
+Theory of operation
+-------------------
+A *group* is a set of workers, in any processes, sharing the records of a
+queue: each record is held by at most one worker at a time.  The group's
+state lives in ``groups/<group>/journal`` (``_journal``: an append-only,
+memory-mapped log) and in ``cursors/g.<group>.pos`` (its low-water mark,
+which holds back segment deletion like a receiver's position).  Each
+``WorkQueue`` changes it only in transactions of its ``GroupHandle``
+(``_group``: lock, catch up, append, unlock); this module is the policy:
+what a claim takes and what a settle does.  The appended entry is the
+commit: once ``claim``, ``ack``, ``nack`` or ``renew`` returns, it survives
+a SIGKILL of any process.
+
+Records are claimed lowest position first: records given back whose time has
+come, then new ones from the claim head.  Each claimer first sweeps back
+claims whose lease has ended and claims of dead workers (a worker is its PID
+plus its start time; liveness is watched through pidfds, so a death is seen
+at once and a reused PID is another process).  A claim that fails (nack,
+lease run out, owner dead, ``close``) on its ``max_attempts``-th attempt is
+sent to the dead-letter queue (a segq queue, ``dead/<group>`` by default),
+then marked done: a crash between the two can leave a duplicate dead letter,
+never a lost record.
+
+Waiting for work costs nothing: a claimer with nothing to claim sleeps in
+``poll`` on its wake FIFO (``_wake``: senders and givers-back write to it),
+the pidfds of the workers holding claims, and a timeout at the earliest
+lease end or retry time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import select
+import struct
+import threading
+import time
+import weakref
+from types import TracebackType
+from typing import Any, Callable, Iterator, NamedTuple
+
+from .._args import check_path, check_timeout
+from .._control import CONSUMER_SEGMENT_SIZE, DATA_WAITERS, DATA_WAITING, TAIL, TAIL_INDEX, WORD, Control, require_queue
+from .._format import HEADER_SIZE
+from .._headers import Framed, split_body
+from .._liveness import Liveness, my_owner
+from .._options import PRIORITY, RUN_AT, decode_options
+from .._reader import RecordReader
+from .._segment import StrPath, segment_path
+from .._state import check_name
+from .._wake import Waiter, Waker
+from ..errors import ClaimLost, Closed, CorruptionError, Empty, InvalidArgument, SegqError, UsageError
+from ..sender import SyncPolicy, parse_sync
+from ._admin import remove_group, requeue_dead
+from ._claims import (
+    ACK_ONE,
+    CLAIM_BODY,
+    CLAIM_ONE,
+    CLAIM_RECORD,
+    LIST_HEAD,
+    PAIR,
+    RENEW_HEAD,
+    Claim,
+    Owner,
+    Skipped,
+    attempt_word,
+    encode_return,
+    encode_skips,
+)
+from ._deadletter import DeadLetterSender, dead_letter_path
+from ._group import GroupHandle
+from ._index import ClaimIndex
+from ._stats import GroupStats, group_stats
+from ._grouplock import group_dir
+from ._jobs import JOB_TRANSITIONS, Job, JobBatch, JobState, next_job_state
+from ._journal import END, RETURNS, SEALED_MARK, Kind, entry, entry_prefix_crc
+
+__all__ = ["WorkQueue", "WaitPlan", "LIVENESS_INTERVAL"]
+
+log = logging.getLogger(__name__)
+
+#: How often (seconds) a claimer checks whether the workers holding claims still live.
+LIVENESS_INTERVAL = 0.001
+monotonic = time.monotonic
+_CLAIM_ONE_WORD, _CLAIM_ONE_CRC = entry_prefix_crc(Kind.CLAIM, CLAIM_ONE.size)
+_ACK_ONE_WORD, _ACK_ONE_CRC = entry_prefix_crc(Kind.ACK, ACK_ONE.size)
+_CLAIM_ONE_KIND = struct.unpack("<I", _CLAIM_ONE_WORD)[0]
+_ACK_ONE_KIND = struct.unpack("<I", _ACK_ONE_WORD)[0]
+_HELD = JobState.HELD
+_job_transition = JOB_TRANSITIONS.get
+_PRIORITY_NAME = PRIORITY.encode("ascii")
+_RUN_AT_NAME = RUN_AT.encode("ascii")
+
+
+class WaitPlan(NamedTuple):
+    """What a claimer with nothing to claim watches (``WorkQueue._wait_plan``)."""
+
+    waiter: Waiter  # its FIFO is written by senders and by whoever gives a record back
+    pidfds: list[int]  # the workers holding claims: readable when one dies
+    ready: Callable[[], bool]  # True when a claim may succeed (cheap: three loads)
+    wake_at: float | None  # monotonic: the next lease end or retry time, None if none
+
+
+class WorkQueue:
+    """Share the records of the queue at ``path`` among the workers of ``group``.
+
+    Each record goes to one worker at a time, in send order; a claim not
+    acked within ``lease`` seconds, or whose worker process died, comes back
+    with its attempt count raised; after ``max_attempts`` attempts the record
+    goes to the dead-letter queue ``dead_letter`` (default
+    ``<path>/dead/<group>``).  ``sync`` (``"never"``, ``"always"`` or seconds)
+    decides when the group's journal is flushed to stable storage; a SIGKILL
+    never loses an operation that returned.  ``clock`` (default ``time.time``)
+    is the wall clock leases are measured in.  A missing ``path`` raises
+    ``SegqError`` unless ``create=True`` (a WorkQueue does not create a queue).
+
+    A WorkQueue may be shared by the threads of a process; many processes may
+    open the same group.
+
+    >>> import segq, tempfile
+    >>> path = tempfile.mkdtemp()
+    >>> with segq.Sender(path, segment_size=1 << 16) as tx:
+    ...     tx.send(b"resize photo 1")
+    >>> with segq.WorkQueue(path, lease=60) as wq:
+    ...     with wq.claim(timeout=1) as job:
+    ...         print(job.data, job.attempt)
+    b'resize photo 1' 1
+    """
+
+    def __init__(
+        self,
+        path: StrPath,
+        group: str = "default",
+        *,
+        lease: float = 30.0,
+        max_attempts: int = 5,
+        dead_letter: StrPath | None = None,
+        sync: SyncPolicy = "never",
+        clock: Callable[[], float] = time.time,
+        create: bool = False,
+        _owner: Owner | None = None,
+    ) -> None:
+        self._closed = True
+        self._forked = False
+        self.path = check_path(path)
+        self.group = check_name(group, "group name")
+        if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease < 1e9:
+            raise InvalidArgument(f"lease must be a finite number of seconds > 0, not {lease!r}", name="lease")
+        if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
+            raise SegqError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
+        self.lease = float(lease)
+        self.max_attempts = max_attempts
+        self.dead_letter = os.fspath(dead_letter) if dead_letter is not None else dead_letter_path(path, group)
+        self._sync_interval = parse_sync(sync)
+        self._clock = clock
+        self._owner: Owner = _owner if _owner is not None else my_owner()
+        require_queue(self.path, create=create, who="WorkQueue")  # a typo'd path is an error, not a new queue
+        self._control = Control(self.path, segment_size=CONSUMER_SEGMENT_SIZE)
+        try:
+            self._group = GroupHandle(self.path, group, group_dir(self.path, group), sync_interval=self._sync_interval)
+        except BaseException:
+            self._control.close()
+            raise
+        consumer = f"group {group!r}"
+        self._head_reader = RecordReader(self._control, 0, consumer=consumer)
+        self._reader = RecordReader(self._control, 0, consumer=consumer)
+        self._scan_reader = RecordReader(self._control, 0, consumer=consumer)
+        self._tail_words = self._control.words
+        self._index = ClaimIndex()
+        self._liveness = Liveness()
+        self._waiters = threading.local()
+        self._all_waiters: list[Waiter] = []
+        self._waker = Waker(self._control)
+        self._dead_letters = DeadLetterSender(self.path, group, self.dead_letter, sync)
+        self._held: set[Job] = set()  # jobs handed out and not settled, given back by close()
+        self._next_liveness_check = 0.0  # monotonic time of the next look at other workers' PIDs
+        self._stop_syncing = threading.Event()
+        self._sync_thread: threading.Thread | None = None
+        self._closed = False
+        _open_queues.add(self)
+        if self._sync_interval:
+            self._sync_thread = threading.Thread(target=self._sync_loop, name="segq-group-sync", daemon=True)
+            self._sync_thread.start()
+
+    def _begin(self) -> None:
+        """Start a transaction (see ``GroupHandle.begin``); refuse a closed or forked WorkQueue."""
+        if self._closed:
+            self._raise_closed()
+        self._group.begin()
+
+    def _raise_closed(self) -> None:
+        if self._forked:
+            raise UsageError("a WorkQueue cannot be used across fork(): open a new one in the child")
+        raise Closed(f"work queue {self.group!r} is closed")
+
+    # -- claiming --------------------------------------------------------
+
+    def claim(self, timeout: float | None = None) -> Job:
+        """Return the next record to work on, waiting for one; ``Empty`` after ``timeout`` seconds.
+
+        The job is held until acked or nacked, or until its lease runs out.
+        """
+        if timeout is not None:
+            timeout = check_timeout(timeout)
+        job = self._try_claim()
+        if job is not None:
+            return job
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            if deadline is not None and monotonic() >= deadline:
+                raise Empty(f"no record for group {self.group!r} in {self.path} after {timeout} s")
+            self._wait(deadline)
+            job = self._try_claim()
+            if job is not None:
+                return job
+
+    def try_claim(self) -> Job | None:
+        """Return the next record to work on if one is claimable now, else None; never blocks."""
+        return self._try_claim()
+
+    def claim_batch(self, max_count: int, timeout: float | None = None) -> JobBatch:
+        """Return 1 to ``max_count`` jobs claimed in one transaction, sharing one lease.
+
+        Waits like ``claim`` for the first; takes as many more as are claimable.
+        """
+        if not isinstance(max_count, int) or max_count < 1:
+            raise UsageError(f"claim_batch needs max_count >= 1, not {max_count!r}")
+        if timeout is not None:
+            timeout = check_timeout(timeout)
+        jobs = self._claim_many(max_count)
+        if jobs:
+            return JobBatch(self, jobs)
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            if deadline is not None and monotonic() >= deadline:
+                raise Empty(f"no record for group {self.group!r} in {self.path} after {timeout} s")
+            self._wait(deadline)
+            jobs = self._claim_many(max_count)
+            if jobs:
+                return JobBatch(self, jobs)
+
+    def __iter__(self) -> Iterator[Job]:
+        """Yield jobs forever; each is acked when the loop asks for the next, nacked if the body raised."""
+        while True:
+            job = self.claim()
+            finished = False
+            try:
+                yield job
+                finished = True
+            finally:
+                if job.state is _HELD and not self._closed:
+                    if finished:
+                        job.ack()
+                    else:
+                        try:
+                            job.nack(reason="the loop over the work queue was left")
+                        except ClaimLost:
+                            pass
+
+    def _sweep_due(self, now: float) -> bool:
+        """Tell whether a claimer must sweep: a lease may have ended or another worker may have died."""
+        state = self._group.state
+        owners = state.owners
+        return now >= state.next_expiry or (
+            (len(owners) > 1 or (bool(owners) and self._owner not in owners)) and monotonic() >= self._next_liveness_check
+        )
+
+    def _try_claim(self) -> Job | None:
+        # The hot path: a plain record right at the head, in one small append.
+        if self._closed:
+            self._raise_closed()
+        group = self._group
+        woke = False
+        state = group.begin()
+        try:
+            now = self._clock()
+            owners = state.owners
+            if now >= state.next_expiry or (
+                (len(owners) > 1 or (owners and self._owner not in owners))
+                and monotonic() >= self._next_liveness_check
+            ):
+                woke = self._sweep(now)
+            index = self._index
+            if index.state is not state or index.skips_seen != len(state.skip_log) or state.head > index.scan:
+                index.follow(state)
+            if self._tail_words[TAIL_INDEX] > index.scan:
+                self._read_ahead(now)
+            plain = index.plain
+            if (
+                state.waiting
+                or index.in_heaps
+                or index.plain_skipped
+                or not plain
+                or plain[0] != state.head
+                or (index.future and index.future[0][0] <= now)
+            ):
+                jobs = self._claim_records(now, 1, [])
+                if jobs:
+                    self._held.add(jobs[0])
+                    return jobs[0]
+                return None
+            start = plain.popleft()
+            reader = self._head_reader
+            reader.position = start
+            data = reader.next()
+            if data is None:
+                raise self._missing(start)
+            end = reader.position
+            token = state.next_token
+            expires = now + self.lease
+            owner = self._owner
+            body = CLAIM_ONE.pack(token, expires, owner[0], owner[1], 1, start, end, 1)
+            group.append_small(Kind.CLAIM, _CLAIM_ONE_KIND, _CLAIM_ONE_CRC, body)
+            mark = state.mark
+            state.claim(token, expires, owner, start, end, 1)
+            if state.mark != mark and ((state.mark ^ mark) >> 32 or monotonic() >= group.cursor_due):
+                group.mark_moved(mark)
+        finally:
+            group.end()
+            if woke:
+                self._wake_claimers()
+        job = Job(self, data, start, token, 1, expires)
+        self._held.add(job)
+        return job
+
+    def _claim_many(self, max_count: int) -> list[Job]:
+        self._begin()
+        group = self._group
+        woke = False
+        try:
+            state = group.state
+            now = self._clock()
+            if self._sweep_due(now):
+                woke = self._sweep(now)
+            self._index.follow(state)
+            if self._tail_words[TAIL_INDEX] > self._index.scan:
+                self._read_ahead(now)
+            jobs = self._claim_records(now, max_count, [])
+        finally:
+            group.end()
+            if woke:
+                self._wake_claimers()
+        for job in jobs:
+            self._held.add(job)
+        return jobs
+
+    def _read_ahead(self, now: float) -> None:
+        """File every record sent since the index last looked (each is read once).  In a transaction."""
+        index = self._index
+        reader = self._scan_reader
+        reader.position = index.scan
+        index.saw(now)
+        next_record = reader.next
+        plain_append = index.plain.append
+        count = 0
+        while True:
+            data = next_record()
+            if data is None:
+                break
+            end = reader.position
+            # A record with headers may be a job with options; a byte search
+            # (in C) rules most out before the header block is parsed.
+            if type(data) is Framed and (data.find(_PRIORITY_NAME) >= 0 or data.find(_RUN_AT_NAME) >= 0):
+                options = decode_options(split_body(data, self.path, end - HEADER_SIZE - len(data))[1])
+                if options.priority or options.run_at:
+                    index.scan_ordinal += count
+                    count = 0
+                    index.add_read(end - HEADER_SIZE - len(data), end, options.priority, options.run_at, now)
+                    continue
+            plain_append(end - HEADER_SIZE - len(data))
+            count += 1
+        index.scan_ordinal += count
+        # Past an end-of-segment marker too, so a claimer does not wait on it.
+        index.scan = reader.position
+
+    def _claim_records(self, now: float, limit: int, jobs: list[Job]) -> list[Job]:
+        """Claim up to ``limit`` records, best first (``_index``), in one transaction.  Index up to date.
+
+        Given-back records whose time has come go first within their
+        priority.  Records a claim goes past are recorded in SKIP entries of
+        the same append, so every replica keeps their turn.
+        """
+        state = self._group.state
+        index = self._index
+        taken: set[int] = set()
+        records: list[tuple[int, int, int, bytes, int]] = []  # start, end, attempt, data, priority
+        steps: list[tuple[int, Skipped | None]] = []  # skips, and claims at or past the head, in position order
+        head = state.head  # where the claim head will be once these skips and claims apply
+        while len(records) < limit:
+            waiting_priority = state.ready_priority(now) if state.waiting else -1
+            priority, start = index.best(now, state, taken)
+            if waiting_priority < 0 and priority < 0:
+                break
+            if waiting_priority >= priority:
+                picked = state.take_ready(now, 1, waiting_priority)
+                if not picked:
+                    continue
+                start = picked[0]
+                item = state.waiting[start]
+                if item.attempts >= self.max_attempts:
+                    # Given back by a process with a higher max_attempts, or by recovery.
+                    self._dead_letter_waiting(start, item.attempts, item.reason, now)
+                    continue
+                taken.add(start)
+                records.append((start, item.end, item.attempts + 1, self._read_at(start), item.priority))
+                continue
+            index.take(priority, start)
+            taken.add(start)
+            if start >= head:
+                data, end = self._read_skipping(head, start, steps)
+                steps.append((start, None))
+                head = end
+            elif start >= state.head:
+                # Skipped earlier in this transaction: claim it in its place instead.
+                place = next(place for place, (at, _) in enumerate(steps) if at == start)
+                end = steps[place][1].end  # type: ignore[union-attr]
+                steps[place] = (start, None)
+                data = self._read_at(start)
+            else:
+                data = self._read_at(start)
+                end = self._reader.position
+            index.forget(start)
+            records.append((start, end, 1, data, priority))
+        if records or steps:
+            self._record_claim(now, records, jobs, steps)
+        return jobs
+
+    def _read_skipping(self, head: int, start: int, steps: list[tuple[int, Skipped | None]]) -> tuple[bytes, int]:
+        """Read the record at ``start`` (at or past ``head``); add a skip step for every record before it."""
+        reader = self._head_reader
+        reader.position = head
+        index = self._index
+        while True:
+            data = reader.next()
+            if data is None:
+                raise self._missing(start)
+            end = reader.position
+            at = end - HEADER_SIZE - len(data)
+            if at == start:
+                return data, end
+            options = index.options_of(at)
+            steps.append((at, Skipped(end, options.priority, options.run_at)))
+
+    def _record_claim(
+        self,
+        now: float,
+        records: list[tuple[int, int, int, bytes, int]],
+        jobs: list[Job],
+        steps: list[tuple[int, Skipped | None]] | None = None,
+    ) -> None:
+        """Commit the claim of ``records`` (and the skips among them) in one append, then apply it.
+
+        ``steps`` lists, in position order, the records the claim head passes:
+        skipped ones with their options, claimed ones with None.  The journal
+        gets them in that order (runs of skips in SKIP entries, runs of claims
+        in CLAIM entries of one token), so a replay moves the head as this did.
+        """
+        group = self._group
+        state = group.state
+        token = state.next_token
+        expires = now + self.lease
+        owner = self._owner
+        by_start = {record[0]: record for record in records}
+        at_head = {start for start, item in steps or () if item is None}
+        runs: list[tuple[bool, list[Any]]] = []  # (is a skip run, its items)
+        below = [record for record in records if record[0] not in at_head]
+        if below:
+            runs.append((False, below))
+        for start, item in steps or ():
+            value: Any = (start, item) if item is not None else by_start[start]
+            if runs and runs[-1][0] == (item is not None):
+                runs[-1][1].append(value)
+            else:
+                runs.append((item is not None, [value]))
+        entries: list[bytes] = []
+        for is_skip, items in runs:
+            if is_skip:
+                entries.extend(encode_skips(Kind.SKIP, items))
+            else:
+                body = CLAIM_BODY.pack(token, expires, owner[0], owner[1], len(items)) + b"".join(
+                    CLAIM_RECORD.pack(start, end, attempt_word(attempt, priority))
+                    for start, end, attempt, _, priority in items
+                )
+                entries.append(entry(Kind.CLAIM, body))
+        group.append(*entries)  # the skips and the claims commit together
+        mark = state.mark
+        for is_skip, items in runs:
+            if is_skip:
+                state.skip_run(items)
+                continue
+            for start, end, attempt, data, priority in items:
+                state.claim(token, expires, owner, start, end, attempt, priority)
+                jobs.append(Job(self, data, start, token, attempt, expires))
+        group.mark_moved(mark)
+
+    def _read_at(self, start: int) -> bytes:
+        reader = self._reader
+        reader.position = start
+        data = reader.next()
+        if data is None:
+            raise self._missing(start)
+        return data
+
+    def _missing(self, start: int) -> CorruptionError:
+        return CorruptionError(
+            segment_path(self.path, start >> 32), start & 0xFFFF_FFFF, f"group {self.group!r} holds a record here"
+        )
+
+    def stats(self) -> GroupStats:
+        """Return where the group's jobs are (``GroupStats``): O(1) past reading what was sent since last look."""
+        self._begin()
+        try:
+            state = self._group.state
+            now = self._clock()
+            self._index.follow(state)
+            if self._tail_words[TAIL_INDEX] > self._index.scan:
+                self._read_ahead(now)
+            return group_stats(state, self._index, now)
+        finally:
+            self._group.end()
+
+    # -- sweeping back lost claims --------------------------------------
+
+    def _sweep(self, now: float) -> bool:
+        """Give back claims whose lease ended and claims of dead workers; True if any.  In a transaction."""
+        state = self._group.state
+        failed: list[tuple[int, Claim, str]] = []
+        if now >= state.next_expiry:
+            for start in state.expired(now):
+                claim = state.claims[start]
+                failed.append((start, claim, f"lease ran out (attempt {claim.attempt})"))
+        dead: set[Owner] = set()
+        if state.owners and monotonic() >= self._next_liveness_check:
+            self._next_liveness_check = monotonic() + LIVENESS_INTERVAL
+            dead = self._liveness.dead_among(state.owners, self._owner)
+            if dead:
+                seen = {start for start, _, _ in failed}
+                for start, claim in sorted(state.claims.items()):
+                    if claim.owner in dead and start not in seen:
+                        failed.append((start, claim, f"worker PID {claim.owner[0]} died (attempt {claim.attempt})"))
+        for start, claim, reason in failed:
+            self._fail(start, claim, now, reason)
+        if dead:
+            self._liveness.forget(state.owners)
+        return bool(failed)
+
+    def _fail(self, start: int, claim: Claim, available_at: float, reason: str) -> None:
+        """A claim failed: give the record back, or dead-letter it on its last attempt.  In a transaction."""
+        group = self._group
+        state = group.state
+        if claim.attempt >= self.max_attempts:
+            # The letter is sent before the DEAD entry commits: a crash between
+            # the two leaves a duplicate letter, never a lost record.
+            self._dead_letters.send(self._read_at(start), claim.attempt, reason, start, self._clock())
+            group.append(entry(Kind.DEAD, LIST_HEAD.pack(1) + PAIR.pack(start, claim.token)))
+            old_mark = state.mark
+            state.settle(start, claim.token, dead=True)
+            group.mark_moved(old_mark)
+        else:
+            group.append(
+                encode_return(Kind.RETURN, start, claim.token, available_at, claim.attempt, reason, claim.priority)
+            )
+            state.give_back(start, claim.token, available_at, claim.attempt, reason)
+            group.bump_returns()
+
+    def _dead_letter_waiting(self, start: int, attempts: int, reason: str, now: float) -> None:
+        # A WAITING record out of attempts: claim it for an instant, then dead-letter the claim.
+        group = self._group
+        state = group.state
+        token = state.next_token
+        owner = self._owner
+        item = state.waiting[start]
+        word = attempt_word(attempts, item.priority)
+        group.append(
+            entry(Kind.CLAIM, CLAIM_BODY.pack(token, now, owner[0], owner[1], 1) + CLAIM_RECORD.pack(start, item.end, word))
+        )
+        state.claim(token, now, owner, start, item.end, attempts, item.priority)
+        self._fail(start, state.claims[start], now, reason)
+
+    def _wake_claimers(self) -> None:
+        if self._control.bytes[DATA_WAITING]:  # the count byte a send checks too
+            self._waker.wake(DATA_WAITERS)
+
+    # -- waiting ---------------------------------------------------------
+
+    def _claim_waiter(self) -> Waiter:
+        """Return the calling thread's Waiter (made on first use)."""
+        waiter = getattr(self._waiters, "waiter", None)
+        if waiter is None:
+            # One per thread: a Waiter's FIFO wakes one sleeper reliably, not several.
+            waiter = self._waiters.waiter = Waiter(self._control)
+            self._all_waiters.append(waiter)
+        return waiter
+
+    def _wait_plan(self) -> WaitPlan:
+        """Return what a claimer with nothing to claim must watch; never blocks.
+
+        The blocking ``_wait`` polls it; ``segq.aio`` registers it with the event loop.
+        """
+        if self._closed:
+            raise Closed(f"work queue {self.group!r} is closed")
+        waiter = self._claim_waiter()
+        self._begin()
+        group = self._group
+        try:
+            state = group.state
+            journal_map = group.map
+            index = self._index
+            index.follow(state)
+            probe = index.scan
+            returns = group.returns
+            due = min(state.next_expiry, state.next_available(), index.next_due())
+            pidfds = self._liveness.fds()
+        finally:
+            group.end()
+        control_map = self._control.map
+        wake_at = None if due == math.inf else time.monotonic() + max(0.0, due - self._clock())
+
+        def ready() -> bool:
+            try:
+                if WORD.unpack_from(control_map, TAIL)[0] > probe:
+                    return True
+                returned: bool = WORD.unpack_from(journal_map, RETURNS)[0] != returns
+                return returned or WORD.unpack_from(journal_map, END)[0] == SEALED_MARK
+            except ValueError:
+                return True  # the journal was replaced (and unmapped) by another thread's compaction
+
+        return WaitPlan(waiter, pidfds, ready, wake_at)
+
+    def _wait(self, deadline: float | None) -> bool:
+        """Sleep until a claim may succeed or ``deadline`` (monotonic) passes; False on the deadline."""
+        waiter, pidfds, ready, due = self._wait_plan()
+        wake_at = deadline if due is None else due if deadline is None else min(deadline, due)
+        poller = select.poll()
+        if waiter.fileno() >= 0:
+            poller.register(waiter.fileno(), select.POLLIN)
+        for fd in pidfds:
+            poller.register(fd, select.POLLIN)
+        waiter.raise_flag(DATA_WAITERS)
+        try:
+            while True:
+                if ready():
+                    return True
+                now = time.monotonic()
+                if wake_at is not None and now >= wake_at:
+                    return deadline is None or now < deadline
+                limit = 1.0 if wake_at is None else min(1.0, wake_at - now)
+                if waiter.fileno() < 0:
+                    time.sleep(min(limit, 0.005))
+                    continue
+                events = poller.poll(limit * 1000.0)
+                if any(fd != waiter.fileno() for fd, _ in events):
+                    return True  # a worker holding claims died
+                if events:
+                    waiter.drain()
+        finally:
+            waiter.lower_flag(DATA_WAITERS)
+
+    # -- settling --------------------------------------------------------
+
+    def _check(self, job: Job, call: str) -> JobState:
+        """Return the job's state after ``call`` (``JOB_TRANSITIONS``); raise if the call is illegal."""
+        if job._queue is not self:
+            raise UsageError("this job was claimed through another WorkQueue")
+        return next_job_state(job, call)
+
+    def _lost(self, job: Job, call: str) -> ClaimLost:
+        state = self._group.state
+        record_state = state.state_of(job._start)
+        claim = state.claims.get(job._start)
+        if claim is not None and claim.token == job._token:
+            why = "its lease ran out"
+        elif record_state.value == "claimed":
+            why = "its lease ran out and another worker claimed it"
+        else:
+            why = f"its lease ran out and it is {record_state.value} now"
+        job.state = next_job_state(job, "lose")
+        self._held.discard(job)
+        return ClaimLost(f"cannot {call} the record at {job.position} (attempt {job.attempt}): {why}")
+
+    def _ack(self, job: Job) -> None:
+        # The hot path: one small append, the JOB_TRANSITIONS lookup written out.
+        following = _job_transition((job.state, "ack"))
+        if following is None or job._queue is not self:
+            following = self._check(job, "ack")  # raises
+        if self._closed:
+            self._raise_closed()
+        start = job._start
+        token = job._token
+        group = self._group
+        state = group.begin()
+        try:
+            claim = state.claims.get(start)
+            if claim is None or claim.token != token or claim.expires <= self._clock():
+                raise self._lost(job, "ack")
+            group.append_small(Kind.ACK, _ACK_ONE_KIND, _ACK_ONE_CRC, ACK_ONE.pack(1, start, token))
+            old_mark = state.mark
+            state.settle(start, token)
+            if state.mark != old_mark and ((state.mark ^ old_mark) >> 32 or monotonic() >= group.cursor_due):
+                group.mark_moved(old_mark)
+        finally:
+            group.end()
+        job.state = following
+        self._held.discard(job)
+
+    def _held_claims(self, jobs: list[Job], call: str) -> list[Claim]:
+        """Check that every job is still held; raise ClaimLost naming the first that is not.  In a transaction."""
+        now = self._clock()
+        claims = []
+        state = self._group.state
+        for job in jobs:
+            claim = state.claims.get(job._start)
+            if claim is None or claim.token != job._token or claim.expires <= now:
+                raise self._lost(job, call)
+            claims.append(claim)
+        return claims
+
+    def _ack_many(self, jobs: list[Job]) -> None:
+        following = [self._check(job, "ack") for job in jobs]
+        if not jobs:
+            return
+        self._begin()
+        group = self._group
+        try:
+            self._held_claims(jobs, "ack")
+            body = LIST_HEAD.pack(len(jobs)) + b"".join(PAIR.pack(job._start, job._token) for job in jobs)
+            group.append(entry(Kind.ACK, body))
+            state = group.state
+            old_mark = state.mark
+            for job in jobs:
+                state.settle(job._start, job._token)
+            group.mark_moved(old_mark)
+        finally:
+            group.end()
+        for job, job_state in zip(jobs, following, strict=True):
+            job.state = job_state
+            self._held.discard(job)
+
+    def _nack(self, jobs: list[Job], delay: float, reason: str | None) -> None:
+        following = [self._check(job, "nack") for job in jobs]
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not delay >= 0:
+            raise UsageError(f"nack delay must be a number of seconds >= 0, not {delay!r}")
+        if not jobs:
+            return
+        self._begin()
+        try:
+            claims = self._held_claims(jobs, "nack")
+            now = self._clock()
+            for job, claim in zip(jobs, claims, strict=True):
+                text = reason if reason is not None else f"nacked (attempt {claim.attempt})"
+                self._fail(job._start, claim, now + delay, text)
+        finally:
+            self._group.end()
+        for job, job_state in zip(jobs, following, strict=True):
+            job.state = job_state
+            self._held.discard(job)
+        self._wake_claimers()
+
+    def _renew(self, jobs: list[Job], lease: float | None) -> None:
+        for job in jobs:
+            self._check(job, "renew")
+        if lease is None:
+            lease = self.lease
+        if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not lease > 0:
+            raise UsageError(f"lease must be a number of seconds > 0, not {lease!r}")
+        if not jobs:
+            return
+        self._begin()
+        group = self._group
+        try:
+            self._held_claims(jobs, "renew")
+            expires = self._clock() + lease
+            body = RENEW_HEAD.pack(expires, len(jobs)) + b"".join(PAIR.pack(job._start, job._token) for job in jobs)
+            group.append(entry(Kind.RENEW, body))
+            for job in jobs:
+                group.state.renew(job._start, job._token, expires)
+        finally:
+            group.end()
+        for job in jobs:
+            job.lease_expires_at = expires
+
+    # -- lifetime --------------------------------------------------------
+
+    def _sync_loop(self) -> None:
+        interval = self._sync_interval
+        assert interval
+        group = self._group
+        while not self._stop_syncing.wait(interval):
+            if group.dirty:
+                group.dirty = False
+                try:
+                    self._begin()
+                except (Closed, UsageError):
+                    return
+                try:
+                    group.sync()
+                finally:
+                    group.end()
+
+    @staticmethod
+    def remove(path: StrPath, group: str) -> None:
+        """Unregister ``group`` so it no longer holds back segment deletion; see :func:`remove_group`.
+
+        Its state (claims, attempts) is deleted; its dead-letter queue is kept.
+        Raises ``Locked`` if a WorkQueue of the group is open in any process.
+        """
+        remove_group(path, group)
+
+    @staticmethod
+    def requeue_dead(path: StrPath, group: str = "default", *, dead_letter: StrPath | None = None) -> int:
+        """Move every dead letter of ``group`` back into the queue; see :func:`requeue_dead`."""
+        return requeue_dead(path, group, dead_letter=dead_letter)
+
+    def close(self) -> None:
+        """Give back the jobs this object still holds (counting the attempt), then release everything.
+
+        Idempotent.
+        """
+        if self._closed:
+            return
+        if self._sync_thread is not None:
+            self._stop_syncing.set()
+            self._sync_thread.join()
+        try:
+            if not self._forked:
+                group = self._group
+                state = group.begin()
+                try:
+                    now = self._clock()
+                    for job in sorted(self._held, key=lambda job: job._start):
+                        start = job._start
+                        claim = state.held(start, job._token)
+                        if claim is not None and claim.expires > now:
+                            self._fail(start, claim, now, f"worker closed its WorkQueue (attempt {claim.attempt})")
+                            job.state = next_job_state(job, "nack")
+                    self._held.clear()
+                    group.write_cursor()
+                    if self._sync_interval is not None:
+                        group.sync()
+                finally:
+                    group.end()
+                self._wake_claimers()
+        finally:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Release this object's files without touching the group's state, as a killed process would."""
+        self._closed = True
+        for waiter in self._all_waiters:
+            waiter.close()
+        self._waker.close()
+        self._liveness.close()
+        self._head_reader.close()
+        self._reader.close()
+        self._dead_letters.close()
+        self._group.close()
+        self._control.close()
+
+    def _orphan(self) -> None:
+        """In a forked child: the group lock's open file is shared with the parent, so never touch it."""
+        self._forked = True
+        self._closed = True
+
+    def __enter__(self) -> "WorkQueue":
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"lease={self.lease:g}s max_attempts={self.max_attempts}"
+        return f"<segq.WorkQueue {self.path!r} group={self.group!r} {state}>"
+
+
+# A forked child shares its parent's open files, flocks included: a WorkQueue
+# copied into a child must not be used (it would hold the parent's lock).
+_open_queues: "weakref.WeakSet[WorkQueue]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for queue in list(_open_queues):
+        queue._orphan()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
