@@ -59,7 +59,6 @@ __all__ = [
     "SLOT",
     "WORD",
     "Control",
-    "DEFAULT_SEGMENT_SIZE",
     "CONTROL_MAGIC",
     "read_published_tail",
     "published_tail",

@@ -20,10 +20,12 @@ its files.  So every file segq opens for writing in a queue goes through
 |                           | link-into-place creations)                     |                              |
 
 A file that must never be seen half-written (a segment, a cursor, a
-journal) is created by :func:`create_whole`: written in full under a
-temporary name, synced, then linked under its name, and the directory
-synced; a crash leaves either no file or the whole one, plus at most a
-``*.tmp`` leftover that no reader looks at.
+journal) is written in full under a temporary name and synced
+(:func:`write_temporary`), then given its name, and the directory synced:
+linked when it is new (:func:`link_into_place`, both steps together in
+:func:`create_whole`), renamed over the old one when it replaces it
+(:func:`replace_into_place`).  A crash leaves the old file or the whole new
+one, plus at most a ``*.tmp`` leftover that no reader looks at.
 
 Directories segq makes inside a queue (``cursors/``, ``senders/``,
 ``wake/``, ``groups/<g>/``) go through :func:`make_dir`, which refuses a link
@@ -57,6 +59,7 @@ __all__ = [
     "fsync_directory",
     "write_temporary",
     "link_into_place",
+    "replace_into_place",
     "create_whole",
     "LINK_ADVICE",
 ]
@@ -300,6 +303,21 @@ def link_into_place(temporary: str, path: str, *, durable: bool, new_directories
         return True
     finally:
         _unlink_quietly(temporary)
+
+
+def replace_into_place(temporary: str, path: str, *, durable: bool) -> None:
+    """Give the finished file ``temporary`` the name ``path``, replacing the file that has it (one atomic rename).
+
+    ``durable`` syncs the directory so the new name survives power loss.  On
+    an error the temporary file is removed and the error propagates.
+    """
+    try:
+        os.rename(temporary, path)
+        if durable:
+            fsync_directory(os.path.dirname(path) or ".")
+    except BaseException:
+        _unlink_quietly(temporary)
+        raise
 
 
 def create_whole(path: str, fill: Callable[[int], None], *, durable: bool, new_directories: int = 0) -> bool:

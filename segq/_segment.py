@@ -24,7 +24,7 @@ from typing import Union
 
 from . import _format
 from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, Buffer, RecordStatus, SegmentHeaderError
-from ._fs import create_whole, fsync_directory, open_file
+from ._fs import create_whole, open_file
 from .errors import CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
     "ScanResult",
     "scan_records",
     "dirty_end_in_file",
-    "fsync_directory",
     "os_error",
 ]
 

@@ -33,6 +33,7 @@ __all__ = [
     "Position",
     "word_segment",
     "word_offset",
+    "same_segment",
     "CursorFile",
     "ConsumerKind",
     "cursor_path",
@@ -102,6 +103,11 @@ def word_segment(word: int) -> int:
 def word_offset(word: int) -> int:
     """Return the offset of a position word, without making a Position (for paths run per record)."""
     return word & _OFFSET_MASK
+
+
+def same_segment(word: int, other: int) -> bool:
+    """Tell whether two position words lie in the same segment (for paths run per record)."""
+    return not (word ^ other) >> OFFSET_BITS
 
 
 def check_name(name: str, what: str = "receiver name") -> str:

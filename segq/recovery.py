@@ -50,7 +50,7 @@ from typing import Any
 import portalocker
 
 from ._control import CONTROL_NAME, published_tail, remove_semaphores, reset_header
-from ._fs import fsync_directory, open_file, open_to_read
+from ._fs import open_file, open_to_read, replace_into_place
 from ._format import END_MARKER, HEADER_SIZE
 from ._inspect import (
     ConsumerInfo,
@@ -626,8 +626,7 @@ def _write_cursor(path: str, position: Position) -> None:
             pass
         cursor = CursorFile(replacement, initial=position)
         cursor.close()
-        os.replace(replacement, path)
-        fsync_directory(os.path.dirname(path))
+        replace_into_place(replacement, path, durable=True)
         return
     try:
         cursor.write(position)

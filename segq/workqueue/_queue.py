@@ -42,7 +42,7 @@ import weakref
 from types import TracebackType
 from typing import Any, Callable, Iterator, NamedTuple
 
-from .._args import check_path, check_timeout
+from .._args import SyncPolicy, check_path, check_timeout, parse_sync
 from .._control import CONSUMER_SEGMENT_SIZE, DATA_WAITERS, DATA_WAITING, TAIL, TAIL_INDEX, WORD, Control, require_queue
 from .._format import HEADER_SIZE
 from .._headers import Framed, split_body
@@ -50,10 +50,9 @@ from .._liveness import Liveness, my_owner
 from .._options import PRIORITY, RUN_AT, decode_options
 from .._reader import RecordReader
 from .._segment import StrPath, segment_path
-from .._state import check_name
+from .._state import Position, check_name, same_segment
 from .._wake import Waiter, Waker
 from ..errors import ClaimLost, Closed, CorruptionError, Empty, InvalidArgument, SegqError, UsageError
-from ..sender import SyncPolicy, parse_sync
 from ._admin import remove_group, requeue_dead
 from ._claims import (
     ACK_ONE,
@@ -316,7 +315,7 @@ class WorkQueue:
             group.append_small(Kind.CLAIM, _CLAIM_ONE_KIND, _CLAIM_ONE_CRC, body)
             mark = state.mark
             state.claim(token, expires, owner, start, end, 1)
-            if state.mark != mark and ((state.mark ^ mark) >> 32 or monotonic() >= group.cursor_due):
+            if state.mark != mark and (not same_segment(state.mark, mark) or monotonic() >= group.cursor_due):
                 group.mark_moved(mark)
         finally:
             group.end()
@@ -505,8 +504,9 @@ class WorkQueue:
         return data
 
     def _missing(self, start: int) -> CorruptionError:
+        where = Position.from_word(start)
         return CorruptionError(
-            segment_path(self.path, start >> 32), start & 0xFFFF_FFFF, f"group {self.group!r} holds a record here"
+            segment_path(self.path, where.segment), where.offset, f"group {self.group!r} holds a record here"
         )
 
     def stats(self) -> GroupStats:
@@ -699,7 +699,7 @@ class WorkQueue:
             group.append_small(Kind.ACK, _ACK_ONE_KIND, _ACK_ONE_CRC, ACK_ONE.pack(1, start, token))
             old_mark = state.mark
             state.settle(start, token)
-            if state.mark != old_mark and ((state.mark ^ old_mark) >> 32 or monotonic() >= group.cursor_due):
+            if state.mark != old_mark and (not same_segment(state.mark, old_mark) or monotonic() >= group.cursor_due):
                 group.mark_moved(old_mark)
         finally:
             group.end()
