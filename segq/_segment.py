@@ -40,6 +40,7 @@ __all__ = [
     "queue_segment_size",
     "create_segment",
     "preallocate",
+    "open_segment_file",
     "open_segment",
     "MappedSegment",
     "SegmentWindow",
@@ -214,18 +215,27 @@ def read_segment_header(path: str, data: Buffer) -> int:
         raise CorruptionError(path, 0, f"segment header: {error}") from None
 
 
+def open_segment_file(path: str, *, writable: bool) -> int:
+    """Open the segment file at ``path`` as it is (no check of its contents); return the fd.
+
+    Raises ``FileNotFoundError`` if it is missing (consumed meanwhile, for
+    most callers), a ``SegqError`` naming it for any other failure.
+    """
+    try:
+        return open_file(path, os.O_RDWR if writable else os.O_RDONLY, create=False)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise os_error(error, "open segment", path) from None
+
+
 def open_segment(path: str, number: int, *, writable: bool) -> tuple[int, int]:
     """Open segment ``number`` at ``path`` and check its header; return ``(fd, size)``.
 
     Raises ``FileNotFoundError`` if it is missing, ``CorruptionError`` or
     ``UnsupportedFormat`` if its header is not one of ours.
     """
-    try:
-        fd = open_file(path, os.O_RDWR if writable else os.O_RDONLY, create=False)
-    except FileNotFoundError:
-        raise
-    except OSError as error:
-        raise os_error(error, "open segment", path) from None
+    fd = open_segment_file(path, writable=writable)
     try:
         size = os.fstat(fd).st_size
         if size < SEGMENT_HEADER_SIZE + HEADER_SIZE:

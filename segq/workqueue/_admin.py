@@ -111,20 +111,26 @@ def _count_records(queue_dir: str) -> int:
         start = read_position(cursor_path(queue_dir, ConsumerKind.RECEIVER, "default"))
     except SegqError:
         start = Position.bottom(segments[0])
-    count = 0
-    for number in segments:
+    segments_read = _segments_from(queue_dir, start)
+    return sum(scan_records(segment.map, offset, segment.size).records for segment, offset in segments_read)
+
+
+def _segments_from(queue_dir: str, start: Position) -> Iterator[tuple[MappedSegment, int]]:
+    """Yield each segment from ``start`` on, mapped read-only, with the offset to read it from.
+
+    Each is closed when the loop moves on; one consumed and deleted meanwhile is skipped.
+    """
+    for number in list_segments(queue_dir):
         if number < start.segment:
             continue
         try:
             segment = MappedSegment(queue_dir, number, writable=False)
         except FileNotFoundError:
-            continue  # consumed and deleted meanwhile
+            continue
         try:
-            offset = start.offset if number == start.segment else SEGMENT_HEADER_SIZE
-            count += scan_records(segment.map, offset, segment.size).records
+            yield segment, start.offset if number == start.segment else SEGMENT_HEADER_SIZE
         finally:
             segment.close()
-    return count
 
 
 def _is_open(directory: str) -> bool:
@@ -207,30 +213,19 @@ def _stats_of(path: str, state: GroupState, now: float) -> GroupStats:
     index = ClaimIndex()
     index.follow(state)
     index.saw(now)
-    head = Position.from_word(state.head)
-    for number in list_segments(path):
-        if number < head.segment:
-            continue
-        try:
-            segment = MappedSegment(path, number, writable=False)
-        except FileNotFoundError:
-            continue  # consumed and deleted meanwhile
-        try:
-            offset = head.offset if number == head.segment else SEGMENT_HEADER_SIZE
-            base = Position(number, 0).word  # a record's word is base + its offset: no Position per record
-            while True:
-                record = decode_record(segment.map, offset, segment.size)
-                if record.status is not RecordStatus.OK:
-                    break  # the end of what is written (or damage, which `segq verify` reports)
-                start = base + offset
-                options = decode_options(split_body(segment.map[record.start : record.end], path, start)[1]) if (
-                    record.headed
-                ) else None
-                priority, run_at = (options.priority, options.run_at) if options is not None else (0, 0.0)
-                index.add_read(start, base + record.end, priority, run_at, now)
-                offset = record.end
-        finally:
-            segment.close()
+    for segment, offset in _segments_from(path, Position.from_word(state.head)):
+        base = Position(segment.number, 0).word  # a record's word is base + its offset: no Position per record
+        while True:
+            record = decode_record(segment.map, offset, segment.size)
+            if record.status is not RecordStatus.OK:
+                break  # the end of what is written (or damage, which `segq verify` reports)
+            start = base + offset
+            options = decode_options(split_body(segment.map[record.start : record.end], path, start)[1]) if (
+                record.headed
+            ) else None
+            priority, run_at = (options.priority, options.run_at) if options is not None else (0, 0.0)
+            index.add_read(start, base + record.end, priority, run_at, now)
+            offset = record.end
     return group_stats(state, index, now)
 
 
