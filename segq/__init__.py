@@ -77,6 +77,7 @@ _LAZY = {
     "GroupStats": "workqueue",
     "Enqueued": "_options",
     "recovery": "recovery",
+    "nats": "nats",  # the NATS JetStream bridge; needs the nats extra only when a bridge starts
     "AsyncSender": "aio",
     "AsyncReceiver": "aio",
     "AsyncMessage": "aio",

@@ -1205,3 +1205,94 @@ def demo(records: int, keep: bool) -> None:
     from ._demo import run_demo
 
     run_demo(records, keep=keep, echo=click.echo)
+
+
+# -- beyond one machine: the NATS JetStream bridge (the `nats` extra) ----------------
+
+
+def _nats_options(command: _Command) -> _Command:
+    command = click.option("--stream", required=True, help="The JetStream stream.")(command)
+    return click.option(
+        "--server",
+        "servers",
+        multiple=True,
+        required=True,
+        help="A NATS server URL (nats://HOST:PORT); repeat it for a cluster's servers.",
+    )(command)
+
+
+def _run_bridge(bridge: Callable[[Any], Any]) -> None:
+    """Run ``bridge(stop)`` on an event loop; SIGTERM/SIGINT set ``stop``; log what it does to stderr."""
+    import asyncio
+
+    logger = logging.getLogger("segq")
+    handler = _EchoHandler(logging.INFO)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    stopped_by: list[int] = []
+
+    async def main() -> None:
+        stop = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            stopped_by.append(signum)
+            stop.set()
+
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        await bridge(stop)
+
+    try:
+        asyncio.run(main())
+    finally:
+        logger.removeHandler(handler)
+    if stopped_by:
+        _exit_for_signal(stopped_by[0])
+
+
+@cli.command()
+@_queue_argument
+@_nats_options
+@click.option("--subject", required=True, help="The subject to publish on (one per forwarded queue).")
+@click.option("--name", default="forward", show_default=True, help="The receiver name the forwarder reads as.")
+@click.option("--window", default=256, show_default=True, help="Most publishes in flight at once.")
+def forward(path: str, servers: tuple[str, ...], stream: str, subject: str, name: str, window: int) -> None:
+    """Publish the records of the queue at PATH to a NATS JetStream stream, each exactly once.
+
+    Runs as receiver NAME of the queue (`segq info` shows its lag) and
+    commits a record only once the stream stored it; survives kills and
+    server restarts without loss or duplicates.  Stops on SIGTERM/SIGINT
+    (exit 128+N).  Needs `pip install 'segq[nats]'`.
+    """
+    from .nats import forward as run_forward
+
+    _run_bridge(
+        lambda stop: run_forward(path, list(servers), stream=stream, subject=subject, name=name, stop=stop,
+                                 window=window)
+    )
+
+
+@cli.command()
+@_nats_options
+@click.option("--consumer", default="pull", show_default=True, help="The durable consumer (made if missing).")
+@click.option("--filter", "filter_subject", help="Take only this subject (for a consumer pull makes).")
+@click.option("--max-queue-bytes", type=_SizeParam(), help="Fetch nothing while the queue's backlog is this big.")
+@_queue_argument
+def pull(
+    servers: tuple[str, ...], stream: str, consumer: str, filter_subject: str | None, max_queue_bytes: int | None,
+    path: str,
+) -> None:
+    """Send a NATS JetStream stream's messages into the queue at PATH, each exactly once.
+
+    Reads through durable consumer CONSUMER and acknowledges a message only
+    after it is in the queue (with its headers, and its stream sequence in
+    `segq-nats-seq`).  The queue is created if missing.  Stops on
+    SIGTERM/SIGINT (exit 128+N).  Needs `pip install 'segq[nats]'`.
+    """
+    from .nats import pull as run_pull
+
+    _run_bridge(
+        lambda stop: run_pull(list(servers), path, stream=stream, consumer=consumer, filter_subject=filter_subject,
+                              stop=stop, max_queue_bytes=max_queue_bytes)
+    )

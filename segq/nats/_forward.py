@@ -1,0 +1,434 @@
+"""``forward``: publish a local queue's records to a JetStream stream, each exactly once, in order.
+
+Theory of operation
+-------------------
+The forwarder is an ordinary named receiver of the queue (``segq info``
+shows its backlog as the forwarding lag).  It works in rounds: receive a
+batch of up to ``window`` records, publish them all without waiting (the
+bounded window of publishes in flight), wait for every acknowledgement, and
+only then commit the batch locally.  A record is committed only after the
+stream said it stored it.
+
+Each record is published with ``Nats-Msg-Id: QUEUEID:SEGMENT:OFFSET`` (the
+queue's id from ``segq.id``, see docs/format.md, and the record's position)
+and ``Nats-Expected-Stream`` (so a subject some other stream takes is refused,
+not stored there).  What can go wrong between a publish and the local
+commit, and what each case leaves:
+
+==============================  ==========================================
+crash or failure                in the stream afterwards
+==============================  ==========================================
+before the publish              nothing of the batch
+publish sent, link breaks       a prefix of the batch (one connection, in
+                                order; nothing buffered for a next one)
+acknowledged, not committed     the whole batch; the queue still has it
+==============================  ==========================================
+
+So after every start and every broken link the forwarder asks the stream
+for the last message on its subject.  If that message came from this queue
+(its ``Nats-Msg-Id`` starts with the queue id), every record up to that
+position is in the stream: the forwarder commits those locally without
+publishing them again, and resumes after it.  This does not depend on the
+stream's duplicate window, so a forwarder down for a week does not
+duplicate its last batch.  The duplicate window still covers the one race
+the lookup cannot see: a publish from a dead connection that the server
+stores after the lookup (it is dropped as a duplicate when resent).
+
+This needs one subject per forwarded queue (``events.<host>`` into a
+stream taking ``events.>``).  If the last message on the subject is another
+queue's, the forwarder cannot tell from it where this queue stopped and
+relies on the duplicate window alone; it says so in a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .._inspect import existing_queue
+from .._queueid import queue_id
+from .._segment import StrPath
+from .._state import Position
+from ..aio import AsyncReceiver
+from ..receiver import Message
+from ..sender import SyncPolicy
+from ..errors import Empty, SegqError
+from ._link import (
+    Backoff,
+    BridgeError,
+    Link,
+    LinkLost,
+    api_error,
+    api_request,
+    connect,
+    servers_list,
+    stored_headers,
+    stream_config,
+    subject_matches,
+    to_nats_headers,
+    wait_or_stop,
+)
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
+__all__ = ["forward", "ForwardStats", "message_id", "parse_message_id"]
+
+log = logging.getLogger("segq.nats")
+
+_NO_MESSAGE = 10037  # JetStream: no message found (an empty subject)
+# Publish errors that retrying cannot fix: the wrong stream took the subject
+# (10060), a record larger than the stream allows (10054), a stream that
+# refuses new messages (10077, discard-new at its limits is retried instead).
+_REFUSALS = frozenset({10060, 10054})
+
+
+
+class ForwardStats:
+    """What a forwarder did: records published, records found already in the stream, reconnections."""
+
+    def __init__(self) -> None:
+        self.published = 0
+        self.skipped = 0
+        self.duplicates = 0
+        self.reconnects = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<ForwardStats published={self.published} skipped={self.skipped} "
+            f"duplicates={self.duplicates} reconnects={self.reconnects}>"
+        )
+
+
+def message_id(queue: str, position: Position) -> str:
+    """Return the ``Nats-Msg-Id`` of the record at ``position`` of queue ``queue``."""
+    return f"{queue}:{position.segment}:{position.offset}"
+
+
+def parse_message_id(value: str | None) -> tuple[str, Position] | None:
+    """Return (queue id, position) from a ``Nats-Msg-Id`` made by ``message_id``, else None."""
+    if not value:
+        return None
+    parts = value.split(":")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[0], Position(int(parts[1]), int(parts[2]))
+
+
+async def forward(
+    path: StrPath,
+    servers: str | Sequence[str],
+    *,
+    stream: str,
+    subject: str,
+    name: str = "forward",
+    stop: asyncio.Event | None = None,
+    window: int = 256,
+    ack_timeout: float = 5.0,
+    sync: SyncPolicy = "never",
+) -> ForwardStats:
+    """Publish every record of the queue at ``path`` to ``stream`` on ``subject``, until ``stop`` is set.
+
+    Runs as receiver ``name`` of the queue and commits a record only after
+    the stream acknowledged it; up to ``window`` publishes are in flight.
+    Each record lands in the stream exactly once and in queue order, with
+    its headers, however the forwarder or the server is stopped or killed
+    (give each forwarded queue its own subject).  A broken connection is
+    retried with backoff, forever.  Returns the totals when ``stop`` is set.
+
+    Raises ``BridgeError`` when no server answers the first connection, the
+    stream does not exist, or it does not take ``subject``: nothing is
+    committed locally then.  ``servers`` is a URL or a list of them
+    (``nats://host:4222``).
+    """
+    if window < 1:
+        raise BridgeError(f"window must be at least 1, not {window}")
+    queue_dir = existing_queue(path)
+    urls = servers_list(servers)
+    stop = stop if stop is not None else asyncio.Event()
+    stats = ForwardStats()
+    label = f"segq forward {queue_dir}"
+    try:
+        link: Link | None = await connect(urls, name=label)
+    except LinkLost as error:
+        raise BridgeError(str(error), server=", ".join(urls), stream=stream, subject=subject) from None
+    assert link is not None
+    try:
+        await check_subject(link, stream, subject, ack_timeout)
+    except BaseException:
+        await link.close()
+        raise
+    queue = queue_id(queue_dir)
+    receiver = AsyncReceiver(queue_dir, name, sync=sync)
+    log.info(
+        "forwarding %s (receiver %r at %s) to stream %r subject %r on %s",
+        queue_dir, name, receiver.committed_position, stream, subject, link.server,
+    )
+    pump = _Pump(receiver, queue, stream, subject, window, ack_timeout, stats)
+    backoff = Backoff()
+    try:
+        while not stop.is_set():
+            try:
+                if link is None:
+                    link = await connect(urls, name=label)
+                    try:
+                        await check_subject(link, stream, subject, ack_timeout)
+                    except BridgeError as error:
+                        # It worked before: a server still recovering its streams, or a
+                        # stream being remade. Keep trying, and keep saying why.
+                        raise LinkLost(str(error)) from None
+                    stats.reconnects += 1
+                    log.info("forward: reconnected to %s", link.server)
+                await pump.catch_up(link)
+                backoff.reset()
+                await pump.run(link, stop)
+            except LinkLost as error:
+                delay = backoff.next_delay()
+                log.warning("forward: %s; reconnecting in %.1f s", error, delay)
+                if link is not None:
+                    await link.close()
+                    link = None
+                await wait_or_stop(stop, delay)
+    finally:
+        if link is not None:
+            await link.close()
+        await receiver.close()
+        log.info("forward stopped: %s", stats)
+    return stats
+
+
+async def check_subject(link: Link, stream: str, subject: str, timeout: float) -> None:
+    """Raise ``BridgeError`` unless ``stream`` exists and takes ``subject``."""
+    if not subject or any(ch in subject for ch in "*> \t\r\n") or ".." in subject or subject.startswith("."):
+        raise BridgeError(f"subject {subject!r} is not a literal NATS subject", subject=subject)
+    config = await stream_config(link.client, stream, link.server, timeout)
+    patterns = config.get("subjects") or [stream]
+    if not any(subject_matches(subject, pattern) for pattern in patterns):
+        raise BridgeError(
+            f"stream {stream!r} on {link.server} does not take subject {subject!r} (it takes {', '.join(patterns)})",
+            server=link.server,
+            stream=stream,
+            subject=subject,
+        )
+
+
+class _Pump:
+    """The rounds of one forwarder: catch up with the stream, then publish, wait, commit."""
+
+    def __init__(
+        self,
+        receiver: AsyncReceiver,
+        queue: str,
+        stream: str,
+        subject: str,
+        window: int,
+        ack_timeout: float,
+        stats: ForwardStats,
+    ) -> None:
+        self.receiver = receiver
+        self.queue = queue
+        self.stream = stream
+        self.subject = subject
+        self.window = window
+        self.ack_timeout = ack_timeout
+        self.stats = stats
+        self._warned_foreign = False
+
+    async def landed(self, link: Link) -> Position | None:
+        """Return the position of this queue's last record in the stream, if the stream says."""
+        reply = await api_request(
+            link.client, f"$JS.API.STREAM.MSG.GET.{self.stream}", {"last_by_subj": self.subject}, self.ack_timeout
+        )
+        error = api_error(reply)
+        if error is not None:
+            code, description = error
+            if code == _NO_MESSAGE:
+                return None
+            raise LinkLost(f"cannot read the last message on {self.subject!r}: {description}")
+        found = parse_message_id(stored_headers(reply["message"]).get("Nats-Msg-Id"))
+        if found is None or found[0] != self.queue:
+            if not self._warned_foreign:
+                self._warned_foreign = True
+                log.warning(
+                    "forward: the last message on subject %r is not from this queue; give each queue its own "
+                    "subject, or exactly-once rests on the stream's duplicate window alone",
+                    self.subject,
+                )
+            return None
+        return found[1]
+
+    async def catch_up(self, link: Link) -> None:
+        """Commit, without publishing, the records the stream already holds."""
+        position = await self.landed(link)
+        if position is None:
+            return
+        skipped = 0
+        while True:
+            try:
+                batch = await self.receiver.recv_batch(self.window, timeout=0)
+            except Empty:
+                break
+            already = sum(1 for message in batch if message.position <= position)
+            if already == len(batch):
+                await batch.commit()
+                skipped += already
+                continue
+            await batch.rollback()
+            if already:
+                # The first `already` records are ready, so this returns exactly them.
+                head = await self.receiver.recv_batch(already, timeout=0)
+                await head.commit()
+                skipped += already
+            break
+        if skipped:
+            self.stats.skipped += skipped
+            log.info(
+                "forward: %d records were already in stream %r; committed them without publishing",
+                skipped, self.stream,
+            )
+
+    async def run(self, link: Link, stop: asyncio.Event) -> None:
+        """Publish rounds until ``stop``; raise ``LinkLost`` when the link fails (the batch rolled back)."""
+        client = link.client
+        loop = asyncio.get_running_loop()
+        current = _Round(loop, 0, 0)
+
+        async def on_ack(msg: Msg) -> None:
+            current.take(int(msg.subject.rpartition(".")[2]), msg)
+
+        inbox = client.new_inbox()
+        await client.subscribe(f"{inbox}.*", cb=on_ack)
+        stopping = loop.create_task(stop.wait())
+        lost = loop.create_task(link.lost.wait())
+        serial = 0
+        publish = client.publish
+        subject = self.subject
+        try:
+            while not stop.is_set():
+                if link.lost.is_set():
+                    raise LinkLost("the connection to NATS closed")
+                receiving = loop.create_task(self.receiver.recv_batch(self.window))
+                await asyncio.wait([receiving, stopping, lost], return_when=asyncio.FIRST_COMPLETED)
+                if not receiving.done():
+                    receiving.cancel()  # a cancelled recv leaves nothing pending
+                    await asyncio.gather(receiving, return_exceptions=True)
+                    continue
+                batch = receiving.result()
+                messages = batch.messages
+                try:
+                    while messages:
+                        current = _Round(loop, serial + 1, len(messages))
+                        for message in messages:
+                            serial += 1
+                            await publish(subject, message.data, reply=f"{inbox}.{serial}", headers=self._headers(message))
+                        # Every acknowledgement, or the link lost, or the timeout: whichever comes first.
+                        ends: list[asyncio.Future[Any]] = [current.done, lost]
+                        await asyncio.wait(ends, timeout=self.ack_timeout, return_when=asyncio.FIRST_COMPLETED)
+                        messages = self._check_acks(messages, current)
+                except BaseException as error:
+                    await batch.rollback()
+                    if isinstance(error, Exception) and not isinstance(error, (LinkLost, BridgeError)):
+                        raise LinkLost(f"publishing to {self.subject!r} failed: {error!r}") from None
+                    raise
+                await batch.commit()
+                self.stats.published += len(batch)
+        finally:
+            stopping.cancel()
+            lost.cancel()
+
+    def _headers(self, message: Message) -> dict[str, str]:
+        record_headers = message.headers
+        headers = to_nats_headers(record_headers, f"record at {message.position}") if record_headers else {}
+        position = message.position
+        headers["Nats-Msg-Id"] = f"{self.queue}:{position.segment}:{position.offset}"
+        headers["Nats-Expected-Stream"] = self.stream
+        return headers
+
+    def _check_acks(self, messages: list[Message], replies: _Round) -> list[Message]:
+        """Return the records to publish again; raise unless the rest were stored (or were duplicates).
+
+        What did not land must be a suffix of what was sent, so that the
+        stream holds a prefix of the queue (``catch_up`` relies on it).  A
+        record refused while a later one landed (a stream leader change
+        inside one round) is published again at once, after the later ones:
+        the one case where order gives way to exactly-once.
+        """
+        if replies.waiting == len(messages):
+            raise LinkLost(
+                f"none of {len(messages)} publishes to stream {self.stream!r} was acknowledged "
+                f"within {self.ack_timeout:g} s"
+            )
+        failed: list[Message] = []
+        problem: BaseException | None = None
+        landed_after_failure = False
+        for message, reply in zip(messages, replies.replies):
+            if reply is not None:
+                data = reply.data
+                # The usual answer, {"stream":"S","seq":N} (and "duplicate":true), needs no JSON parse.
+                if data.startswith(b'{"stream":') and b'"error"' not in data:
+                    if b'"duplicate":true' in data:
+                        self.stats.duplicates += 1
+                    landed_after_failure = landed_after_failure or bool(failed)
+                    continue
+                problem = self._refusal(message, reply)
+                if isinstance(problem, BridgeError):
+                    raise problem
+            failed.append(message)
+        if not failed:
+            return []
+        if not landed_after_failure:
+            raise problem or LinkLost(
+                f"{len(failed)} of {len(messages)} publishes to stream {self.stream!r} were not acknowledged "
+                f"within {self.ack_timeout:g} s"
+            )
+        log.warning(
+            "forward: %d records (from %s) were not stored while later ones were (a stream leader change?); "
+            "publishing them again, after those",
+            len(failed), failed[0].position,
+        )
+        return failed
+
+    def _refusal(self, message: Message, reply: Msg) -> SegqError:
+        """Return the error an unusual acknowledgement stands for."""
+        if reply.headers and reply.headers.get("Status") == "503":
+            return LinkLost(f"no stream answered on {self.subject!r} (no JetStream, or no stream leader yet)")
+        try:
+            ack: Any = json.loads(reply.data)
+        except ValueError:
+            return LinkLost(f"a publish acknowledgement was not JSON: {reply.data[:80]!r}")
+        error = api_error(ack)
+        if error is None:
+            return LinkLost(f"a publish acknowledgement said neither stored nor refused: {reply.data[:80]!r}")
+        code, description = error
+        if code in _REFUSALS:
+            return BridgeError(
+                f"stream {self.stream!r} refused the record at {message.position} on {self.subject!r}: "
+                f"{description}",
+                stream=self.stream,
+                subject=self.subject,
+            )
+        return LinkLost(f"stream {self.stream!r} did not store a publish: {description} (code {code})")
+
+
+class _Round:
+    """The acknowledgements of one batch's publishes (serials ``first`` on), and a future done when all came."""
+
+    __slots__ = ("first", "replies", "waiting", "done")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, first: int, size: int) -> None:
+        self.first = first
+        self.replies: list[Msg | None] = [None] * size
+        self.waiting = size
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def take(self, serial: int, reply: Msg) -> None:
+        index = serial - self.first
+        # A late reply to an earlier round's publish is ignored: that round is settled.
+        if 0 <= index < len(self.replies) and self.replies[index] is None:
+            self.replies[index] = reply
+            self.waiting -= 1
+            if not self.waiting:
+                self.done.set_result(None)
