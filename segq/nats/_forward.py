@@ -54,7 +54,7 @@ from .._segment import StrPath
 from .._state import Position
 from ..aio import AsyncReceiver
 from ..receiver import Message
-from ..sender import SyncPolicy
+from .._args import SyncPolicy
 from ..errors import Empty, SegqError
 from ._link import (
     Backoff,
