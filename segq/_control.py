@@ -674,7 +674,10 @@ def published_tail(fd: int) -> Position | None:
 
 
 def read_published_tail(queue_dir: StrPath) -> Position | None:
-    """Return the tail last published in the queue's control file, read-only; None if unknown (see :func:`published_tail`)."""
+    """Return the tail last published in the queue's control file, read-only; None if unknown.
+
+    The file is read as :func:`published_tail` reads it.
+    """
     try:
         fd = open_to_read(os.path.join(os.fspath(queue_dir), CONTROL_NAME))
     except OSError:

@@ -112,7 +112,9 @@ class Sender:
         self._enqueue_lock = threading.Lock()
         self._dedup: DedupIndex | None = None
         if not isinstance(segment_size, int) or not MIN_SEGMENT_SIZE <= segment_size < SEGMENT_SIZE_LIMIT:
-            raise InvalidArgument(f"segment_size must be an int from {MIN_SEGMENT_SIZE} bytes to 4 GiB, not {segment_size!r}")
+            raise InvalidArgument(
+                f"segment_size must be an int from {MIN_SEGMENT_SIZE} bytes to 4 GiB, not {segment_size!r}"
+            )
         capacity = segment_size - SEGMENT_HEADER_SIZE - 2 * HEADER_SIZE
         if max_record_size == DEFAULT_MAX_RECORD_SIZE:
             max_record_size = min(max_record_size, capacity)

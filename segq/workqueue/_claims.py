@@ -380,7 +380,9 @@ class GroupState:
             end = done.pop(mark, None)
             if end is not None:
                 mark = end
-            elif mark in self.claims or mark in self.waiting or mark in self.skipped or word_segment(mark) >= word_segment(head):
+            elif mark in self.claims or mark in self.waiting or mark in self.skipped:
+                break
+            elif word_segment(mark) >= word_segment(head):
                 break
             else:
                 # No record starts here yet the head is past: an end-of-segment marker.
