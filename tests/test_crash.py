@@ -1,9 +1,9 @@
 """Kill loops: senders and receivers SIGKILLed at random instants lose nothing.
 
-Producers and receivers run as child processes (``_harness``); the parent
+Producers and receivers run as child processes (``_fleet``); the parent
 kills one at a random instant, starts a new incarnation, and repeats.  At the
 end every child is killed, a receiver per name drains what is left, and the
-journals are checked (``_harness.Ledger``): every record whose send returned is
+journals are checked (``_fleet.Ledger``): every record whose send returned is
 delivered to every receiver name, in order, with no gap and no duplicate
 beyond the group that was in flight when a receiver died, batches whole and
 contiguous; a record a receiver committed never comes back.

@@ -2,7 +2,7 @@
 
 A child process runs a Sender or a Receiver with a sync policy, with
 ``os.fsync``, ``os.fdatasync`` and the cursor's ``msync`` patched to journal
-what each made durable (``_harness.DurabilityRecorder``).  The parent replays
+what each made durable (``_powerloss.DurabilityRecorder``).  The parent replays
 the journal and, at every instant a power loss could strike (just before each
 sync), writes out the files as they would be found afterwards: each file as
 of its last sync, each directory entry only if its directory was synced since
