@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _format
-from ._fs import open_file
 from ._format import (
     CONTINUES,
     END_MARKER,
@@ -50,7 +49,14 @@ from ._format import (
     RecordStatus,
     decode_record,
 )
-from ._segment import StrPath, dirty_end_in_file, list_segments, os_error, read_segment_header, segment_path
+from ._segment import (
+    StrPath,
+    dirty_end_in_file,
+    list_segments,
+    open_segment_file,
+    read_segment_header,
+    segment_path,
+)
 from ._state import Position
 from .errors import CorruptionError
 
@@ -329,12 +335,7 @@ def scan_segment(
     ``UnsupportedFormat`` if it is of another format version.
     """
     path = segment_path(queue_dir, number)
-    try:
-        fd = open_file(path, os.O_RDONLY, create=False)
-    except FileNotFoundError:
-        raise
-    except OSError as error:
-        raise os_error(error, "open segment", path) from None
+    fd = open_segment_file(path, writable=False)
     try:
         size = os.fstat(fd).st_size
         scan = SegmentScan(number, path, size)
