@@ -21,6 +21,18 @@ while holding it would block everyone, so a waiter that sees no progress for a
 second checks the last holder's PID (written after each acquire) and, if that
 process is dead, takes the lock over and zeroes the torn bytes past the tail.
 Where named semaphores are unavailable an ``flock`` serves instead.
+
+The semaphore named in the file exists exactly while the file is *live*: it
+is created by a rebuild and removed only by a process holding the file
+exclusively (the last to detach, ``segq recover``, ``segq unlock``).  The
+last process to detach also marks the file (``SEMAPHORE_REMOVED``) before it
+lets go, because an opener may already be waiting for the lock shared: that
+opener finds the mark, lets go and tries again, and whoever then gets the
+lock exclusively rebuilds.  An opener that finds the named semaphore gone
+without the mark (removed by recovery, or by hand) likewise starts its
+attach over.  So an attach uses the semaphore the file names while every
+other attached process uses it too, or fails with a ``SegqError``: never
+two processes appending under different locks.
 """
 
 from __future__ import annotations
@@ -69,6 +81,7 @@ __all__ = [
     "CONSUMER_SEGMENT_SIZE",
     "require_queue",
     "SEMAPHORE",
+    "SEMAPHORE_REMOVED",
     "semaphore_prefix",
     "remove_semaphores",
 ]
@@ -94,6 +107,9 @@ ROOM_WAITERS = 128  # 64 bytes: slot i waits for room (backpressure)
 DATA_WAITING = 192  # u8: how many DATA_WAITERS bytes are raised (so a send reads one byte)
 ROOM_WAITING = 193  # u8: likewise for ROOM_WAITERS
 SEMAPHORE = 200  # u64: inode of the append semaphore in /dev/shm (1: unknown; 0: none, appends use flock)
+# In the SEMAPHORE word: the last process to detach removed the semaphore,
+# so nobody may attach before the file is rebuilt with a new one.
+SEMAPHORE_REMOVED = 0xFFFF_FFFF_FFFF_FFFF
 SLOTS = 256  # 64 slots of SLOT.size bytes: pid, generation
 SLOT_COUNT = 64
 SLOT = struct.Struct("@QQ")
@@ -113,7 +129,7 @@ _CLEAN_SALT = 0x5345_4751_434C_4541
 CONSUMER_SEGMENT_SIZE = 64 << 10
 
 _STEAL_CHECK_SECONDS = 0.25
-_UNFINISHED_RETRY_SECONDS = 5.0
+_UNFINISHED_RETRY_SECONDS = 5.0  # bounds the retries of an attach (unfinished file, removed semaphore)
 _STEAL_AFTER_SECONDS = 1.0
 
 
@@ -274,11 +290,15 @@ def _open_semaphore(control_path: str, prefix: str, token: int, identity: int, d
             f"cannot open the append semaphore {name} of {os.path.dirname(control_path)}: permission denied "
             "(only users who may write the queue may send or receive; see docs/security.md)"
         ) from None
+    except FileNotFoundError:
+        raise _SemaphoreGone(name) from None
     except OSError as error:
         raise SegqError(f"cannot open the append semaphore {name}: {error.strerror}; {advice}") from None
     if where is not None:
         try:
             info = os.stat(where)
+        except FileNotFoundError:
+            raise _SemaphoreGone(name) from None
         except OSError as error:
             raise SegqError(f"cannot check the append semaphore {where}: {error.strerror}; {advice}") from None
         widest = file_mode(directory.st_mode, private=True)
@@ -302,6 +322,19 @@ def _open_semaphore(control_path: str, prefix: str, token: int, identity: int, d
         raise SegqError(f"the append semaphore {name} has value {value}, not 0 or 1 (not a lock of ours); {advice}")
     lock: AppendLock = semaphore
     return lock
+
+
+class _SemaphoreGone(SegqError):
+    """The append semaphore the control file names does not exist (removed while no one was attached)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"the append semaphore {name} does not exist")
+        self.name = name
+
+
+def _back_off() -> None:
+    """Sleep 1 to 11 ms, at random, so openers retrying together do not collide again."""
+    time.sleep(0.001 + 0.01 * os.urandom(1)[0] / 256)
 
 
 def _unlink_quietly(name: str) -> None:
@@ -353,12 +386,42 @@ class Control:
     # -- attaching -------------------------------------------------------
 
     def _attach(self) -> None:
-        import mmap
+        """Lock, map and (when alone) rebuild the control file, then open the append lock it names.
 
+        Starts over, up to ``_UNFINISHED_RETRY_SECONDS``, when the named
+        semaphore is gone: it was removed while nobody was attached, and
+        only a process that gets the file exclusively may make a new one.
+        """
         import portalocker
 
         handle = self._handle
-        alone = self._lock(handle)
+        deadline = time.monotonic() + _UNFINISHED_RETRY_SECONDS
+        while True:
+            alone = self._lock(handle, deadline)
+            if getattr(self, "map", None) is None:
+                self._map(alone)
+            if alone:
+                self._rebuild()
+                portalocker.lock(handle, portalocker.LockFlags.SHARED)
+            else:
+                magic, version, _ = _HEADER.unpack_from(self.map, 0)
+                if magic != CONTROL_MAGIC:
+                    raise CorruptionError(self.path, 0, "control file has a bad magic number")
+                if version != CONTROL_VERSION:
+                    raise UnsupportedFormat(f"{self.path}: control format {version}, this segq reads {CONTROL_VERSION}")
+            try:
+                self.append_lock = self._open_append_lock()
+                return
+            except _SemaphoreGone as error:
+                if alone or time.monotonic() > deadline:
+                    raise self._attach_failed(f"its append semaphore {error.name} does not exist") from None
+            portalocker.unlock(handle)
+            _back_off()
+
+    def _map(self, alone: bool) -> None:
+        import mmap
+
+        handle = self._handle
         if os.fstat(handle.fileno()).st_size < CONTROL_SIZE:
             if not alone:
                 # Someone created the file but has not sized it yet: they hold
@@ -375,47 +438,60 @@ class Control:
         # aligned native word (or byte), about three times cheaper than struct.
         self.words = memoryview(self.map).cast("Q")
         self.bytes = memoryview(self.map)
-        if alone:
-            self._rebuild()
-            portalocker.lock(handle, portalocker.LockFlags.SHARED)
-        else:
-            magic, version, _ = _HEADER.unpack_from(self.map, 0)
-            if magic != CONTROL_MAGIC:
-                raise CorruptionError(self.path, 0, "control file has a bad magic number")
-            if version != CONTROL_VERSION:
-                raise UnsupportedFormat(f"{self.path}: control format {version}, this segq reads {CONTROL_VERSION}")
+
+    def _open_append_lock(self) -> AppendLock:
         identity = self.word(SEMAPHORE)
         if identity:
-            self.append_lock: AppendLock = _open_semaphore(
-                self.path, self._prefix, self.word(TOKEN), identity, self._directory
-            )
-        else:
-            # The queue was rebuilt where named semaphores are missing: every
-            # opener uses the same flock, never a mix of the two.
-            self.append_lock = _FlockAppendLock(os.path.join(self.queue_dir, "segq.append.lock"))
+            return _open_semaphore(self.path, self._prefix, self.word(TOKEN), identity, self._directory)
+        # The queue was rebuilt where named semaphores are missing: every
+        # opener uses the same flock, never a mix of the two.
+        return _FlockAppendLock(os.path.join(self.queue_dir, "segq.append.lock"))
 
-    def _lock(self, handle: IO[bytes]) -> bool:
+    def _attach_failed(self, why: str) -> SegqError:
+        from ._flock import flock_holders
+
+        holders = [pid for pid in flock_holders(self._handle.fileno()) if pid != os.getpid()]
+        held = f" (held by PID {', '.join(map(str, holders))})" if holders else ""
+        return SegqError(
+            f"cannot attach to {self.queue_dir}: {why}, and for {_UNFINISHED_RETRY_SECONDS:g} s no opener could "
+            f"rebuild {CONTROL_NAME}, since other processes kept it locked{held}; try again, or close every "
+            f"process using the queue and run `segq recover {self.queue_dir}`"
+        )
+
+    def _lock(self, handle: IO[bytes], deadline: float) -> bool:
         """Lock the control file, exclusively if no one else has it; return whether we are alone.
 
-        The process that builds the control file holds it exclusively until
-        the file is complete, so one that gets it shared and finds it
-        unfinished (short, or without its magic) knows the builder was killed
-        midway.  It lets go and tries again: whoever then finds itself alone
-        rebuilds the file.  Past a few seconds the caller reports the damage.
+        Got shared, the file must be live to attach to:
+
+        | found (holding it shared)         | meaning                               | then                     |
+        |-----------------------------------|---------------------------------------|--------------------------|
+        | magic, a semaphore identity       | live: processes are attached          | attach (return False)    |
+        | short, or no magic                | the builder was killed midway         | let go, try again        |
+        | magic, ``SEMAPHORE_REMOVED``      | the last process detached just now    | let go, try again        |
+
+        Trying again, whoever finds itself alone rebuilds the file.  Past
+        ``deadline`` an unfinished file is returned for the caller to report
+        as damage, and a removed semaphore is a ``SegqError``.
         """
         import portalocker
 
-        deadline = time.monotonic() + _UNFINISHED_RETRY_SECONDS
         while True:
             try:
                 portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
                 return True
             except portalocker.LockException:
                 wait_flock(handle.fileno(), self.path, shared=True, what="the control file, held by an opener or `segq recover`")
-            if os.pread(handle.fileno(), len(CONTROL_MAGIC), 0) == CONTROL_MAGIC or time.monotonic() > deadline:
+            header = os.pread(handle.fileno(), SEMAPHORE + WORD.size, 0)
+            finished = header[: len(CONTROL_MAGIC)] == CONTROL_MAGIC
+            if finished and len(header) == SEMAPHORE + WORD.size:
+                if WORD.unpack_from(header, SEMAPHORE)[0] != SEMAPHORE_REMOVED:
+                    return False
+                if time.monotonic() > deadline:
+                    raise self._attach_failed("the last process to detach removed its append semaphore")
+            elif finished or time.monotonic() > deadline:
                 return False
             portalocker.unlock(handle)
-            time.sleep(0.001 + 0.01 * os.urandom(1)[0] / 256)
+            _back_off()
 
     def _rebuild(self) -> None:
         """Recompute everything in the control file from the segments (we are alone)."""
@@ -452,6 +528,14 @@ class Control:
             _segment.create_segment(self.queue_dir, 0, _segment.next_segment_size(None, self.segment_size), durable=True)
             return Position.bottom(0).word
         last = segments[-1]
+        # A rollover segment (created without a sync under sync="never") whose
+        # header page a power loss kept from the disk: restored from its file
+        # name, its records then judged like any tail's.  Only the last one:
+        # anywhere else a bad header is damage for `segq recover`.
+        if _segment.restore_unwritten_header(self.queue_dir, last):
+            # A power loss, then: the control file is no witness to what
+            # reached the disk (a clean shutdown's tail included), so scan it all.
+            hint, clean = None, False
         segment = MappedSegment(self.queue_dir, last, writable=True)
         try:
             start = SEGMENT_HEADER_SIZE
@@ -651,6 +735,9 @@ class Control:
                 self.store(CLEAN_TAIL, tail)
                 self.store(CLEAN_CHECK, tail ^ token ^ _CLEAN_SALT)
             _unlink_quietly(f"{self._prefix}{token:016x}")
+            # Before letting go: an opener may be waiting for the file shared,
+            # and must not attach to the semaphore just removed.
+            self.store(SEMAPHORE, SEMAPHORE_REMOVED)
         self.words.release()
         self.bytes.release()
         try:

@@ -200,10 +200,10 @@ class SegmentHeaderError(ValueError):
         self.unsupported = unsupported
 
 
-def encode_segment_header(number: int) -> bytes:
-    """Return the header bytes of segment ``number``."""
-    body = _SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, SEGMENT_HEADER_SIZE, number, 0, 0)[:24]
-    return _SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, SEGMENT_HEADER_SIZE, number, zlib.crc32(body), 0)
+def encode_segment_header(number: int, version: int = FORMAT_VERSION) -> bytes:
+    """Return the header bytes of segment ``number`` (in format ``version``)."""
+    body = _SEGMENT_HEADER.pack(SEGMENT_MAGIC, version, SEGMENT_HEADER_SIZE, number, 0, 0)[:24]
+    return _SEGMENT_HEADER.pack(SEGMENT_MAGIC, version, SEGMENT_HEADER_SIZE, number, zlib.crc32(body), 0)
 
 
 def decode_segment_header(data: Buffer) -> int:

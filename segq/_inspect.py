@@ -179,6 +179,8 @@ def verify(path: StrPath, *, progress: Progress | None = None) -> VerifyReport:
         report.damaged.extend(scan.damage)
         if scan.unreadable:
             continue
+        if scan.header_unwritten:
+            report.torn.append(Repair(scan.path, 0, SEGMENT_HEADER_SIZE, "segment header never reached the disk"))
         if number != segments[-1] and not scan.sealed:
             report.damaged.append(
                 Damage(scan.path, scan.data_end, scan.torn_end or scan.data_end, "no end-of-segment marker")

@@ -52,8 +52,10 @@ from ._format import (
 from ._segment import (
     StrPath,
     dirty_end_in_file,
+    header_never_written,
     list_segments,
     open_segment_file,
+    os_error,
     read_segment_header,
     segment_path,
 )
@@ -116,6 +118,9 @@ class SegmentScan:
     ``damage`` the spans between them.  ``data_end`` is where the records end:
     the end marker of a sealed segment, or where the next record goes.  Bytes
     from ``data_end`` to ``torn_end`` are left-overs of an interrupted write.
+    ``header_unwritten`` says the last segment's header never reached the
+    disk (all zeros or torn, see ``_segment.header_never_written``): the
+    records are scanned as if it were there, and the next open rewrites it.
     ``marks`` maps each offset asked about to ``(boundary, records after)``:
     the last place at or before it a reader can stand, and how many intact
     records follow it.
@@ -129,6 +134,7 @@ class SegmentScan:
     sealed: bool = False
     torn_end: int = 0
     unreadable: str | None = None
+    header_unwritten: bool = False
     runs: list[tuple[int, int, int]] = field(default_factory=list)
     damage: list[Damage] = field(default_factory=list)
     marks: dict[int, tuple[int, int]] = field(default_factory=dict)
@@ -351,7 +357,12 @@ def scan_segment(
                     if found != number:
                         scan.unreadable = f"header says segment {found}, file name says {number}"
                 except CorruptionError as error:
-                    scan.unreadable = error.problem
+                    if last and header_never_written(buffer[:SEGMENT_HEADER_SIZE], number):
+                        # Written but never written back (power loss): the next
+                        # open rewrites it, and the records are read as if it were there.
+                        scan.header_unwritten = True
+                    else:
+                        scan.unreadable = error.problem
                 if not scan.unreadable:
                     _scan_records(buffer, fd, scan, last, progress)
                     scan.marks = {mark: _place(buffer, scan, mark) for mark in marks}

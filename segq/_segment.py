@@ -45,6 +45,8 @@ __all__ = [
     "MappedSegment",
     "SegmentWindow",
     "read_segment_header",
+    "header_never_written",
+    "restore_unwritten_header",
     "ScanResult",
     "scan_records",
     "dirty_end_in_file",
@@ -227,6 +229,62 @@ def open_segment_file(path: str, *, writable: bool) -> int:
         raise
     except OSError as error:
         raise os_error(error, "open segment", path) from None
+
+
+def header_never_written(data: Buffer, number: int) -> bool:
+    """Tell whether ``data`` is segment ``number``'s header as a power loss leaves one never written back.
+
+    That is: all zeros, or torn, each byte either zero or the byte a writer
+    of a version this segq reads puts there.  Such a header was written (a
+    segment is linked only after its header) but its page never reached the
+    disk; a header with any other byte is damage.
+    """
+    return _unwritten_header_version(bytes(data[:SEGMENT_HEADER_SIZE]), number) is not None
+
+
+def _unwritten_header_version(header: bytes, number: int) -> int | None:
+    """Return the format version whose header ``header`` is a torn or zeroed copy of (newest first), or None."""
+    if len(header) < SEGMENT_HEADER_SIZE:
+        return None
+    for version in sorted(_format.READ_VERSIONS, reverse=True):
+        expected = _format.encode_segment_header(number, version)
+        if header != expected and all(byte in (0, wanted) for byte, wanted in zip(header, expected)):
+            return version
+    return None
+
+
+def restore_unwritten_header(queue_dir: StrPath, number: int) -> bool:
+    """Rewrite the header of segment ``number`` if it never reached the disk; return whether it did.
+
+    For the *last* segment only, and only by a caller that holds the queue
+    alone: the header is rebuilt from the file name (in the format version
+    its surviving bytes show, else the current one), and the records after it are then
+    judged by the usual tail rules, so nothing unreadable is ever kept.
+    """
+    path = segment_path(queue_dir, number)
+    try:
+        fd = open_file(path, os.O_RDWR, create=False)
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        raise os_error(error, "open segment", path) from None
+    try:
+        size = os.fstat(fd).st_size
+        if size < SEGMENT_HEADER_SIZE + HEADER_SIZE:
+            return False
+        version = _unwritten_header_version(os.pread(fd, SEGMENT_HEADER_SIZE, 0), number)
+        if version is None:
+            return False
+        # The version its own bytes still show (a torn version-1 header stays
+        # version 1); an all-zero one gets the current, which reads every older.
+        os.pwrite(fd, _format.encode_segment_header(number, version), 0)
+        os.fsync(fd)
+    except OSError as error:
+        raise os_error(error, "repair the header of", path) from None
+    finally:
+        os.close(fd)
+    log.warning("%s: segment header never reached the disk (power loss); rewritten from the file name", path)
+    return True
 
 
 def open_segment(path: str, number: int, *, writable: bool) -> tuple[int, int]:

@@ -961,6 +961,8 @@ def _print_recovery(report: recovery.RecoveryReport) -> None:
         click.echo(f"  unlocked   {_where(queue_dir, holder.path)} ({holder.what}, dead PID {holder.pid})")
     for cut in report.cut:
         click.echo(f"  cut        {_where(queue_dir, cut.path)} bytes {cut.start}..{cut.end} ({cut.reason})")
+    for header in report.headers:
+        click.echo(f"  rewrote    {_where(queue_dir, header.path)} header ({header.reason})")
     for seal in report.sealed:
         click.echo(f"  sealed     {_where(queue_dir, seal.path)} at offset {seal.start} ({seal.reason})")
     for created in report.created:

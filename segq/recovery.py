@@ -30,7 +30,8 @@ recovery leaves a queue that recovery handles again:
    ``Locked``); then the receiver's lock is taken, so it cannot open meanwhile;
 2. if no process is attached (the exclusive ``flock`` on ``segq.ctl`` that
    Control takes to know it is alone, held through this step so an opener
-   waits), segments are repaired: a torn tail is zeroed, a segment without
+   waits), segments are repaired: the last segment's header, if a power loss
+   kept it from the disk (zeros), is rewritten from the file name; a torn tail is zeroed, a segment without
    its end marker is sealed, a damaged last segment is sealed and followed by
    a new one (created before the marker is written, as a sender does).  Then
    the control file is invalidated (magic zeroed, semaphore unlinked) and the
@@ -50,8 +51,8 @@ from typing import Any
 import portalocker
 
 from ._control import CONTROL_NAME, published_tail, remove_semaphores, reset_header
-from ._fs import open_file, open_to_read, replace_into_place
-from ._format import END_MARKER, HEADER_SIZE
+from ._fs import fsync_directory, open_file, open_to_read, replace_into_place
+from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE
 from ._inspect import (
     ConsumerInfo,
     LockHolder,
@@ -74,6 +75,7 @@ from ._segment import (
     next_segment_size,
     os_error,
     queue_segment_size,
+    restore_unwritten_header,
     segment_path,
 )
 from ._retention import delete_consumed_segments, delete_segments_below
@@ -287,7 +289,8 @@ class RecoveryReport:
 
     ``receivers`` maps each recovered receiver to where it now starts and
     ``previous`` to where its metadata said it was (None: unreadable).
-    ``cut`` lists torn tails zeroed, ``sealed`` end markers written,
+    ``cut`` lists torn tails zeroed, ``headers`` segment headers rewritten
+    (the last segment's, which a power loss kept from the disk), ``sealed`` end markers written,
     ``created`` segments created so the queue can open or a receiver move on.
     ``dropped_records``/``dropped_bytes`` count what the loss strategy gave
     up (a damaged span counts as one record).  ``in_use`` lists live processes attached to the queue, because of
@@ -299,6 +302,7 @@ class RecoveryReport:
     dry_run: bool = False
     unlocked: list[LockHolder] = field(default_factory=list)
     cut: list[Repair] = field(default_factory=list)
+    headers: list[Repair] = field(default_factory=list)
     sealed: list[Repair] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
     damaged: list[Damage] = field(default_factory=list)
@@ -317,7 +321,7 @@ class RecoveryReport:
         moved = any(self.previous.get(name) != position for name, position in self.receivers.items())
         repaired_groups = any(group.repairs for group in self.groups)
         return bool(
-            self.unlocked or self.cut or self.sealed or self.created or self.deleted_segments or moved or repaired_groups
+            self.unlocked or self.cut or self.headers or self.sealed or self.created or self.deleted_segments or moved or repaired_groups
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -329,6 +333,7 @@ class RecoveryReport:
             "changed": self.changed,
             "unlocked": [holder.to_json() for holder in self.unlocked],
             "cut": [cut.to_json() for cut in self.cut],
+            "headers": [header.to_json() for header in self.headers],
             "sealed": [seal.to_json() for seal in self.sealed],
             "created": self.created,
             "damaged": [damage.to_json() for damage in self.damaged],
@@ -426,7 +431,7 @@ def _recover(path: StrPath, name: str, *, loss: bool, dry_run: bool, progress: P
                     + (f" (registered: {', '.join(others)})" if others else "")
                     + "; its position was left alone"
                 )
-            if not dry_run and control.alone and (reset_control or report.cut or report.sealed or report.created):
+            if not dry_run and control.alone and (reset_control or report.cut or report.headers or report.sealed or report.created):
                 control.invalidate()
             elif not dry_run and control.alone:
                 remove_semaphores(queue_dir)  # left by a process killed while attached
@@ -459,6 +464,8 @@ def _repair_segments(scans: QueueScans, control: _ControlHold, report: RecoveryR
         except FileNotFoundError:
             continue  # consumed and deleted by a live receiver meanwhile
         report.damaged.extend(scan.damage)
+        if scan.header_unwritten:
+            skipped |= not _rewrite_header(scans, scan, report, control.alone)
         if number != scans.last:
             if not scan.sealed and not scan.unreadable and not _seal(scans, scan, report, control.alone):
                 skipped = True
@@ -490,6 +497,17 @@ def _repair_segments(scans: QueueScans, control: _ControlHold, report: RecoveryR
         report.damaged.append(Damage(last.path, last.data_end, published.offset, f"records up to {published} are gone"))
         return True
     return False
+
+
+def _rewrite_header(scans: QueueScans, scan: SegmentScan, report: RecoveryReport, alone: bool) -> bool:
+    """Rewrite the last segment's header that never reached the disk; return False if not alone."""
+    if not alone:
+        return False
+    report.headers.append(Repair(scan.path, 0, SEGMENT_HEADER_SIZE, "header never reached the disk: rewritten"))
+    if not report.dry_run and not restore_unwritten_header(scans.queue_dir, scan.number):
+        raise CorruptionError(scan.path, 0, "segment header changed while recovering; run recover again")
+    scan.header_unwritten = False
+    return True
 
 
 def _cut(scan: SegmentScan, report: RecoveryReport) -> None:

@@ -16,7 +16,7 @@ from _harness import CONTEXT
 
 import segq
 
-__all__ = ["run_as", "send_many", "probe_locks", "open_receiver", "open_work_queue"]
+__all__ = ["run_as", "send_many", "probe_locks", "open_receiver", "open_work_queue", "open_send_close", "attach_and_die", "start"]
 
 
 def _become_and_call(connection: Any, uid: int, gid: int, target: Any, args: tuple[Any, ...]) -> None:
@@ -59,6 +59,24 @@ def finish(started: tuple[Any, Any], timeout: float = 300) -> tuple[str, Any]:
     return message  # type: ignore[no-any-return]
 
 
+def start(target: Any, *args: Any) -> tuple[Any, Any]:
+    """Start ``target(*args)`` as the current user; return (process, connection) for :func:`finish`."""
+    receiving, sending = CONTEXT.Pipe(duplex=False)
+    process = CONTEXT.Process(target=_call, args=(sending, target, args), daemon=True)
+    process.start()
+    sending.close()
+    return process, receiving
+
+
+def _call(connection: Any, target: Any, args: tuple[Any, ...]) -> None:
+    try:
+        value = target(*args)
+    except BaseException as error:  # noqa: BLE001 - reported to the parent
+        connection.send(("error", f"{type(error).__name__}: {error}"))
+    else:
+        connection.send(("value", value))
+
+
 def run_as(uid: int, gid: int, target: Any, *args: Any) -> tuple[str, Any]:
     return finish(start_as(uid, gid, target, *args))
 
@@ -69,6 +87,25 @@ def send_many(path: str, tag: str, count: int) -> int:
         for first in range(0, count, 10):
             sender.send_batch([b"%s:%06d:" % (tag.encode(), j) + b"x" * 60 for j in range(first, first + 10)])
     return count
+
+
+def open_send_close(path: str, tag: str, rounds: int) -> list[str]:
+    """Open a Sender, send one record and close it, ``rounds`` times; return the errors met (none expected)."""
+    errors = []
+    for seq in range(rounds):
+        try:
+            with segq.Sender(path, segment_size=1 << 16) as sender:
+                sender.send(b"%s:%06d:" % (tag.encode(), seq) + b"x" * 60)
+        except segq.SegqError as error:
+            errors.append(f"{type(error).__name__}: {error}")
+    return errors
+
+
+def attach_and_die(path: str) -> None:
+    """Open a Sender, send one record and die by SIGKILL while attached (its semaphore is left)."""
+    sender = segq.Sender(path, segment_size=1 << 16)
+    sender.send(b"sent by a process about to die")
+    os.kill(os.getpid(), 9)
 
 
 def open_receiver(path: str, name: str) -> int:

@@ -279,6 +279,28 @@ def test_two_users_of_a_group_share_one_append_lock(tmp_path: pathlib.Path, user
     record_figure("shared queue: records sent by two users", len(records))
 
 
+def test_two_users_opening_and_closing_senders_at_once_all_attach(tmp_path: pathlib.Path, users: Users) -> None:
+    """Two group members each open, send once and close a Sender 400 times, at once: no open fails.
+
+    The last process to detach removes the semaphore; an opener of the other
+    user waiting for segq.ctl at that instant used to fail opening it.
+    """
+    queue = str(shared_queue_dir(tmp_path, users.gid, 0o2770))
+    rounds = 400  # two processes, so each close is often the last one: the instant that went wrong
+    started = {
+        tag: _users.start_as(user.pw_uid, user.pw_gid, _users.open_send_close, queue, tag, rounds)
+        for user, tag in ((users.member_a, "a"), (users.member_b, "b"))
+    }
+    outcomes = {tag: _users.finish(child) for tag, child in started.items()}
+    assert outcomes == dict.fromkeys(started, ("value", [])), outcomes
+    assert recovery.verify(queue).ok
+    records = drain(pathlib.Path(queue))
+    for tag in started:
+        mine = [record for record in records if record.startswith(tag.encode() + b":")]
+        assert mine == [b"%s:%06d:" % (tag.encode(), seq) + b"x" * 60 for seq in range(rounds)]
+    assert semaphores_of(pathlib.Path(queue)) == []
+
+
 def test_a_user_who_may_only_read_cannot_lock_the_queue(tmp_path: pathlib.Path, users: Users) -> None:
     """A reader outside the writers' group can read the segments but open no lock file, so it can stall no one."""
     queue = str(shared_queue_dir(tmp_path, users.gid, 0o2775))

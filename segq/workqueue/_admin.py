@@ -153,20 +153,28 @@ def group_info(path: StrPath, group: str = "default", *, dead_letter: StrPath | 
     ``claims`` lists each claim's position, owner PID (and whether it lives),
     lease end (seconds since the epoch) and attempt; ``waiting`` the records
     given back, with their attempts so far, when they may go again and why
-    they came back.
+    they came back.  A group whose first worker is still opening it (no
+    journal yet) is reported with ``opening`` true, nothing claimed.
     """
     directory = _require_group(path, group)
     with group_lock(directory):
-        journal = Journal(directory)
         try:
-            if journal.sealed and journal.is_current():
-                end = journal.word(_journal.SEALED)
-            else:
-                end = journal.end
-            state = load_state(journal, end)
-            generation, capacity = journal.generation, journal.capacity
-        finally:
-            journal.close()
+            journal: Journal | None = Journal(directory)
+        except FileNotFoundError:
+            journal = None  # a worker is opening the group: it writes the journal under this lock
+        if journal is None:
+            state = _opening_state(path, group)
+            end = generation = capacity = 0
+        else:
+            try:
+                if journal.sealed and journal.is_current():
+                    end = journal.word(_journal.SEALED)
+                else:
+                    end = journal.end
+                state = load_state(journal, end)
+                generation, capacity = journal.generation, journal.capacity
+            finally:
+                journal.close()
     now = time.time()
     claims = []
     for start, claim in sorted(state.claims.items()):
@@ -205,7 +213,19 @@ def group_info(path: StrPath, group: str = "default", *, dead_letter: StrPath | 
         "journal": {"bytes": end, "capacity": capacity, "generation": generation},
         "stats": stats.to_dict(),
         "open": _is_open(directory),
+        "opening": journal is None,  # no journal yet: nothing claimed, everything past the cursor pending
     }
+
+
+def _opening_state(path: StrPath, group: str) -> GroupState:
+    """Return the state a group's first journal starts from: nothing claimed, head and mark at its cursor."""
+    try:
+        position = read_position(cursor_path(path, ConsumerKind.GROUP, group))
+    except SegqError:  # not registered yet (or being written): the group starts at the oldest record
+        segments = list_segments(path)
+        position = Position.bottom(segments[0]) if segments else Position.bottom(0)
+    word = position.segment << 32 | position.offset
+    return GroupState(word, word)
 
 
 def _stats_of(path: str, state: GroupState, now: float) -> GroupStats:

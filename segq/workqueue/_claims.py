@@ -333,6 +333,33 @@ class GroupState:
             count += 1
         self.head_ordinal += count
 
+    def check_claim(self, below: list[int], steps: list[int]) -> None:
+        """Raise ``IllegalTransition`` unless one append may claim and skip these records; change nothing.
+
+        ``below``: records below the head to claim (WAITING, or PENDING in
+        ``skipped``); ``steps``: the records the head passes (claimed or
+        skipped), in position order.  Called before the entry is appended,
+        while the lock is held: an entry the replay would refuse must fail in
+        its caller, never reach the journal (where it would stop every later
+        replay).
+        """
+        head = self.head
+        if below:
+            waiting, skipped = self.waiting, self.skipped
+            seen: set[int] = set()
+            for start in below:
+                if start in seen:
+                    raise IllegalTransition(start, _CLAIMED, _CLAIM, " (twice in one claim)")
+                seen.add(start)
+                if start >= head or (start not in waiting and start not in skipped):
+                    raise IllegalTransition(start, self.state_of(start), _CLAIM, " (not claimable below the claim head)")
+        # Each step past the last (the head moves over them one by one); the comparison runs in C.
+        if steps and (steps[0] < head or steps != sorted(set(steps))):
+            for start in steps:
+                if start < head:
+                    raise IllegalTransition(start, self.state_of(start), _CLAIM, " (below the claim head)")
+                head = start + 1
+
     def _release(self, start: int, token: int, event: Event) -> Claim:
         claim = self.claims.get(start)
         if claim is None:

@@ -65,6 +65,8 @@ from ._claims import (
     PAIR,
     RENEW_HEAD,
     Claim,
+    Event,
+    IllegalTransition,
     Owner,
     Skipped,
     attempt_word,
@@ -415,6 +417,11 @@ class WorkQueue:
                 if not picked:
                     continue
                 start = picked[0]
+                if start in taken:
+                    # A second live heap entry for one record: it came back, was
+                    # claimed elsewhere and came back again while this replica
+                    # still held the entry from its first return.
+                    continue
                 item = state.waiting[start]
                 if item.attempts >= self.max_attempts:
                     # Given back by a process with a higher max_attempts, or by recovery.
@@ -483,6 +490,8 @@ class WorkQueue:
         at_head = {start for start, item in steps or () if item is None}
         runs: list[tuple[bool, list[Any]]] = []  # (is a skip run, its items)
         below = [record for record in records if record[0] not in at_head]
+        # Before anything is appended (``below`` grows as the runs are built).
+        state.check_claim([record[0] for record in below], [start for start, _ in steps or ()])
         if below:
             runs.append((False, below))
         for start, item in steps or ():
@@ -568,6 +577,10 @@ class WorkQueue:
         """A claim failed: give the record back, or dead-letter it on its last attempt.  In a transaction."""
         group = self._group
         state = group.state
+        if state.claims.get(start) is not claim:
+            # Checked before the append: a RETURN or DEAD the replay refuses would brick the journal.
+            event = Event.DEAD if claim.attempt >= self.max_attempts else Event.RETURN
+            raise IllegalTransition(start, state.state_of(start), event, " (not by this claim)")
         if claim.attempt >= self.max_attempts:
             # The letter is sent before the DEAD entry commits: a crash between
             # the two leaves a duplicate letter, never a lost record.
@@ -837,6 +850,8 @@ class WorkQueue:
         now = self._clock()
         claims = []
         state = self._group.state
+        if len(jobs) > 1 and len({job._start for job in jobs}) != len(jobs):
+            raise UsageError(f"cannot {call} the same job twice in one call")
         for job in jobs:
             claim = state.claims.get(job._start)
             if claim is None or claim.token != job._token or claim.expires <= now:
