@@ -20,7 +20,7 @@ from typing import Union
 
 from .errors import InvalidArgument
 
-__all__ = ["check_path", "check_timeout", "check_interval", "MIN_INTERVAL", "MAX_INTERVAL"]
+__all__ = ["check_path", "check_timeout", "check_interval", "SyncPolicy", "parse_sync", "MIN_INTERVAL", "MAX_INTERVAL"]
 
 # A group commit more often than every millisecond is a busy loop; one less
 # often than daily is no policy at all (and overflows the wait primitives).
@@ -28,6 +28,7 @@ MIN_INTERVAL = 0.001
 MAX_INTERVAL = 86400.0
 
 PathArgument = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+SyncPolicy = Union[str, float, int]  # "never", "always", or a group-commit interval in seconds
 
 
 def check_path(path: object, name: str = "path") -> str:
@@ -81,3 +82,18 @@ def check_interval(interval: object, name: str = "interval") -> float:
             f"{name} must be from {MIN_INTERVAL} to {MAX_INTERVAL:g} seconds, not {interval!r}", name=name
         )
     return seconds
+
+
+def parse_sync(sync: SyncPolicy) -> float | None:
+    """Return the group-commit interval of a sync policy: 0 for "always", None for "never"."""
+    if sync == "never":
+        return None
+    if sync == "always":
+        return 0.0
+    if isinstance(sync, (int, float)) and not isinstance(sync, bool):
+        return check_interval(sync, "sync")
+    raise InvalidArgument(
+        f"bad sync policy {sync!r}: use 'never', 'always' or a number of seconds from "
+        f"{MIN_INTERVAL} to {MAX_INTERVAL:g}",
+        name="sync",
+    )

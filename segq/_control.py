@@ -50,7 +50,8 @@ from . import _segment
 from ._flock import wait_flock
 from ._fs import file_mode, open_file, open_to_read
 from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordStatus, decode_record
-from ._segment import MappedSegment, StrPath, os_error
+from ._segment import DEFAULT_SEGMENT_SIZE, MappedSegment, StrPath, os_error
+from ._state import Position
 from .errors import Closed, CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
@@ -73,9 +74,10 @@ __all__ = [
     "SLOT",
     "WORD",
     "Control",
-    "split_word",
-    "DEFAULT_SEGMENT_SIZE",
+    "CONTROL_MAGIC",
     "read_published_tail",
+    "published_tail",
+    "reset_header",
     "CONSUMER_SEGMENT_SIZE",
     "require_queue",
     "SEMAPHORE",
@@ -89,7 +91,7 @@ log = logging.getLogger(__name__)
 CONTROL_NAME = "segq.ctl"
 CONTROL_SIZE = 4096
 CONTROL_VERSION = 1
-_MAGIC = b"segq\x00ctl"
+CONTROL_MAGIC = b"segq\x00ctl"
 
 # Offsets into the control map (native byte order: the file never leaves
 # this machine and is rebuilt whenever no process has it open).
@@ -122,7 +124,6 @@ TAIL_INDEX = TAIL // WORD.size  # the tail as an index into Control.words
 OWNER_INDEX = OWNER // WORD.size
 _CLEAN_SALT = 0x5345_4751_434C_4541
 
-DEFAULT_SEGMENT_SIZE = 64 << 20
 # The first segment of a queue a consumer creates (``create=True``): small,
 # since a consumer never appends; a sender rolls over to its own size.
 CONSUMER_SEGMENT_SIZE = 64 << 10
@@ -130,11 +131,6 @@ CONSUMER_SEGMENT_SIZE = 64 << 10
 _STEAL_CHECK_SECONDS = 0.25
 _UNFINISHED_RETRY_SECONDS = 5.0  # bounds the retries of an attach (unfinished file, removed semaphore)
 _STEAL_AFTER_SECONDS = 1.0
-
-
-def split_word(word: int) -> tuple[int, int]:
-    """Split a tail word into ``(segment, offset)``."""
-    return word >> 32, word & 0xFFFF_FFFF
 
 
 def semaphore_prefix(queue_dir: StrPath) -> str:
@@ -409,7 +405,7 @@ class Control:
                 portalocker.lock(handle, portalocker.LockFlags.SHARED)
             else:
                 magic, version, _ = _HEADER.unpack_from(self.map, 0)
-                if magic != _MAGIC:
+                if magic != CONTROL_MAGIC:
                     raise CorruptionError(self.path, 0, "control file has a bad magic number")
                 if version != CONTROL_VERSION:
                     raise UnsupportedFormat(f"{self.path}: control format {version}, this segq reads {CONTROL_VERSION}")
@@ -486,7 +482,7 @@ class Control:
             except portalocker.LockException:
                 wait_flock(handle.fileno(), self.path, shared=True, what="the control file, held by an opener or `segq recover`")
             header = os.pread(handle.fileno(), SEMAPHORE + WORD.size, 0)
-            finished = header[: len(_MAGIC)] == _MAGIC
+            finished = header[: len(CONTROL_MAGIC)] == CONTROL_MAGIC
             if finished and len(header) == SEMAPHORE + WORD.size:
                 if WORD.unpack_from(header, SEMAPHORE)[0] != SEMAPHORE_REMOVED:
                     return False
@@ -501,8 +497,8 @@ class Control:
         """Recompute everything in the control file from the segments (we are alone)."""
         control = self.map
         magic, version, _ = _HEADER.unpack_from(control, 0)
-        known = magic == _MAGIC and version == CONTROL_VERSION
-        if magic == _MAGIC and version != CONTROL_VERSION:
+        known = magic == CONTROL_MAGIC and version == CONTROL_VERSION
+        if magic == CONTROL_MAGIC and version != CONTROL_VERSION:
             # No process has it open and it is only a cache: rebuild it in our format.
             log.warning("%s: control format %d, rebuilding it as format %d", self.path, version, CONTROL_VERSION)
         old_token = self.word(TOKEN) if known else 0
@@ -520,7 +516,7 @@ class Control:
         if created is None:
             log.debug("named semaphores unavailable; appends use flock")
         control[:CONTROL_SIZE] = bytes(CONTROL_SIZE)
-        _HEADER.pack_into(control, 0, _MAGIC, CONTROL_VERSION, 0)
+        _HEADER.pack_into(control, 0, CONTROL_MAGIC, CONTROL_VERSION, 0)
         WORD.pack_into(control, TOKEN, token)
         WORD.pack_into(control, TAIL, tail)
         WORD.pack_into(control, SYNCED, 0)
@@ -530,7 +526,7 @@ class Control:
         segments = _segment.list_segments(self.queue_dir)
         if not segments:
             _segment.create_segment(self.queue_dir, 0, _segment.next_segment_size(None, self.segment_size), durable=True)
-            return SEGMENT_HEADER_SIZE
+            return Position.bottom(0).word
         last = segments[-1]
         # A rollover segment (created without a sync under sync="never") whose
         # header page a power loss kept from the disk: restored from its file
@@ -546,9 +542,9 @@ class Control:
             if clean and hint is not None:
                 # After a clean shutdown the saved tail is trusted as a place
                 # to start scanning from, so opening costs no full scan.
-                hint_segment, hint_offset = split_word(hint)
-                if hint_segment == last and SEGMENT_HEADER_SIZE <= hint_offset <= segment.size - HEADER_SIZE:
-                    start = hint_offset
+                hinted = Position.from_word(hint)
+                if hinted.segment == last and SEGMENT_HEADER_SIZE <= hinted.offset <= segment.size - HEADER_SIZE:
+                    start = hinted.offset
             tail = self._repair_tail(segment, start, hint, clean_start=start != SEGMENT_HEADER_SIZE)
         finally:
             segment.close()
@@ -556,7 +552,7 @@ class Control:
         # one (and after a power loss, possibly further back still).
         index = len(segments) - 1
         while index > 0 and segments[index - 1] == segments[index] - 1:
-            if tail != segments[index] << 32 | SEGMENT_HEADER_SIZE:
+            if tail != Position.bottom(segments[index]).word:
                 break
             earlier = self._unsealed_tail(segments[index - 1], hint, clean)
             if earlier is None:
@@ -574,11 +570,11 @@ class Control:
         """
         start = SEGMENT_HEADER_SIZE
         if clean and hint is not None:
-            hint_segment, hint_offset = split_word(hint)
-            if hint_segment == number + 1:
+            hinted = Position.from_word(hint)
+            if hinted.segment == number + 1:
                 return None  # a tail was published in the next segment, which happens after sealing
-            if hint_segment == number:
-                start = hint_offset
+            if hinted.segment == number:
+                start = hinted.offset
         segment = MappedSegment(self.queue_dir, number, writable=True)
         try:
             if not SEGMENT_HEADER_SIZE <= start <= segment.size - HEADER_SIZE:
@@ -601,7 +597,7 @@ class Control:
             following = segment.number + 1
             size = _segment.next_segment_size(segment.size, self.segment_size)
             _segment.create_segment(self.queue_dir, following, size, durable=True)
-            return following << 32 | SEGMENT_HEADER_SIZE
+            return Position.bottom(following).word
         if clean_start:
             # Shut down cleanly with the append lock free: nobody died
             # mid-append, so past the tail the segment is zero (no full read).
@@ -612,12 +608,12 @@ class Control:
             # Only bytes that are there can be damaged: with nothing at all past
             # the last complete record, the published tail's records never
             # reached the disk (power loss), or the tail word is what is damaged.
-            hint_segment, hint_offset = split_word(hint)
-            if hint_segment == segment.number and hint_offset > scan.end and hint_offset <= segment.size:
+            hinted = Position.from_word(hint)
+            if hinted.segment == segment.number and scan.end < hinted.offset <= segment.size:
                 raise CorruptionError(
                     segment.path,
                     scan.stop,
-                    f"{scan.status.value} in a record below the last published one (offset {hint_offset})",
+                    f"{scan.status.value} in a record below the last published one (offset {hinted.offset})",
                 )
         if scan.status is not RecordStatus.EMPTY and scan.stop_extent + HEADER_SIZE <= segment.size:
             after = decode_record(segment.map, scan.stop_extent, segment.size)
@@ -631,7 +627,7 @@ class Control:
                 dirty,
             )
             segment.map[scan.end : dirty] = bytes(dirty - scan.end)
-        return segment.number << 32 | scan.end
+        return Position(segment.number, scan.end).word
 
     # -- shared words ----------------------------------------------------
 
@@ -644,9 +640,9 @@ class Control:
         """Store a 64-bit word at ``offset`` (one aligned store)."""
         WORD.pack_into(self.map, offset, value)
 
-    def tail(self) -> tuple[int, int]:
-        """Return the append position as ``(segment, offset)``."""
-        return split_word(self.word(TAIL))
+    def tail(self) -> Position:
+        """Return the append position."""
+        return Position.from_word(self.word(TAIL))
 
     # -- the append lock -------------------------------------------------
 
@@ -753,23 +749,44 @@ class Control:
 
 
 
-def read_published_tail(queue_dir: StrPath) -> tuple[int, int] | None:
-    """Return the tail ``(segment, offset)`` last published in the queue's control file, read-only; None if unknown.
+# -- the header, for those who read the file without attaching (inspection, recovery) --
 
-    A snapshot for inspection: the file may be missing, unfinished, or of
-    another version, and then there is no answer rather than an error.
+
+def published_tail(fd: int) -> Position | None:
+    """Return the tail last published in the open control file ``fd``; None if the file is not a complete one of ours.
+
+    A snapshot: the file may be short (its builder was killed), reset, or
+    of another version, and then there is no answer rather than an error.
+    """
+    if os.fstat(fd).st_size < CONTROL_SIZE:
+        return None
+    header = os.pread(fd, TAIL + WORD.size, 0)
+    if len(header) < TAIL + WORD.size:
+        return None
+    magic, version, _ = _HEADER.unpack_from(header, 0)
+    if magic != CONTROL_MAGIC or version != CONTROL_VERSION:
+        return None
+    return Position.from_word(WORD.unpack_from(header, TAIL)[0])
+
+
+def read_published_tail(queue_dir: StrPath) -> Position | None:
+    """Return the tail last published in the queue's control file, read-only; None if unknown.
+
+    The file is read as :func:`published_tail` reads it.
     """
     try:
         fd = open_to_read(os.path.join(os.fspath(queue_dir), CONTROL_NAME))
     except OSError:
         return None
     try:
-        header = os.pread(fd, TAIL + WORD.size, 0)
+        return published_tail(fd)
     finally:
         os.close(fd)
-    if len(header) < TAIL + WORD.size:
-        return None
-    magic, version, _ = _HEADER.unpack_from(header, 0)
-    if magic != _MAGIC or version != CONTROL_VERSION:
-        return None
-    return split_word(WORD.unpack_from(header, TAIL)[0])
+
+
+def reset_header(fd: int) -> None:
+    """Zero the header of the open control file ``fd``, so the next process to attach rebuilds it from the segments.
+
+    Only for a caller holding the file's ``flock`` exclusively (nobody attached).
+    """
+    os.pwrite(fd, bytes(CLEAN_CHECK + WORD.size), 0)

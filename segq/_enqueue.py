@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ._control import Control
 from ._flock import wait_flock
-from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE
+from ._format import HEADER_SIZE
 from ._fs import open_file, open_to_read
 from ._headers import Framed, HeaderValue, frame_body, split_body
 from ._options import (
@@ -63,7 +63,7 @@ from ._options import (
 )
 from ._reader import RecordReader
 from ._segment import list_segments, os_error
-from ._state import list_cursors, read_position
+from ._state import Position, list_cursors, read_position
 from .errors import DuplicateJobId, SegqError
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ class DedupIndex:
 
     def _bottom(self) -> int:
         segments = list_segments(self.queue_dir)
-        return (segments[0] << 32 | SEGMENT_HEADER_SIZE) if segments else 0
+        return Position.bottom(segments[0]).word if segments else 0
 
     def _file(self, job: _Job) -> None:
         self._jobs[job.id] = job
@@ -233,7 +233,7 @@ class DedupIndex:
                 position = read_position(path)
             except (SegqError, FileNotFoundError):
                 return 0  # unreadable: count nothing as passed (the window never ends early)
-            positions.append(position.segment << 32 | position.offset)
+            positions.append(position.word)
         return min(positions) if positions else 0
 
     def _expire(self, now: float) -> None:

@@ -19,6 +19,14 @@ its files.  So every file segq opens for writing in a queue goes through
 | no second name            | ``st_nlink == 1`` (brief grace for our own     | ``SegqError``                |
 |                           | link-into-place creations)                     |                              |
 
+A file that must never be seen half-written (a segment, a cursor, a
+journal) is written in full under a temporary name and synced
+(:func:`write_temporary`), then given its name, and the directory synced:
+linked when it is new (:func:`link_into_place`, both steps together in
+:func:`create_whole`), renamed over the old one when it replaces it
+(:func:`replace_into_place`).  A crash leaves the old file or the whole new
+one, plus at most a ``*.tmp`` leftover that no reader looks at.
+
 Directories segq makes inside a queue (``cursors/``, ``senders/``,
 ``wake/``, ``groups/<g>/``) go through :func:`make_dir`, which refuses a link
 or a file in the way instead of following or tripping on it.
@@ -37,10 +45,24 @@ import errno
 import os
 import stat
 import time
+from typing import Callable
 
 from .errors import SegqError
 
-__all__ = ["open_file", "open_to_read", "make_dir", "file_mode", "check_opened", "give_to_directory_owner", "LINK_ADVICE"]
+__all__ = [
+    "open_file",
+    "open_to_read",
+    "make_dir",
+    "file_mode",
+    "check_opened",
+    "give_to_directory_owner",
+    "fsync_directory",
+    "write_temporary",
+    "link_into_place",
+    "replace_into_place",
+    "create_whole",
+    "LINK_ADVICE",
+]
 
 LINK_ADVICE = "segq never follows links inside a queue directory; remove it (and find out who put it there)"
 
@@ -225,3 +247,91 @@ def make_dir(queue_dir: str, *parts: str) -> str:
             finally:
                 os.close(fd)
     return path
+
+
+def fsync_directory(path: str | os.PathLike[str]) -> None:
+    """Make the directory entries of ``path`` durable (creations, renames, deletions)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_temporary(path: str, fill: Callable[[int], None], *, durable: bool) -> str:
+    """Create a new file beside ``path`` and have ``fill(fd)`` write it whole; sync it if ``durable``; return its name.
+
+    The name is ``<path>.<8 hex digits>.tmp``: one a killed creator leaves
+    behind is no file any reader opens.  On any error it is removed and the
+    error propagates.
+    """
+    # os.urandom, not secrets: that module loads OpenSSL (3 MiB resident, issue 14).
+    temporary = f"{path}.{os.urandom(4).hex()}.tmp"
+    fd = open_file(temporary, os.O_RDWR)
+    try:
+        try:
+            fill(fd)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        _unlink_quietly(temporary)
+        raise
+    return temporary
+
+
+def link_into_place(temporary: str, path: str, *, durable: bool, new_directories: int = 0) -> bool:
+    """Give the finished file ``temporary`` the name ``path`` unless it is taken; return whether it was.
+
+    A link, unlike a rename, never replaces: of two processes creating the
+    same file, the first wins and the other finds it (False).  The temporary
+    name goes either way.  ``durable`` syncs the directory so the new name
+    survives power loss, and as many directories above it as
+    ``new_directories`` says were just created (their entries are new too).
+    """
+    try:
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return False
+        if durable:
+            directory = os.path.dirname(path) or "."
+            for _ in range(1 + new_directories):
+                fsync_directory(directory)
+                directory = os.path.dirname(directory) or "."
+        return True
+    finally:
+        _unlink_quietly(temporary)
+
+
+def replace_into_place(temporary: str, path: str, *, durable: bool) -> None:
+    """Give the finished file ``temporary`` the name ``path``, replacing the file that has it (one atomic rename).
+
+    ``durable`` syncs the directory so the new name survives power loss.  On
+    an error the temporary file is removed and the error propagates.
+    """
+    try:
+        os.rename(temporary, path)
+        if durable:
+            fsync_directory(os.path.dirname(path) or ".")
+    except BaseException:
+        _unlink_quietly(temporary)
+        raise
+
+
+def create_whole(path: str, fill: Callable[[int], None], *, durable: bool, new_directories: int = 0) -> bool:
+    """Create ``path`` whole or not at all: :func:`write_temporary`, then :func:`link_into_place`.
+
+    Returns False, creating nothing, if ``path`` exists.  A full disk fails
+    here (while ``fill`` writes or preallocates), never later.
+    """
+    temporary = write_temporary(path, fill, durable=durable)
+    return link_into_place(temporary, path, durable=durable, new_directories=new_directories)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

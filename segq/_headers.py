@@ -95,7 +95,7 @@ def split_body(body: bytes, queue_dir: str = "", word: int = 0) -> tuple[bytes, 
 
     A block that does not parse passed its checksum, so it was written that
     way: a ``CorruptionError`` naming the segment of queue ``queue_dir`` and
-    the offset of the record (``word`` is its ``segment << 32 | offset``).
+    the offset of the record (``word`` is its position as a word, ``Position.word``).
     """
     if _c_split_body is not None:
         split = _c_split_body(body)
@@ -127,10 +127,13 @@ def _split_body(body: bytes, queue_dir: str = "", word: int = 0) -> tuple[bytes,
         if at != end:
             raise ValueError("header entries overrun their block")
     except (struct.error, UnicodeDecodeError, ValueError) as error:
-        from ._segment import segment_path  # only on damage: _segment imports the framing that imports this
+        # Only on damage: _segment and _state import the framing that imports this.
+        from ._segment import segment_path
+        from ._state import Position
 
+        where = Position.from_word(word)
         raise CorruptionError(
-            segment_path(queue_dir, word >> 32), word & 0xFFFF_FFFF, f"record header block does not parse ({error})"
+            segment_path(queue_dir, where.segment), where.offset, f"record header block does not parse ({error})"
         ) from None
     return bytes(body[end:]), headers
 

@@ -24,7 +24,6 @@ from .errors import CorruptionError, SegqError
 
 __all__ = [
     "existing_queue",
-    "receiver_lock_path",
     "saved_position",
     "LockHolder",
     "lock_holders",
@@ -35,11 +34,6 @@ __all__ = [
     "QueueInfo",
     "info",
 ]
-
-
-def receiver_lock_path(queue_dir: str, name: str) -> str:
-    """Return the lock file a live Receiver of ``name`` holds."""
-    return cursor_path(queue_dir, ConsumerKind.RECEIVER, name)[: -len(".pos")] + ".lock"
 
 
 def existing_queue(path: StrPath) -> str:
@@ -278,7 +272,7 @@ def _disk_usage(queue_dir: str) -> int:
     return total
 
 
-def _data_end(queue_dir: str, number: int, tail: tuple[int, int] | None) -> int:
+def _data_end(queue_dir: str, number: int, tail: Position | None) -> int:
     """Return where segment ``number``'s records end, without reading them (its end marker not counted).
 
     In the tail segment that is the published ``tail``.  Past the last
@@ -286,8 +280,8 @@ def _data_end(queue_dir: str, number: int, tail: tuple[int, int] | None) -> int:
     byte is found from the end, holes skipped: a look at the end of each
     segment (the space a segment's last record did not fit into).
     """
-    if tail is not None and tail[0] == number:
-        return tail[1]
+    if tail is not None and tail.segment == number:
+        return tail.offset
     fd = open_to_read(segment_path(queue_dir, number))
     try:
         size = os.fstat(fd).st_size
@@ -313,8 +307,8 @@ def _summary(queue_dir: str) -> QueueInfo:
             sizes[number] = os.path.getsize(segment_path(queue_dir, number))
             if (
                 published is not None
-                and published[0] == number
-                and not SEGMENT_HEADER_SIZE <= published[1] <= sizes[number]
+                and published.segment == number
+                and not SEGMENT_HEADER_SIZE <= published.offset <= sizes[number]
             ):
                 published = None  # not a tail in this file: look at the bytes instead
             table.append((number, None, _data_end(queue_dir, number, published) - SEGMENT_HEADER_SIZE))

@@ -20,7 +20,7 @@ import select
 import time
 from typing import Collection, Iterable
 
-from ._lock import _start_time, process_is_alive
+from ._lock import process_is_alive, process_start_time
 
 __all__ = ["Owner", "Liveness", "my_owner"]
 
@@ -31,7 +31,7 @@ _POLL_INTERVAL = 0.2
 def my_owner() -> Owner:
     """Return this process's owner identity."""
     pid = os.getpid()
-    return pid, _start_time(pid) or 0.0
+    return pid, process_start_time(pid) or 0.0
 
 
 class Liveness:

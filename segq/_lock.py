@@ -30,7 +30,7 @@ from .errors import Locked, SegqError
 if TYPE_CHECKING:
     import portalocker
 
-__all__ = ["LockOwner", "read_owner", "process_is_alive", "LockFile", "unlock"]
+__all__ = ["LockOwner", "read_owner", "process_is_alive", "process_start_time", "LockFile", "unlock"]
 
 # portalocker and psutil are imported where used, not here: `import segq`
 # stays cheap (issue 14), and an import already done costs a dict lookup.
@@ -42,7 +42,8 @@ def _exclusive() -> portalocker.LockFlags:
     return portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
 
 
-def _start_time(pid: int) -> float | None:
+def process_start_time(pid: int) -> float | None:
+    """Return when process ``pid`` started (seconds since the epoch); None if unknown (no such process, no access)."""
     import psutil
 
     try:
@@ -79,7 +80,7 @@ _MY_START_TIME: dict[int, float | None] = {}
 def _my_identity() -> str:
     pid = os.getpid()
     if pid not in _MY_START_TIME:
-        _MY_START_TIME[pid] = _start_time(pid)
+        _MY_START_TIME[pid] = process_start_time(pid)
     return f"{pid} {_MY_START_TIME[pid]!r}\n"
 
 

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import NamedTuple, Union
 
 from ._headers import RESERVED_PREFIX
+from ._state import word_offset, word_segment
 from .errors import InvalidArgument
 
 __all__ = [
@@ -151,7 +152,7 @@ def check_user_headers(headers: object) -> dict[str, bytes]:
 
 def default_job_id(start: int) -> str:
     """Return the id of a job enqueued without ``job_id``: its record's position, ``SEGMENT-OFFSET``."""
-    return f"{start >> 32}-{start & 0xFFFF_FFFF}"
+    return f"{word_segment(start)}-{word_offset(start)}"
 
 
 def job_id_of(options: JobOptions, start: int) -> str:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import secrets
 
-from ._fs import check_opened, file_mode, give_to_directory_owner, open_to_read
+from ._fs import check_opened, create_whole, open_to_read
 from ._segment import StrPath
 from .errors import SegqError
 
@@ -50,25 +50,14 @@ def queue_id(path: StrPath) -> str:
     if existing is not None:
         return existing
     made = secrets.token_hex(_ID_HEX_DIGITS // 2)
-    temporary = f"{id_path}.{secrets.token_hex(4)}.tmp"
-    directory = os.stat(queue_dir)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    # Readable by whoever may read the queue, like its segments (docs/security.md).
-    fd = os.open(temporary, flags, file_mode(directory.st_mode, private=False))
-    try:
-        try:
-            give_to_directory_owner(fd, directory)
-            os.fchmod(fd, file_mode(directory.st_mode, private=False))  # whatever the umask
-            os.write(fd, f"{made}\n".encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(temporary, id_path)
-        except FileExistsError:
-            pass  # another process made it first: theirs is the id
-    finally:
-        os.unlink(temporary)
+
+    def fill(fd: int) -> None:
+        os.write(fd, f"{made}\n".encode())
+
+    # Readable by whoever may read the queue, like its segments (docs/security.md):
+    # _fs gives it the directory's owner and mode.  Another process may make it
+    # first: theirs is the id.
+    create_whole(id_path, fill, durable=True)
     found = _read(id_path)
     if found is None:
         raise SegqError(f"{id_path}: vanished right after it was made; is something cleaning {queue_dir}?")

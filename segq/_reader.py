@@ -6,7 +6,7 @@ A reader reads segments with ``pread`` into a buffer (never through a memory
 map, so a segment truncated by someone else is an error, not a SIGBUS), and
 never past the tail published in the control file: everything below it is
 complete, so a checksum mismatch there is damage, not a write in progress.
-The read position is a tail-style word, ``segment << 32 | offset``.
+The read position is a tail-style word (``Position.word``).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from ._format import (
     HEADER_SIZE,
     LENGTH_MASK,
     RECORD_HEADER,
-    SEGMENT_HEADER_SIZE,
     record_crc,
 )
 from ._headers import Framed
 from ._messages import decode_messages as _decode_messages
 from ._messages import new_message as _new_message
+from ._state import Position, word_offset, word_segment
 from .errors import CorruptionError, SegqError
 
 __all__ = ["RecordReader"]
@@ -116,8 +116,8 @@ class RecordReader:
             tail = words[TAIL_INDEX]
             if read >= tail:
                 return None
-            segment = read >> 32
-            offset = read & 0xFFFF_FFFF
+            segment = word_segment(read)
+            offset = word_offset(read)
             relative = offset - self._buffer_start
             buffer = self._buffer
             if segment != self._fd_segment or relative < 0 or relative + HEADER_SIZE > len(buffer):
@@ -125,7 +125,7 @@ class RecordReader:
                 relative = 0
             length_word, crc = RECORD_HEADER.unpack_from(buffer, relative)
             if length_word == END_OF_SEGMENT:
-                self.position = (segment + 1) << 32 | SEGMENT_HEADER_SIZE
+                self.position = Position.bottom(segment + 1).word
                 continue
             size = length_word & LENGTH_MASK
             start = relative + HEADER_SIZE
@@ -146,8 +146,7 @@ class RecordReader:
         """Read from ``offset`` of ``segment``: at least ``needed`` bytes, not past the tail."""
         if segment != self._fd_segment:
             self._open_segment(segment)
-        tail_segment, tail_offset = tail >> 32, tail & 0xFFFF_FFFF
-        limit = tail_offset if tail_segment == segment else self._segment_size
+        limit = word_offset(tail) if word_segment(tail) == segment else self._segment_size
         if offset + needed > limit:
             # A record never runs past the tail or the file: its length is
             # damaged (or the file was cut), and reading it would allocate it.
@@ -171,7 +170,7 @@ class RecordReader:
             )
         self._buffer = buffer
         self._buffer_start = offset
-        self._buffer_word = segment << 32 | offset
+        self._buffer_word = Position(segment, offset).word
         return buffer
 
     def _open_segment(self, number: int) -> None:

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _format
-from ._fs import open_file
 from ._format import (
     CONTINUES,
     END_MARKER,
@@ -55,6 +54,7 @@ from ._segment import (
     dirty_end_in_file,
     header_never_written,
     list_segments,
+    open_segment_file,
     os_error,
     read_segment_header,
     segment_path,
@@ -341,12 +341,7 @@ def scan_segment(
     ``UnsupportedFormat`` if it is of another format version.
     """
     path = segment_path(queue_dir, number)
-    try:
-        fd = open_file(path, os.O_RDONLY, create=False)
-    except FileNotFoundError:
-        raise
-    except OSError as error:
-        raise os_error(error, "open segment", path) from None
+    fd = open_segment_file(path, writable=False)
     try:
         size = os.fstat(fd).st_size
         scan = SegmentScan(number, path, size)

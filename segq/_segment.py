@@ -24,17 +24,23 @@ from typing import Union
 
 from . import _format
 from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, Buffer, RecordStatus, SegmentHeaderError
-from ._fs import open_file
+from ._fs import create_whole, open_file
 from .errors import CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
     "StrPath",
     "segment_path",
     "list_segments",
+    "OFFSET_BITS",
+    "MIN_SEGMENT_SIZE",
+    "SEGMENT_SIZE_LIMIT",
     "FIRST_SEGMENT_SIZE",
+    "DEFAULT_SEGMENT_SIZE",
     "next_segment_size",
+    "queue_segment_size",
     "create_segment",
     "preallocate",
+    "open_segment_file",
     "open_segment",
     "MappedSegment",
     "SegmentWindow",
@@ -44,7 +50,6 @@ __all__ = [
     "ScanResult",
     "scan_records",
     "dirty_end_in_file",
-    "fsync_directory",
     "os_error",
 ]
 
@@ -90,15 +95,6 @@ def list_segments(queue_dir: StrPath) -> list[int]:
     return numbers
 
 
-def fsync_directory(path: StrPath) -> None:
-    """Make the directory entries of ``path`` durable (creations, renames, deletions)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def preallocate(fd: int, size: int) -> None:
     """Reserve ``size`` bytes of disk for ``fd`` now, so a full disk fails here and not at write-back."""
     if hasattr(os, "posix_fallocate"):
@@ -113,7 +109,13 @@ def preallocate(fd: int, size: int) -> None:
     os.ftruncate(fd, size)
 
 
+# An offset in a segment is 32 bits (of a position word, ``_state.Position``),
+# so a segment stays below 4 GiB.
+OFFSET_BITS = 32
+SEGMENT_SIZE_LIMIT = 1 << OFFSET_BITS  # exclusive
+MIN_SEGMENT_SIZE = 256
 FIRST_SEGMENT_SIZE = 1 << 20
+DEFAULT_SEGMENT_SIZE = 64 << 20
 
 
 def next_segment_size(previous: int | None, segment_size: int, needed: int = 0) -> int:
@@ -136,6 +138,28 @@ def next_segment_size(previous: int | None, segment_size: int, needed: int = 0) 
     return -(-fitting // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
+def queue_segment_size(queue_dir: StrPath, default: int = DEFAULT_SEGMENT_SIZE) -> int:
+    """Return the segment_size of the queue at ``queue_dir`` as its segments tell it; ``default`` where they do not.
+
+    The one reading of "the queue's segment size", for whoever writes to a
+    queue without being told (``segq send``, a requeue, recovery, a
+    dead-letter queue).  Segments grow from ``FIRST_SEGMENT_SIZE`` by
+    doubling up to segment_size, and a batch larger than that gets a segment
+    of its own, so a last segment of ``FIRST_SEGMENT_SIZE`` or more tells
+    nothing (still growing, at the limit, or a big batch's): ``default``.  A
+    smaller one was chosen on purpose, and is the answer.  No segment, or a
+    last one too small to be a segment (damaged): ``default``.
+    """
+    segments = list_segments(queue_dir) if os.path.isdir(queue_dir) else []
+    if not segments:
+        return default
+    try:
+        size = os.path.getsize(segment_path(queue_dir, segments[-1]))
+    except OSError:
+        return default  # deleted meanwhile, or unreadable: nothing to go by
+    return size if MIN_SEGMENT_SIZE <= size < FIRST_SEGMENT_SIZE else default
+
+
 def create_segment(queue_dir: StrPath, number: int, size: int, *, durable: bool) -> bool:
     """Create segment ``number`` of ``size`` bytes; return False if it already exists.
 
@@ -143,35 +167,17 @@ def create_segment(queue_dir: StrPath, number: int, size: int, *, durable: bool)
     power loss.  A full disk raises ``SegqError`` and leaves nothing behind.
     """
     final = segment_path(queue_dir, number)
-    temporary = f"{final}.{os.urandom(4).hex()}.tmp"
+
+    def fill(fd: int) -> None:
+        preallocate(fd, size)
+        os.pwrite(fd, _format.encode_segment_header(number), 0)
+
     try:
-        fd = open_file(temporary, os.O_RDWR)
-    except OSError as error:
-        raise os_error(error, "create segment", temporary) from None
-    try:
-        try:
-            preallocate(fd, size)
-            os.pwrite(fd, _format.encode_segment_header(number), 0)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(temporary, final)
-        except FileExistsError:
-            return False
-        if durable:
-            fsync_directory(queue_dir)
-        return True
+        return create_whole(final, fill, durable=durable)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise _no_room_for_segment(queue_dir, final, size) from None
         raise os_error(error, "create segment", final) from None
-    finally:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
 
 
 def _no_room_for_segment(queue_dir: StrPath, path: str, size: int) -> SegqError:
@@ -209,6 +215,20 @@ def read_segment_header(path: str, data: Buffer) -> int:
         if error.unsupported:
             raise UnsupportedFormat(f"{path}: {error}; upgrade segq to read this queue") from None
         raise CorruptionError(path, 0, f"segment header: {error}") from None
+
+
+def open_segment_file(path: str, *, writable: bool) -> int:
+    """Open the segment file at ``path`` as it is (no check of its contents); return the fd.
+
+    Raises ``FileNotFoundError`` if it is missing (consumed meanwhile, for
+    most callers), a ``SegqError`` naming it for any other failure.
+    """
+    try:
+        return open_file(path, os.O_RDWR if writable else os.O_RDONLY, create=False)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise os_error(error, "open segment", path) from None
 
 
 def header_never_written(data: Buffer, number: int) -> bool:
@@ -273,12 +293,7 @@ def open_segment(path: str, number: int, *, writable: bool) -> tuple[int, int]:
     Raises ``FileNotFoundError`` if it is missing, ``CorruptionError`` or
     ``UnsupportedFormat`` if its header is not one of ours.
     """
-    try:
-        fd = open_file(path, os.O_RDWR if writable else os.O_RDONLY, create=False)
-    except FileNotFoundError:
-        raise
-    except OSError as error:
-        raise os_error(error, "open segment", path) from None
+    fd = open_segment_file(path, writable=writable)
     try:
         size = os.fstat(fd).st_size
         if size < SEGMENT_HEADER_SIZE + HEADER_SIZE:

@@ -26,22 +26,24 @@ from dataclasses import dataclass
 
 from . import _format
 from ._format import SEGMENT_HEADER_SIZE
-from ._fs import make_dir, open_file, open_to_read
-from ._segment import StrPath, os_error
+from ._fs import create_whole, make_dir, open_file, open_to_read
+from ._segment import OFFSET_BITS, StrPath, os_error
 from .errors import CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
     "Position",
+    "word_segment",
+    "word_offset",
+    "same_segment",
     "CursorFile",
     "ConsumerKind",
     "cursor_path",
+    "receiver_lock_path",
     "list_cursors",
     "check_name",
     "CURSOR_DIR",
     "RELEASED_SEGMENT",
     "read_position",
-    "register_cursor",
-    "delete_consumed_segments",
 ]
 
 CURSOR_DIR = "cursors"
@@ -61,12 +63,20 @@ _FILE_SIZE = 2 * _SLOT_SIZE
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
 
 
+# A position as one 64-bit *word*: ``segment << OFFSET_BITS | offset``.  Words
+# compare in queue order and a record's end is its start plus its length, so
+# the control file's tail, readers and work-queue journals keep positions as
+# words; ``Position.word``/``Position.from_word`` are the one encoding of it.
+_OFFSET_MASK = (1 << OFFSET_BITS) - 1
+
+
 @dataclass(frozen=True, order=True)
 class Position:
     """A place in the queue: a segment number and a byte offset inside it.
 
     Positions compare in queue order.  ``Position(3, 4096)`` prints as
-    ``segment 3 offset 4096``.
+    ``segment 3 offset 4096``; as a word (``.word``) it is
+    ``3 << 32 | 4096``.
     """
 
     segment: int
@@ -79,6 +89,31 @@ class Position:
     def bottom(cls, segment: int) -> "Position":
         """Return the position of the first record of ``segment``."""
         return cls(segment, SEGMENT_HEADER_SIZE)
+
+    @property
+    def word(self) -> int:
+        """The position as one word, ``segment << 32 | offset``: words compare in queue order too."""
+        return self.segment << OFFSET_BITS | self.offset
+
+    @classmethod
+    def from_word(cls, word: int) -> "Position":
+        """Return the position a word (``segment << 32 | offset``) stands for."""
+        return cls(word >> OFFSET_BITS, word & _OFFSET_MASK)
+
+
+def word_segment(word: int) -> int:
+    """Return the segment of a position word, without making a Position (for paths run per record)."""
+    return word >> OFFSET_BITS
+
+
+def word_offset(word: int) -> int:
+    """Return the offset of a position word, without making a Position (for paths run per record)."""
+    return word & _OFFSET_MASK
+
+
+def same_segment(word: int, other: int) -> bool:
+    """Tell whether two position words lie in the same segment (for paths run per record)."""
+    return not (word ^ other) >> OFFSET_BITS
 
 
 def check_name(name: str, what: str = "receiver name") -> str:
@@ -105,6 +140,11 @@ class ConsumerKind(str, enum.Enum):
 def cursor_path(queue_dir: StrPath, kind: ConsumerKind, name: str) -> str:
     """Return the cursor file of consumer ``name`` of ``kind``."""
     return os.path.join(queue_dir, CURSOR_DIR, f"{ConsumerKind(kind).value}.{name}.pos")
+
+
+def receiver_lock_path(queue_dir: StrPath, name: str) -> str:
+    """Return the lock file a live Receiver of ``name`` holds: its cursor's name, ending ``.lock``."""
+    return cursor_path(queue_dir, ConsumerKind.RECEIVER, name)[: -len(".pos")] + ".lock"
 
 
 _KIND_LETTERS = {kind.value for kind in ConsumerKind}
@@ -167,7 +207,7 @@ class CursorFile:
             if fresh:
                 if initial is None:
                     raise CorruptionError(self.path, 0, "cursor file is empty")
-                self._sequence = 0
+                self._sequence = self._segment = self._offset = 0
                 self.write(initial)
                 self.sync()
             else:
@@ -195,7 +235,7 @@ class CursorFile:
 
     def write(self, position: Position) -> None:
         """Save ``position``: one memory copy into the slot not holding the current one."""
-        self.write_at(position.segment, position.offset)
+        self.write_word(position.word)
 
     def write_over(self, segment: int, offset: int) -> None:
         """Save ``(segment, offset)`` over whatever another process wrote last (the caller serialises writers).
@@ -208,19 +248,29 @@ class CursorFile:
         self.write_at(segment, offset)
 
     def write_at(self, segment: int, offset: int) -> None:
-        """Save ``(segment, offset)``; the allocation-free form of :meth:`write`."""
-        # Word stores through a memoryview, then the CRC of the slot's first
-        # 40 bytes: about half the cost of packing the slot with struct.
+        """Save ``(segment, offset)``."""
+        self.write_word(segment << OFFSET_BITS | offset)
+
+    def write_word(self, word: int) -> bool:
+        """Save position word ``word``, the allocation-free form of :meth:`write`; return whether its segment changed.
+
+        A commit's one call: True tells the committer it left a segment behind
+        (time to delete consumed ones).
+        """
         if not self._prefixed:
             self._write_prefixes()
         sequence = self._sequence + 1
+        segment = word >> OFFSET_BITS
+        offset = word & _OFFSET_MASK
         if _c_write_slot is not None:
             _c_write_slot(self.map, (sequence & 1) * _SLOT_SIZE, sequence, segment, offset)
         else:
             self._write_slot_words((sequence & 1) * _SLOT_SIZE, sequence, segment, offset)
         self._sequence = sequence
+        moved = segment != self._segment
         self._segment = segment
         self._offset = offset
+        return moved
 
     def _write_slot_words(self, base: int, sequence: int, segment: int, offset: int) -> None:
         # The Python twin of _speedups.write_slot: word stores through a
@@ -266,8 +316,6 @@ def _create_cursor_file(path: str, initial: Position) -> None:
     here with an error (not later, as SIGBUS in a write to a mapped hole),
     and the new name survives power loss.  If the file exists, it is kept.
     """
-    from ._segment import fsync_directory
-
     directory = os.path.dirname(path)
     if os.path.exists(path):
         return
@@ -277,26 +325,14 @@ def _create_cursor_file(path: str, initial: Position) -> None:
     body = _BODY.pack(_MAGIC, _VERSION, 0, 1, initial.segment, initial.offset)
     content[_SLOT_SIZE : _SLOT_SIZE + _BODY.size] = body
     _CRC.pack_into(content, _SLOT_SIZE + _BODY.size, zlib.crc32(body))
-    temporary = f"{path}.{os.urandom(4).hex()}.tmp"
-    fd = open_file(temporary, os.O_WRONLY)
-    try:
-        try:
-            if os.write(fd, content) != _FILE_SIZE:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            return  # another process created it first
-        fsync_directory(directory)
-        fsync_directory(os.path.dirname(directory) or ".")  # the cursor directory's own entry
-    finally:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
+
+    def fill(fd: int) -> None:
+        if os.write(fd, content) != _FILE_SIZE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    # Another process may create it first: then theirs is kept.  The cursor
+    # directory may be new too, so its own entry is synced as well.
+    create_whole(path, fill, durable=True, new_directories=1)
 
 
 def _newest_slot(path: str, data: bytes | mmap.mmap) -> tuple[int, Position]:
@@ -333,70 +369,3 @@ def read_position(path: StrPath) -> Position:
     if size != _FILE_SIZE:
         raise CorruptionError(path, 0, f"cursor file is {size} bytes, expected {_FILE_SIZE}")
     return _newest_slot(path, data)[1]
-
-
-def _retention_lock(queue_dir: StrPath):  # type: ignore[no-untyped-def]
-    from ._flock import wait_flock
-
-    path = os.path.join(queue_dir, "segq.gc.lock")
-    handle = os.fdopen(open_file(path, os.O_RDWR, private=True), "r+b", buffering=0)
-    try:
-        wait_flock(handle.fileno(), path, what="segment deletion lock")
-    except BaseException:
-        handle.close()
-        raise
-    return handle
-
-
-def register_cursor(queue_dir: StrPath, kind: ConsumerKind, name: str) -> CursorFile:
-    """Open consumer ``name``'s cursor, creating it at the oldest retained record if new.
-
-    Registration and segment deletion take the same lock, so a new consumer
-    never starts in a segment that is being deleted.
-    """
-    from ._segment import list_segments
-
-    path = cursor_path(queue_dir, kind, name)
-    if os.path.exists(path):
-        return CursorFile(path)
-    with _retention_lock(queue_dir):
-        if os.path.exists(path):
-            return CursorFile(path)
-        segments = list_segments(queue_dir)
-        return CursorFile(path, initial=Position.bottom(segments[0] if segments else 0))
-
-
-def delete_consumed_segments(queue_dir: StrPath) -> list[int]:
-    """Delete every segment all registered consumers have committed past; return their numbers.
-
-    A consumer whose cursor cannot be read keeps everything (nothing is
-    deleted on a guess).
-    """
-    import logging
-
-    from ._segment import list_segments, segment_path
-
-    with _retention_lock(queue_dir):
-        floor = None
-        for _, _, path in list_cursors(queue_dir):
-            try:
-                position = read_position(path)
-            except SegqError:
-                return []
-            if position.segment == RELEASED_SEGMENT:
-                continue  # a released pin is no consumer: with no other, nothing is deleted
-            floor = position.segment if floor is None else min(floor, position.segment)
-        if floor is None:
-            return []
-        deleted = []
-        for number in list_segments(queue_dir):
-            if number >= floor:
-                break
-            try:
-                os.unlink(segment_path(queue_dir, number))
-            except FileNotFoundError:
-                continue  # another consumer got there first
-            deleted.append(number)
-        if deleted:
-            logging.getLogger(__name__).debug("%s: deleted consumed segments %s", queue_dir, deleted)
-        return deleted

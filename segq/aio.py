@@ -97,19 +97,19 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ._args import check_timeout
-from ._control import CLAIM_WAITERS, DATA_WAITERS, DEFAULT_SEGMENT_SIZE, ROOM_WAITERS
+from ._args import SyncPolicy, check_timeout, parse_sync
+from ._control import CLAIM_WAITERS, DATA_WAITERS, ROOM_WAITERS
 from ._followups import Enqueue
 from ._format import HEADER_SIZE, as_payload
 from .workqueue._jobs import Job, JobBatch, JobState, reason_of
 from .workqueue._stats import GroupStats
-from ._segment import StrPath
+from ._segment import DEFAULT_SEGMENT_SIZE, StrPath
 from ._state import Position
 from ._wake import Waiter
 from .errors import ClaimLost, Closed, Empty, Full, UsageError
 from .receiver import Batch, Message, Receiver
 from ._headers import frame_body
-from .sender import DEFAULT_MAX_RECORD_SIZE, BatchItem, Headers, Sender, SyncPolicy, batch_payload, parse_sync
+from .sender import DEFAULT_MAX_RECORD_SIZE, BatchItem, Headers, Sender, batch_payload
 from .workqueue import WorkQueue
 
 __all__ = ["AsyncBatch", "AsyncJob", "AsyncJobBatch", "AsyncMessage", "AsyncReceiver", "AsyncSender", "AsyncWorkQueue"]

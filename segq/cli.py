@@ -36,16 +36,15 @@ import click
 
 from . import __version__
 from ._args import MAX_INTERVAL, MIN_INTERVAL, check_interval
-from ._control import _MAGIC as CONTROL_MAGIC
-from ._control import CONTROL_NAME, DEFAULT_SEGMENT_SIZE
+from ._control import CONTROL_MAGIC, CONTROL_NAME
 from ._headers import encode_headers
-from ._inspect import existing_queue, receiver_lock_path
+from ._inspect import existing_queue
 from ._scan import position_json
-from ._segment import FIRST_SEGMENT_SIZE, list_segments, segment_path
-from ._state import CURSOR_DIR, ConsumerKind, check_name, list_cursors
+from ._segment import MIN_SEGMENT_SIZE, SEGMENT_SIZE_LIMIT, list_segments, queue_segment_size
+from ._state import CURSOR_DIR, ConsumerKind, check_name, list_cursors, receiver_lock_path
 from .errors import Empty, SegqError
 from .receiver import Message, Receiver
-from .sender import _MIN_SEGMENT_SIZE, Sender
+from .sender import Sender
 
 __all__ = ["cli", "main"]
 
@@ -354,7 +353,7 @@ def _parse_headers(ctx: click.Context, param: click.Parameter, items: tuple[str,
 @_framing_options
 @click.option(
     "--segment-size",
-    type=_SizeParam(_MIN_SEGMENT_SIZE, 1 << 32),  # offsets in a segment are 32-bit
+    type=_SizeParam(MIN_SEGMENT_SIZE, SEGMENT_SIZE_LIMIT),
     help="Largest size of new segment files; they start at 1MiB and double up to it "
     "[default: 64MiB, or the queue's if it has segments under 1MiB].",
 )
@@ -385,7 +384,7 @@ def send(
     """
     _refuse_a_foreign_directory(path)
     if segment_size is None:
-        segment_size = _current_segment_size(path)
+        segment_size = queue_segment_size(path)  # a queue made with small segments keeps them
     stdin = _Stream(_standard_stream(sys.stdin, "input"), signals := _Signals())
     with _library_warnings(), signals:
         try:
@@ -417,21 +416,6 @@ def _refuse_a_foreign_directory(path: str) -> None:
         f"{path} is not a segq queue and not empty ({_count(len(entries), 'file')}, e.g. {sorted(entries)[0]!r}): "
         "send creates a queue only in a new or empty directory"
     )
-
-
-def _current_segment_size(path: str) -> int:
-    """Return the segment size a queue was made with if it is under 1 MiB (so new segments match), else the default.
-
-    Segments grow from 1 MiB (``next_segment_size``), so a larger last
-    segment may still be growing: only a smaller one was chosen on purpose.
-    """
-    segments = list_segments(path) if os.path.isdir(path) else []
-    if segments:
-        with contextlib.suppress(OSError):
-            size = os.path.getsize(segment_path(path, segments[-1]))
-            if size < FIRST_SEGMENT_SIZE:
-                return size
-    return DEFAULT_SEGMENT_SIZE
 
 
 class _Stream:

@@ -45,7 +45,7 @@ import time
 from types import TracebackType
 from typing import Iterator
 
-from ._args import check_path, check_timeout
+from ._args import SyncPolicy, check_path, check_timeout, parse_sync
 from ._control import (
     CONSUMER_SEGMENT_SIZE,
     DATA_WAITERS,
@@ -63,10 +63,10 @@ from ._lifetime import close_at_exit
 from ._lock import LockFile
 from ._reader import RecordReader
 from ._segment import StrPath
-from ._state import ConsumerKind, Position, check_name, cursor_path, delete_consumed_segments, register_cursor
+from ._retention import delete_consumed_segments, register_cursor
+from ._state import ConsumerKind, Position, check_name, cursor_path, receiver_lock_path
 from ._wake import Waiter, Waker
 from .errors import Closed, CorruptionError, Empty, InvalidArgument, SegqError, UsageError
-from .sender import SyncPolicy, parse_sync
 
 __all__ = ["Receiver", "Message", "Batch"]
 
@@ -96,7 +96,7 @@ class Message(MessageFields):
     @property
     def position(self) -> Position:
         """Where the record starts in the queue."""
-        return Position(self._start >> 32, self._start & 0xFFFF_FFFF)
+        return Position.from_word(self._start)
 
     @property
     def pending(self) -> bool:
@@ -222,7 +222,7 @@ class Receiver:
         self._sync_interval = parse_sync(sync)
         require_queue(self.path, create=create, who="Receiver")
         self._control = Control(self.path, segment_size=CONSUMER_SEGMENT_SIZE)
-        self._lock = LockFile(cursor_path(self.path, ConsumerKind.RECEIVER, name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
+        self._lock = LockFile(receiver_lock_path(self.path, name), what=f"receiver {name!r}")
         self._directory_fd = -1
         try:
             self._directory_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
@@ -230,12 +230,12 @@ class Receiver:
             self._lock.acquire()
             self._cursor = register_cursor(self.path, ConsumerKind.RECEIVER, name)
             position = self._cursor.position
-            if position.segment << 32 | position.offset > self._control.words[TAIL_INDEX]:
+            if position.word > self._control.words[TAIL_INDEX]:
                 self._cursor.close()
                 raise CorruptionError(
                     self._cursor.path,
                     0,
-                    f"position {position} is past the end of the queue ({Position(*self._control.tail())})",
+                    f"position {position} is past the end of the queue ({self._control.tail()})",
                 )
         except BaseException:
             self._lock.release()
@@ -249,13 +249,13 @@ class Receiver:
         self._identity = (directory.st_dev, directory.st_ino)
         self._next_identity_check = 0.0
         self._gone: str | None = None  # why the queue is no longer there, once noticed
-        self._committed = position.segment << 32 | position.offset
+        self._committed = position.word
         self._reader = RecordReader(self._control, self._committed, consumer=f"receiver {name!r}")
         self._next_record = self._reader.next
         self._words = self._control.words
         self._in_batch = _InBatch(self.path)  # the stateless stand-in every batch's messages share
         self._control_bytes = self._control.bytes
-        self._write_cursor = self._cursor.write_at
+        self._write_cursor = self._cursor.write_word
         self._pending: Message | Batch | None = None
         self._waiting = 0  # the thread id of a recv waiting outside the lock, 0 for none
         self._released = threading.Event()
@@ -527,14 +527,13 @@ class Receiver:
             if self._pending is not item:
                 self._not_pending()
             self._pending = None
-            previous_segment = self._committed >> 32
             self._committed = end
-            self._write_cursor(end >> 32, end & 0xFFFF_FFFF)
+            left_a_segment = self._write_cursor(end)
             if self._sync_interval == 0.0:
                 self._cursor.sync()
             else:
                 self._dirty = True
-            if end >> 32 != previous_segment:
+            if left_a_segment:
                 delete_consumed_segments(self.path)
             if self._control_bytes[ROOM_WAITING]:
                 self._waker.wake(ROOM_WAITERS)
@@ -585,7 +584,7 @@ class Receiver:
     def committed_position(self) -> Position:
         """The position after the last committed message."""
         committed = self._committed  # one load: a concurrent commit changes it whole
-        return Position(committed >> 32, committed & 0xFFFF_FFFF)
+        return Position.from_word(committed)
 
     # -- lifetime --------------------------------------------------------
 
@@ -604,7 +603,7 @@ class Receiver:
         Raises ``Locked`` if a live Receiver of that name is open.
         """
         check_name(name)
-        lock = LockFile(cursor_path(path, ConsumerKind.RECEIVER, name)[: -len(".pos")] + ".lock", what=f"receiver {name!r}")
+        lock = LockFile(receiver_lock_path(path, name), what=f"receiver {name!r}")
         lock.acquire()
         try:
             try:

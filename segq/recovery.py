@@ -50,8 +50,8 @@ from typing import Any
 
 import portalocker
 
-from ._control import CONTROL_NAME, CONTROL_SIZE, TAIL, WORD, remove_semaphores, split_word
-from ._fs import open_file, open_to_read
+from ._control import CONTROL_NAME, published_tail, remove_semaphores, reset_header
+from ._fs import fsync_directory, open_file, open_to_read, replace_into_place
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE
 from ._inspect import (
     ConsumerInfo,
@@ -62,7 +62,6 @@ from ._inspect import (
     info,
     lock_holders,
     queue_bytes,
-    receiver_lock_path,
     saved_position,
     verify,
 )
@@ -72,13 +71,15 @@ from ._scan import Damage, Progress, QueueScans, Repair, SegmentScan, missing_se
 from ._segment import (
     StrPath,
     create_segment,
-    fsync_directory,
     list_segments,
+    next_segment_size,
     os_error,
+    queue_segment_size,
     restore_unwritten_header,
     segment_path,
 )
-from ._state import ConsumerKind, CursorFile, Position, check_name, cursor_path, delete_consumed_segments, list_cursors
+from ._retention import delete_consumed_segments, delete_segments_below
+from ._state import ConsumerKind, CursorFile, Position, check_name, cursor_path, list_cursors, receiver_lock_path
 from .errors import CorruptionError, Locked, SegqError
 
 __all__ = [
@@ -213,19 +214,14 @@ class _ControlHold:
 
     def published_tail(self) -> Position | None:
         """Return the tail the attached processes last published, if the file is intact."""
-        if self.fd < 0 or os.fstat(self.fd).st_size < CONTROL_SIZE:
-            return None
-        header = os.pread(self.fd, 64, 0)
-        if header[:8] != b"segq\x00ctl":
-            return None
-        return Position(*split_word(WORD.unpack_from(header, TAIL)[0]))
+        return published_tail(self.fd) if self.fd >= 0 else None
 
     def invalidate(self) -> None:
         """Make the next opener rebuild the control file from the segments (only when alone)."""
         if self.fd < 0 or not self.alone:
             return
         remove_semaphores(os.path.dirname(self.path))
-        os.pwrite(self.fd, bytes(64), 0)
+        reset_header(self.fd)
         log.warning("%s: reset; the next process to open the queue rebuilds it", self.path)
 
     def release(self) -> None:
@@ -544,7 +540,8 @@ def _create_following(scans: QueueScans, scan: SegmentScan, report: RecoveryRepo
         return False
     path = segment_path(scans.queue_dir, following)
     if not report.dry_run:
-        size = scan.size if scan.size >= 4 * SEGMENT_HEADER_SIZE else 1 << 20
+        # Sized as a sender rolling over would size it.
+        size = next_segment_size(scan.size, queue_segment_size(scans.queue_dir))
         create_segment(scans.queue_dir, following, size, durable=True)
         log.warning("%s: created so the queue can go on past %s", path, scan.path)
     report.created.append(path)
@@ -647,8 +644,7 @@ def _write_cursor(path: str, position: Position) -> None:
             pass
         cursor = CursorFile(replacement, initial=position)
         cursor.close()
-        os.replace(replacement, path)
-        fsync_directory(os.path.dirname(path))
+        replace_into_place(replacement, path, durable=True)
         return
     try:
         cursor.write(position)
@@ -712,8 +708,6 @@ def clear(path: StrPath, *, progress: Progress | None = None) -> ClearReport:
 
 
 def _clear_locked(queue_dir: str, receiver_names: list[str], progress: Progress | None) -> ClearReport:
-    from ._state import _retention_lock
-
     report = ClearReport(queue_dir)
     before = info(queue_dir, scan=True, progress=progress)
     report.dropped_records = max(
@@ -745,9 +739,5 @@ def _clear_locked(queue_dir: str, receiver_names: list[str], progress: Progress 
     if receiver_names:
         report.deleted_segments = delete_consumed_segments(queue_dir)
     else:
-        with _retention_lock(queue_dir):
-            for number in list_segments(queue_dir):
-                if number < target.segment:
-                    os.unlink(segment_path(queue_dir, number))
-                    report.deleted_segments.append(number)
+        report.deleted_segments = delete_segments_below(queue_dir, target.segment)
     return report

@@ -29,26 +29,24 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Iterable, Mapping, Union
 
 from . import _format, _segment
-from ._args import MAX_INTERVAL, MIN_INTERVAL, check_interval, check_path, check_timeout
+from ._args import SyncPolicy, check_path, check_timeout, parse_sync
 from ._control import (
     DATA_WAITERS,
     DATA_WAITING,
-    DEFAULT_SEGMENT_SIZE,
     OWNER_INDEX,
     ROOM_WAITERS,
     SYNCED,
     TAIL,
     TAIL_INDEX,
     Control,
-    split_word,
 )
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE, as_payload
 from ._headers import Framed, HeaderValue, frame_body
 from ._fs import make_dir, open_file
 from ._lifetime import close_at_exit
 from ._lock import LockFile
-from ._segment import MappedSegment, StrPath
-from ._state import RELEASED_SEGMENT, Position, list_cursors, read_position
+from ._segment import DEFAULT_SEGMENT_SIZE, MIN_SEGMENT_SIZE, SEGMENT_SIZE_LIMIT, MappedSegment, StrPath
+from ._state import RELEASED_SEGMENT, Position, list_cursors, read_position, word_offset, word_segment
 from ._wake import Waiter, Waker
 
 if TYPE_CHECKING:
@@ -58,16 +56,13 @@ from .errors import Closed, Full, InvalidArgument, RecordTooLarge, SegqError
 
 __all__ = ["Sender", "SyncPolicy", "parse_sync", "DEFAULT_MAX_RECORD_SIZE"]
 
-SyncPolicy = Union[str, float, int]
 DEFAULT_MAX_RECORD_SIZE = 8 << 20
-_MIN_SEGMENT_SIZE = 256
-_MAX_BATCH = (1 << 32) - mmap.PAGESIZE - SEGMENT_HEADER_SIZE - HEADER_SIZE  # what one segment can address
+_MAX_BATCH = SEGMENT_SIZE_LIMIT - mmap.PAGESIZE - SEGMENT_HEADER_SIZE - HEADER_SIZE  # what one segment can address
 _registration_counter = itertools.count()
 Headers = Mapping[str, HeaderValue]
 BatchItem = Union[bytes, bytearray, memoryview, "tuple[bytes | bytearray | memoryview, Headers | None]"]
 _frame_into = _format.frame_into
 _frame_batch = _format.frame_batch
-_OFFSET_MASK = 0xFFFF_FFFF
 # Appends of this many framed bytes or more go by pwrite, smaller ones are
 # copied into the memory map.  A copy into the map costs a write fault on every
 # page it first touches (~1-3 us each, and ~2 ms for the first fault of a new
@@ -82,21 +77,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         written = os.pwrite(fd, data, offset)
         data = data[written:]
         offset += written
-
-
-def parse_sync(sync: SyncPolicy) -> float | None:
-    """Return the group-commit interval of a sync policy: 0 for "always", None for "never"."""
-    if sync == "never":
-        return None
-    if sync == "always":
-        return 0.0
-    if isinstance(sync, (int, float)) and not isinstance(sync, bool):
-        return check_interval(sync, "sync")
-    raise InvalidArgument(
-        f"bad sync policy {sync!r}: use 'never', 'always' or a number of seconds from "
-        f"{MIN_INTERVAL} to {MAX_INTERVAL:g}",
-        name="sync",
-    )
 
 
 class Sender:
@@ -131,8 +111,10 @@ class Sender:
         self.dedup_window = float(dedup_window)
         self._enqueue_lock = threading.Lock()
         self._dedup: DedupIndex | None = None
-        if not isinstance(segment_size, int) or segment_size < _MIN_SEGMENT_SIZE or segment_size >= 1 << 32:
-            raise InvalidArgument(f"segment_size must be an int from {_MIN_SEGMENT_SIZE} bytes to 4 GiB, not {segment_size!r}")
+        if not isinstance(segment_size, int) or not MIN_SEGMENT_SIZE <= segment_size < SEGMENT_SIZE_LIMIT:
+            raise InvalidArgument(
+                f"segment_size must be an int from {MIN_SEGMENT_SIZE} bytes to 4 GiB, not {segment_size!r}"
+            )
         capacity = segment_size - SEGMENT_HEADER_SIZE - 2 * HEADER_SIZE
         if max_record_size == DEFAULT_MAX_RECORD_SIZE:
             max_record_size = min(max_record_size, capacity)
@@ -237,7 +219,7 @@ class Sender:
             if size < _PWRITE_FROM and not self._sync_always:
                 _frame_into(self._segment_map, word - self._base_word, data)
             else:
-                self._pwrite_framed(word & _OFFSET_MASK, _format.encode_batch([data]))
+                self._pwrite_framed(word_offset(word), _format.encode_batch([data]))
             words[TAIL_INDEX] = end_word
         finally:
             self._release()
@@ -385,7 +367,7 @@ class Sender:
                     segment_map[offset + HEADER_SIZE : offset + len(blob)] = view[HEADER_SIZE:]
                 segment_map[offset : offset + HEADER_SIZE] = blob[:HEADER_SIZE]
             else:
-                self._pwrite_framed(word & _OFFSET_MASK, blob)
+                self._pwrite_framed(word_offset(word), blob)
             words[TAIL_INDEX] = end_word
         finally:
             self._release()
@@ -424,7 +406,8 @@ class Sender:
 
         Called with the append lock held; returns the (possibly new) tail word.
         """
-        number, offset = split_word(word)
+        tail = Position.from_word(word)
+        number, offset = tail.segment, tail.offset
         if number != self._segment_number:
             self._open_segment(number)
         window = self._window
@@ -450,7 +433,7 @@ class Sender:
         # which also covers the marker (a reader never sees an empty new segment).
         # Again, because a segment left by a sender killed mid-rollover may be
         # smaller than this record: then it is sealed empty and skipped.
-        return self._make_room(following << 32 | SEGMENT_HEADER_SIZE, needed)
+        return self._make_room(Position.bottom(following).word, needed)
 
     def _clear_abandoned_segment(self, number: int) -> None:
         # A sender died after creating this segment and before sealing the one
@@ -481,8 +464,8 @@ class Sender:
         window = self._window
         assert window is not None
         self._segment_map: mmap.mmap = window.show(offset, needed)
-        self._base_word = (window.number << 32) + window.start
-        self._limit_word = (window.number << 32) + min(window.end, window.size - HEADER_SIZE)
+        self._base_word = Position(window.number, window.start).word
+        self._limit_word = Position(window.number, min(window.end, window.size - HEADER_SIZE)).word
 
     def _close_segment(self) -> None:
         if self._window is not None:
@@ -493,8 +476,9 @@ class Sender:
         self._limit_word = 0  # nothing shown: every append takes the slow path
 
     def _zero_past_tail(self, word: int) -> None:
-        number, offset = split_word(word)
-        self._zero_from(number, offset)
+        tail = Position.from_word(word)
+        number = tail.segment
+        self._zero_from(number, tail.offset)
         # The dead holder may have sealed this segment and written into the
         # next one without publishing it: nothing there was sent.
         if os.path.exists(_segment.segment_path(self.path, number + 1)):
@@ -505,9 +489,9 @@ class Sender:
     def _backlog(self, refresh: bool) -> int:
         if refresh:
             self._room_floor = self._consumed_floor()
-        tail_segment, tail_offset = self._control.tail()
+        tail = self._words[TAIL_INDEX]  # a word, not a Position: with max_queue_bytes this runs per send
         floor = self._room_floor
-        return self._bytes_of_segments(floor.segment, tail_segment) + tail_offset - floor.offset
+        return self._bytes_of_segments(floor.segment, word_segment(tail)) + word_offset(tail) - floor.offset
 
     def _bytes_of_segments(self, first: int, last: int) -> int:
         """Return the total size of segments ``first`` to ``last - 1``, each file's size looked up once."""
@@ -593,7 +577,7 @@ class Sender:
                 if synced >= word:
                     return
                 target = control.word(TAIL)
-                self._fdatasync_segments(split_word(synced)[0] if synced else 0, split_word(target)[0])
+                self._fdatasync_segments(word_segment(synced), word_segment(target))
                 if control.word(SYNCED) < target:
                     control.store(SYNCED, target)
             finally:

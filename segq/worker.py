@@ -44,12 +44,12 @@ import time
 from types import FrameType
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
+from ._args import SyncPolicy
 from ._followups import Enqueue
 from .workqueue._jobs import Job, JobState, reason_of
 from ._segment import StrPath
 from .aio import AsyncJob, AsyncWorkQueue
 from .errors import ClaimLost, Empty, InvalidArgument, SegqError
-from .sender import SyncPolicy
 from .workqueue import WorkQueue
 
 __all__ = ["run_worker", "arun_worker", "serve", "Handler", "AsyncHandler", "log_failed_settlement"]

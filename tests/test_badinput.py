@@ -19,7 +19,8 @@ import zlib
 from collections.abc import Iterator
 
 import pytest
-from _harness import call_in_child, open_receiver_and_read, open_sender_and_send, record_figure
+from _calls import call_in_child, open_receiver_and_read, open_sender_and_send
+from _harness import record_figure
 
 import segq
 from segq import _format, _segment
@@ -300,7 +301,8 @@ def _tail(queue: pathlib.Path) -> tuple[int, int]:
 
     control = Control(queue)
     try:
-        return control.tail()
+        tail = control.tail()
+        return tail.segment, tail.offset
     finally:
         control.close()
 

@@ -72,7 +72,7 @@ def drained(source: pathlib.Path) -> bool:
     with segq.Sender(source, segment_size=1 << 20) as tx:
         tail = tx._control.tail()
     mark = info["low_water_mark"]
-    return not info["claims"] and not info["waiting"] and (mark["segment"], mark["offset"]) == tail
+    return not info["claims"] and not info["waiting"] and segq.Position(mark["segment"], mark["offset"]) == tail
 
 
 class Noise(threading.Thread):

@@ -193,7 +193,7 @@ def queue_drained(path: pathlib.Path) -> bool:
     with segq.Sender(path, segment_size=1 << 20) as tx:
         tail = tx._control.tail()
     mark = info["low_water_mark"]
-    return not info["claims"] and not info["waiting"] and (mark["segment"], mark["offset"]) == tail
+    return not info["claims"] and not info["waiting"] and segq.Position(mark["segment"], mark["offset"]) == tail
 
 
 def test_the_readme_two_stage_pipeline_survives_kill_9_of_either_stage(tmp_path: pathlib.Path) -> None:

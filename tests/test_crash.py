@@ -1,9 +1,9 @@
 """Kill loops: senders and receivers SIGKILLed at random instants lose nothing.
 
-Producers and receivers run as child processes (``_harness``); the parent
+Producers and receivers run as child processes (``_fleet``); the parent
 kills one at a random instant, starts a new incarnation, and repeats.  At the
 end every child is killed, a receiver per name drains what is left, and the
-journals are checked (``_harness.Ledger``): every record whose send returned is
+journals are checked (``_fleet.Ledger``): every record whose send returned is
 delivered to every receiver name, in order, with no gap and no duplicate
 beyond the group that was in flight when a receiver died, batches whole and
 contiguous; a record a receiver committed never comes back.
@@ -20,7 +20,8 @@ import random
 import time
 
 import pytest
-from _harness import Fleet, Ledger, drain, record_figure
+from _fleet import Fleet, Ledger
+from _harness import drain, record_figure
 
 import segq
 
@@ -191,7 +192,8 @@ def test_sender_killed_in_a_rollover(tmp_path: pathlib.Path, point: str, then: s
     to N.  Either way the queue must go on from N: nothing is lost, nothing
     unsent appears, and readers are not stuck at N's missing end marker.
     """
-    from _harness import call_in_child, read_journal, send_until_killed_in_rollover
+    from _calls import call_in_child, send_until_killed_in_rollover
+    from _harness import read_journal
 
     path = str(tmp_path / "queue")
     prepare_queue(path, ["default"], 1024)

@@ -2,7 +2,7 @@
 
 A child process runs a Sender or a Receiver with a sync policy, with
 ``os.fsync``, ``os.fdatasync`` and the cursor's ``msync`` patched to journal
-what each made durable (``_harness.DurabilityRecorder``).  The parent replays
+what each made durable (``_powerloss.DurabilityRecorder``).  The parent replays
 the journal and, at every instant a power loss could strike (just before each
 sync), writes out the files as they would be found afterwards: each file as
 of its last sync, each directory entry only if its directory was synced since
@@ -30,15 +30,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from _harness import (
-    DurableState,
-    call_in_child,
-    parse_record,
-    powerloss_receiver,
-    powerloss_sender,
-    read_durability_journal,
-    record_figure,
-)
+from _calls import call_in_child
+from _harness import parse_record, record_figure
+from _powerloss import DurableState, powerloss_receiver, powerloss_sender, read_durability_journal
 
 import segq
 

@@ -17,7 +17,8 @@ import os
 import pathlib
 
 import pytest
-from _harness import Fleet, Ledger, drain, record_figure
+from _fleet import Fleet, Ledger
+from _harness import drain, record_figure
 
 import segq
 

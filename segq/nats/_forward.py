@@ -77,7 +77,7 @@ from .._state import Position
 from ._mark import MarkFile
 from ..aio import AsyncReceiver
 from ..receiver import Message
-from ..sender import SyncPolicy
+from .._args import SyncPolicy
 from ..errors import Empty, SegqError
 from ._link import (
     Backoff,

@@ -32,8 +32,7 @@ import os
 import struct
 import zlib
 
-from .._fs import open_file
-from .._segment import fsync_directory
+from .._fs import fsync_directory, open_file
 from .._state import Position
 
 __all__ = ["MarkFile", "Mark", "mark_path"]

@@ -70,7 +70,7 @@ from .._headers import frame_body
 from .._segment import StrPath
 from ..aio import AsyncSender
 from ..errors import Full
-from ..sender import SyncPolicy
+from .._args import SyncPolicy
 from ._link import (
     CONSUMER_NOT_FOUND,
     Backoff,

@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 
 from .._control import Control
-from .._format import SEGMENT_HEADER_SIZE
 from .._headers import split_body
 from .._reader import RecordReader
 from .._segment import list_segments
+from .._state import Position, word_segment
 from ..errors import SegqError
 
 __all__ = ["last_pulled"]
@@ -32,10 +32,10 @@ def last_pulled(queue_dir: str, stream: str, stream_header: str, sequence_header
     try:
         wanted = stream.encode()
         for number in reversed(list_segments(queue_dir)):
-            reader = RecordReader(control, number << 32 | SEGMENT_HEADER_SIZE, consumer="pull")
+            reader = RecordReader(control, Position.bottom(number).word, consumer="pull")
             found: int | None = None
             try:
-                while reader.position >> 32 == number:
+                while word_segment(reader.position) == number:
                     record = _next_with_headers(reader)
                     if record is None:
                         break

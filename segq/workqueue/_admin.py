@@ -34,7 +34,7 @@ from ._index import ClaimIndex
 from ._stats import GroupStats, group_stats
 from ._journal import Journal
 from .._lock import process_is_alive
-from .._segment import MappedSegment, StrPath, list_segments, scan_records, segment_path
+from .._segment import MappedSegment, StrPath, list_segments, queue_segment_size, scan_records
 from .._state import (
     CURSOR_DIR,
     ConsumerKind,
@@ -42,9 +42,9 @@ from .._state import (
     Position,
     check_name,
     cursor_path,
-    delete_consumed_segments,
     read_position,
 )
+from .._retention import delete_consumed_segments
 from ..errors import CorruptionError, Empty, Locked, SegqError
 
 __all__ = [
@@ -75,7 +75,8 @@ def group_lock(directory: str) -> Iterator[None]:
 
 
 def _position(word: int) -> dict[str, int]:
-    return {"segment": word >> 32, "offset": word & 0xFFFF_FFFF}
+    position = Position.from_word(word)
+    return {"segment": position.segment, "offset": position.offset}
 
 
 def list_groups(path: StrPath) -> list[str]:
@@ -110,20 +111,26 @@ def _count_records(queue_dir: str) -> int:
         start = read_position(cursor_path(queue_dir, ConsumerKind.RECEIVER, "default"))
     except SegqError:
         start = Position.bottom(segments[0])
-    count = 0
-    for number in segments:
+    segments_read = _segments_from(queue_dir, start)
+    return sum(scan_records(segment.map, offset, segment.size).records for segment, offset in segments_read)
+
+
+def _segments_from(queue_dir: str, start: Position) -> Iterator[tuple[MappedSegment, int]]:
+    """Yield each segment from ``start`` on, mapped read-only, with the offset to read it from.
+
+    Each is closed when the loop moves on; one consumed and deleted meanwhile is skipped.
+    """
+    for number in list_segments(queue_dir):
         if number < start.segment:
             continue
         try:
             segment = MappedSegment(queue_dir, number, writable=False)
         except FileNotFoundError:
-            continue  # consumed and deleted meanwhile
+            continue
         try:
-            offset = start.offset if number == start.segment else SEGMENT_HEADER_SIZE
-            count += scan_records(segment.map, offset, segment.size).records
+            yield segment, start.offset if number == start.segment else SEGMENT_HEADER_SIZE
         finally:
             segment.close()
-    return count
 
 
 def _is_open(directory: str) -> bool:
@@ -217,8 +224,7 @@ def _opening_state(path: StrPath, group: str) -> GroupState:
     except SegqError:  # not registered yet (or being written): the group starts at the oldest record
         segments = list_segments(path)
         position = Position.bottom(segments[0]) if segments else Position.bottom(0)
-    word = position.segment << 32 | position.offset
-    return GroupState(word, word)
+    return GroupState(position.word, position.word)
 
 
 def _stats_of(path: str, state: GroupState, now: float) -> GroupStats:
@@ -226,28 +232,19 @@ def _stats_of(path: str, state: GroupState, now: float) -> GroupStats:
     index = ClaimIndex()
     index.follow(state)
     index.saw(now)
-    for number in list_segments(path):
-        if number < state.head >> 32:
-            continue
-        try:
-            segment = MappedSegment(path, number, writable=False)
-        except FileNotFoundError:
-            continue  # consumed and deleted meanwhile
-        try:
-            offset = state.head & 0xFFFF_FFFF if number == state.head >> 32 else SEGMENT_HEADER_SIZE
-            while True:
-                record = decode_record(segment.map, offset, segment.size)
-                if record.status is not RecordStatus.OK:
-                    break  # the end of what is written (or damage, which `segq verify` reports)
-                start = number << 32 | offset
-                options = decode_options(split_body(segment.map[record.start : record.end], path, start)[1]) if (
-                    record.headed
-                ) else None
-                priority, run_at = (options.priority, options.run_at) if options is not None else (0, 0.0)
-                index.add_read(start, number << 32 | record.end, priority, run_at, now)
-                offset = record.end
-        finally:
-            segment.close()
+    for segment, offset in _segments_from(path, Position.from_word(state.head)):
+        base = Position(segment.number, 0).word  # a record's word is base + its offset: no Position per record
+        while True:
+            record = decode_record(segment.map, offset, segment.size)
+            if record.status is not RecordStatus.OK:
+                break  # the end of what is written (or damage, which `segq verify` reports)
+            start = base + offset
+            options = decode_options(split_body(segment.map[record.start : record.end], path, start)[1]) if (
+                record.headed
+            ) else None
+            priority, run_at = (options.priority, options.run_at) if options is not None else (0, 0.0)
+            index.add_read(start, base + record.end, priority, run_at, now)
+            offset = record.end
     return group_stats(state, index, now)
 
 
@@ -327,9 +324,9 @@ def recover_group(path: StrPath, group: str = "default", *, dry_run: bool = Fals
             repair(f"cursor {cursor_file} is missing or damaged; rewriting it from the journal")
         segments = list_segments(path)
         state, old, rewrite = _recover_journal(directory, cursor, segments, repair)
-        floor = cursor.segment << 32 | cursor.offset if cursor is not None else 0
+        floor = cursor.word if cursor is not None else 0
         if segments:
-            floor = max(floor, segments[0] << 32 | SEGMENT_HEADER_SIZE)
+            floor = max(floor, Position.bottom(segments[0]).word)
         if floor > state.mark:
             repair(f"moved the low-water mark from {describe_word(state.mark)} to {describe_word(floor)}")
             state.raise_mark(floor)
@@ -346,8 +343,7 @@ def recover_group(path: StrPath, group: str = "default", *, dry_run: bool = Fals
         if rewrite and not dry_run:
             _install_state(directory, state, old)
         if (cursor is None or rewrite) and not dry_run:
-            mark = state.mark
-            position = Position(mark >> 32, mark & 0xFFFF_FFFF)
+            position = Position.from_word(state.mark)
             cursor_state = CursorFile(cursor_file, initial=position)
             try:
                 if cursor_state.position != position:
@@ -378,10 +374,7 @@ def _recover_journal(
         journal = None
         repair(f"the journal is unreadable ({error.problem}); rebuilt it at the low-water mark")
     if journal is None:
-        if cursor is not None:
-            word = cursor.segment << 32 | cursor.offset
-        else:
-            word = (segments[0] if segments else 0) << 32 | SEGMENT_HEADER_SIZE
+        word = (cursor if cursor is not None else Position.bottom(segments[0] if segments else 0)).word
         return GroupState(word, word), None, True
     rewrite = False
     end = journal.end
@@ -392,7 +385,7 @@ def _recover_journal(
     state, good, problem = _valid_prefix(journal, end)
     if state is None:
         repair(f"the journal's first entry is damaged ({problem}); rebuilt it at the low-water mark")
-        word = cursor.segment << 32 | cursor.offset if cursor is not None else SEGMENT_HEADER_SIZE
+        word = (cursor if cursor is not None else Position.bottom(0)).word
         return GroupState(word, word), journal, True
     if good < end:
         repair(
@@ -424,17 +417,13 @@ def requeue_dead(
     attempts, and the dead letter committed.  A crash mid-way can requeue a
     letter twice, never lose one.
     """
-    from .._control import DEFAULT_SEGMENT_SIZE
     from ..receiver import Receiver
     from ..sender import Sender
 
     dead_dir = os.fspath(dead_letter) if dead_letter is not None else dead_letter_path(path, group)
     if not list_segments(dead_dir):
         return 0
-    segments = list_segments(path)
-    segment_size = DEFAULT_SEGMENT_SIZE
-    if segments:
-        segment_size = os.path.getsize(segment_path(path, segments[-1]))
+    segment_size = queue_segment_size(path)  # as `segq send` would write to it
     moved = 0
     sender = None
     try:

@@ -36,7 +36,7 @@ import struct
 import zlib
 from typing import Any, Iterable, NamedTuple
 
-from .._format import SEGMENT_HEADER_SIZE
+from .._state import Position, word_segment
 from .._liveness import Owner
 from ._journal import ENTRY_HEADER, HEADER_SIZE, Journal, Kind, entry, entry_prefix_crc, recover_hint
 from ..errors import CorruptionError, SegqError
@@ -137,7 +137,7 @@ _CLAIM = Event.CLAIM
 
 def describe_word(word: int) -> str:
     """Print a position word as ``segment S offset O``."""
-    return f"segment {word >> 32} offset {word & 0xFFFF_FFFF}"
+    return str(Position.from_word(word))
 
 
 class Claim:
@@ -413,11 +413,13 @@ class GroupState:
             end = done.pop(mark, None)
             if end is not None:
                 mark = end
-            elif mark in self.claims or mark in self.waiting or mark in self.skipped or mark >> 32 >= head >> 32:
+            elif mark in self.claims or mark in self.waiting or mark in self.skipped:
+                break
+            elif word_segment(mark) >= word_segment(head):
                 break
             else:
                 # No record starts here yet the head is past: an end-of-segment marker.
-                mark = ((mark >> 32) + 1) << 32 | SEGMENT_HEADER_SIZE
+                mark = Position.bottom(word_segment(mark) + 1).word
         self.mark = mark
 
     def raise_mark(self, floor: int) -> None:

@@ -11,7 +11,7 @@ offset size field (little-endian)
 6      2    header size H (40 in version 1; a reader skips to H)
 8      4    attempts the record had
 12     4    reason length R (bytes of UTF-8)
-16     8    the record's position in its queue, ``segment << 32 | offset``
+16     8    the record's position in its queue as a word, ``segment << 32 | offset``
 24     8    when it was dead-lettered, seconds since the epoch (float64)
 32     2    group name length G
 34     6    reserved, zero
@@ -33,12 +33,12 @@ import struct
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .._control import DEFAULT_SEGMENT_SIZE
+from .._args import SyncPolicy
 from .._headers import Framed, frame_body, split_body
-from .._segment import StrPath, list_segments, segment_path
+from .._segment import DEFAULT_SEGMENT_SIZE, StrPath, queue_segment_size
 from .._state import Position, check_name
 from ..errors import SegqError
-from ..sender import Sender, SyncPolicy
+from ..sender import Sender
 
 __all__ = ["DeadLetter", "DeadLetterSender", "dead_letter_path", "dead_letter_segment_size"]
 
@@ -55,20 +55,14 @@ def dead_letter_path(path: StrPath, group: str = "default") -> str:
 
 
 def dead_letter_segment_size(path: StrPath) -> int:
-    """Bound dead-letter segments so the largest record of the queue at ``path`` fits in an envelope.
+    """Bound dead-letter segments: the segment size of the queue at ``path``, at least the default, plus an envelope.
 
     A bound only: the dead-letter queue's segments start at 1 MiB and grow
     with its traffic (``_segment.next_segment_size``), so one dead letter
-    costs 1 MiB of disk.
+    costs 1 MiB of disk.  The queue's segment size is read by the one rule,
+    ``_segment.queue_segment_size``.
     """
-    segments = list_segments(path)
-    size = DEFAULT_SEGMENT_SIZE
-    if segments:
-        try:
-            size = max(size, os.path.getsize(segment_path(path, segments[-1])))
-        except OSError:
-            pass  # deleted meanwhile: the default will do
-    return size + 8192
+    return max(DEFAULT_SEGMENT_SIZE, queue_segment_size(path)) + 8192
 
 
 @dataclass(frozen=True)
@@ -107,7 +101,7 @@ class DeadLetter:
         """
         group = self.group.encode("utf-8", "replace")
         reason = self.reason.encode("utf-8", "replace")
-        word = self.position.segment << 32 | self.position.offset
+        word = self.position.word
         header = _LETTER.pack(
             _LETTER_MAGIC, _LETTER_VERSION, _LETTER.size, self.attempts, len(reason), word, self.dead_at, len(group)
         )
@@ -137,7 +131,7 @@ class DeadLetter:
             raise SegqError(f"dead letter cut short: {len(raw)} bytes, its header needs {body}")
         group = raw[header_size : header_size + group_size].decode("utf-8", "replace")
         reason = raw[header_size + group_size : body].decode("utf-8", "replace")
-        position = Position(word >> 32, word & 0xFFFF_FFFF)
+        position = Position.from_word(word)
         return cls(raw[body:], attempts, reason, group, position, dead_at, dict(headers or {}))
 
 
@@ -157,7 +151,7 @@ class DeadLetterSender:
 
     def send(self, data: bytes, attempts: int, reason: str, start: int, now: float) -> None:
         """Send the record that starts at word ``start`` with its last ``reason``; returns once it is queued."""
-        letter = DeadLetter(data, attempts, reason, self.group, Position(start >> 32, start & 0xFFFF_FFFF), now)
+        letter = DeadLetter(data, attempts, reason, self.group, Position.from_word(start), now)
         if self._sender is None:
             self._sender = Sender(self.dead_letter, segment_size=dead_letter_segment_size(self.path), sync=self._sync)
         self._sender.send(letter.encode())

@@ -29,7 +29,6 @@ for the owner's sync thread; ``None`` (``"never"``) leaves it to the OS.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import mmap
 import os
@@ -41,7 +40,8 @@ from typing import Callable
 from .._flock import wait_flock
 from .._fs import make_dir, open_file
 from .._segment import StrPath, os_error
-from .._state import ConsumerKind, CursorFile, Position, cursor_path, delete_consumed_segments, register_cursor
+from .._retention import delete_consumed_segments, register_cursor
+from .._state import ConsumerKind, CursorFile, cursor_path, same_segment
 from . import _journal
 from ._claims import STATE_BODY, GroupState, describe_word, load_state, replay
 from ._grouplock import GROUPS_DIR, GroupLock
@@ -188,7 +188,7 @@ class GroupHandle:
         reader of positions (``Sender.enqueue``'s dedup window) sees acks
         that late at most.
         """
-        if (self.state.mark ^ old_mark) >> 32:
+        if not same_segment(self.state.mark, old_mark):
             self.write_cursor()
             delete_consumed_segments(self.path)
         elif self.state.mark != old_mark:
@@ -207,8 +207,8 @@ class GroupHandle:
         cursor = self._cursor
         assert cursor is not None
         cursor.reload()
-        if cursor.position != Position(mark >> 32, mark & 0xFFFF_FFFF):
-            cursor.write_at(mark >> 32, mark & 0xFFFF_FFFF)
+        if cursor.position.word != mark:
+            cursor.write_word(mark)
             if self.sync_interval == 0.0:
                 cursor.sync()
 
@@ -299,7 +299,7 @@ class GroupHandle:
     def _create_journal(self) -> None:
         assert self._cursor is not None
         position = self._cursor.reload()
-        word = position.segment << 32 | position.offset
+        word = position.word
         if self._known_group:
             log.warning(
                 "%s: the journal is missing; rebuilding it at the low-water mark (%s): "
@@ -323,7 +323,7 @@ class GroupHandle:
         """Trust the cursor over the journal when it is ahead (a journal page lost to power failure)."""
         assert self._cursor is not None
         position = self._cursor.reload()
-        floor = position.segment << 32 | position.offset
+        floor = position.word
         state = self.state
         if floor <= state.mark:
             return

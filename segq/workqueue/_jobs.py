@@ -100,7 +100,7 @@ class Job:
     @property
     def position(self) -> Position:
         """Where the record starts in the queue."""
-        return Position(self._start >> 32, self._start & 0xFFFF_FFFF)
+        return Position.from_word(self._start)
 
     @property
     def headers(self) -> dict[str, bytes]:

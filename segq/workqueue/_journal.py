@@ -43,14 +43,13 @@ from __future__ import annotations
 
 import mmap
 import os
-import secrets
 import struct
 import sys
 import zlib
 from typing import Iterator
 
-from .._fs import open_file
-from .._segment import StrPath, fsync_directory, os_error, preallocate
+from .._fs import open_file, replace_into_place, write_temporary
+from .._segment import StrPath, os_error, preallocate
 from ..errors import CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
@@ -209,32 +208,25 @@ def prepare_journal(group_dir: StrPath, generation: int, body: bytes, *, capacit
     and never later inside a mapped write.
     """
     _check_byte_order()
-    temporary = os.path.join(group_dir, f"{JOURNAL_NAME}.{secrets.token_hex(4)}.tmp")
+    final = os.path.join(group_dir, JOURNAL_NAME)
     capacity = max(capacity, HEADER_SIZE + len(body))
+
+    def fill(fd: int) -> None:
+        preallocate(fd, capacity)
+        os.pwrite(fd, _encode_header(generation, capacity, HEADER_SIZE + len(body)) + body, 0)
+
     try:
-        fd = open_file(temporary, os.O_RDWR)
-        try:
-            preallocate(fd, capacity)
-            os.pwrite(fd, _encode_header(generation, capacity, HEADER_SIZE + len(body)) + body, 0)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        return write_temporary(final, fill, durable=durable)
     except OSError as error:
-        _remove_quietly(temporary)
-        raise os_error(error, "write journal", temporary) from None
-    return temporary
+        raise os_error(error, "write journal", final) from None
 
 
 def install_journal(group_dir: StrPath, temporary: str, *, durable: bool) -> None:
     """Rename a prepared journal to its final name (atomically replacing the old one)."""
     final = os.path.join(group_dir, JOURNAL_NAME)
     try:
-        os.rename(temporary, final)
-        if durable:
-            fsync_directory(group_dir)
+        replace_into_place(temporary, final, durable=durable)
     except OSError as error:
-        _remove_quietly(temporary)
         raise os_error(error, "install journal", final) from None
 
 

@@ -50,14 +50,15 @@ import struct
 from dataclasses import dataclass, field
 
 from .._followups import Enqueue
-from .._format import SEGMENT_HEADER_SIZE
 from .._headers import Framed, frame_body, split_body
 from .._options import JobOptions, check_options, check_user_headers, encode_options
 from .._reader import RecordReader
-from .._segment import list_segments, os_error, segment_path
-from .._state import RELEASED_SEGMENT, ConsumerKind, CursorFile, register_cursor
-from ..errors import DuplicateJobId, InvalidArgument, RecordTooLarge, SegqError
-from ..sender import Sender, SyncPolicy
+from .._retention import register_cursor
+from .._segment import list_segments, os_error, queue_segment_size
+from .._state import RELEASED_SEGMENT, ConsumerKind, CursorFile, Position
+from ..errors import DuplicateJobId, InvalidArgument, RecordTooLarge
+from .._args import SyncPolicy
+from ..sender import Sender
 from ._claims import OUTBOX_HEAD
 
 log = logging.getLogger(__name__)
@@ -221,15 +222,6 @@ def follow_ups(requests: list[Enqueue], now: float) -> list[FollowUp]:
     return items
 
 
-def _segment_size_of(path: str) -> int | None:
-    """Return the size of the queue's last segment (new ones match it), or None for a new queue."""
-    try:
-        segments = list_segments(path)
-        return os.path.getsize(segment_path(path, segments[-1])) if segments else None
-    except (OSError, SegqError):
-        return None
-
-
 class Outbox:
     """A WorkQueue's side of delivering follow-ups: target senders, pins, delivery and the crash scan."""
 
@@ -257,12 +249,9 @@ class Outbox:
         """Return the (cached) Sender for a target queue, creating the queue if missing."""
         sender = self._senders.get(path)
         if sender is None:
-            size = _segment_size_of(path)
             try:
-                if size is None:
-                    sender = Sender(path, sync=self._sync)
-                else:
-                    sender = Sender(path, segment_size=size, sync=self._sync)
+                # Sized as segq send sizes a queue it was given without a segment size.
+                sender = Sender(path, segment_size=queue_segment_size(path), sync=self._sync)
             except OSError as error:
                 raise os_error(error, "open the follow-up queue", path) from None
             self._senders[path] = sender
@@ -283,8 +272,7 @@ class Outbox:
     def set_floors(self, items: list[FollowUp]) -> None:
         """Record each target's tail word now: deliveries from here on land at or above it."""
         for item in items:
-            segment, offset = self.sender(self.path_of(item))._control.tail()
-            item.floor = segment << 32 | offset
+            item.floor = self.sender(self.path_of(item))._control.tail().word
 
     def _pin(self, path: str) -> CursorFile:
         pin = self._pins.get(path)
@@ -304,7 +292,8 @@ class Outbox:
                 floors[path] = min(floors.get(path, item.floor), item.floor)
         for path, floor in floors.items():
             # Every process of the group writes this file (under the group lock): write over the newest slot.
-            self._pin(path).write_over(floor >> 32, floor & 0xFFFF_FFFF)
+            where = Position.from_word(floor)
+            self._pin(path).write_over(where.segment, where.offset)
 
     def release(self, items: list[FollowUp]) -> None:
         """Park the pins past every position: they hold nothing back any more."""
@@ -382,7 +371,7 @@ def _markers_from(sender: Sender, floor: int) -> list[bytes]:
     segments = list_segments(path)
     if not segments:
         return []
-    position = max(floor, segments[0] << 32 | SEGMENT_HEADER_SIZE)
+    position = max(floor, Position.bottom(segments[0]).word)
     reader = RecordReader(sender._control, position, consumer="follow-up recovery")
     markers = []
     try:

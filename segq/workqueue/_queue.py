@@ -42,7 +42,7 @@ import weakref
 from types import TracebackType
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
-from .._args import check_path, check_timeout
+from .._args import SyncPolicy, check_path, check_timeout, parse_sync
 from .. import _wake
 from .._control import CLAIM_WAITERS, CONSUMER_SEGMENT_SIZE, DATA_WAITING, TAIL, TAIL_INDEX, WORD, Control, require_queue
 from .._followups import Enqueue
@@ -52,10 +52,9 @@ from .._liveness import Liveness, my_owner
 from .._options import PRIORITY, RUN_AT, decode_options
 from .._reader import RecordReader
 from .._segment import StrPath, segment_path
-from .._state import check_name
+from .._state import Position, check_name, same_segment
 from .._wake import Waiter, Waker, group_tag
 from ..errors import ClaimLost, Closed, CorruptionError, Empty, InvalidArgument, SegqError, UsageError
-from ..sender import SyncPolicy, parse_sync
 from ._admin import remove_group, requeue_dead
 from ._claims import (
     ACK_ONE,
@@ -333,7 +332,7 @@ class WorkQueue:
             group.append_small(Kind.CLAIM, _CLAIM_ONE_KIND, _CLAIM_ONE_CRC, body)
             mark = state.mark
             state.claim(token, expires, owner, start, end, 1)
-            if state.mark != mark and ((state.mark ^ mark) >> 32 or monotonic() >= group.cursor_due):
+            if state.mark != mark and (not same_segment(state.mark, mark) or monotonic() >= group.cursor_due):
                 group.mark_moved(mark)
             woke = woke or self._backlog_remains(now)
         finally:
@@ -531,8 +530,9 @@ class WorkQueue:
         return data
 
     def _missing(self, start: int) -> CorruptionError:
+        where = Position.from_word(start)
         return CorruptionError(
-            segment_path(self.path, start >> 32), start & 0xFFFF_FFFF, f"group {self.group!r} holds a record here"
+            segment_path(self.path, where.segment), where.offset, f"group {self.group!r} holds a record here"
         )
 
     def stats(self) -> GroupStats:
@@ -763,7 +763,7 @@ class WorkQueue:
             group.append_small(Kind.ACK, _ACK_ONE_KIND, _ACK_ONE_CRC, ACK_ONE.pack(1, start, token))
             old_mark = state.mark
             state.settle(start, token)
-            if state.mark != old_mark and ((state.mark ^ old_mark) >> 32 or monotonic() >= group.cursor_due):
+            if state.mark != old_mark and (not same_segment(state.mark, old_mark) or monotonic() >= group.cursor_due):
                 group.mark_moved(old_mark)
         finally:
             group.end()
