@@ -5,6 +5,7 @@ keep their position in a small metadata file and commit what they handled.
 See ``README.md`` for the guarantees and ``docs/format.md`` for the bytes.
 """
 
+from . import errors
 from ._state import Position
 from .errors import (
     ClaimLost,
@@ -39,18 +40,9 @@ __all__ = [
     "Message",
     "Batch",
     "Position",
-    "SegqError",
-    "Empty",
-    "Full",
-    "Locked",
-    "RecordTooLarge",
-    "CorruptionError",
-    "UnsupportedFormat",
-    "UsageError",
-    "InvalidArgument",
-    "Closed",
-    "ClaimLost",
-    "DuplicateJobId",
+]
+__all__ += errors.__all__  # every error class, as errors.py lists them
+__all__ += [
     "Enqueued",
     "GroupStats",
     "WorkQueue",

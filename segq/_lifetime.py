@@ -14,9 +14,10 @@ import atexit
 import itertools
 import logging
 import weakref
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
-__all__ = ["close_at_exit"]
+__all__ = ["close_at_exit", "WithBlock", "ClosedByWith"]
 
 
 class _Closable(Protocol):
@@ -25,6 +26,38 @@ class _Closable(Protocol):
 
 _open: "weakref.WeakValueDictionary[int, _Closable]" = weakref.WeakValueDictionary()
 _opened = itertools.count()
+
+
+class WithBlock:
+    """A mixin: ``with obj:`` gives ``obj`` and calls ``obj._leave(error)`` at the end.
+
+    ``error`` is the exception that ended the block, None when it finished.
+    """
+
+    __slots__ = ()
+
+    def _leave(self, error: BaseException | None) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._leave(None if kind is None else value)
+
+
+class ClosedByWith(WithBlock):
+    """A mixin for a class with ``close()``: leaving a ``with`` block closes it."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _leave(self, error: BaseException | None) -> None:
+        self.close()
 
 
 def close_at_exit(item: _Closable) -> None:

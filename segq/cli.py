@@ -245,6 +245,11 @@ def _queue_argument(command: _Command) -> _Command:
     return click.argument("path", type=click.Path(path_type=str))(command)
 
 
+def _consumer_option(flag: str, what: str, help: str) -> Callable[[_Command], _Command]:
+    """Return the option naming a receiver or group (``what``), checked like the library checks it."""
+    return click.option(flag, type=_NameParam(what), default="default", show_default=True, help=help)
+
+
 def _framing_options(command: _Command) -> _Command:
     command = click.option("--raw", "framing", flag_value="raw", help="Send the whole input as one record.")(command)
     command = click.option("--null", "framing", flag_value="null", help="Records end with a NUL byte.")(command)
@@ -520,13 +525,7 @@ def _send_records(sender: Sender, records: list[bytes], headers: dict[str, bytes
 
 @cli.command()
 @_queue_argument
-@click.option(
-    "--name",
-    type=_NameParam("receiver name"),
-    default="default",
-    show_default=True,
-    help="Receiver name: each name sees every record.",
-)
+@_consumer_option("--name", "receiver name", "Receiver name: each name sees every record.")
 @click.option("-n", "--count", type=click.IntRange(min=1), help="Stop after N records.")
 @click.option("-f", "--follow", is_flag=True, help="Keep waiting for new records (until -n, --timeout or a signal).")
 @click.option(
@@ -919,13 +918,7 @@ def verify(path: str, as_json: bool) -> None:
 
 @cli.command()
 @_queue_argument
-@click.option(
-    "--name",
-    type=_NameParam("receiver name"),
-    default="default",
-    show_default=True,
-    help="The receiver whose position to recover.",
-)
+@_consumer_option("--name", "receiver name", "The receiver whose position to recover.")
 @click.option("--loss", is_flag=True, help="Skip the rest of a damaged segment instead of stopping at it.")
 @click.option("--dry-run", is_flag=True, help="Report what would be done; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as a JSON object (stable keys).")
@@ -985,13 +978,7 @@ def _print_recovery(report: recovery.RecoveryReport) -> None:
 
 @cli.command("requeue-dead")
 @_queue_argument
-@click.option(
-    "--group",
-    type=_NameParam("group name"),
-    default="default",
-    show_default=True,
-    help="The work-queue group whose dead letters to requeue.",
-)
+@_consumer_option("--group", "group name", "The work-queue group whose dead letters to requeue.")
 @click.option("--dead-letter", "dead_letter", type=click.Path(), default=None, help="The dead-letter queue, if not PATH/dead/GROUP.")
 @click.option("-n", "--count", type=click.IntRange(min=1), default=None, help="Requeue at most N letters.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (stable keys) instead of text.")

@@ -42,8 +42,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from types import TracebackType
-from typing import Iterator
+from typing import Any, Iterator
 
 from ._args import SyncPolicy, check_path, check_timeout, parse_sync
 from ._control import (
@@ -59,7 +58,7 @@ from ._format import HEADER_SIZE, read_record as _read_record
 from ._headers import split_body
 from ._messages import MessageFields, new_message
 from ._fs import make_dir
-from ._lifetime import close_at_exit
+from ._lifetime import ClosedByWith, WithBlock, close_at_exit
 from ._lock import LockFile
 from ._reader import RecordReader
 from ._segment import StrPath
@@ -74,7 +73,36 @@ __all__ = ["Receiver", "Message", "Batch"]
 _IDENTITY_CHECK_SECONDS = 1.0
 
 
-class Message(MessageFields):
+class _Settles(WithBlock):
+    """What a message and a batch share: they are settled, once, through the receiver that gave them.
+
+    ``commit`` moves the receiver's position to ``_end``, ``rollback`` back to
+    ``_start``; leaving a ``with`` block commits, or rolls back on an exception.
+    """
+
+    __slots__ = ()
+    _receiver: Any
+    _start: int
+    _end: int
+
+    @property
+    def pending(self) -> bool:
+        """True until committed or rolled back."""
+        return self._receiver._pending is self
+
+    def commit(self) -> None:
+        """Mark it handled: it will not be delivered to this receiver name again."""
+        self._receiver._commit(self, self._end)
+
+    def rollback(self) -> None:
+        """Give it back: the next ``recv`` returns it again."""
+        self._receiver._rollback(self, self._start)
+
+    def _leave(self, error: BaseException | None) -> None:
+        self._receiver._settle_if_pending(self, error is None)
+
+
+class Message(_Settles, MessageFields):
     """One received record.  ``data`` is its payload, ``headers`` its headers; it is pending until committed."""
 
     # The fields (data, _headers, _receiver, _start, _end) are MessageFields':
@@ -98,32 +126,11 @@ class Message(MessageFields):
         """Where the record starts in the queue."""
         return Position.from_word(self._start)
 
-    @property
-    def pending(self) -> bool:
-        """True until the message is committed or rolled back."""
-        return self._receiver._pending is self
-
-    def commit(self) -> None:
-        """Mark the message handled: it will not be delivered to this receiver name again."""
-        self._receiver._commit(self, self._end)
-
-    def rollback(self) -> None:
-        """Give the message back: the next ``recv`` returns it again."""
-        self._receiver._rollback(self, self._start)
-
-    def __enter__(self) -> "Message":
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self._receiver._settle_if_pending(self, kind is None)
-
     def __repr__(self) -> str:
         return f"<segq.Message {len(self.data)} bytes at {self.position}>"
 
 
-class Batch:
+class Batch(_Settles):
     """Messages received together; committed or rolled back together."""
 
     __slots__ = ("messages", "_receiver", "_start", "_end")
@@ -142,26 +149,6 @@ class Batch:
 
     def __getitem__(self, index: int) -> Message:
         return self.messages[index]
-
-    @property
-    def pending(self) -> bool:
-        return self._receiver._pending is self
-
-    def commit(self) -> None:
-        """Mark every message of the batch handled."""
-        self._receiver._commit(self, self._end)
-
-    def rollback(self) -> None:
-        """Give every message of the batch back."""
-        self._receiver._rollback(self, self._start)
-
-    def __enter__(self) -> "Batch":
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self._receiver._settle_if_pending(self, kind is None)
 
     def __repr__(self) -> str:
         return f"<segq.Batch of {len(self.messages)} messages>"
@@ -185,7 +172,7 @@ class _InBatch:
 
 
 
-class Receiver:
+class Receiver(ClosedByWith):
     """Read the queue at ``path`` in send order, as consumer ``name``.
 
     Each name has its own position and sees every record; only one live
@@ -657,14 +644,6 @@ class Receiver:
             os.close(self._directory_fd)
         finally:
             self._released.set()  # a close() in another thread waits for this, whatever happened
-
-    def __enter__(self) -> "Receiver":
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"at {self.committed_position}"

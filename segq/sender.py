@@ -25,7 +25,6 @@ import mmap
 import os
 import threading
 import time
-from types import TracebackType
 from typing import TYPE_CHECKING, Iterable, Mapping, Union
 
 from . import _format, _segment
@@ -43,7 +42,7 @@ from ._control import (
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE, as_payload
 from ._headers import Framed, HeaderValue, frame_body
 from ._fs import make_dir, open_file
-from ._lifetime import close_at_exit
+from ._lifetime import ClosedByWith, close_at_exit
 from ._lock import LockFile
 from ._segment import DEFAULT_SEGMENT_SIZE, MIN_SEGMENT_SIZE, SEGMENT_SIZE_LIMIT, MappedSegment, StrPath
 from ._state import RELEASED_SEGMENT, Position, list_cursors, read_position, word_offset, word_segment
@@ -79,7 +78,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += written
 
 
-class Sender:
+class Sender(ClosedByWith):
     """Append records to the queue at ``path``, creating it if missing.
 
     ``segment_size`` bounds each segment file (default 64 MiB, preallocated);
@@ -672,14 +671,6 @@ class Sender:
             self._sync_file.close()
             self._registration.release()
             self._control.close()
-
-    def __enter__(self) -> "Sender":
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

@@ -8,10 +8,10 @@ record's life, seen from the group, is ``_claims.TRANSITIONS``.
 from __future__ import annotations
 
 import enum
-from types import TracebackType
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 from .._headers import split_body
+from .._lifetime import WithBlock
 from .._options import PLAIN_OPTIONS, JobOptions, decode_options, job_id_of
 from .._state import Position
 from ..errors import ClaimLost, Closed, UsageError
@@ -19,6 +19,7 @@ from ..errors import ClaimLost, Closed, UsageError
 if TYPE_CHECKING:
     from .._followups import Enqueue
 
+__all__ = ["JobState", "JOB_TRANSITIONS", "next_job_state", "Job", "JobBatch", "reason_of"]
 
 
 class Settler(Protocol):
@@ -35,8 +36,6 @@ class Settler(Protocol):
     def _nack(self, jobs: list["Job"], delay: float, reason: str | None) -> None: ...
 
     def _renew(self, jobs: list["Job"], lease: float | None) -> None: ...
-
-__all__ = ["JobState", "JOB_TRANSITIONS", "next_job_state", "Job", "JobBatch", "reason_of"]
 
 
 class JobState(enum.Enum):
@@ -75,7 +74,33 @@ def next_job_state(job: "Job", call: str) -> JobState:
     return following
 
 
-class Job:
+class _SettledByWith(WithBlock):
+    """What a job and a batch share: leaving a ``with`` block acks what is still held, or nacks it on an exception."""
+
+    __slots__ = ()
+
+    def _still_held(self) -> bool:
+        raise NotImplementedError
+
+    def ack(self) -> None:
+        raise NotImplementedError
+
+    def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
+        raise NotImplementedError
+
+    def _leave(self, error: BaseException | None) -> None:
+        if not self._still_held():
+            return
+        if error is None:
+            self.ack()
+        else:
+            try:
+                self.nack(reason=reason_of(error))
+            except (ClaimLost, Closed):
+                pass  # the record went back anyway; the body's exception matters more
+
+
+class Job(_SettledByWith):
     """One claimed record.  ``data`` is its payload, ``attempt`` counts claims of it from 1.
 
     Settle it with ``ack`` (done for good) or ``nack`` (give it back); as a
@@ -158,27 +183,14 @@ class Job:
         """Extend the lease to ``lease`` seconds from now (default: the queue's lease)."""
         self._queue._renew([self], lease)
 
-    def __enter__(self) -> "Job":
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        if self.state is not _HELD:
-            return
-        if kind is None:
-            self.ack()
-        else:
-            try:
-                self.nack(reason=reason_of(value))
-            except (ClaimLost, Closed):
-                pass  # the record went back anyway; the body's exception matters more
+    def _still_held(self) -> bool:
+        return self.state is _HELD
 
     def __repr__(self) -> str:
         return f"<segq.Job {len(self.data)} bytes at {self.position}, attempt {self.attempt}, {self.state.value}>"
 
 
-class JobBatch:
+class JobBatch(_SettledByWith):
     """Jobs claimed together by ``claim_batch``: one lease; settle them together or one by one."""
 
     __slots__ = ("jobs", "_queue")
@@ -211,21 +223,8 @@ class JobBatch:
         """Extend the lease of every job still held."""
         self._queue._renew(self._held(), lease)
 
-    def __enter__(self) -> "JobBatch":
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        if not self._held():
-            return
-        if kind is None:
-            self.ack()
-        else:
-            try:
-                self.nack(reason=reason_of(value))
-            except (ClaimLost, Closed):
-                pass
+    def _still_held(self) -> bool:
+        return any(job.state is _HELD for job in self.jobs)
 
     def __repr__(self) -> str:
         return f"<segq.JobBatch of {len(self.jobs)} jobs>"

@@ -39,7 +39,6 @@ import struct
 import threading
 import time
 import weakref
-from types import TracebackType
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from .._args import SyncPolicy, check_path, check_timeout, parse_sync
@@ -48,6 +47,7 @@ from .._control import CLAIM_WAITERS, CONSUMER_SEGMENT_SIZE, DATA_WAITING, TAIL,
 from .._followups import Enqueue
 from .._format import HEADER_SIZE
 from .._headers import Framed, split_body
+from .._lifetime import ClosedByWith
 from .._liveness import Liveness, my_owner
 from .._options import PRIORITY, RUN_AT, decode_options
 from .._reader import RecordReader
@@ -109,7 +109,7 @@ class WaitPlan(NamedTuple):
     wake_at: float | None  # monotonic: the next lease end or retry time, None if none
 
 
-class WorkQueue:
+class WorkQueue(ClosedByWith):
     """Share the records of the queue at ``path`` among the workers of ``group``.
 
     Each record goes to one worker at a time, in send order; a claim not
@@ -1005,14 +1005,6 @@ class WorkQueue:
         """In a forked child: the group lock's open file is shared with the parent, so never touch it."""
         self._forked = True
         self._closed = True
-
-    def __enter__(self) -> "WorkQueue":
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"lease={self.lease:g}s max_attempts={self.max_attempts}"
