@@ -13,11 +13,12 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import threading
 import weakref
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Callable, Protocol, Self
 
-__all__ = ["close_at_exit", "WithBlock", "ClosedByWith"]
+__all__ = ["close_at_exit", "WithBlock", "ClosedByWith", "Ticker"]
 
 
 class _Closable(Protocol):
@@ -58,6 +59,29 @@ class ClosedByWith(WithBlock):
 
     def _leave(self, error: BaseException | None) -> None:
         self.close()
+
+
+class Ticker:
+    """A daemon thread calling ``tick()`` every ``interval`` seconds, until ``stop()`` or a ``tick`` that returns False.
+
+    The background half of every sync policy given in seconds: a Sender's
+    group commit, a Receiver's cursor sync, a WorkQueue's journal sync.
+    """
+
+    def __init__(self, interval: float, tick: Callable[[], bool], name: str) -> None:
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval, tick), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float, tick: Callable[[], bool]) -> None:
+        while not self._stopping.wait(interval):
+            if not tick():
+                return
+
+    def stop(self) -> None:
+        """Stop the ticks and wait for one that is running to finish."""
+        self._stopping.set()
+        self._thread.join()
 
 
 def close_at_exit(item: _Closable) -> None:

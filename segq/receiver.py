@@ -58,7 +58,7 @@ from ._format import HEADER_SIZE, read_record as _read_record
 from ._headers import split_body
 from ._messages import MessageFields, new_message
 from ._fs import make_dir
-from ._lifetime import ClosedByWith, WithBlock, close_at_exit
+from ._lifetime import ClosedByWith, Ticker, WithBlock, close_at_exit
 from ._lock import LockFile
 from ._reader import RecordReader
 from ._segment import StrPath
@@ -251,11 +251,7 @@ class Receiver(ClosedByWith):
         self._waker = Waker(self._control)
         self._dirty = False
         self._closed = False
-        self._stop_syncing = threading.Event()
-        self._sync_thread: threading.Thread | None = None
-        if self._sync_interval:
-            self._sync_thread = threading.Thread(target=self._sync_loop, name="segq-commit-sync", daemon=True)
-            self._sync_thread.start()
+        self._syncer = Ticker(self._sync_interval, self._sync_tick, "segq-commit-sync") if self._sync_interval else None
         close_at_exit(self)
 
     # -- waiting (outside the lock; see "Threads" above) --------------------
@@ -552,20 +548,20 @@ class Receiver(ClosedByWith):
     def commit(self) -> None:
         """Commit the pending message or batch."""
         with self._mutex:
-            if self._pending is None:
-                if self._closed:
-                    self._not_pending()
-                raise UsageError(f"receiver {self.name!r} has nothing pending to commit")
-            self._pending.commit()
+            self._the_pending("commit").commit()
 
     def rollback(self) -> None:
         """Roll back the pending message or batch."""
         with self._mutex:
-            if self._pending is None:
-                if self._closed:
-                    self._not_pending()
-                raise UsageError(f"receiver {self.name!r} has nothing pending to roll back")
-            self._pending.rollback()
+            self._the_pending("roll back").rollback()
+
+    def _the_pending(self, verb: str) -> Message | Batch:
+        """Return the pending message or batch; raise if there is none to ``verb``."""
+        if self._pending is None:
+            if self._closed:
+                self._not_pending()
+            raise UsageError(f"receiver {self.name!r} has nothing pending to {verb}")
+        return self._pending
 
     @property
     def committed_position(self) -> Position:
@@ -575,13 +571,11 @@ class Receiver(ClosedByWith):
 
     # -- lifetime --------------------------------------------------------
 
-    def _sync_loop(self) -> None:
-        interval = self._sync_interval
-        assert interval
-        while not self._stop_syncing.wait(interval):
-            if self._dirty and not self._closed:
-                self._dirty = False
-                self._cursor.sync()
+    def _sync_tick(self) -> bool:
+        if self._dirty and not self._closed:
+            self._dirty = False
+            self._cursor.sync()
+        return True
 
     @staticmethod
     def remove(path: StrPath, name: str) -> None:
@@ -629,9 +623,8 @@ class Receiver(ClosedByWith):
     def _release(self) -> None:
         """Let go of every file and thread (hold the lock; nobody waits)."""
         try:
-            if self._sync_thread is not None:
-                self._stop_syncing.set()
-                self._sync_thread.join()
+            if self._syncer is not None:
+                self._syncer.stop()
             if self._sync_interval is not None:
                 self._cursor.sync()
             if self._waiter is not None:

@@ -42,7 +42,7 @@ from ._control import (
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE, as_payload
 from ._headers import Framed, HeaderValue, frame_body
 from ._fs import make_dir, open_file
-from ._lifetime import ClosedByWith, close_at_exit
+from ._lifetime import ClosedByWith, Ticker, close_at_exit
 from ._lock import LockFile
 from ._segment import DEFAULT_SEGMENT_SIZE, MIN_SEGMENT_SIZE, SEGMENT_SIZE_LIMIT, MappedSegment, StrPath
 from ._state import RELEASED_SEGMENT, Position, list_cursors, read_position, word_offset, word_segment
@@ -168,12 +168,8 @@ class Sender(ClosedByWith):
         self._segment_sizes: dict[int, int] = {}  # segments grow (next_segment_size): sizes differ
         self._span = (-1, -1, 0)  # (first, last, bytes of segments first..last-1), the last one asked for
         self._closed = False
-        self._stop_syncing = threading.Event()
         self._background_error: BaseException | None = None
-        self._sync_thread: threading.Thread | None = None
-        if self._sync_interval:
-            self._sync_thread = threading.Thread(target=self._sync_loop, name="segq-group-commit", daemon=True)
-            self._sync_thread.start()
+        self._syncer = Ticker(self._sync_interval, self._sync_tick, "segq-group-commit") if self._sync_interval else None
         close_at_exit(self)
 
     # -- sending ---------------------------------------------------------
@@ -621,21 +617,19 @@ class Sender(ClosedByWith):
         self._sync_fd = -1
         self._sync_fd_number = -1
 
-    def _sync_loop(self) -> None:
-        interval = self._sync_interval
-        assert interval
-        while not self._stop_syncing.wait(interval):
-            try:
-                self._sync_through(self._last_word)
-            except BaseException as error:  # noqa: BLE001 - handed to the sending thread, never lost
-                if self._closed:
-                    return
-                # A dead thread must not leave sends believing they are durable:
-                # the next call (and close) raises.  -1 sends every send down
-                # the hot path's one existing compare into _refuse.
-                self._background_error = error
-                self._size_limit = -1
-                return
+    def _sync_tick(self) -> bool:
+        try:
+            self._sync_through(self._last_word)
+        except BaseException as error:  # noqa: BLE001 - handed to the sending thread, never lost
+            if self._closed:
+                return False
+            # A dead thread must not leave sends believing they are durable:
+            # the next call (and close) raises.  -1 sends every send down
+            # the hot path's one existing compare into _refuse.
+            self._background_error = error
+            self._size_limit = -1
+            return False
+        return True
 
     def _raise_background_error(self) -> None:
         error = self._background_error
@@ -650,9 +644,8 @@ class Sender(ClosedByWith):
         """Finish: sync if the policy asks for it, then release everything.  Idempotent."""
         if self._closed:
             return
-        if self._sync_thread is not None:
-            self._stop_syncing.set()
-            self._sync_thread.join()
+        if self._syncer is not None:
+            self._syncer.stop()
         try:
             if self._background_error is not None:
                 self._raise_background_error()

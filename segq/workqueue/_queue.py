@@ -47,7 +47,7 @@ from .._control import CLAIM_WAITERS, CONSUMER_SEGMENT_SIZE, DATA_WAITING, TAIL,
 from .._followups import Enqueue
 from .._format import HEADER_SIZE
 from .._headers import Framed, split_body
-from .._lifetime import ClosedByWith
+from .._lifetime import ClosedByWith, Ticker
 from .._liveness import Liveness, my_owner
 from .._options import PRIORITY, RUN_AT, decode_options
 from .._reader import RecordReader
@@ -184,8 +184,7 @@ class WorkQueue(ClosedByWith):
         self._group_tag = group_tag(self.group)  # claimers of this group wait under it
         self._held: set[Job] = set()  # jobs handed out and not settled, given back by close()
         self._next_liveness_check = 0.0  # monotonic time of the next look at other workers' PIDs
-        self._stop_syncing = threading.Event()
-        self._sync_thread: threading.Thread | None = None
+        self._syncer: Ticker | None = None
         self._closed = False
         _open_queues.add(self)
         self._group.on_outbox = self._settle_outbox
@@ -197,8 +196,7 @@ class WorkQueue(ClosedByWith):
                 raise
             self._group.end()
         if self._sync_interval:
-            self._sync_thread = threading.Thread(target=self._sync_loop, name="segq-group-sync", daemon=True)
-            self._sync_thread.start()
+            self._syncer = Ticker(self._sync_interval, self._sync_tick, "segq-group-sync")
 
     def _begin(self) -> None:
         """Start a transaction (see ``GroupHandle.begin``); refuse a closed or forked WorkQueue."""
@@ -925,21 +923,19 @@ class WorkQueue(ClosedByWith):
 
     # -- lifetime --------------------------------------------------------
 
-    def _sync_loop(self) -> None:
-        interval = self._sync_interval
-        assert interval
+    def _sync_tick(self) -> bool:
         group = self._group
-        while not self._stop_syncing.wait(interval):
-            if group.dirty:
-                group.dirty = False
-                try:
-                    self._begin()
-                except (Closed, UsageError):
-                    return
-                try:
-                    group.sync()
-                finally:
-                    group.end()
+        if group.dirty:
+            group.dirty = False
+            try:
+                self._begin()
+            except (Closed, UsageError):
+                return False
+            try:
+                group.sync()
+            finally:
+                group.end()
+        return True
 
     @staticmethod
     def remove(path: StrPath, group: str) -> None:
@@ -962,9 +958,8 @@ class WorkQueue(ClosedByWith):
         """
         if self._closed:
             return
-        if self._sync_thread is not None:
-            self._stop_syncing.set()
-            self._sync_thread.join()
+        if self._syncer is not None:
+            self._syncer.stop()
         try:
             if not self._forked:
                 group = self._group
