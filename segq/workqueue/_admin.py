@@ -29,6 +29,7 @@ from .._format import SEGMENT_HEADER_SIZE, RecordStatus, decode_record
 from .._fs import make_dir, open_file, open_to_read
 from .._headers import split_body
 from .._options import decode_options
+from ._group import membership_lock_path
 from ._grouplock import GROUPS_DIR, GroupLock, group_dir
 from ._index import ClaimIndex
 from ._stats import GroupStats, group_stats
@@ -135,7 +136,7 @@ def _segments_from(queue_dir: str, start: Position) -> Iterator[tuple[MappedSegm
 
 def _is_open(directory: str) -> bool:
     try:
-        fd = open_to_read(os.path.join(directory, "open.lock"))
+        fd = open_to_read(membership_lock_path(directory))
     except FileNotFoundError:
         return False
     try:
@@ -458,7 +459,7 @@ def remove_group(path: StrPath, group: str) -> None:
     """
     check_name(group, "group name")
     directory = group_dir(path, group)
-    member = os.path.join(directory, "open.lock")
+    member = membership_lock_path(directory)
     try:
         fd = open_file(member, os.O_RDWR, private=True, create=False)
     except FileNotFoundError:

@@ -47,7 +47,7 @@ from ._claims import STATE_BODY, GroupState, describe_word, load_state, replay
 from ._grouplock import GROUPS_DIR, GroupLock
 from ._journal import END, RETURNS, SEALED_MARK, WORD, Journal, Kind, entry
 
-__all__ = ["GroupHandle", "CURSOR_INTERVAL"]
+__all__ = ["GroupHandle", "CURSOR_INTERVAL", "membership_lock_path"]
 
 #: How often (seconds) a group saves its low-water mark while it moves within one segment.
 CURSOR_INTERVAL = 0.1
@@ -58,6 +58,11 @@ log = logging.getLogger(__name__)
 _PAGE = mmap.ALLOCATIONGRANULARITY
 _ENTRY_HEADER = _journal.ENTRY_HEADER
 crc32 = zlib.crc32
+
+
+def membership_lock_path(directory: str) -> str:
+    """Return the file a group's open handles hold shared (``directory`` is the group's), which removal needs free."""
+    return os.path.join(directory, "open.lock")
 
 
 class GroupHandle:
@@ -87,7 +92,7 @@ class GroupHandle:
         self.cursor_due = 0.0  # monotonic time the cursor may next be saved within a segment (mark_moved)
         try:
             make_dir(self.path, GROUPS_DIR, group)
-            member = os.path.join(directory, "open.lock")
+            member = membership_lock_path(directory)
             try:
                 self._member_fd = open_file(member, os.O_RDWR, private=True)
             except OSError as error:
