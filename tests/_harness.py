@@ -95,7 +95,7 @@ def read_journal(path: str) -> list[str]:
     return lines[:-1]  # the last element is "" (or a line cut by the kill: not possible, but harmless)
 
 
-def drain(path: str, name: str) -> list[bytes]:
+def drain(path: str | os.PathLike[str], name: str = "default") -> list[bytes]:
     """Open receiver ``name`` in this process and receive and commit everything there is."""
     got = []
     with segq.Receiver(path, name) as receiver:
@@ -103,6 +103,36 @@ def drain(path: str, name: str) -> list[bytes]:
             got.append(message.data)
             message.commit()
     return got
+
+
+def ack_all(queue: segq.WorkQueue) -> list[bytes]:
+    """Claim and ack every job ``queue`` can claim now; return their data in claim order."""
+    seen = []
+    while (job := queue.try_claim()) is not None:
+        seen.append(job.data)
+        job.ack()
+    return seen
+
+
+def group_drained(path: str | os.PathLike[str], group: str = "default") -> bool:
+    """Tell whether ``group`` of the queue at ``path`` has done every record sent so far (False while it opens)."""
+    from segq.workqueue import group_info
+
+    if not os.path.exists(os.path.join(path, "groups", group)):
+        return False
+    try:
+        info = group_info(path, group)
+    except (segq.SegqError, OSError):
+        return False  # a worker is creating the group right now
+    from segq._control import Control
+
+    control = Control(path)
+    try:
+        tail = control.tail()
+    finally:
+        control.close()
+    mark = info["low_water_mark"]
+    return not info["claims"] and not info["waiting"] and segq.Position(mark["segment"], mark["offset"]) == tail
 
 
 def record_figure(name: str, value: int) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 from _calls import call_in_child, open_receiver_and_read, open_sender_and_send
-from _harness import record_figure
+from _harness import drain, record_figure
 
 import segq
 from segq import _format, _segment
@@ -41,15 +41,6 @@ def fill(path: pathlib.Path, count: int = 200, segment_size: int = SEGMENT_SIZE)
         for record in sent:
             sender.send(record)
     return sent
-
-
-def read_all(path: pathlib.Path, name: str = "default") -> list[bytes]:
-    got = []
-    with segq.Receiver(path, name) as receiver:
-        while (message := receiver.try_recv()) is not None:
-            got.append(message.data)
-            message.commit()
-    return got
 
 
 def assert_names(error: BaseException, *paths: object) -> None:
@@ -123,7 +114,7 @@ def test_directory_not_writable(tmp_path: pathlib.Path) -> None:
         if user is None:
             parent.chmod(0o755)
             _read_only_tree(queue, writable=True)
-        assert read_all(queue) == records(20)  # nothing was changed
+        assert drain(queue) == records(20)  # nothing was changed
     finally:
         if user is None:
             parent.chmod(0o755)
@@ -158,7 +149,7 @@ def test_future_segment_format_version(tmp_path: pathlib.Path, which: str) -> No
     number = segments[0] if which == "first" else segments[-1]
     _rewrite_segment_header(pathlib.Path(_segment.segment_path(queue, number)), version=3)
     with pytest.raises(segq.UnsupportedFormat, match="version 3") as caught:
-        read_all(queue)
+        drain(queue)
     assert_names(caught.value, _segment.segment_path(queue, number))
     if which == "last":
         with pytest.raises(segq.UnsupportedFormat):
@@ -168,7 +159,7 @@ def test_future_segment_format_version(tmp_path: pathlib.Path, which: str) -> No
 def test_future_cursor_format_version(tmp_path: pathlib.Path) -> None:
     queue = tmp_path / "queue"
     fill(queue, 10)
-    read_all(queue)
+    drain(queue)
     cursor = queue / "cursors" / "r.default.pos"
     data = bytearray(cursor.read_bytes())
     for base in (0, 512):
@@ -212,10 +203,10 @@ def test_stray_files_in_the_queue_directory(tmp_path: pathlib.Path) -> None:
     (queue / "cursors" / "README").write_text("not a cursor")
     (queue / "senders").mkdir(exist_ok=True)
     (queue / "senders" / "garbage.lock").write_bytes(b"\x00\xff garbage")
-    assert read_all(queue) == sent
+    assert drain(queue) == sent
     with segq.Sender(queue, segment_size=SEGMENT_SIZE) as sender:
         sender.send(b"after")
-    assert read_all(queue) == [b"after"]
+    assert drain(queue) == [b"after"]
     assert (queue / "notes.txt").read_text() == "a note"
 
 
@@ -226,7 +217,7 @@ def test_a_directory_where_a_segment_should_be(tmp_path: pathlib.Path) -> None:
     impostor = pathlib.Path(_segment.segment_path(queue, last + 5))
     impostor.mkdir()
     with pytest.raises(segq.SegqError) as caught:
-        read_all(queue)
+        drain(queue)
     assert_names(caught.value, impostor)
 
 
@@ -236,7 +227,7 @@ def test_an_empty_file_where_the_last_segment_should_be(tmp_path: pathlib.Path) 
     impostor = pathlib.Path(_segment.segment_path(queue, _segment.list_segments(queue)[-1] + 1))
     impostor.write_bytes(b"")
     with pytest.raises(segq.CorruptionError, match="bytes long") as caught:
-        read_all(queue)
+        drain(queue)
     assert caught.value.path == str(impostor)
 
 
@@ -269,7 +260,7 @@ def test_cursor_pointing_nowhere(tmp_path: pathlib.Path, where: str) -> None:
     queue = tmp_path / "queue"
     sent = fill(queue)
     segq.Receiver(queue, "lost").close()  # registered at the start
-    read_all(queue, "ahead")  # a second consumer, so segments stay
+    drain(queue, "ahead")  # a second consumer, so segments stay
     segments = _segment.list_segments(queue)
     first, last = segments[0], segments[-1]
     tail_segment, tail_offset = _tail(queue)
@@ -292,7 +283,7 @@ def test_cursor_pointing_nowhere(tmp_path: pathlib.Path, where: str) -> None:
     recover = getattr(pytest.importorskip("segq.recovery"), "recover", None)
     if recover is not None:  # the error says "run `segq recover`": that must be enough
         recover(queue, "lost")
-        got = read_all(queue, "lost")
+        got = drain(queue, "lost")
         assert got == sent[len(sent) - len(got) :]
 
 
@@ -325,7 +316,7 @@ def test_length_field_past_the_end_allocates_nothing(tmp_path: pathlib.Path) -> 
         tracemalloc.start()
         try:
             with pytest.raises(segq.CorruptionError) as caught:
-                read_all(queue)
+                drain(queue)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -350,7 +341,7 @@ def test_zero_length_and_maximum_size_records(tmp_path: pathlib.Path) -> None:
             sender.send_batch([b"", b"v" * (largest + 1)])
         sender.send_batch([b"u" * (largest - 7), b""])  # one byte too many for a segment: it gets a larger one
         sender.send(b"last")
-    assert read_all(queue) == [*sent, b"", b"", b"w" * (largest - 8), b"", b"u" * (largest - 7), b"", b"last"]
+    assert drain(queue) == [*sent, b"", b"", b"w" * (largest - 8), b"", b"u" * (largest - 7), b"", b"last"]
 
 
 @pytest.mark.parametrize(
@@ -365,10 +356,10 @@ def test_lock_file_holding_garbage(tmp_path: pathlib.Path, garbage: bytes) -> No
     (queue / "cursors" / "r.default.lock").write_bytes(garbage)
     (queue / "senders").mkdir(exist_ok=True)
     (queue / "senders" / "1-0.lock").write_bytes(garbage)
-    assert read_all(queue) == sent
+    assert drain(queue) == sent
     with segq.Sender(queue, segment_size=SEGMENT_SIZE) as sender:
         sender.send(b"more")
-    assert read_all(queue) == [b"more"]
+    assert drain(queue) == [b"more"]
 
 
 def test_recovery_unlock_removes_a_garbage_lock_file(tmp_path: pathlib.Path) -> None:
@@ -458,12 +449,12 @@ def test_full_disk_on_a_small_tmpfs(small_tmpfs: pathlib.Path) -> None:
             outcome = call_in_child(open_receiver_and_read, str(queue), name)
             assert outcome.signal is None, f"a new receiver on a full disk died of signal {outcome.signal}"
             assert outcome.error_type == "SegqError" and "disk is full" in outcome.error, outcome
-        assert read_all(queue) == acknowledged
+        assert drain(queue) == acknowledged
         ballast.unlink()
         more = records(300, size=300)
         for record in more:
             sender.send(record)
-    assert read_all(queue) == more
+    assert drain(queue) == more
 
 
 def test_full_disk_by_fault_injection(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -482,12 +473,12 @@ def test_full_disk_by_fault_injection(tmp_path: pathlib.Path, monkeypatch: pytes
         with pytest.raises(segq.SegqError, match="disk is full"):
             sender.send(b"s" * 506)
         assert not [name for name in os.listdir(queue) if name.endswith(".tmp")]
-        assert read_all(queue) == acknowledged
+        assert drain(queue) == acknowledged
         monkeypatch.setattr(os, "posix_fallocate", real_fallocate)
         more = records(100)
         for record in more:
             sender.send(record)
-    assert read_all(queue) == more
+    assert drain(queue) == more
 
 
 # -- files changed behind an open receiver --------------------------------------------

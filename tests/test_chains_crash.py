@@ -32,10 +32,9 @@ import pytest
 import segq
 import segq._segment
 import segq.recovery
-from _harness import record_figure
+from _harness import group_drained, record_figure
 from segq.workqueue._outbox import FROM_HEADER, PIN_KIND
 from segq._state import RELEASED_SEGMENT, list_cursors, read_position
-from segq.workqueue import group_info
 
 REPO = str(pathlib.Path(segq.__file__).resolve().parent.parent)
 CRASH_POINTS = ["after-outbox-entry", "between-follow-ups", "before-sent", "after-sent"]
@@ -60,19 +59,6 @@ def spawn(source: pathlib.Path, target: pathlib.Path, rng: random.Random) -> sub
     if point is not None:
         environment["SEGQ_TEST_CRASH_AT"] = f"{point}:0.02"
     return subprocess.Popen([sys.executable, "-c", WORKER, str(source), str(target)], env=environment)
-
-
-def drained(source: pathlib.Path) -> bool:
-    if not (source / "groups" / "default").exists():
-        return False
-    try:
-        info = group_info(source)
-    except (segq.SegqError, OSError):
-        return False  # a worker is creating the group right now
-    with segq.Sender(source, segment_size=1 << 20) as tx:
-        tail = tx._control.tail()
-    mark = info["low_water_mark"]
-    return not info["claims"] and not info["waiting"] and segq.Position(mark["segment"], mark["offset"]) == tail
 
 
 class Noise(threading.Thread):
@@ -142,11 +128,11 @@ def kill_loop(tmp_path: pathlib.Path, jobs: int, workers: int, seed: int, deadli
                     assert code == -signal.SIGKILL, f"a worker failed with exit status {code}"
                     deaths += 1
                     fleet[index] = spawn(source, target, rng)
-                elif drained(source):
+                elif group_drained(source):
                     fleet[index] = worker  # done: leave it exited
                 else:
                     fleet[index] = spawn(source, target, rng)  # drained too early (others held jobs)
-            if all(worker.poll() == 0 for worker in fleet) and drained(source):
+            if all(worker.poll() == 0 for worker in fleet) and group_drained(source):
                 break
             assert time.monotonic() < deadline + 120, "the workers did not drain the source queue"
     finally:

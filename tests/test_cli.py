@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from _harness import drain
+
 import segq
 from segq._format import HEADER_SIZE, SEGMENT_HEADER_SIZE
 from segq._segment import list_segments, segment_path
@@ -20,15 +22,6 @@ from _cli import fails, ok, run
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMALL = "8K"
-
-
-def records(queue: pathlib.Path, name: str = "default") -> list[bytes]:
-    got = []
-    with segq.Receiver(queue, name) as receiver:
-        while (message := receiver.try_recv()) is not None:
-            got.append(message.data)
-            message.commit()
-    return got
 
 
 def killed_receiver(queue: pathlib.Path) -> int:
@@ -48,23 +41,23 @@ def killed_receiver(queue: pathlib.Path) -> int:
 
 def test_send_makes_one_record_per_line_and_keeps_a_last_unterminated_line(queue_dir: pathlib.Path) -> None:
     ok("send", queue_dir, "--lines", "--segment-size", SMALL, input=b"one\n\ntwo\r\nthree")
-    assert records(queue_dir) == [b"one", b"", b"two\r", b"three"]
+    assert drain(queue_dir) == [b"one", b"", b"two\r", b"three"]
     assert ok("send", queue_dir, input=b"").stdout == ""  # no input, no record, no output
-    assert records(queue_dir) == []
+    assert drain(queue_dir) == []
 
 
 def test_send_null_and_raw_framing(queue_dir: pathlib.Path) -> None:
     ok("send", queue_dir, "--null", "--segment-size", SMALL, input=b"a\nb\0c\0")
     ok("send", queue_dir, "--raw", input=b"whole\ninput\0here")
     ok("send", queue_dir, "--raw", input=b"")
-    assert records(queue_dir) == [b"a\nb", b"c", b"whole\ninput\0here", b""]
+    assert drain(queue_dir) == [b"a\nb", b"c", b"whole\ninput\0here", b""]
 
 
 def test_send_many_lines_crosses_segments_in_order(queue_dir: pathlib.Path) -> None:
     lines = [b"%d" % number * (number % 30) for number in range(5000)]
     ok("send", queue_dir, "--segment-size", "4096", "--sync", "always", input=b"\n".join(lines) + b"\n")
     assert len(list_segments(queue_dir)) > 10
-    assert records(queue_dir) == lines
+    assert drain(queue_dir) == lines
 
 
 def test_send_sync_interval_and_size_units(queue_dir: pathlib.Path) -> None:
@@ -83,7 +76,7 @@ def test_send_sync_interval_and_size_units(queue_dir: pathlib.Path) -> None:
 def test_a_record_too_large_is_one_error_line_and_earlier_records_stay(queue_dir: pathlib.Path) -> None:
     error = fails("send", queue_dir, "--segment-size", "4096", input=b"small\n" + b"x" * 5000 + b"\nnever\n")
     assert "max_record_size" in error
-    assert records(queue_dir) == [b"small"]
+    assert drain(queue_dir) == [b"small"]
 
 
 # -- recv ------------------------------------------------------------------------------

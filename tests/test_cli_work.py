@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from _harness import group_drained
+
 import segq
 import segq.recovery
 import segq.workqueue
@@ -182,20 +184,6 @@ def test_drain_exits_once_the_queue_is_empty(queue_dir: pathlib.Path, tmp_path: 
     assert drain(queue_dir) == []
 
 
-def queue_drained(path: pathlib.Path) -> bool:
-    """Tell whether the default group of ``path`` has done every record sent so far."""
-    if not (path / "groups" / "default").exists():
-        return False
-    try:
-        info = segq.workqueue.group_info(path)
-    except (segq.SegqError, OSError):
-        return False  # a worker is creating the group right now
-    with segq.Sender(path, segment_size=1 << 20) as tx:
-        tail = tx._control.tail()
-    mark = info["low_water_mark"]
-    return not info["claims"] and not info["waiting"] and segq.Position(mark["segment"], mark["offset"]) == tail
-
-
 def test_the_readme_two_stage_pipeline_survives_kill_9_of_either_stage(tmp_path: pathlib.Path) -> None:
     import random
 
@@ -230,7 +218,7 @@ def test_the_readme_two_stage_pipeline_survives_kill_9_of_either_stage(tmp_path:
             stages[victim] = start(victim)
         drained = True
         try:
-            wait_for(lambda: queue_drained(first) and queue_drained(middle), "both stages to finish")
+            wait_for(lambda: group_drained(first) and group_drained(middle), "both stages to finish")
         except AssertionError:
             drained = False
     finally:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from _harness import record_figure
+from _harness import drain, record_figure
 
 import _users
 import segq
@@ -45,15 +45,6 @@ def segq_command(*args: str, **options: object) -> subprocess.Popen[bytes]:
 def semaphores_of(queue: pathlib.Path) -> list[str]:
     prefix = "sem." + _control.semaphore_prefix(queue)[1:]
     return sorted(name for name in os.listdir("/dev/shm") if name.startswith(prefix))
-
-
-def drain(queue: pathlib.Path, name: str = "default") -> list[bytes]:
-    got = []
-    with segq.Receiver(queue, name) as receiver:
-        while (message := receiver.try_recv()) is not None:
-            got.append(message.data)
-            message.commit()
-    return got
 
 
 # -- 1. links planted where segq keeps its files -------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import os
 import pathlib
 import signal
@@ -14,6 +13,8 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from _harness import ack_all
 
 import segq
 from segq.workqueue import WorkQueue
@@ -29,21 +30,13 @@ class Clock:
         return self.now
 
 
-def drain(queue: WorkQueue) -> list[bytes]:
-    seen = []
-    while (job := queue.try_claim()) is not None:
-        seen.append(job.data)
-        job.ack()
-    return seen
-
-
 def test_higher_priorities_are_claimed_first_and_equal_ones_in_send_order(queue_dir: pathlib.Path) -> None:
     with segq.Sender(queue_dir, segment_size=SEGMENT_SIZE) as tx:
         for index, priority in enumerate([0, 3, 9, 3, 0, 9, 5]):
             tx.enqueue(b"%d:%d" % (priority, index), priority=priority)
         tx.send(b"0:7")
     with WorkQueue(queue_dir) as wq:
-        assert drain(wq) == [b"9:2", b"9:5", b"5:6", b"3:1", b"3:3", b"0:0", b"0:4", b"0:7"]
+        assert ack_all(wq) == [b"9:2", b"9:5", b"5:6", b"3:1", b"3:3", b"0:0", b"0:4", b"0:7"]
 
 
 def test_a_batch_claim_takes_the_best_jobs_in_one_transaction(queue_dir: pathlib.Path) -> None:
@@ -54,7 +47,7 @@ def test_a_batch_claim_takes_the_best_jobs_in_one_transaction(queue_dir: pathlib
         batch = wq.claim_batch(7, timeout=1)  # six of priority 2, then the first of priority 1
         assert sorted((-job.priority, int(job.data)) for job in batch) == [(-2, 2 + 3 * n) for n in range(6)] + [(-1, 1)]
         batch.ack()
-        assert [int(data) for data in drain(wq)] == [4, 7, 10, 13, 16, 19, 0, 3, 6, 9, 12, 15, 18]
+        assert [int(data) for data in ack_all(wq)] == [4, 7, 10, 13, 16, 19, 0, 3, 6, 9, 12, 15, 18]
     with WorkQueue(queue_dir) as wq:  # a fresh replica: the skipped records keep their turn
         assert wq.try_claim() is None
 
@@ -80,7 +73,7 @@ def test_a_scheduled_job_waits_without_spending_an_attempt_and_due_ones_go_in_ti
         first.ack()
         second.ack()
         clock.now = now + 31
-        assert drain(wq) == [b"in 30 s"]
+        assert ack_all(wq) == [b"in 30 s"]
 
 
 def test_a_claimer_waiting_wakes_when_a_scheduled_job_comes_due(queue_dir: pathlib.Path) -> None:
@@ -187,7 +180,7 @@ def test_a_dedup_key_returns_the_first_jobs_id_while_it_is_pending(queue_dir: pa
             other.enqueue(b"x", job_id=first.id)
         assert caught.value.job_id == first.id
     with WorkQueue(queue_dir) as wq:
-        assert drain(wq) == [b"charge", b"other order"]
+        assert ack_all(wq) == [b"charge", b"other order"]
 
 
 def test_a_settled_job_blocks_its_key_for_the_window_then_frees_it(queue_dir: pathlib.Path) -> None:
@@ -199,7 +192,7 @@ def test_a_settled_job_blocks_its_key_for_the_window_then_frees_it(queue_dir: pa
             time.sleep(0.35)
             again = tx.enqueue(b"c", dedup_key="k")
             assert not again.duplicate and again.id != first.id
-            assert drain(wq) == [b"c"]
+            assert ack_all(wq) == [b"c"]
 
 
 def test_a_new_process_remembers_keys_whose_segments_were_deleted(queue_dir: pathlib.Path) -> None:
@@ -212,7 +205,7 @@ def test_a_new_process_remembers_keys_whose_segments_were_deleted(queue_dir: pat
             tx.enqueue(b"notice", dedup_key="third")  # sees "k" settled
             for _ in range(200):
                 tx.send(b"f" * 1000)  # rolls segments; the consumed ones are deleted
-            drain(wq)
+            ack_all(wq)
     assert min(int(name.split(".")[0]) for name in os.listdir(queue_dir) if name.endswith(".seg")) > 0
     with segq.Sender(queue_dir) as fresh:
         assert fresh.enqueue(b"again", dedup_key="k") == segq.Enqueued(first.id, True)
@@ -237,7 +230,7 @@ def test_processes_racing_one_key_write_it_once_and_agree_on_the_id(queue_dir: p
     assert len({job_id for job_id, _ in results}) == 1
     assert sorted(duplicate for _, duplicate in results) == ["False"] + ["True"] * 5
     with WorkQueue(queue_dir) as wq:
-        assert len(drain(wq)) == 1
+        assert len(ack_all(wq)) == 1
 
 
 _KILLED = """

@@ -15,6 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from _harness import ack_all
+
 import segq
 from segq import workqueue
 from segq.workqueue import _journal
@@ -49,14 +51,6 @@ def fill(path: pathlib.Path, count: int, *, prefix: bytes = b"r") -> list[bytes]
         for record in records:
             sender.send(record)
     return records
-
-
-def drain(queue: WorkQueue) -> list[bytes]:
-    seen = []
-    while (job := queue.try_claim()) is not None:
-        seen.append(job.data)
-        job.ack()
-    return seen
 
 
 def dead_letters(path: pathlib.Path, group: str = "default") -> list[DeadLetter]:
@@ -146,7 +140,7 @@ def test_segments_below_every_consumer_are_deleted(queue_dir: pathlib.Path) -> N
     segments = segq._segment.list_segments(queue_dir)
     assert len(segments) >= 5
     with WorkQueue(queue_dir) as queue:
-        assert len(drain(queue)) == 200
+        assert len(ack_all(queue)) == 200
         assert segq._segment.list_segments(queue_dir) == segments[-1:]
 
 
@@ -158,15 +152,15 @@ def test_a_lagging_group_holds_back_deletion_for_receivers(queue_dir: pathlib.Pa
             message.commit()
     assert len(segq._segment.list_segments(queue_dir)) >= 5
     with WorkQueue(queue_dir, "slow") as queue:
-        drain(queue)
+        ack_all(queue)
     assert len(segq._segment.list_segments(queue_dir)) == 1
 
 
 def test_groups_are_independent(queue_dir: pathlib.Path) -> None:
     records = fill(queue_dir, 5)
     with WorkQueue(queue_dir, "a") as first, WorkQueue(queue_dir, "b") as second:
-        assert drain(first) == records
-        assert drain(second) == records
+        assert ack_all(first) == records
+        assert ack_all(second) == records
     assert list_groups(queue_dir) == ["a", "b"]
 
 
@@ -494,7 +488,7 @@ def test_compaction_keeps_the_state(queue_dir: pathlib.Path, monkeypatch: pytest
         assert info["done_above_mark"] == 100
         held.ack()
     with WorkQueue(queue_dir, clock=clock) as reopened:
-        assert len(drain(reopened)) == 198
+        assert len(ack_all(reopened)) == 198
 
 
 def test_a_compaction_interrupted_after_sealing_is_undone(queue_dir: pathlib.Path) -> None:
@@ -533,7 +527,7 @@ def test_a_damaged_journal_is_an_error_naming_the_file_and_recover_repairs_it(qu
     # The cursor, written when the worker closed, still knows r2 was done.
     assert any("moved the low-water mark" in repair for repair in report.repairs)
     with WorkQueue(queue_dir) as queue:
-        assert drain(queue) == [b"r3"]
+        assert ack_all(queue) == [b"r3"]
 
 
 def test_a_cut_journal_gives_claims_again_never_loses_them(queue_dir: pathlib.Path) -> None:
@@ -549,7 +543,7 @@ def test_a_cut_journal_gives_claims_again_never_loses_them(queue_dir: pathlib.Pa
     later = Clock()
     later.now = time.time() + 3600  # the claim whose ack was cut has run out of lease
     with WorkQueue(queue_dir, clock=later) as other:
-        assert drain(other) == [b"r1", b"r2"]
+        assert ack_all(other) == [b"r1", b"r2"]
     queue._abandon()  # as a killed process would leave it
 
 
