@@ -42,7 +42,7 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, NamedTuple, Optional, Sequence
 
 from ._args import SyncPolicy
 from ._followups import Enqueue
@@ -64,24 +64,13 @@ AsyncHandler = Callable[[AsyncJob], Awaitable[Optional[Sequence[Enqueue]]]]
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _check_concurrency(concurrency: object) -> int:
+def _check_worker(handler: object, concurrency: object) -> int:
+    """Return ``concurrency`` if it is an int >= 1 and ``handler`` is callable; raise InvalidArgument if not."""
     if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
         raise InvalidArgument(f"concurrency must be an int >= 1, not {concurrency!r}")
+    if not callable(handler):
+        raise InvalidArgument(f"handler must be callable, not {type(handler).__name__}")
     return concurrency
-
-
-def _followups(job_position: object, result: object) -> list[Enqueue] | None:
-    """Return the handler's follow-ups, or None (with a log line) when its result is not None or a list of them."""
-    if result is None:
-        return []
-    if isinstance(result, (list, tuple)) and all(isinstance(item, Enqueue) for item in result):
-        return list(result)
-    log.error(
-        "handler returned %s for the job at %s; it must return None or a list of segq.Enqueue",
-        type(result).__name__,
-        job_position,
-    )
-    return None
 
 
 def log_failed_settlement(job: Job | AsyncJob, call: str, error: SegqError) -> None:
@@ -92,34 +81,76 @@ def log_failed_settlement(job: Job | AsyncJob, call: str, error: SegqError) -> N
         log.error("could not %s the job at %s (attempt %d): %s", call, job.position, job.attempt, error)
 
 
-def _settle(job: Job, result: object, error: BaseException | None) -> None:
-    """Ack ``job`` with the handler's follow-ups, or nack it with ``error``; log a settlement that fails."""
-    if job.state is not JobState.HELD:
-        return  # the handler settled it itself
-    call = "ack"
-    try:
-        if error is None:
-            followups = _followups(job.position, result)
-            if followups is None:
-                call = "nack"
-                job.nack(reason=f"handler returned {type(result).__name__}, not None or a list of segq.Enqueue")
-            elif followups:
-                job.ack(enqueue=followups)
-            else:
-                job.ack()
+class _Settlement(NamedTuple):
+    """One way to settle a job: ``call`` "ack" (with ``followups``) or "nack" (with ``reason``).
+
+    The sync and async workers decide with :func:`_settlement` and
+    :meth:`after_failure`; each only makes the calls, blocking or awaited.
+    """
+
+    call: str
+    followups: list[Enqueue]
+    reason: str | None
+
+    def apply(self, job: Job) -> None:
+        if self.call == "ack":
+            job.ack(enqueue=self.followups)
         else:
-            call = "nack"
-            log.warning("job at %s failed (attempt %d): %s", job.position, job.attempt, reason_of(error))
-            job.nack(reason=reason_of(error))
-    except SegqError as failure:
-        log_failed_settlement(job, call, failure)
-        if call == "ack" and job.state is JobState.HELD and not isinstance(failure, ClaimLost):
+            job.nack(reason=self.reason)
+
+    async def apply_async(self, job: AsyncJob) -> None:
+        if self.call == "ack":
+            await job.ack(enqueue=self.followups)
+        else:
+            await job.nack(reason=self.reason)
+
+    def after_failure(self, job: Job | AsyncJob, failure: SegqError) -> _Settlement | None:
+        """Log that this settlement failed; return the one to try instead, or None."""
+        log_failed_settlement(job, self.call, failure)
+        if self.call == "ack" and job.state is JobState.HELD and not isinstance(failure, ClaimLost):
             # Refused before anything was written (a bad or too large follow-up): give
             # the job back with the reason, so it ends in the dead-letter queue, not in a loop of leases.
-            try:
-                job.nack(reason=f"follow-ups refused: {failure}")
-            except SegqError as again:
-                log_failed_settlement(job, "nack", again)
+            return _Settlement("nack", [], f"follow-ups refused: {failure}")
+        return None
+
+
+def _settlement(job: Job | AsyncJob, result: object, error: BaseException | None) -> _Settlement | None:
+    """Decide how to settle ``job`` after its handler returned ``result`` or raised ``error``.
+
+    | handler                                  | settlement                              |
+    |------------------------------------------|-----------------------------------------|
+    | settled the job itself                   | none                                    |
+    | returned None, or a list of Enqueue      | ack, with those follow-ups              |
+    | returned anything else                   | nack (logged at ERROR)                  |
+    | raised                                   | nack, the exception as reason (WARNING) |
+    """
+    if job.state is not JobState.HELD:
+        return None  # the handler settled it itself
+    if error is not None:
+        reason = reason_of(error)
+        log.warning("job at %s failed (attempt %d): %s", job.position, job.attempt, reason)
+        return _Settlement("nack", [], reason)
+    if result is None:
+        return _Settlement("ack", [], None)
+    if isinstance(result, (list, tuple)) and all(isinstance(item, Enqueue) for item in result):
+        return _Settlement("ack", list(result), None)
+    log.error(
+        "handler returned %s for the job at %s; it must return None or a list of segq.Enqueue",
+        type(result).__name__,
+        job.position,
+    )
+    return _Settlement("nack", [], f"handler returned {type(result).__name__}, not None or a list of segq.Enqueue")
+
+
+def _settle(job: Job, result: object, error: BaseException | None) -> None:
+    """Ack ``job`` with the handler's follow-ups, or nack it with ``error``; log a settlement that fails."""
+    settlement = _settlement(job, result, error)
+    while settlement is not None:
+        try:
+            settlement.apply(job)
+            return
+        except SegqError as failure:
+            settlement = settlement.after_failure(job, failure)
 
 
 def _run_job(handler: Handler, job: Job) -> None:
@@ -354,9 +385,7 @@ def serve(
     ``drain``: also stop once nothing is claimable and no job is running
     (``segq work --drain``).
     """
-    concurrency = _check_concurrency(concurrency)
-    if not callable(handler):
-        raise InvalidArgument(f"handler must be callable, not {type(handler).__name__}")
+    concurrency = _check_worker(handler, concurrency)
     pipe = _StopPipe(stop)
     try:
         with WorkQueue(
@@ -420,30 +449,14 @@ def _serve_threads(
 
 
 async def _settle_async(job: AsyncJob, result: object, error: BaseException | None) -> None:
-    if job.state is not JobState.HELD:
-        return
-    call = "ack"
-    try:
-        if error is None:
-            followups = _followups(job.position, result)
-            if followups is None:
-                call = "nack"
-                await job.nack(reason=f"handler returned {type(result).__name__}, not None or a list of segq.Enqueue")
-            elif followups:
-                await job.ack(enqueue=followups)
-            else:
-                await job.ack()
-        else:
-            call = "nack"
-            log.warning("job at %s failed (attempt %d): %s", job.position, job.attempt, reason_of(error))
-            await job.nack(reason=reason_of(error))
-    except SegqError as failure:
-        log_failed_settlement(job, call, failure)
-        if call == "ack" and job.state is JobState.HELD and not isinstance(failure, ClaimLost):
-            try:
-                await job.nack(reason=f"follow-ups refused: {failure}")
-            except SegqError as again:
-                log_failed_settlement(job, "nack", again)
+    """Do what :func:`_settle` does, awaiting the ack or nack."""
+    settlement = _settlement(job, result, error)
+    while settlement is not None:
+        try:
+            await settlement.apply_async(job)
+            return
+        except SegqError as failure:
+            settlement = settlement.after_failure(job, failure)
 
 
 async def _run_async_job(handler: AsyncHandler, job: AsyncJob) -> None:
@@ -479,9 +492,7 @@ async def arun_worker(
     stop the worker.  Handlers still running when their lease ends after a
     stop are cancelled (their claim is lost anyway).
     """
-    concurrency = _check_concurrency(concurrency)
-    if not callable(handler):
-        raise InvalidArgument(f"handler must be callable, not {type(handler).__name__}")
+    concurrency = _check_worker(handler, concurrency)
     loop = asyncio.get_running_loop()
     stopping = stop if stop is not None else asyncio.Event()
     installed: list[int] = []

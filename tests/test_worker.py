@@ -329,3 +329,31 @@ def test_follow_ups_refused_before_the_commit_nack_the_job(queue_dir: pathlib.Pa
     with segq.Receiver(queue_dir / "dead" / "default") as rx:
         letter = segq.DeadLetter.decode(rx.recv(timeout=PATIENCE).data)
     assert letter.reason.startswith("follow-ups refused: a follow-up of 10000 bytes is larger than")
+
+
+async def test_arun_worker_nacks_a_junk_result_and_dead_letters_refused_follow_ups(
+    queue_dir: pathlib.Path, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fill(queue_dir, 1)
+    small = tmp_path / "small"
+    with segq.Sender(small, segment_size=4096):
+        pass  # its records are at most about 4 KiB
+    stop = asyncio.Event()
+    attempts: list[int] = []
+
+    async def handler(job: segq.AsyncJob) -> object:
+        attempts.append(job.attempt)
+        if job.attempt == 1:
+            return "done"
+        stop.set()
+        return [segq.Enqueue(b"x" * 10_000, queue=small)]
+
+    await asyncio.wait_for(
+        segq.arun_worker(queue_dir, handler, max_attempts=2, stop=stop), PATIENCE  # type: ignore[arg-type]
+    )
+    assert attempts == [1, 2]
+    assert "it must return None or a list of segq.Enqueue" in caplog.text
+    with segq.Receiver(queue_dir / "dead" / "default") as rx:
+        letter = segq.DeadLetter.decode(rx.recv(timeout=PATIENCE).data)
+    assert letter.attempts == 2
+    assert letter.reason.startswith("follow-ups refused: a follow-up of 10000 bytes is larger than")
