@@ -154,8 +154,11 @@ class _RunCommand:
             job.nack(reason=reason)
         except SegqError as error:
             from .worker import log_failed_settlement
+            from .workqueue import JobState
 
             log_failed_settlement(job, "nack", error)
+            if job.state is JobState.HELD:
+                raise  # returning would ack a job whose command failed; the worker tries the nack again
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:

@@ -168,6 +168,20 @@ def test_work_refuses_a_command_that_does_not_exist(queue_dir: pathlib.Path) -> 
     assert drain(queue_dir) == [b"x"]
 
 
+def test_a_failed_command_whose_nack_fails_is_never_acked(queue_dir: pathlib.Path) -> None:
+    fill(queue_dir, b"x")
+    (queue_dir / "dead").write_bytes(b"")  # a file where the dead-letter queues go: the last nack cannot write
+    result = run_segq("work", queue_dir, "--max-attempts", 1, "--lease", 2, "--drain", "--", "false")
+    assert result.returncode == 1, result.stderr
+    assert b"could not nack the job" in result.stderr
+    assert b"Traceback" not in result.stderr
+    stats = segq.workqueue.group_info(queue_dir)["stats"]
+    assert stats["done"] == 0  # it used to be acked: the failed job counted as done, gone
+    (queue_dir / "dead").unlink()
+    time.sleep(2.1)  # the claim's lease runs out; the job is claimable again
+    assert drain(queue_dir) == [b"x"]
+
+
 def test_work_without_a_command_is_a_usage_error(queue_dir: pathlib.Path) -> None:
     fill(queue_dir, b"x")
     result = run_segq("work", queue_dir)
