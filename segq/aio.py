@@ -95,7 +95,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._args import SyncPolicy, check_timeout, parse_sync
 from ._control import CLAIM_WAITERS, DATA_WAITERS, ROOM_WAITERS
@@ -115,7 +115,10 @@ from .workqueue import WorkQueue
 __all__ = ["AsyncBatch", "AsyncJob", "AsyncJobBatch", "AsyncMessage", "AsyncReceiver", "AsyncSender", "AsyncWorkQueue"]
 
 _T = TypeVar("_T")
-_Args = ParamSpec("_Args")
+if TYPE_CHECKING:  # only in annotations, which are never evaluated (Python 3.10 has no TypeVarTuple)
+    from typing_extensions import TypeVarTuple, Unpack
+
+    _Args = TypeVarTuple("_Args")
 _O = TypeVar("_O")  # the async object a message, batch or job came from
 _I = TypeVar("_I")  # the blocking item it wraps
 _P = TypeVar("_P", bound="Message | Batch")  # a receiver's pending item
@@ -250,8 +253,9 @@ class _AsyncItem(Generic[_O, _I]):
     """What async messages, batches and jobs share: their owner, the blocking item they wrap, ``async with``.
 
     Each kind says how ``async for`` settles one: ``_done_in_loop`` when the
-    loop asks for the next one, ``_give_back_from_loop`` (synchronous: it runs
-    in ``__del__``) when the loop was left with it in hand.
+    loop asks for the next one (the settling to await, or None when there is
+    nothing left to settle), ``_give_back_from_loop`` (synchronous: it runs in
+    ``__del__``) when the loop was left with it in hand.
     """
 
     __slots__ = ("_item", "_owner")
@@ -265,7 +269,7 @@ class _AsyncItem(Generic[_O, _I]):
     async def __aenter__(self: _Item) -> _Item:
         return self
 
-    def _done_in_loop(self) -> Awaitable[None]:
+    def _done_in_loop(self) -> Awaitable[None] | None:
         raise NotImplementedError
 
     def _give_back_from_loop(self) -> None:
@@ -331,7 +335,9 @@ class _Iteration(Generic[_Item]):
     async def __anext__(self) -> _Item:
         current = self._current
         if current is not None:
-            await current._done_in_loop()
+            settling = current._done_in_loop()
+            if settling is not None:
+                await settling
         self._current = None
         self._current = await self._receive()
         return self._current
@@ -378,7 +384,7 @@ class _AsyncPending(_AsyncItem["AsyncReceiver", _P]):
     ) -> None:
         await self._settle(kind is None)
 
-    def _done_in_loop(self) -> Awaitable[None]:
+    def _done_in_loop(self) -> Awaitable[None] | None:
         return self._settle(True)
 
     def _give_back_from_loop(self) -> None:
@@ -454,11 +460,11 @@ class _LoopOwner:
         self._wait = wait
         self._close_blocking = close_blocking
 
-    async def _run(self, call: Callable[_Args, _T], *args: _Args.args, **kwargs: _Args.kwargs) -> _T:
+    async def _run(self, call: Callable[[Unpack[_Args]], _T], *args: Unpack[_Args]) -> _T:
         """Run a blocking send, commit or settle: on the loop, or on the worker thread when it syncs."""
         if self._worker is None:
-            return call(*args, **kwargs)  # no await first: on the loop it is one synchronous step
-        return await asyncio.get_running_loop().run_in_executor(self._worker, functools.partial(call, *args, **kwargs))
+            return call(*args)  # no await first: on the loop it is one synchronous step
+        return await asyncio.get_running_loop().run_in_executor(self._worker, call, *args)
 
     async def close(self) -> None:
         """Release everything; a waiting call raises ``Closed``.  Idempotent.
@@ -789,9 +795,8 @@ class _AsyncHold(_AsyncItem["AsyncWorkQueue", _H]):
             except (ClaimLost, Closed):
                 pass  # the record went back anyway; the body's exception matters more
 
-    async def _done_in_loop(self) -> None:
-        if self._held() and not self._owner._closed:
-            await self.ack()
+    def _done_in_loop(self) -> Awaitable[None] | None:
+        return self.ack() if self._held() and not self._owner._closed else None
 
     def _give_back_from_loop(self) -> None:
         if self._held() and not self._owner._closed:
