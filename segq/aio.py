@@ -696,22 +696,24 @@ class AsyncSender(_LoopOwner):
             # Validated here, as Sender.send does; empty headers make a plain record.
             body = frame_body(payload, headers)
             payload = body if headers else payload
-        await self._append(functools.partial(self._sender.send, payload), HEADER_SIZE + len(payload), timeout)
+        await self._append(self._sender.send, payload, HEADER_SIZE + len(payload), timeout)
 
     async def send_batch(self, records: Iterable[BatchItem], timeout: float | None = None) -> None:
         """Append many records, each data or a ``(data, headers)`` pair, as one atomic write (see ``Sender.send_batch``)."""
         timeout = check_timeout(timeout)
         payloads = [record if type(record) is bytes else batch_payload(record) for record in records]
         framed = sum(HEADER_SIZE + len(payload) for payload in payloads)
-        await self._append(functools.partial(self._sender.send_batch, payloads), framed, timeout)
+        await self._append(self._sender.send_batch, payloads, framed, timeout)
 
-    async def _append(self, write: Callable[[float | None], None], framed: int, timeout: float | None) -> None:
-        """Run ``write(timeout)``, the blocking send; never let it wait for room on the loop's thread."""
+    async def _append(
+        self, write: Callable[[_T, float | None], None], records: _T, framed: int, timeout: float | None
+    ) -> None:
+        """Run ``write(records, timeout)``, the blocking send; never let it wait for room on the loop's thread."""
         if self._closed:
             raise Closed("send() on a closed AsyncSender")
         limit = self._sender.max_queue_bytes
         if limit is None:
-            await self._run(write, None)
+            await self._run(write, records, None)
             return
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -720,7 +722,7 @@ class AsyncSender(_LoopOwner):
                 if self._closed:
                     raise Closed("send() on a closed AsyncSender")
                 try:
-                    await self._run(write, 0)  # room now, or Full without waiting
+                    await self._run(write, records, 0)  # room now, or Full without waiting
                     return
                 except Full:
                     if framed > limit:
