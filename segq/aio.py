@@ -93,9 +93,9 @@ import concurrent.futures
 import functools
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._args import SyncPolicy, check_timeout, parse_sync
 from ._control import CLAIM_WAITERS, DATA_WAITERS, ROOM_WAITERS
@@ -115,6 +115,17 @@ from .workqueue import WorkQueue
 __all__ = ["AsyncBatch", "AsyncJob", "AsyncJobBatch", "AsyncMessage", "AsyncReceiver", "AsyncSender", "AsyncWorkQueue"]
 
 _T = TypeVar("_T")
+if TYPE_CHECKING:  # only in annotations, which are never evaluated (Python 3.10 has no TypeVarTuple)
+    from typing_extensions import TypeVarTuple, Unpack
+
+    _Args = TypeVarTuple("_Args")
+_O = TypeVar("_O")  # the async object a message, batch or job came from
+_I = TypeVar("_I")  # the blocking item it wraps
+_P = TypeVar("_P", bound="Message | Batch")  # a receiver's pending item
+_H = TypeVar("_H", bound="Job | JobBatch")  # a work queue's held item
+_R = TypeVar("_R", bound="Message | Job")  # one record
+_E = TypeVar("_E")  # a batch's member
+_Item = TypeVar("_Item", bound="_AsyncItem[Any, Any]")
 
 # The same bound as the blocking waiter's: a lost wake-up costs at most this.
 _SAFETY_SECONDS = 1.0
@@ -235,56 +246,41 @@ class _LoopWait:
             await asyncio.sleep(0)
 
 
-# -- messages and batches ---------------------------------------------------
+# -- what messages, batches and jobs share -----------------------------------
 
 
-class _AsyncPending:
-    """What AsyncMessage and AsyncBatch share: settle once, by hand or by ``async with``."""
+class _AsyncItem(Generic[_O, _I]):
+    """What async messages, batches and jobs share: their owner, the blocking item they wrap, ``async with``.
+
+    Each kind says how ``async for`` settles one: ``_done_in_loop`` when the
+    loop asks for the next one (the settling to await, or None when there is
+    nothing left to settle), ``_give_back_from_loop`` (synchronous: it runs in
+    ``__del__``) when the loop was left with it in hand.
+    """
 
     __slots__ = ("_item", "_owner")
+    _owner: _O
+    _item: _I
 
-    def __init__(self, owner: AsyncReceiver, item: Message | Batch) -> None:
+    def __init__(self, owner: _O, item: _I) -> None:
         self._owner = owner
         self._item = item
 
-    @property
-    def pending(self) -> bool:
-        """True until committed or rolled back."""
-        return self._item.pending
+    async def __aenter__(self: _Item) -> _Item:
+        return self
 
-    async def commit(self) -> None:
-        """Mark it handled: it will not be delivered to this receiver name again."""
-        await self._owner._commit(self._item.commit)
+    def _done_in_loop(self) -> Awaitable[None] | None:
+        raise NotImplementedError
 
-    async def rollback(self) -> None:
-        """Give it back: the next ``recv`` returns it again."""
-        self._item.rollback()
-
-    async def _settle(self, commit: bool) -> None:
-        """Commit (or roll back) if still pending, in one step: another task may have settled it."""
-        if not self.pending:
-            return
-        settle = functools.partial(self._owner._receiver._settle_if_pending, self._item, commit)
-        if commit:
-            await self._owner._commit(settle)
-        else:
-            settle()
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        await self._settle(kind is None)
+    def _give_back_from_loop(self) -> None:
+        raise NotImplementedError
 
 
-class AsyncMessage(_AsyncPending):
-    """One received record; ``data`` is its payload.  Pending until committed.
-
-    ``async with msg:`` commits on a clean exit and rolls back on an exception
-    (cancellation included).
-    """
+class _RecordFields(Generic[_R]):
+    """The fields of one record that AsyncMessage and AsyncJob pass through."""
 
     __slots__ = ()
-    _item: Message
+    _item: _R
 
     @property
     def data(self) -> bytes:
@@ -301,81 +297,144 @@ class AsyncMessage(_AsyncPending):
         """Where the record starts in the queue."""
         return self._item.position
 
-    async def __aenter__(self) -> AsyncMessage:
+
+class _Members(Generic[_E]):
+    """What AsyncBatch and AsyncJobBatch share: a sequence of their ``_members``."""
+
+    __slots__ = ()
+
+    @property
+    def _members(self) -> list[_E]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[_E]:
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __getitem__(self, index: int) -> _E:
+        return self._members[index]
+
+
+class _Iteration(Generic[_Item]):
+    """``async for``: settle each message or job when the next one is asked for.
+
+    One the loop was left with (break, or its body raised) is given back when
+    this iterator is dropped (at once in CPython), as the blocking classes'
+    generators do on close.
+    """
+
+    def __init__(self, receive: Callable[[], Awaitable[_Item]]) -> None:
+        self._receive = receive
+        self._current: _Item | None = None
+
+    def __aiter__(self) -> _Iteration[_Item]:
         return self
+
+    async def __anext__(self) -> _Item:
+        current = self._current
+        if current is not None:
+            settling = current._done_in_loop()
+            if settling is not None:
+                await settling
+        self._current = None
+        self._current = await self._receive()
+        return self._current
+
+    def __del__(self) -> None:
+        current = self._current
+        if current is not None:
+            current._give_back_from_loop()
+
+
+# -- messages and batches ---------------------------------------------------
+
+
+class _AsyncPending(_AsyncItem["AsyncReceiver", _P]):
+    """What AsyncMessage and AsyncBatch share: settle once, by hand or by ``async with``."""
+
+    __slots__ = ()
+
+    @property
+    def pending(self) -> bool:
+        """True until committed or rolled back."""
+        return self._item.pending
+
+    async def commit(self) -> None:
+        """Mark it handled: it will not be delivered to this receiver name again."""
+        await self._owner._run(self._item.commit)
+
+    async def rollback(self) -> None:
+        """Give it back: the next ``recv`` returns it again."""
+        self._item.rollback()
+
+    async def _settle(self, commit: bool) -> None:
+        """Commit (or roll back) if still pending, in one step: another task may have settled it."""
+        if not self.pending:
+            return
+        settle_if_pending = self._owner._receiver._settle_if_pending
+        if commit:
+            await self._owner._run(settle_if_pending, self._item, True)
+        else:
+            settle_if_pending(self._item, False)
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self._settle(kind is None)
+
+    def _done_in_loop(self) -> Awaitable[None] | None:
+        return self._settle(True)
+
+    def _give_back_from_loop(self) -> None:
+        try:
+            self._owner._receiver._settle_if_pending(self._item, False)
+        except Closed:
+            pass  # the receiver closed meanwhile, which rolled it back
+
+
+class AsyncMessage(_AsyncPending[Message], _RecordFields[Message]):
+    """One received record; ``data`` is its payload.  Pending until committed.
+
+    ``async with msg:`` commits on a clean exit and rolls back on an exception
+    (cancellation included).
+    """
+
+    __slots__ = ()
 
     def __repr__(self) -> str:
         return f"<segq.AsyncMessage {len(self._item.data)} bytes at {self._item.position}>"
 
 
-class AsyncBatch(_AsyncPending):
+class AsyncBatch(_AsyncPending[Batch], _Members[Message]):
     """Messages received together, committed or rolled back together.
 
     Iterate it for the messages (read their ``data``; commit the batch, not them).
     """
 
     __slots__ = ()
-    _item: Batch
 
     @property
     def messages(self) -> list[Message]:
         """The batch's messages, in queue order."""
         return self._item.messages
 
-    def __iter__(self) -> Iterator[Message]:
-        return iter(self._item.messages)
-
-    def __len__(self) -> int:
-        return len(self._item.messages)
-
-    def __getitem__(self, index: int) -> Message:
-        return self._item.messages[index]
-
-    async def __aenter__(self) -> AsyncBatch:
-        return self
+    @property
+    def _members(self) -> list[Message]:
+        return self._item.messages
 
     def __repr__(self) -> str:
         return f"<segq.AsyncBatch of {len(self._item.messages)} messages>"
 
 
-class _Iteration:
-    """``async for msg in rx``: commit each message when the next one is asked for."""
-
-    def __init__(self, owner: AsyncReceiver) -> None:
-        self._owner = owner
-        self._current: AsyncMessage | None = None
-
-    def __aiter__(self) -> _Iteration:
-        return self
-
-    async def __anext__(self) -> AsyncMessage:
-        current = self._current
-        if current is not None:
-            await current._settle(True)
-        self._current = None
-        self._current = await self._owner.recv()
-        return self._current
-
-    def __del__(self) -> None:
-        # The loop was left (break, or its body raised) with this message in
-        # hand: give it back, as the blocking receiver's generator does on close.
-        current = self._current
-        if current is not None:
-            try:
-                current._owner._receiver._settle_if_pending(current._item, False)
-            except Closed:
-                pass  # the receiver closed meanwhile, which rolled it back
-
-
-# -- what the async classes share -----------------------------------------
+# -- what the async objects share ------------------------------------------
 
 
 class _LoopOwner:
     """An async wrapper's lifetime: its blocking object, optional worker thread and loop wait.
 
-    Subclasses set ``_closed``, ``_worker`` (one thread for ``sync="always"``
-    work, else None), ``_sync_on_close``, ``_wait`` and ``_close_blocking``
-    (the wrapped object's ``close``).
+    Subclasses open the blocking object, then call ``_start``.
     """
 
     _closed: bool
@@ -383,6 +442,29 @@ class _LoopOwner:
     _sync_on_close: bool
     _wait: _LoopWait
     _close_blocking: Callable[[], None]
+
+    def _start(
+        self, close_blocking: Callable[[], None], policy: float | None, thread_name: str, wait: _LoopWait
+    ) -> None:
+        """Own ``wait`` and what ``close`` ends: ``close_blocking`` (the wrapped object's ``close``), the worker.
+
+        ``policy`` is the parsed sync policy.  Under ``sync="always"`` (0) the
+        wrapped object's sends, commits or settles fdatasync or msync: one
+        worker thread, named ``thread_name``, runs them off the loop, in order.
+        """
+        self._closed = False
+        self._sync_on_close = policy is not None
+        self._worker = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=thread_name) if policy == 0.0 else None
+        )
+        self._wait = wait
+        self._close_blocking = close_blocking
+
+    async def _run(self, call: Callable[[Unpack[_Args]], _T], *args: Unpack[_Args]) -> _T:
+        """Run a blocking send, commit or settle: on the loop, or on the worker thread when it syncs."""
+        if self._worker is None:
+            return call(*args)  # no await first: on the loop it is one synchronous step
+        return await asyncio.get_running_loop().run_in_executor(self._worker, call, *args)
 
     async def close(self) -> None:
         """Release everything; a waiting call raises ``Closed``.  Idempotent.
@@ -441,14 +523,8 @@ class AsyncReceiver(_LoopOwner):
         self._receiver = Receiver(path, name, sync=sync, create=create)
         self.path = self._receiver.path
         self.name = self._receiver.name
-        self._closed = False
-        self._sync_on_close = policy is not None
-        # sync="always" commits msync: one worker thread runs them, in order.
-        self._worker = (
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="segq-aio-commit") if policy == 0.0 else None
-        )
-        self._wait = _LoopWait(self._receiver._data_waiter, DATA_WAITERS, f"receiver {self.name!r}")
-        self._close_blocking = self._receiver.close
+        wait = _LoopWait(self._receiver._data_waiter, DATA_WAITERS, f"receiver {self.name!r}")
+        self._start(self._receiver.close, policy, "segq-aio-commit", wait)
 
     # -- receiving -------------------------------------------------------
 
@@ -501,25 +577,18 @@ class AsyncReceiver(_LoopOwner):
             # Ready, yet the try may still find nothing (the tail just moved to
             # a new segment's start): try again, wait again.
 
-    def __aiter__(self) -> _Iteration:
+    def __aiter__(self) -> _Iteration[AsyncMessage]:
         """Yield messages forever; each is committed when the loop asks for the next one.
 
         A message whose loop body raised (or broke out) is rolled back, not committed.
         """
-        return _Iteration(self)
+        return _Iteration(self.recv)
 
     # -- commit and rollback ---------------------------------------------
 
-    async def _commit(self, commit: Callable[[], None]) -> None:
-        """Run a blocking commit: on the loop, or on the worker thread when it msyncs."""
-        if self._worker is None:
-            commit()
-        else:
-            await asyncio.get_running_loop().run_in_executor(self._worker, commit)
-
     async def commit(self) -> None:
         """Commit the pending message or batch."""
-        await self._commit(self._receiver.commit)
+        await self._run(self._receiver.commit)
 
     async def rollback(self) -> None:
         """Roll back the pending message or batch."""
@@ -594,13 +663,8 @@ class AsyncSender(_LoopOwner):
             max_queue_bytes=max_queue_bytes,
         )
         self.path = self._sender.path
-        self._closed = False
-        self._sync_on_close = policy is not None
-        self._worker = (
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="segq-aio-sync") if policy == 0.0 else None
-        )
-        self._wait = _LoopWait(self._sender._get_room_waiter, ROOM_WAITERS, "this sender's room")
-        self._close_blocking = self._sender.close
+        wait = _LoopWait(self._sender._get_room_waiter, ROOM_WAITERS, "this sender's room")
+        self._start(self._sender.close, policy, "segq-aio-sync", wait)
         # One send at a time waits for room: its FIFO is watched by one task.
         self._room_turn = asyncio.Lock()
 
@@ -632,22 +696,24 @@ class AsyncSender(_LoopOwner):
             # Validated here, as Sender.send does; empty headers make a plain record.
             body = frame_body(payload, headers)
             payload = body if headers else payload
-        await self._append(functools.partial(self._sender.send, payload), HEADER_SIZE + len(payload), timeout)
+        await self._append(self._sender.send, payload, HEADER_SIZE + len(payload), timeout)
 
     async def send_batch(self, records: Iterable[BatchItem], timeout: float | None = None) -> None:
         """Append many records, each data or a ``(data, headers)`` pair, as one atomic write (see ``Sender.send_batch``)."""
         timeout = check_timeout(timeout)
         payloads = [record if type(record) is bytes else batch_payload(record) for record in records]
         framed = sum(HEADER_SIZE + len(payload) for payload in payloads)
-        await self._append(functools.partial(self._sender.send_batch, payloads), framed, timeout)
+        await self._append(self._sender.send_batch, payloads, framed, timeout)
 
-    async def _append(self, write: Callable[[float | None], None], framed: int, timeout: float | None) -> None:
-        """Run ``write(timeout)``, the blocking send; never let it wait for room on the loop's thread."""
+    async def _append(
+        self, write: Callable[[_T, float | None], None], records: _T, framed: int, timeout: float | None
+    ) -> None:
+        """Run ``write(records, timeout)``, the blocking send; never let it wait for room on the loop's thread."""
         if self._closed:
             raise Closed("send() on a closed AsyncSender")
         limit = self._sender.max_queue_bytes
         if limit is None:
-            await self._call(write, None)
+            await self._run(write, records, None)
             return
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -656,7 +722,7 @@ class AsyncSender(_LoopOwner):
                 if self._closed:
                     raise Closed("send() on a closed AsyncSender")
                 try:
-                    await self._call(write, 0)  # room now, or Full without waiting
+                    await self._run(write, records, 0)  # room now, or Full without waiting
                     return
                 except Full:
                     if framed > limit:
@@ -665,13 +731,6 @@ class AsyncSender(_LoopOwner):
                     if self._closed:
                         raise Closed("send() on a closed AsyncSender")
                     raise Full(f"backlog stayed over max_queue_bytes={limit} for {timeout} s; nothing was written")
-
-    async def _call(self, write: Callable[[float | None], None], timeout: float | None) -> None:
-        if self._worker is None:
-            write(timeout)
-        else:
-            await asyncio.get_running_loop().run_in_executor(self._worker, write, timeout)
-
 
     # -- durability ------------------------------------------------------
 
@@ -697,14 +756,10 @@ class AsyncSender(_LoopOwner):
 # -- the work queue ---------------------------------------------------------
 
 
-class _AsyncHold:
+class _AsyncHold(_AsyncItem["AsyncWorkQueue", _H]):
     """What AsyncJob and AsyncJobBatch share: awaitable ``ack``/``nack``/``renew``, and ``async with``."""
 
-    __slots__ = ("_item", "_owner")
-
-    def __init__(self, owner: AsyncWorkQueue, item: Job | JobBatch) -> None:
-        self._owner = owner
-        self._item = item
+    __slots__ = ()
 
     def _held(self) -> bool:
         raise NotImplementedError
@@ -717,17 +772,17 @@ class _AsyncHold:
         if enqueue:
             if not isinstance(self._item, Job):
                 raise UsageError("ack a batch's jobs one by one to give them follow-ups")
-            await self._owner._call(functools.partial(self._item.ack, enqueue))
+            await self._owner._run(self._item.ack, enqueue)
         else:
-            await self._owner._call(self._item.ack)
+            await self._owner._run(self._item.ack)
 
     async def nack(self, delay: float = 0.0, reason: str | None = None) -> None:
         """Give it back: claimable again after ``delay`` seconds (dead-lettered on the last attempt)."""
-        await self._owner._call(functools.partial(self._item.nack, delay, reason))
+        await self._owner._run(self._item.nack, delay, reason)
 
     async def renew(self, lease: float | None = None) -> None:
         """Extend the lease to ``lease`` seconds from now (default: the queue's lease)."""
-        await self._owner._call(functools.partial(self._item.renew, lease))
+        await self._owner._run(self._item.renew, lease)
 
     async def __aexit__(
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
@@ -742,8 +797,15 @@ class _AsyncHold:
             except (ClaimLost, Closed):
                 pass  # the record went back anyway; the body's exception matters more
 
+    def _done_in_loop(self) -> Awaitable[None] | None:
+        return self.ack() if self._held() and not self._owner._closed else None
 
-class AsyncJob(_AsyncHold):
+    def _give_back_from_loop(self) -> None:
+        if self._held() and not self._owner._closed:
+            self._owner._give_back(self._item, "the loop over the work queue was left")
+
+
+class AsyncJob(_AsyncHold[Job], _RecordFields[Job]):
     """One claimed record (a ``segq.Job``); ``ack``, ``nack`` and ``renew`` are awaitable.
 
     ``async with job:`` acks on a clean exit and nacks on an exception
@@ -751,20 +813,9 @@ class AsyncJob(_AsyncHold):
     """
 
     __slots__ = ()
-    _item: Job
 
     def _held(self) -> bool:
         return self._item.state is JobState.HELD
-
-    @property
-    def data(self) -> bytes:
-        """The record's payload."""
-        return self._item.data
-
-    @property
-    def headers(self) -> dict[str, bytes]:
-        """The record's headers; empty when it has none."""
-        return self._item.headers
 
     @property
     def id(self) -> str:
@@ -787,11 +838,6 @@ class AsyncJob(_AsyncHold):
         return self._item.attempt
 
     @property
-    def position(self) -> Position:
-        """Where the record starts in the queue."""
-        return self._item.position
-
-    @property
     def lease_expires_at(self) -> float:
         """When the lease ends, in the queue's clock (``time.time`` by default)."""
         return self._item.lease_expires_at
@@ -801,19 +847,15 @@ class AsyncJob(_AsyncHold):
         """HELD until acked, nacked or lost."""
         return self._item.state
 
-    async def __aenter__(self) -> AsyncJob:
-        return self
-
     def __repr__(self) -> str:
         job = self._item
         return f"<segq.AsyncJob {len(job.data)} bytes at {job.position}, attempt {job.attempt}, {job.state.value}>"
 
 
-class AsyncJobBatch(_AsyncHold):
+class AsyncJobBatch(_AsyncHold[JobBatch], _Members[AsyncJob]):
     """Jobs claimed together by ``claim_batch``: one lease; settle them together or one by one."""
 
     __slots__ = ("jobs",)
-    _item: JobBatch
 
     def __init__(self, owner: AsyncWorkQueue, batch: JobBatch) -> None:
         super().__init__(owner, batch)
@@ -822,55 +864,12 @@ class AsyncJobBatch(_AsyncHold):
     def _held(self) -> bool:
         return any(job.state is JobState.HELD for job in self._item.jobs)
 
-    def __iter__(self) -> Iterator[AsyncJob]:
-        return iter(self.jobs)
-
-    def __len__(self) -> int:
-        return len(self.jobs)
-
-    def __getitem__(self, index: int) -> AsyncJob:
-        return self.jobs[index]
-
-    async def __aenter__(self) -> AsyncJobBatch:
-        return self
+    @property
+    def _members(self) -> list[AsyncJob]:
+        return self.jobs
 
     def __repr__(self) -> str:
         return f"<segq.AsyncJobBatch of {len(self.jobs)} jobs>"
-
-
-class _JobIteration:
-    """``async for job in wq``: ack each job when the next one is asked for."""
-
-    def __init__(self, owner: AsyncWorkQueue) -> None:
-        self._owner = owner
-        self._current: AsyncJob | None = None
-
-    def __aiter__(self) -> _JobIteration:
-        return self
-
-    async def __anext__(self) -> AsyncJob:
-        current = self._current
-        if current is not None and current._held() and not self._owner._closed:
-            await current.ack()
-        self._current = None
-        self._current = await self._owner.claim()
-        return self._current
-
-    def __del__(self) -> None:
-        # The loop was left (break, or its body raised) with this job in hand:
-        # give it back, as the blocking WorkQueue's generator does on close.
-        current = self._current
-        if current is None or not current._held() or self._owner._closed:
-            return
-        give_back = functools.partial(current._item.nack, reason="the loop over the work queue was left")
-        worker = self._owner._worker
-        if worker is not None:
-            try:
-                worker.submit(_quietly, give_back)  # its msync stays off the loop
-                return
-            except RuntimeError:
-                pass  # the worker is shut down: the queue is closing
-        _quietly(give_back)
 
 
 def _quietly(settle: Callable[[], None]) -> None:
@@ -928,17 +927,11 @@ class AsyncWorkQueue(_LoopOwner):
         self.path = self._queue.path
         self.group = self._queue.group
         self.dead_letter = self._queue.dead_letter
-        self._closed = False
-        self._sync_on_close = policy is not None
-        # sync="always" claims and settles msync: one worker thread runs them, in order.
-        self._worker = (
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="segq-aio-group") if policy == 0.0 else None
-        )
         # One task at a time watches the FIFO; the others wait for its wait to end.
-        self._wait = _LoopWait(
+        wait = _LoopWait(
             self._queue._claim_waiter, CLAIM_WAITERS, f"work queue group {self.group!r}", self._queue._group_tag
         )
-        self._close_blocking = self._queue.close
+        self._start(self._queue.close, policy, "segq-aio-group", wait)
         self._turn_over: asyncio.Future[bool] | None = None
 
     @property
@@ -1040,27 +1033,26 @@ class AsyncWorkQueue(_LoopOwner):
         if future.cancelled() or future.exception() is not None:
             return
         claimed = future.result()
-        if claimed is None or self._worker is None:
-            return
-        give_back = functools.partial(claimed.nack, reason="the claiming task was cancelled")
-        try:
-            self._worker.submit(_quietly, give_back)
-        except RuntimeError:
-            pass  # the worker is shut down: close() gave the job back
+        if claimed is not None:
+            self._give_back(claimed, "the claiming task was cancelled")
 
-    def __aiter__(self) -> _JobIteration:
+    def _give_back(self, claimed: Job | JobBatch, reason: str) -> None:
+        """Nack what no task will settle, quietly: on the worker thread if any (its msync stays off the loop)."""
+        give_back = functools.partial(claimed.nack, reason=reason)
+        if self._worker is not None:
+            try:
+                self._worker.submit(_quietly, give_back)
+                return
+            except RuntimeError:
+                pass  # the worker is shut down: close() gave the job back, the nack below finds it closed
+        _quietly(give_back)
+
+    def __aiter__(self) -> _Iteration[AsyncJob]:
         """Yield jobs forever; each is acked when the loop asks for the next one.
 
         A job whose loop body raised (or broke out) is nacked, not acked.
         """
-        return _JobIteration(self)
-
-    async def _call(self, settle: Callable[[], None]) -> None:
-        """Run a blocking ack, nack or renew: on the loop, or on the worker thread when it msyncs."""
-        if self._worker is None:
-            settle()
-        else:
-            await asyncio.get_running_loop().run_in_executor(self._worker, settle)
+        return _Iteration(self.claim)
 
     # -- lifetime --------------------------------------------------------
 
