@@ -80,20 +80,17 @@ from ..receiver import Message
 from .._args import SyncPolicy
 from ..errors import Empty, SegqError
 from ._link import (
-    Backoff,
     BridgeError,
     Link,
     LinkLost,
     api_error,
-    api_request,
-    connect,
     servers_list,
     stored_headers,
     stream_config,
     subject_matches,
     to_nats_headers,
-    wait_or_stop,
 )
+from ._pump import Pump, open_link, watching
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -102,7 +99,6 @@ __all__ = ["forward", "ForwardStats", "message_id", "parse_message_id"]
 
 log = logging.getLogger("segq.nats")
 
-_NO_MESSAGE = 10037  # JetStream: no message found (an empty subject)
 # Publish errors that retrying cannot fix: the wrong stream took the subject
 # (10060), a record larger than the stream allows (10054), a stream that
 # refuses new messages (10077, discard-new at its limits is retried instead).
@@ -179,16 +175,11 @@ async def forward(
     stop = stop if stop is not None else asyncio.Event()
     stats = ForwardStats()
     label = f"segq forward {queue_dir}"
-    try:
-        link: Link | None = await connect(urls, name=label)
-    except LinkLost as error:
-        raise BridgeError(str(error), server=", ".join(urls), stream=stream, subject=subject) from None
-    assert link is not None
-    try:
+
+    async def check(link: Link) -> None:
         await check_subject(link, stream, subject, ack_timeout)
-    except BaseException:
-        await link.close()
-        raise
+
+    link = await open_link(urls, label, check, stream=stream, subject=subject)
     queue = queue_id(queue_dir)
     receiver = AsyncReceiver(queue_dir, name, sync=sync)
     log.info(
@@ -202,33 +193,9 @@ async def forward(
         await link.close()
         raise
     pump = _Pump(receiver, queue, stream, subject, window, ack_timeout, stats, marks)
-    backoff = Backoff()
     try:
-        while not stop.is_set():
-            try:
-                if link is None:
-                    link = await connect(urls, name=label)
-                    try:
-                        await check_subject(link, stream, subject, ack_timeout)
-                    except BridgeError as error:
-                        # It worked before: a server still recovering its streams, or a
-                        # stream being remade. Keep trying, and keep saying why.
-                        raise LinkLost(str(error)) from None
-                    stats.reconnects += 1
-                    log.info("forward: reconnected to %s", link.server)
-                await pump.catch_up(link)
-                backoff.reset()
-                await pump.run(link, stop)
-            except LinkLost as error:
-                delay = backoff.next_delay()
-                log.warning("forward: %s; reconnecting in %.1f s", error, delay)
-                if link is not None:
-                    await link.close()
-                    link = None
-                await wait_or_stop(stop, delay)
+        await pump.keep_running(link, urls, label, check, stop)
     finally:
-        if link is not None:
-            await link.close()
         await receiver.close()
         marks.close()
         log.info("forward stopped: %s", stats)
@@ -250,8 +217,10 @@ async def check_subject(link: Link, stream: str, subject: str, timeout: float) -
         )
 
 
-class _Pump:
+class _Pump(Pump[ForwardStats]):
     """The rounds of one forwarder: catch up with the stream, then publish, wait, commit."""
+
+    role = "forward"
 
     def __init__(
         self,
@@ -264,13 +233,11 @@ class _Pump:
         stats: ForwardStats,
         marks: MarkFile,
     ) -> None:
+        super().__init__(stream, ack_timeout, stats)
         self.receiver = receiver
         self.queue = queue
-        self.stream = stream
         self.subject = subject
         self.window = window
-        self.ack_timeout = ack_timeout
-        self.stats = stats
         self.marks = marks
         # What catch_up found: positions after the committed one already in the stream
         # (committed without publishing when run reaches them), and the highest of them.
@@ -283,14 +250,9 @@ class _Pump:
 
     async def _get(self, link: Link, request: dict[str, Any]) -> tuple[int, str | None] | None:
         """Return (sequence, Nats-Msg-Id) of the message ``STREAM.MSG.GET`` finds, None if none."""
-        reply = await api_request(link.client, f"$JS.API.STREAM.MSG.GET.{self.stream}", request, self.ack_timeout)
-        error = api_error(reply)
-        if error is not None:
-            code, description = error
-            if code == _NO_MESSAGE:
-                return None
-            raise LinkLost(f"cannot read the messages on {self.subject!r} of stream {self.stream!r}: {description}")
-        message = reply["message"]
+        message = await self.get_message(link, request, f"the messages on {self.subject!r} of stream {self.stream!r}")
+        if message is None:
+            return None
         return int(message["seq"]), stored_headers(message).get("Nats-Msg-Id")
 
     def _ours(self, msg_id: str | None) -> Position | None:
@@ -308,7 +270,7 @@ class _Pump:
             )
         return None
 
-    async def catch_up(self, link: Link) -> None:
+    async def catch_up(self, link: Link, stop: asyncio.Event) -> None:
         """Find out which uncommitted records are in the stream already (see the module's docstring)."""
         self.landed = set()
         self.landed_until = None
@@ -425,12 +387,10 @@ class _Pump:
 
         inbox = client.new_inbox()
         await client.subscribe(f"{inbox}.*", cb=on_ack)
-        stopping = loop.create_task(stop.wait())
-        lost = loop.create_task(link.lost.wait())
         serial = 0
         publish = client.publish
         subject = self.subject
-        try:
+        with watching(link, stop) as (stopping, lost):
             while not stop.is_set():
                 if link.lost.is_set():
                     raise LinkLost("the connection to NATS closed")
@@ -455,7 +415,7 @@ class _Pump:
                             await publish(subject, message.data, reply=f"{inbox}.{serial}", headers=self._headers(message))
                         # Every acknowledgement, or the link lost, or the timeout: whichever comes first.
                         ends: list[asyncio.Future[Any]] = [current.done, lost]
-                        await asyncio.wait(ends, timeout=self.ack_timeout, return_when=asyncio.FIRST_COMPLETED)
+                        await asyncio.wait(ends, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED)
                         messages = self._check_acks(messages, current)
                 except BaseException as error:
                     await batch.rollback()
@@ -465,9 +425,6 @@ class _Pump:
                 await batch.commit()
                 self.stats.published += published
                 self.marks.write(self.sequence, self.receiver.committed_position)
-        finally:
-            stopping.cancel()
-            lost.cancel()
 
     def _headers(self, message: Message) -> dict[str, str]:
         record_headers = message.headers
@@ -490,7 +447,7 @@ class _Pump:
         if replies.waiting == len(messages):
             raise LinkLost(
                 f"none of {len(messages)} publishes to stream {self.stream!r} was acknowledged "
-                f"within {self.ack_timeout:g} s"
+                f"within {self.timeout:g} s"
             )
         failed: list[Message] = []
         problem: BaseException | None = None
@@ -518,7 +475,7 @@ class _Pump:
         if not landed_after_failure:
             raise problem or LinkLost(
                 f"{len(failed)} of {len(messages)} publishes to stream {self.stream!r} were not acknowledged "
-                f"within {self.ack_timeout:g} s"
+                f"within {self.timeout:g} s"
             )
         log.warning(
             "forward: %d records (from %s) were not stored while later ones were (a stream leader change?); "

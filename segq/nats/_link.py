@@ -13,9 +13,9 @@ either in the stream or lost, in order; the bridge then finds out which (see
 
 Errors come in two kinds.  ``LinkLost`` (server unreachable, connection
 dropped, an acknowledgement that never came, a stream without a leader) is
-retried with ``Backoff``.  ``BridgeError`` (no such stream, a subject the
-stream does not take, a record the stream refuses) is the user's to fix: the
-bridge stops and says what and where.
+retried with ``Backoff`` (by ``_pump``).  ``BridgeError`` (no such stream, a
+subject the stream does not take, a record the stream refuses) is the
+user's to fix: the bridge stops and says what and where.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ log = logging.getLogger("segq.nats")
 # JetStream API error codes the bridges tell apart (nats-server's errors.json).
 STREAM_NOT_FOUND = 10059
 CONSUMER_NOT_FOUND = 10014
+NO_MESSAGE = 10037  # STREAM.MSG.GET found nothing (an empty subject, nothing after that sequence)
 # A record header whose value is not plain text is sent base64-encoded; this
 # header lists the names of those (comma-separated), so the far side can undo it.
 B64_HEADER = "segq-b64"

@@ -73,19 +73,18 @@ from ..errors import Full
 from .._args import SyncPolicy
 from ._link import (
     CONSUMER_NOT_FOUND,
-    Backoff,
     BridgeError,
     Link,
     LinkLost,
     api_error,
     api_request,
-    connect,
     from_nats_headers,
     servers_list,
     stored_headers,
     stream_config,
     wait_or_stop,
 )
+from ._pump import Pump, Stopped, open_link, watching
 from ._tail import last_pulled
 
 if TYPE_CHECKING:
@@ -97,7 +96,6 @@ log = logging.getLogger("segq.nats")
 
 STREAM_HEADER = "segq-nats-stream"
 SEQUENCE_HEADER = "segq-nats-seq"
-_NO_MESSAGE = 10037
 
 
 class PullStats:
@@ -145,16 +143,11 @@ async def pull(
     stop = stop if stop is not None else asyncio.Event()
     stats = PullStats()
     label = f"segq pull {os.fspath(path)}"
-    try:
-        link: Link | None = await connect(urls, name=label)
-    except LinkLost as error:
-        raise BridgeError(str(error), server=", ".join(urls), stream=stream) from None
-    assert link is not None
-    try:
+
+    async def check(link: Link) -> None:
         await stream_config(link.client, stream, link.server, timeout)
-    except BaseException:
-        await link.close()
-        raise
+
+    link = await open_link(urls, label, check, stream=stream)
     sender = AsyncSender(path, max_queue_bytes=max_queue_bytes, sync=sync)
     pump = _Pump(sender, stream, consumer, filter_subject, batch, timeout, stats)
     pump.stop = stop
@@ -163,42 +156,18 @@ async def pull(
         "pulling stream %r (consumer %r) on %s into %s, after sequence %d",
         stream, consumer, link.server, sender.path, pump.last,
     )
-    backoff = Backoff()
     try:
-        while not stop.is_set():
-            try:
-                if link is None:
-                    link = await connect(urls, name=label)
-                    try:
-                        await stream_config(link.client, stream, link.server, timeout)
-                    except BridgeError as error:
-                        # It worked before: a server still recovering its streams, or a
-                        # stream being remade. Keep trying, and keep saying why.
-                        raise LinkLost(str(error)) from None
-                    stats.reconnects += 1
-                    log.info("pull: reconnected to %s", link.server)
-                await pump.catch_up(link, stop)
-                backoff.reset()
-                await pump.run(link, stop)
-            except _Stopped:
-                break
-            except LinkLost as error:
-                delay = backoff.next_delay()
-                log.warning("pull: %s; reconnecting in %.1f s", error, delay)
-                if link is not None:
-                    await link.close()
-                    link = None
-                await wait_or_stop(stop, delay)
+        await pump.keep_running(link, urls, label, check, stop)
     finally:
-        if link is not None:
-            await link.close()
         await sender.close()
         log.info("pull stopped: %s", stats)
     return stats
 
 
-class _Pump:
+class _Pump(Pump[PullStats]):
     """The rounds of one puller: make sure of the consumer, catch up, then fetch, send, ack."""
+
+    role = "pull"
 
     def __init__(
         self,
@@ -210,13 +179,11 @@ class _Pump:
         timeout: float,
         stats: PullStats,
     ) -> None:
+        super().__init__(stream, timeout, stats)
         self.sender = sender
-        self.stream = stream
         self.consumer = consumer
         self.filter_subject = filter_subject
         self.batch = batch
-        self.timeout = timeout
-        self.stats = stats
         self.last = 0
         self.filter: str | None = filter_subject
         self.stop = asyncio.Event()
@@ -287,13 +254,9 @@ class _Pump:
         caught = 0
         while self.last < delivered and not stop.is_set():
             request: dict[str, Any] = {"seq": self.last + 1, "next_by_subj": self.filter or ">"}
-            reply = await api_request(link.client, f"$JS.API.STREAM.MSG.GET.{self.stream}", request, self.timeout)
-            error = api_error(reply)
-            if error is not None:
-                if error[0] == _NO_MESSAGE:
-                    break
-                raise LinkLost(f"cannot read stream {self.stream!r} after sequence {self.last}: {error[1]}")
-            message = reply["message"]
+            message = await self.get_message(link, request, f"stream {self.stream!r} after sequence {self.last}")
+            if message is None:
+                break
             sequence = int(message["seq"])
             if sequence > delivered:
                 break  # the consumer will hand this one out itself
@@ -340,7 +303,7 @@ class _Pump:
     async def _send(self, records: list[tuple[bytes, dict[str, bytes], int]]) -> None:
         """Send ``(data, headers, sequence)`` records to the queue in order, as one atomic batch if it fits.
 
-        Waits for room under ``max_queue_bytes``; raises ``_Stopped`` if
+        Waits for room under ``max_queue_bytes``; raises ``Stopped`` if
         ``stop`` is set meanwhile (what was not sent comes again later).
         """
         # The segq-nats-* headers are reserved names: framed here, as segq's own code may.
@@ -368,7 +331,7 @@ class _Pump:
                 return
             except Full:
                 if self.stop.is_set():
-                    raise _Stopped() from None
+                    raise Stopped() from None
 
     async def _room(self, stop: asyncio.Event) -> None:
         """Wait while the queue's backlog is at ``max_queue_bytes`` (no fetch meanwhile)."""
@@ -385,7 +348,6 @@ class _Pump:
     async def run(self, link: Link, stop: asyncio.Event) -> None:
         """Fetch, send, ack until ``stop``; raise ``LinkLost`` when the link fails."""
         client = link.client
-        loop = asyncio.get_running_loop()
         inbox = client.new_inbox()
         queue: asyncio.Queue[Msg] = asyncio.Queue()
 
@@ -394,9 +356,7 @@ class _Pump:
 
         await client.subscribe(inbox, cb=on_message)
         next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}"
-        stopping = loop.create_task(stop.wait())
-        lost = loop.create_task(link.lost.wait())
-        try:
+        with watching(link, stop) as (stopping, lost):
             while not stop.is_set():
                 await self._room(stop)
                 if stop.is_set():
@@ -409,9 +369,6 @@ class _Pump:
                 except Exception as error:  # noqa: BLE001 - a closed or broken connection
                     raise LinkLost(f"asking for messages failed: {error!r}") from None
                 await self._take(queue, stopping, lost)
-        finally:
-            stopping.cancel()
-            lost.cancel()
 
     async def _take(self, queue: asyncio.Queue[Msg], stopping: asyncio.Task[Any], lost: asyncio.Task[Any]) -> None:
         """Handle the answers to one fetch request: messages, then a status that ends it."""
@@ -469,7 +426,3 @@ def _stream_sequence(reply: str) -> int:
         return int(tokens[-4])
     except (IndexError, ValueError):
         raise LinkLost(f"a delivery had an unexpected reply subject {reply!r}") from None
-
-
-class _Stopped(Exception):
-    """``stop`` was set while a send waited for room in the queue."""
