@@ -171,6 +171,7 @@ def open_file(path: str, flags: int, *, private: bool = False, create: bool = Tr
     flags |= _NOFOLLOW | _CLOEXEC
     parent = _parent_stat(path)
     created = False
+    started = time.monotonic()
     try:
         while True:
             if create:
@@ -187,6 +188,10 @@ def open_file(path: str, flags: int, *, private: bool = False, create: bool = Tr
                 if not create:
                     raise
                 # Removed between our two opens: create it after all.
+            except PermissionError:
+                if not _being_created(path, parent, private, started):
+                    raise
+                time.sleep(0.001)
     except OSError as error:
         if error.errno in (errno.ELOOP, errno.EMLINK) or (error.errno == errno.ENXIO and os.path.islink(path)):
             raise SegqError(f"{path} is a symbolic link; {LINK_ADVICE}") from None
@@ -205,6 +210,30 @@ def open_file(path: str, flags: int, *, private: bool = False, create: bool = Tr
         os.close(fd)
         raise
     return fd
+
+
+# How long an opener waits for another user's new file to get its mode.
+_CREATION_WAIT_SECONDS = 1.0
+
+
+def _being_created(path: str, parent: os.stat_result, private: bool, started: float) -> bool:
+    """Tell whether ``path``, which refused us, is another user's file that has not got its mode yet.
+
+    ``open_file`` creates a file with the umask's narrower mode and widens it
+    with ``fchmod`` a moment later; an opener of another user coming in
+    between is refused.  It waits for the ``fchmod`` (up to a second) instead
+    of failing; a file whose mode is all there refuses us for good.
+    """
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    expected = file_mode(parent.st_mode, private=private)
+    return (
+        info.st_uid != os.geteuid()
+        and stat.S_IMODE(info.st_mode) & expected != expected
+        and time.monotonic() - started < _CREATION_WAIT_SECONDS
+    )
 
 
 def open_to_read(path: str) -> int:

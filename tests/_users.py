@@ -118,6 +118,17 @@ def open_receiver(path: str, name: str) -> int:
     return count
 
 
+def open_queue_file(path: str) -> str:
+    """Open ``path`` as segq opens its private files (``_fs.open_file``); return "opened" or the error's name."""
+    from segq._fs import open_file
+
+    try:
+        os.close(open_file(path, os.O_RDWR, private=True))
+    except OSError as error:
+        return type(error).__name__
+    return "opened"
+
+
 def open_work_queue(path: str, group: str) -> None:
     with segq.WorkQueue(path, group):
         pass

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -290,6 +291,34 @@ def test_two_users_opening_and_closing_senders_at_once_all_attach(tmp_path: path
         mine = [record for record in records if record.startswith(tag.encode() + b":")]
         assert mine == [b"%s:%06d:" % (tag.encode(), seq) + b"x" * 60 for seq in range(rounds)]
     assert semaphores_of(pathlib.Path(queue)) == []
+
+
+def test_a_file_another_user_is_still_creating_is_waited_for_not_refused(
+    tmp_path: pathlib.Path, users: Users
+) -> None:
+    """open_file widens a new file's mode just after creating it; a group member opening it in between waits.
+
+    The two-user attach test failed about once in a few runs with a bare
+    PermissionError on segq.sync.lock from exactly that instant.
+    """
+    queue = shared_queue_dir(tmp_path, users.gid, 0o2775)  # the outsider may look, not write
+    a, b, outsider = users.member_a, users.member_b, users.outsider
+    path = queue / "segq.sync.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # as member a's umask 077 would leave it
+    os.fchown(fd, a.pw_uid, users.gid)
+    widen = threading.Timer(0.3, os.fchmod, (fd, 0o660))  # member a's fchmod, a moment later
+    widen.start()
+    try:
+        assert _users.run_as(b.pw_uid, b.pw_gid, _users.open_queue_file, str(path)) == ("value", "opened")
+    finally:
+        widen.join()
+        os.close(fd)
+    started = time.monotonic()  # a file whose mode is all there refuses an outsider at once
+    assert _users.run_as(outsider.pw_uid, outsider.pw_gid, _users.open_queue_file, str(path)) == (
+        "value",
+        "PermissionError",
+    )
+    assert time.monotonic() - started < 5
 
 
 def test_a_user_who_may_only_read_cannot_lock_the_queue(tmp_path: pathlib.Path, users: Users) -> None:
