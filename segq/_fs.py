@@ -189,7 +189,7 @@ def open_file(path: str, flags: int, *, private: bool = False, create: bool = Tr
                     raise
                 # Removed between our two opens: create it after all.
             except PermissionError:
-                if not _being_created(path, parent, private, started):
+                if not _being_created(path, file_mode(parent.st_mode, private=private), started):
                     raise
                 time.sleep(0.001)
     except OSError as error:
@@ -212,26 +212,25 @@ def open_file(path: str, flags: int, *, private: bool = False, create: bool = Tr
     return fd
 
 
-# How long an opener waits for another user's new file to get its mode.
+# How long an opener waits for another user's new file or directory to get its mode.
 _CREATION_WAIT_SECONDS = 1.0
 
 
-def _being_created(path: str, parent: os.stat_result, private: bool, started: float) -> bool:
-    """Tell whether ``path``, which refused us, is another user's file that has not got its mode yet.
+def _being_created(path: str, wanted: int, started: float) -> bool:
+    """Tell whether ``path`` is another user's new file or directory that has not got its ``wanted`` mode bits yet.
 
-    ``open_file`` creates a file with the umask's narrower mode and widens it
-    with ``fchmod`` a moment later; an opener of another user coming in
-    between is refused.  It waits for the ``fchmod`` (up to a second) instead
-    of failing; a file whose mode is all there refuses us for good.
+    segq creates with a narrow mode (the umask's, or 0700 for a directory)
+    and widens it with ``fchmod`` a moment later; a user coming in between is
+    refused.  Such a caller waits (up to a second) instead of failing; a path
+    whose mode is all there refuses it for good.
     """
     try:
         info = os.lstat(path)
     except OSError:
         return False
-    expected = file_mode(parent.st_mode, private=private)
     return (
         info.st_uid != os.geteuid()
-        and stat.S_IMODE(info.st_mode) & expected != expected
+        and stat.S_IMODE(info.st_mode) & wanted != wanted
         and time.monotonic() - started < _CREATION_WAIT_SECONDS
     )
 
@@ -266,6 +265,10 @@ def make_dir(queue_dir: str, *parts: str) -> str:
                 raise SegqError(f"{path} is a symbolic link, not a directory; {LINK_ADVICE}") from None
             if not stat.S_ISDIR(info.st_mode):
                 raise SegqError(f"{path} is a file, not a directory; remove it or move it out of the queue") from None
+            if info.st_mode & 0o777 == 0o700 and parent_mode & 0o077:  # as another user's mkdir left it
+                started = time.monotonic()
+                while _being_created(path, stat.S_IMODE(parent_mode) & 0o777, started):
+                    time.sleep(0.001)  # its make_dir is about to give it the parent's mode
         except OSError as error:
             raise SegqError(f"cannot create directory {path}: {error.strerror}") from None
         else:

@@ -129,6 +129,17 @@ def open_queue_file(path: str) -> str:
     return "opened"
 
 
+def make_dir_and_file(queue: str, part: str) -> str:
+    """Make ``queue/part`` as segq makes its directories and open a new file in it; return "opened" or the error."""
+    from segq._fs import make_dir
+
+    try:
+        directory = make_dir(queue, part)
+    except segq.SegqError as error:
+        return f"SegqError: {error}"
+    return open_queue_file(os.path.join(directory, "member.lock"))
+
+
 def open_work_queue(path: str, group: str) -> None:
     with segq.WorkQueue(path, group):
         pass

@@ -321,6 +321,24 @@ def test_a_file_another_user_is_still_creating_is_waited_for_not_refused(
     assert time.monotonic() - started < 5
 
 
+def test_a_directory_another_user_is_still_creating_is_waited_for(tmp_path: pathlib.Path, users: Users) -> None:
+    """make_dir creates a directory 0700 and gives it its parent's mode a moment later; a member in between waits."""
+    queue = shared_queue_dir(tmp_path, users.gid, 0o2770)
+    a, b = users.member_a, users.member_b
+    path = queue / "senders"
+    path.mkdir(mode=0o700)
+    os.chown(path, a.pw_uid, users.gid)
+    widen = threading.Timer(0.3, os.chmod, (path, 0o2770))  # member a's fchmod, a moment later
+    widen.start()
+    try:
+        assert _users.run_as(b.pw_uid, b.pw_gid, _users.make_dir_and_file, str(queue), "senders") == (
+            "value",
+            "opened",
+        )
+    finally:
+        widen.join()
+
+
 def test_a_user_who_may_only_read_cannot_lock_the_queue(tmp_path: pathlib.Path, users: Users) -> None:
     """A reader outside the writers' group can read the segments but open no lock file, so it can stall no one."""
     queue = str(shared_queue_dir(tmp_path, users.gid, 0o2775))
