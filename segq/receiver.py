@@ -63,7 +63,7 @@ from ._lock import LockFile
 from ._reader import RecordReader
 from ._segment import StrPath
 from ._retention import delete_consumed_segments, register_cursor
-from ._state import ConsumerKind, Position, check_name, cursor_path, receiver_lock_path
+from ._state import CURSOR_DIR, ConsumerKind, Position, check_name, cursor_path, receiver_lock_path
 from ._wake import Waiter, Waker
 from .errors import Closed, CorruptionError, Empty, InvalidArgument, SegqError, UsageError
 
@@ -581,9 +581,16 @@ class Receiver(ClosedByWith):
     def remove(path: StrPath, name: str) -> None:
         """Unregister receiver ``name`` so it no longer holds back segment deletion.
 
-        Raises ``Locked`` if a live Receiver of that name is open.
+        Raises ``Locked`` if a live Receiver of that name is open, and
+        ``SegqError`` if ``path`` is not a queue; a name that is not
+        registered is left as it is.
         """
+        from ._inspect import existing_queue  # here: unregistering is rare, `import segq` stays cheap
+
         check_name(name)
+        path = existing_queue(path)
+        if not os.path.isdir(os.path.join(path, CURSOR_DIR)):
+            return  # no receiver ever opened this queue: nothing to unregister
         lock = LockFile(receiver_lock_path(path, name), what=f"receiver {name!r}")
         lock.acquire()
         try:
