@@ -181,9 +181,10 @@ class Receiver(ClosedByWith):
     commits: ``"never"``, ``"always"`` (msync before ``commit`` returns) or an
     interval in seconds.
 
-    A Receiver does not create a queue: a missing ``path`` raises
-    ``SegqError``, unless ``create=True`` (for a consumer that starts before
-    its producers), which creates the directory with a small first segment.
+    A Receiver does not create a queue: a missing ``path`` (or a directory
+    of other files) raises ``SegqError``, unless ``create=True`` (for a
+    consumer that starts before its producers), which creates the directory
+    with a small first segment.
 
     Threads may share a Receiver, but it is one consumer: it holds one
     pending message or batch (or one waiting ``recv``) at a time, and a

@@ -201,3 +201,30 @@ def test_receiver_remove_on_a_missing_queue_says_there_is_no_queue(tmp_path: pat
     with pytest.raises(segq.SegqError, match="no queue at"):
         segq.WorkQueue.remove(tmp_path / "missing", "group")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- use after close raises Closed -------------------------------------------
+
+
+def test_settling_a_job_after_its_work_queue_closed_raises_closed(queue_dir: pathlib.Path) -> None:
+    with segq.Sender(queue_dir, segment_size=1 << 16) as tx:
+        tx.send_batch([b"one", b"two", b"three"])
+    wq = segq.WorkQueue(queue_dir)
+    job, batch = wq.claim(timeout=0), wq.claim_batch(2, timeout=0)
+    wq.close()  # gives both back: neither was nacked by the caller
+    for settle in (job.ack, job.nack, job.renew, batch.ack, batch.nack, batch.renew):
+        with pytest.raises(segq.Closed, match="closed"):
+            settle()
+    with segq.WorkQueue(queue_dir) as again:
+        assert [j.data for j in again.claim_batch(3, timeout=0)] == [b"one", b"two", b"three"]
+
+
+def test_committing_a_message_after_its_receiver_closed_raises_closed(queue_dir: pathlib.Path) -> None:
+    with segq.Sender(queue_dir, segment_size=1 << 16) as tx:
+        tx.send(b"one")
+    rx = segq.Receiver(queue_dir)
+    message = rx.recv(timeout=0)
+    rx.close()
+    for settle in (message.commit, message.rollback):
+        with pytest.raises(segq.Closed):
+            settle()

@@ -725,9 +725,17 @@ class WorkQueue(ClosedByWith):
 
     def _check(self, job: Job, call: str) -> JobState:
         """Return the job's state after ``call`` (``JOB_TRANSITIONS``); raise if the call is illegal."""
+        if self._closed:
+            self._raise_closed()  # before the state: close gave the job back, the caller did not nack it
         if job._queue is not self:
             raise UsageError("this job was claimed through another WorkQueue")
         return next_job_state(job, call)
+
+    def _check_all(self, jobs: list[Job], call: str) -> list[JobState]:
+        """Do :meth:`_check` for each of ``jobs``; raise ``Closed`` after ``close`` even when none is left."""
+        if self._closed:
+            self._raise_closed()  # a batch close gave back holds nothing: settling it must not pass in silence
+        return [self._check(job, call) for job in jobs]
 
     def _lost(self, job: Job, call: str) -> ClaimLost:
         state = self._group.state
@@ -858,7 +866,7 @@ class WorkQueue(ClosedByWith):
         return claims
 
     def _ack_many(self, jobs: list[Job]) -> None:
-        following = [self._check(job, "ack") for job in jobs]
+        following = self._check_all(jobs, "ack")
         if not jobs:
             return
         self._begin()
@@ -879,7 +887,7 @@ class WorkQueue(ClosedByWith):
             self._held.discard(job)
 
     def _nack(self, jobs: list[Job], delay: float, reason: str | None) -> None:
-        following = [self._check(job, "nack") for job in jobs]
+        following = self._check_all(jobs, "nack")
         if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not delay >= 0:
             raise UsageError(f"nack delay must be a number of seconds >= 0, not {delay!r}")
         if not jobs:
@@ -899,8 +907,7 @@ class WorkQueue(ClosedByWith):
         self._wake_claimers()
 
     def _renew(self, jobs: list[Job], lease: float | None) -> None:
-        for job in jobs:
-            self._check(job, "renew")
+        self._check_all(jobs, "renew")
         if lease is None:
             lease = self.lease
         if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not lease > 0:
