@@ -228,3 +228,28 @@ def test_committing_a_message_after_its_receiver_closed_raises_closed(queue_dir:
     for settle in (message.commit, message.rollback):
         with pytest.raises(segq.Closed):
             settle()
+
+
+# -- paths: str, os.PathLike, and the bytes check_path accepts -----------------
+
+
+def test_bytes_paths_work_everywhere_a_path_is_taken(tmp_path: pathlib.Path) -> None:
+    path, dead, other = (bytes(tmp_path / name) for name in ("queue", "dead", "other"))
+    with segq.Sender(path, segment_size=1 << 16) as tx:
+        tx.send_batch([b"one", b"two"])
+    with segq.WorkQueue(path, dead_letter=dead, max_attempts=1) as wq:
+        wq.claim(timeout=0).ack(enqueue=[segq.Enqueue(b"next", queue=other)])
+        wq.claim(timeout=0).nack(reason="no")
+    for opened in (segq.Receiver(dead), segq.Receiver(other), segq.WorkQueue(path, "another")):
+        opened.close()
+    assert segq.recovery.unlock_for_sending(path) == []
+    assert segq.recovery.unlock_for_receiving(path) == []
+    assert segq.recovery.unlock_queue(path) == []
+    with segq.Receiver(other) as rx:
+        assert rx.recv(timeout=0).data == b"next"
+
+
+def test_a_bad_follow_up_queue_path_is_refused_when_the_enqueue_is_described() -> None:
+    for bad in ("", "a\0b"):
+        with pytest.raises(segq.SegqError, match="queue"):
+            segq.Enqueue(b"data", queue=bad)

@@ -158,7 +158,9 @@ class WorkQueue(ClosedByWith):
             raise SegqError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
         self.lease = float(lease)
         self.max_attempts = max_attempts
-        self.dead_letter = os.fspath(dead_letter) if dead_letter is not None else dead_letter_path(path, group)
+        self.dead_letter = (
+            check_path(dead_letter, "dead_letter") if dead_letter is not None else dead_letter_path(self.path, group)
+        )
         self._sync_interval = parse_sync(sync)
         self._clock = clock
         self._owner: Owner = _owner if _owner is not None else my_owner()
