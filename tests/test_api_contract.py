@@ -253,3 +253,22 @@ def test_a_bad_follow_up_queue_path_is_refused_when_the_enqueue_is_described() -
     for bad in ("", "a\0b"):
         with pytest.raises(segq.SegqError, match="queue"):
             segq.Enqueue(b"data", queue=bad)
+
+
+# -- settling with bad arguments: a clear error, nothing changed ------------------
+
+
+def test_ack_and_nack_with_arguments_of_the_wrong_type_raise_invalid_argument_and_keep_the_claim(
+    queue_dir: pathlib.Path,
+) -> None:
+    with segq.Sender(queue_dir, segment_size=1 << 16) as tx:
+        tx.send(b"job")
+    with segq.WorkQueue(queue_dir, max_attempts=1) as wq:
+        job = wq.claim(timeout=0)
+        with pytest.raises(segq.InvalidArgument, match="takes a list of segq.Enqueue, not Enqueue"):
+            job.ack(enqueue=segq.Enqueue(b"next"))  # type: ignore[arg-type]
+        with pytest.raises(segq.InvalidArgument, match="reason must be a str"):
+            job.nack(reason=5)  # type: ignore[arg-type]
+        assert job.state.value == "held" and wq.stats().claimed == 1
+        job.ack(enqueue=(segq.Enqueue(b"next %d" % n) for n in range(2)))  # type: ignore[arg-type]
+        assert [j.data for j in wq.claim_batch(5, timeout=0)] == [b"next 0", b"next 1"]

@@ -39,7 +39,7 @@ import struct
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from .._args import SyncPolicy, check_path, check_timeout, parse_sync
 from .. import _wake
@@ -778,12 +778,12 @@ class WorkQueue(ClosedByWith):
         job.state = following
         self._held.discard(job)
 
-    def _ack_with(self, job: Job, requests: list[Enqueue]) -> None:
+    def _ack_with(self, job: Job, requests: Iterable[Enqueue]) -> None:
         """Ack ``job`` and enqueue ``requests`` atomically (the protocol is in ``segq._outbox``)."""
         following = self._check(job, "ack")
         if self._closed:
             self._raise_closed()
-        if not isinstance(requests, (list, tuple)):
+        if isinstance(requests, (Enqueue, str, bytes)) or not hasattr(requests, "__iter__"):
             raise InvalidArgument(f"ack(enqueue=...) takes a list of segq.Enqueue, not {type(requests).__name__}")
         items = follow_ups(list(requests), self._clock())
         group = self._group
@@ -892,6 +892,8 @@ class WorkQueue(ClosedByWith):
         following = self._check_all(jobs, "nack")
         if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not delay >= 0:
             raise UsageError(f"nack delay must be a number of seconds >= 0, not {delay!r}")
+        if reason is not None and not isinstance(reason, str):
+            raise InvalidArgument(f"nack reason must be a str or None, not {type(reason).__name__}", name="reason")
         if not jobs:
             return
         self._begin()
