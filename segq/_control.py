@@ -51,7 +51,7 @@ from ._flock import wait_flock
 from ._fs import file_mode, open_file, open_to_read
 from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordStatus, decode_record
 from ._segment import DEFAULT_SEGMENT_SIZE, MappedSegment, StrPath, os_error
-from ._state import Position
+from ._state import CURSOR_DIR, Position
 from .errors import Closed, CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
@@ -183,12 +183,29 @@ def require_queue(queue_dir: str, *, create: bool, who: str) -> None:
 
     Consumers (``who``, e.g. "Receiver") call this before attaching, so a
     typo in a path is an error instead of a new, empty queue waited on forever.
+    A typo that names some other directory (one holding other files, but no
+    segment, control file or cursors) is refused too: attaching would write
+    a queue's files among them.  An empty directory is allowed, since a
+    ``Sender`` making the queue leaves one for an instant.
     """
-    if create or os.path.lexists(queue_dir):
+    if create:
+        return
+    if not os.path.lexists(queue_dir):
+        raise SegqError(
+            f"no queue at {queue_dir} (no such directory): check the path, or pass create=True to {who} "
+            "to create an empty queue (for a consumer that starts before its producers)"
+        )
+    if os.path.lexists(os.path.join(queue_dir, CONTROL_NAME)):
+        return  # every queue has one: the common case costs one stat
+    try:
+        entries = os.listdir(queue_dir)
+    except OSError:
+        return  # a file, or no permission: attaching says so
+    if not entries or _segment.list_segments(queue_dir) or CURSOR_DIR in entries:
         return
     raise SegqError(
-        f"no queue at {queue_dir} (no such directory): check the path, or pass create=True to {who} "
-        "to create an empty queue (for a consumer that starts before its producers)"
+        f"{queue_dir} is not a segq queue: it holds other files (e.g. {sorted(entries)[0]!r}) but no segment, "
+        f"control file or cursors: check the path, or pass create=True to {who} to make a queue among them"
     )
 
 

@@ -7,10 +7,10 @@ work queue) is what makes the ack and the follow-ups land together.
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass, field
 from typing import Mapping, Union
 
+from ._args import check_path
 from ._segment import StrPath
 from .errors import InvalidArgument
 
@@ -49,7 +49,7 @@ class Enqueue:
         elif not isinstance(self.data, bytes):
             raise InvalidArgument(f"Enqueue data must be bytes, not {type(self.data).__name__}")
         if self.queue is not None:
-            object.__setattr__(self, "queue", os.fspath(self.queue))
+            object.__setattr__(self, "queue", check_path(self.queue, "queue"))
         if self.run_at is not None and self.delay is not None:
             raise InvalidArgument("give a follow-up run_at or delay, not both")
         if self.delay is not None and (

@@ -63,7 +63,7 @@ from ._lock import LockFile
 from ._reader import RecordReader
 from ._segment import StrPath
 from ._retention import delete_consumed_segments, register_cursor
-from ._state import ConsumerKind, Position, check_name, cursor_path, receiver_lock_path
+from ._state import CURSOR_DIR, ConsumerKind, Position, check_name, cursor_path, receiver_lock_path
 from ._wake import Waiter, Waker
 from .errors import Closed, CorruptionError, Empty, InvalidArgument, SegqError, UsageError
 
@@ -181,9 +181,10 @@ class Receiver(ClosedByWith):
     commits: ``"never"``, ``"always"`` (msync before ``commit`` returns) or an
     interval in seconds.
 
-    A Receiver does not create a queue: a missing ``path`` raises
-    ``SegqError``, unless ``create=True`` (for a consumer that starts before
-    its producers), which creates the directory with a small first segment.
+    A Receiver does not create a queue: a missing ``path`` (or a directory
+    of other files) raises ``SegqError``, unless ``create=True`` (for a
+    consumer that starts before its producers), which creates the directory
+    with a small first segment.
 
     Threads may share a Receiver, but it is one consumer: it holds one
     pending message or batch (or one waiting ``recv``) at a time, and a
@@ -581,9 +582,16 @@ class Receiver(ClosedByWith):
     def remove(path: StrPath, name: str) -> None:
         """Unregister receiver ``name`` so it no longer holds back segment deletion.
 
-        Raises ``Locked`` if a live Receiver of that name is open.
+        Raises ``Locked`` if a live Receiver of that name is open, and
+        ``SegqError`` if ``path`` is not a queue; a name that is not
+        registered is left as it is.
         """
+        from ._inspect import existing_queue  # here: unregistering is rare, `import segq` stays cheap
+
         check_name(name)
+        path = existing_queue(path)
+        if not os.path.isdir(os.path.join(path, CURSOR_DIR)):
+            return  # no receiver ever opened this queue: nothing to unregister
         lock = LockFile(receiver_lock_path(path, name), what=f"receiver {name!r}")
         lock.acquire()
         try:

@@ -140,6 +140,7 @@ def unlock_for_sending(path: StrPath) -> list[LockHolder]:
 
     Raises ``Locked`` naming a live sender's PID (after removing the dead ones).
     """
+    path = existing_queue(path)
     removed = _unlock_all([holder for holder in lock_holders(path) if holder.what == "sender"])
     remove_idle_semaphores(path)
     return removed
@@ -150,7 +151,8 @@ def unlock_for_receiving(path: StrPath, name: str = "default") -> list[LockHolde
 
     Raises ``Locked`` naming the PID if that receiver is alive.
     """
-    lock_path = receiver_lock_path(existing_queue(path), check_name(name))
+    path = existing_queue(path)
+    lock_path = receiver_lock_path(path, check_name(name))
     removed = _unlock_all([holder for holder in lock_holders(path) if holder.path == lock_path])
     remove_idle_semaphores(path)
     return removed
@@ -161,6 +163,7 @@ def unlock_queue(path: StrPath) -> list[LockHolder]:
 
     Raises ``Locked`` naming a live holder's PID (after removing the dead ones).
     """
+    path = existing_queue(path)
     removed = _unlock_all(lock_holders(path))
     remove_idle_semaphores(path)
     return removed

@@ -27,6 +27,7 @@ from ._claims import GroupState, describe_word, load_state
 from ._deadletter import DeadLetter, dead_letter_path
 from .._format import SEGMENT_HEADER_SIZE, RecordStatus, decode_record
 from .._fs import make_dir, open_file, open_to_read
+from .._inspect import existing_queue
 from .._headers import split_body
 from .._options import decode_options
 from ._group import membership_lock_path
@@ -458,12 +459,15 @@ def remove_group(path: StrPath, group: str) -> None:
     Raises ``Locked`` if a WorkQueue of the group is open in any process.
     """
     check_name(group, "group name")
+    path = existing_queue(path)
     directory = group_dir(path, group)
     member = membership_lock_path(directory)
-    try:
-        fd = open_file(member, os.O_RDWR, private=True, create=False)
-    except FileNotFoundError:
-        fd = -1
+    fd = -1
+    if os.path.isdir(directory):  # else the group never opened here: nothing to lock, maybe a cursor to drop
+        try:
+            fd = open_file(member, os.O_RDWR, private=True, create=False)
+        except FileNotFoundError:
+            pass
     try:
         if fd >= 0:
             try:

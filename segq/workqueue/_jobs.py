@@ -8,7 +8,7 @@ record's life, seen from the group, is ``_claims.TRANSITIONS``.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Protocol, Sequence
 
 from .._headers import split_body
 from .._lifetime import WithBlock
@@ -29,7 +29,7 @@ class Settler(Protocol):
 
     def _ack(self, job: "Job") -> None: ...
 
-    def _ack_with(self, job: "Job", requests: "list[Enqueue]") -> None: ...
+    def _ack_with(self, job: "Job", requests: "Iterable[Enqueue]") -> None: ...
 
     def _ack_many(self, jobs: list["Job"]) -> None: ...
 
@@ -166,7 +166,7 @@ class Job(_SettledByWith):
         follow-up included) if the claim is gone.  ``ack()`` is ``ack(enqueue=[])``.
         """
         if enqueue:
-            self._queue._ack_with(self, list(enqueue))
+            self._queue._ack_with(self, enqueue)  # which refuses a lone Enqueue, not iterating its fields
         else:
             self._queue._ack(self)
 

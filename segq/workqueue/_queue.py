@@ -39,7 +39,7 @@ import struct
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from .._args import SyncPolicy, check_path, check_timeout, parse_sync
 from .. import _wake
@@ -158,7 +158,9 @@ class WorkQueue(ClosedByWith):
             raise SegqError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
         self.lease = float(lease)
         self.max_attempts = max_attempts
-        self.dead_letter = os.fspath(dead_letter) if dead_letter is not None else dead_letter_path(path, group)
+        self.dead_letter = (
+            check_path(dead_letter, "dead_letter") if dead_letter is not None else dead_letter_path(self.path, group)
+        )
         self._sync_interval = parse_sync(sync)
         self._clock = clock
         self._owner: Owner = _owner if _owner is not None else my_owner()
@@ -725,9 +727,17 @@ class WorkQueue(ClosedByWith):
 
     def _check(self, job: Job, call: str) -> JobState:
         """Return the job's state after ``call`` (``JOB_TRANSITIONS``); raise if the call is illegal."""
+        if self._closed:
+            self._raise_closed()  # before the state: close gave the job back, the caller did not nack it
         if job._queue is not self:
             raise UsageError("this job was claimed through another WorkQueue")
         return next_job_state(job, call)
+
+    def _check_all(self, jobs: list[Job], call: str) -> list[JobState]:
+        """Do :meth:`_check` for each of ``jobs``; raise ``Closed`` after ``close`` even when none is left."""
+        if self._closed:
+            self._raise_closed()  # a batch close gave back holds nothing: settling it must not pass in silence
+        return [self._check(job, call) for job in jobs]
 
     def _lost(self, job: Job, call: str) -> ClaimLost:
         state = self._group.state
@@ -768,12 +778,12 @@ class WorkQueue(ClosedByWith):
         job.state = following
         self._held.discard(job)
 
-    def _ack_with(self, job: Job, requests: list[Enqueue]) -> None:
+    def _ack_with(self, job: Job, requests: Iterable[Enqueue]) -> None:
         """Ack ``job`` and enqueue ``requests`` atomically (the protocol is in ``segq._outbox``)."""
         following = self._check(job, "ack")
         if self._closed:
             self._raise_closed()
-        if not isinstance(requests, (list, tuple)):
+        if isinstance(requests, (Enqueue, str, bytes)) or not hasattr(requests, "__iter__"):
             raise InvalidArgument(f"ack(enqueue=...) takes a list of segq.Enqueue, not {type(requests).__name__}")
         items = follow_ups(list(requests), self._clock())
         group = self._group
@@ -858,7 +868,7 @@ class WorkQueue(ClosedByWith):
         return claims
 
     def _ack_many(self, jobs: list[Job]) -> None:
-        following = [self._check(job, "ack") for job in jobs]
+        following = self._check_all(jobs, "ack")
         if not jobs:
             return
         self._begin()
@@ -879,9 +889,11 @@ class WorkQueue(ClosedByWith):
             self._held.discard(job)
 
     def _nack(self, jobs: list[Job], delay: float, reason: str | None) -> None:
-        following = [self._check(job, "nack") for job in jobs]
+        following = self._check_all(jobs, "nack")
         if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not delay >= 0:
             raise UsageError(f"nack delay must be a number of seconds >= 0, not {delay!r}")
+        if reason is not None and not isinstance(reason, str):
+            raise InvalidArgument(f"nack reason must be a str or None, not {type(reason).__name__}", name="reason")
         if not jobs:
             return
         self._begin()
@@ -899,8 +911,7 @@ class WorkQueue(ClosedByWith):
         self._wake_claimers()
 
     def _renew(self, jobs: list[Job], lease: float | None) -> None:
-        for job in jobs:
-            self._check(job, "renew")
+        self._check_all(jobs, "renew")
         if lease is None:
             lease = self.lease
         if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not lease > 0:
