@@ -22,7 +22,7 @@ import os
 import struct
 from typing import Any, Callable, Mapping, Union
 
-from .errors import CorruptionError, SegqError
+from .errors import CorruptionError, InvalidArgument
 
 __all__ = ["Framed", "HeaderValue", "RESERVED_PREFIX", "encode_headers", "frame_body", "split_body"]
 
@@ -56,30 +56,30 @@ def encode_headers(headers: Mapping[str, HeaderValue], *, allow_reserved: bool =
 def _encode_headers(headers: Mapping[str, HeaderValue], allow_reserved: bool) -> bytes:
     # The Python twin: also the one that explains what is wrong with bad input.
     if not isinstance(headers, Mapping):
-        raise SegqError(f"headers must be a dict of str to bytes, not {type(headers).__name__}")
+        raise InvalidArgument(f"headers must be a dict of str to bytes, not {type(headers).__name__}")
     parts: list[bytes] = []
     for key, value in headers.items():
         if not isinstance(key, str) or not key:
-            raise SegqError(f"header name {key!r} is not a non-empty str")
+            raise InvalidArgument(f"header name {key!r} is not a non-empty str")
         if "\x00" in key:
-            raise SegqError(f"header name {key!r} contains a NUL character")
+            raise InvalidArgument(f"header name {key!r} contains a NUL character")
         if key.startswith(RESERVED_PREFIX) and not allow_reserved:
-            raise SegqError(f"header name {key!r} is reserved: names starting with {RESERVED_PREFIX!r} are segq's own")
+            raise InvalidArgument(f"header name {key!r} is reserved: names starting with {RESERVED_PREFIX!r} are segq's own")
         try:
             name = key.encode("utf-8")
         except UnicodeEncodeError:
-            raise SegqError(f"header name {key!r} is not encodable as UTF-8 (a lone surrogate?)") from None
+            raise InvalidArgument(f"header name {key!r} is not encodable as UTF-8 (a lone surrogate?)") from None
         if len(name) > 0xFFFF:
-            raise SegqError(f"header name of {len(name)} bytes is over the 65535-byte limit")
+            raise InvalidArgument(f"header name of {len(name)} bytes is over the 65535-byte limit")
         if isinstance(value, str):
             try:
                 raw = value.encode("utf-8")
             except UnicodeEncodeError:
-                raise SegqError(f"header {key!r}: value is not encodable as UTF-8 (a lone surrogate?)") from None
+                raise InvalidArgument(f"header {key!r}: value is not encodable as UTF-8 (a lone surrogate?)") from None
         elif isinstance(value, (bytes, bytearray, memoryview)):
             raw = bytes(value)
         else:
-            raise SegqError(f"header {key!r}: value must be bytes or str, not {type(value).__name__}")
+            raise InvalidArgument(f"header {key!r}: value must be bytes or str, not {type(value).__name__}")
         parts += (_KEY.pack(len(name)), name, _VALUE.pack(len(raw)), raw)
     entries = b"".join(parts)
     return _BLOCK.pack(len(entries)) + entries

@@ -28,7 +28,7 @@ from . import _format
 from ._format import SEGMENT_HEADER_SIZE
 from ._fs import create_whole, make_dir, open_file, open_to_read
 from ._segment import OFFSET_BITS, StrPath, os_error
-from .errors import CorruptionError, SegqError, UnsupportedFormat
+from .errors import CorruptionError, InvalidArgument, SegqError, UnsupportedFormat
 
 __all__ = [
     "Position",
@@ -120,7 +120,9 @@ def check_name(name: str, what: str = "receiver name") -> str:
     """Return ``name`` if it is usable in a file name, else raise ``SegqError``."""
     if not isinstance(name, str) or not _NAME.match(name):
         shown = repr(name) if not isinstance(name, str) or len(name) <= 60 else f"{name[:40]!r}... ({len(name):,} characters)"
-        raise SegqError(f"bad {what} {shown}: use 1-100 letters, digits, '.', '_' or '-', not starting with '.' or '-'")
+        raise InvalidArgument(
+            f"bad {what} {shown}: use 1-100 letters, digits, '.', '_' or '-', not starting with '.' or '-'", name=what
+        )
     return name
 
 

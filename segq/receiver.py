@@ -449,7 +449,7 @@ class Receiver(ClosedByWith):
             if self._pending is not None or self._closed or self._waiting:
                 self._check_ready()
             if max_count < 1:
-                raise UsageError(f"recv_batch needs max_count >= 1, not {max_count}")
+                raise InvalidArgument(f"recv_batch needs max_count >= 1, not {max_count}", name="max_count")
             start = self._reader.position
             messages = self._next_messages(max_count)
             if messages:

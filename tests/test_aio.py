@@ -157,7 +157,7 @@ async def test_timeouts_raise_empty(queue_dir: pathlib.Path) -> None:
             await rx.recv(timeout=0.05)
         with pytest.raises(segq.Empty):
             await rx.recv_batch(5, timeout=0.05)
-        with pytest.raises(segq.UsageError):
+        with pytest.raises(segq.InvalidArgument):
             await rx.recv_batch(0)
         assert_idle(rx)
 

@@ -108,7 +108,7 @@ async def test_claim_ack_nack_renew_and_batches(queue_dir: pathlib.Path) -> None
             await wq.claim(timeout=0)
         with pytest.raises(segq.Empty):
             await wq.claim_batch(3, timeout=0.05)
-        with pytest.raises(segq.UsageError):
+        with pytest.raises(segq.InvalidArgument):
             await wq.claim_batch(0)
         assert_idle(wq)
     with segq.WorkQueue(queue_dir) as blocking:

@@ -8,6 +8,7 @@ import pathlib
 import queue
 import subprocess
 import sys
+from typing import Callable
 
 import pytest
 
@@ -272,3 +273,46 @@ def test_ack_and_nack_with_arguments_of_the_wrong_type_raise_invalid_argument_an
         assert job.state.value == "held" and wq.stats().claimed == 1
         job.ack(enqueue=(segq.Enqueue(b"next %d" % n) for n in range(2)))  # type: ignore[arg-type]
         assert [j.data for j in wq.claim_batch(5, timeout=0)] == [b"next 0", b"next 1"]
+
+
+
+def _send_with(headers: object) -> Callable[[pathlib.Path], None]:
+    def call(queue: pathlib.Path) -> None:
+        with segq.Sender(queue) as tx:
+            tx.send(b"x", headers=headers)  # type: ignore[arg-type]
+
+    return call
+
+
+def _recv_batch_of_none(queue: pathlib.Path) -> None:
+    with segq.Receiver(queue) as rx:
+        rx.recv_batch(0)
+
+
+def _claim_batch_of_none(queue: pathlib.Path) -> None:
+    with segq.WorkQueue(queue) as wq:
+        wq.claim_batch(0)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda queue: segq.Receiver(queue, "../up"),
+        _send_with({"": b"v"}),
+        _send_with({"segq-mine": b"v"}),
+        _send_with({"k": 5}),
+        _recv_batch_of_none,
+        lambda queue: segq.WorkQueue(queue, max_attempts=0),
+        _claim_batch_of_none,
+    ],
+    ids=["receiver name", "empty header name", "reserved header name", "header value", "recv_batch(0)",
+         "max_attempts=0", "claim_batch(0)"],
+)
+def test_a_bad_argument_value_raises_invalid_argument_which_is_a_value_error(
+    queue_dir: pathlib.Path, call: Callable[[pathlib.Path], object]
+) -> None:
+    """UsageError is for calls the object's state refuses; a value out of range is InvalidArgument (issue 15)."""
+    segq.Sender(queue_dir).close()
+    with pytest.raises(segq.InvalidArgument) as raised:
+        call(queue_dir)
+    assert isinstance(raised.value, ValueError) and not isinstance(raised.value, segq.UsageError)

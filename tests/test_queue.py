@@ -109,7 +109,7 @@ def test_recv_batch_takes_what_is_ready(queue_dir: pathlib.Path) -> None:
             assert len(batch) == 10
         with pytest.raises(segq.Empty):
             rx.recv_batch(3, timeout=0.05)
-        with pytest.raises(segq.UsageError):
+        with pytest.raises(segq.InvalidArgument):
             rx.recv_batch(0)
 
 

@@ -181,7 +181,7 @@ def test_claim_batch_takes_up_to_max_count_under_one_lease(queue_dir: pathlib.Pa
         assert all(job.state is JobState.NACKED for job in rest)
         again = queue.claim_batch(10, timeout=0)
         assert [job.attempt for job in again] == [2, 2]
-        with pytest.raises(segq.UsageError):
+        with pytest.raises(segq.InvalidArgument):
             queue.claim_batch(0)
 
 
@@ -364,19 +364,21 @@ def test_settling_a_settled_job_names_its_state(queue_dir: pathlib.Path) -> None
 
 
 def test_bad_arguments_are_refused(queue_dir: pathlib.Path) -> None:
-    with pytest.raises(segq.SegqError, match="lease"):
+    with pytest.raises(segq.InvalidArgument, match="lease"):
         WorkQueue(queue_dir, lease=0)
-    with pytest.raises(segq.SegqError, match="max_attempts"):
+    with pytest.raises(segq.InvalidArgument, match="max_attempts"):
         WorkQueue(queue_dir, max_attempts=0)
-    with pytest.raises(segq.SegqError, match="group name"):
+    with pytest.raises(segq.InvalidArgument, match="group name"):
         WorkQueue(queue_dir, "../x")
     fill(queue_dir, 1)
     with WorkQueue(queue_dir) as queue:
         job = queue.claim(timeout=1)
-        with pytest.raises(segq.UsageError):
+        with pytest.raises(segq.InvalidArgument, match="delay"):
             job.nack(delay=-1)
-        with pytest.raises(segq.UsageError):
+        with pytest.raises(segq.InvalidArgument, match="lease"):
             job.renew(lease=0)
+        with pytest.raises(segq.InvalidArgument, match="max_count"):
+            queue.claim_batch(0)
         job.ack()
 
 

@@ -155,7 +155,7 @@ class WorkQueue(ClosedByWith):
         if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease < 1e9:
             raise InvalidArgument(f"lease must be a finite number of seconds > 0, not {lease!r}", name="lease")
         if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
-            raise SegqError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
+            raise InvalidArgument(f"max_attempts must be an int >= 1, not {max_attempts!r}", name="max_attempts")
         self.lease = float(lease)
         self.max_attempts = max_attempts
         self.dead_letter = (
@@ -242,7 +242,7 @@ class WorkQueue(ClosedByWith):
         Waits like ``claim`` for the first; takes as many more as are claimable.
         """
         if not isinstance(max_count, int) or max_count < 1:
-            raise UsageError(f"claim_batch needs max_count >= 1, not {max_count!r}")
+            raise InvalidArgument(f"claim_batch needs max_count >= 1, not {max_count!r}", name="max_count")
         if timeout is not None:
             timeout = check_timeout(timeout)
         jobs = self._claim_many(max_count)
@@ -891,7 +891,7 @@ class WorkQueue(ClosedByWith):
     def _nack(self, jobs: list[Job], delay: float, reason: str | None) -> None:
         following = self._check_all(jobs, "nack")
         if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not delay >= 0:
-            raise UsageError(f"nack delay must be a number of seconds >= 0, not {delay!r}")
+            raise InvalidArgument(f"nack delay must be a number of seconds >= 0, not {delay!r}", name="delay")
         if reason is not None and not isinstance(reason, str):
             raise InvalidArgument(f"nack reason must be a str or None, not {type(reason).__name__}", name="reason")
         if not jobs:
@@ -915,7 +915,7 @@ class WorkQueue(ClosedByWith):
         if lease is None:
             lease = self.lease
         if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not lease > 0:
-            raise UsageError(f"lease must be a number of seconds > 0, not {lease!r}")
+            raise InvalidArgument(f"lease must be a number of seconds > 0, not {lease!r}", name="lease")
         if not jobs:
             return
         self._begin()
