@@ -4,12 +4,14 @@ Run from the repository root::
 
     python -m benchmarks.paths_ab --against /tmp/old send      # 4 KiB send, send_batch(100) of 100 B
     python -m benchmarks.paths_ab --against /tmp/old claim     # WorkQueue claim(timeout=0)+ack, 100 B
+    python -m benchmarks.paths_ab --against /tmp/old durable   # sync="always" send of 100 B (an fdatasync each)
     python -m benchmarks.paths_ab --against /tmp/old create    # new queue + send + close; reopen + send + close
 
 ``--against`` is a directory holding another ``segq`` package (e.g. from
 ``git archive HEAD^``, with its C extension built).  The two copies run in
-turn, so a busy machine slows both alike.  ``send`` and ``claim`` measure the
-thread's CPU time (system time included: the sends' pwrite is in it),
+turn, so a busy machine slows both alike.  ``send``, ``claim`` and ``durable``
+measure the thread's CPU time (system time included: the sends' pwrite and
+the fdatasync's own work are in it, the wait for the disk is not),
 ``create`` the wall clock (its cost is mostly fsync and file creation).
 Prints the medians and this/against.
 """
@@ -74,6 +76,23 @@ def _send_batch(segq: ModuleType) -> float:
         shutil.rmtree(path)
 
 
+def _send_durable(segq: ModuleType) -> float:
+    """Records per CPU-second of send() of 100 B with sync="always": the group commit and its lock each time."""
+    path = tempfile.mkdtemp(prefix="segq-ab-")
+    try:
+        with segq.Sender(path, sync="always") as sender:
+            send = sender.send
+            for _ in range(100):
+                send(b"w" * 100)
+            data, count = os.urandom(100), 1000
+            started = time.thread_time()
+            for _ in range(count):
+                send(data)
+            return count / (time.thread_time() - started)
+    finally:
+        shutil.rmtree(path)
+
+
 def _claim_ack(segq: ModuleType) -> float:
     """Claim+acks per CPU-second, one worker, 100-byte records."""
     path = tempfile.mkdtemp(prefix="segq-ab-")
@@ -119,7 +138,7 @@ def _compare(label: str, unit: str, versions: dict[str, ModuleType], run: Callab
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["send", "claim", "create"])
+    parser.add_argument("what", choices=["send", "claim", "durable", "create"])
     parser.add_argument("--against", help="a directory holding another segq package to compare with")
     parser.add_argument("--repeats", type=int, default=9)
     options = parser.parse_args()
@@ -131,6 +150,8 @@ def main() -> None:
     if options.what == "send":
         _compare("send 4 KiB", "records/s", versions, _send_4k, options.repeats)
         _compare("send_batch(100) 100 B", "records/s", versions, _send_batch, options.repeats)
+    elif options.what == "durable":
+        _compare('send sync="always" 100 B', "records/s", versions, _send_durable, options.repeats)
     elif options.what == "claim":
         _compare("claim+ack", "per s", versions, _claim_ack, options.repeats)
     else:
