@@ -42,21 +42,31 @@ def _load(package_dir: str, name: str) -> ModuleType:
     return module
 
 
-def _send_4k(segq: ModuleType) -> float:
-    """Records per CPU-second of send() of 4 KiB records, past the segment's first pages."""
+def _send_rate(segq: ModuleType, size: int, count: int, sync: str) -> float:
+    """Records per CPU-second of send() of ``size``-byte records, past the segment's first pages."""
     path = tempfile.mkdtemp(prefix="segq-ab-")
     try:
-        with segq.Sender(path) as sender:
+        with segq.Sender(path, sync=sync) as sender:
             send = sender.send
             for _ in range(128):
                 send(b"w" * 4096)
-            data, count = os.urandom(4096), 10_000
+            data = os.urandom(size)
             started = time.thread_time()
             for _ in range(count):
                 send(data)
             return count / (time.thread_time() - started)
     finally:
         shutil.rmtree(path)
+
+
+def _send_4k(segq: ModuleType) -> float:
+    """Records per CPU-second of send() of 4 KiB records."""
+    return _send_rate(segq, 4096, 10_000, "never")
+
+
+def _send_durable(segq: ModuleType) -> float:
+    """Records per CPU-second of send() of 100 B with sync="always": the group commit and its lock each time."""
+    return _send_rate(segq, 100, 1000, "always")
 
 
 def _send_batch(segq: ModuleType) -> float:
@@ -72,23 +82,6 @@ def _send_batch(segq: ModuleType) -> float:
             for _ in range(count):
                 send_batch(batch)
             return count * 100 / (time.thread_time() - started)
-    finally:
-        shutil.rmtree(path)
-
-
-def _send_durable(segq: ModuleType) -> float:
-    """Records per CPU-second of send() of 100 B with sync="always": the group commit and its lock each time."""
-    path = tempfile.mkdtemp(prefix="segq-ab-")
-    try:
-        with segq.Sender(path, sync="always") as sender:
-            send = sender.send
-            for _ in range(100):
-                send(b"w" * 100)
-            data, count = os.urandom(100), 1000
-            started = time.thread_time()
-            for _ in range(count):
-                send(data)
-            return count / (time.thread_time() - started)
     finally:
         shutil.rmtree(path)
 

@@ -56,19 +56,23 @@ else:
 Hold = Callable[[str, pathlib.Path], subprocess.Popen[str]]
 
 
+def child_env() -> dict[str, str]:
+    """Return the environment of a child that imports this segq."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
 @pytest.fixture
 def stopped_holder() -> Iterator[Hold]:
     """Start a process that takes a lock, then stop it with SIGSTOP: a live holder that hangs."""
     started: list[subprocess.Popen[str]] = []
 
     def hold(kind: str, path: pathlib.Path) -> subprocess.Popen[str]:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         process = subprocess.Popen(
             [sys.executable, "-c", HOLDER, kind, str(path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            env=env,
+            env=child_env(),
         )
         started.append(process)
         assert process.stdout is not None and process.stdout.readline() == "held\n"
@@ -146,7 +150,9 @@ def make_group(queue: pathlib.Path, group: str = "g") -> pathlib.Path:
 
 def hold_group_lock(stopped_holder: Hold, directory: pathlib.Path, file_name: str) -> subprocess.Popen[str]:
     """Stop a process holding the group lock: the mutex through a GroupLock, the fallback's flock directly."""
-    return stopped_holder("mutex", directory) if file_name == "mutex" else stopped_holder("flock", directory / file_name)
+    if file_name == "mutex":
+        return stopped_holder("mutex", directory)
+    return stopped_holder("flock", directory / file_name)
 
 
 def test_a_group_lock_held_by_a_stopped_process_raises_locked_naming_it_then_is_taken_once_it_goes_on(
@@ -222,6 +228,43 @@ def test_a_stopped_holder_killed_during_the_wait_hands_the_group_lock_over_at_on
     finally:
         waiter.join()
         lock.close()
+
+
+WAITER = """
+import sys
+from segq.workqueue import _grouplock
+if sys.argv[2] == "lock":
+    _grouplock._libc = False  # the flock fallback, as in the test process
+lock = _grouplock.GroupLock(sys.argv[1])
+print("waiting", flush=True)
+try:
+    lock.acquire()
+    print("taken", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_ends_a_wait_for_the_group_lock(
+    tmp_path: pathlib.Path, group_lock_file: str, stopped_holder: Hold, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait returns to Python at least every 50 ms, so SIGINT's KeyboardInterrupt is raised in it."""
+    monkeypatch.setenv("SEGQ_LOCK_TIMEOUT", "60")
+    directory = make_group(tmp_path / "queue")
+    hold_group_lock(stopped_holder, directory, group_lock_file)
+    command = [sys.executable, "-c", WAITER, str(directory), group_lock_file]
+    waiter = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=child_env())
+    try:
+        assert waiter.stdout is not None and waiter.stdout.readline() == "waiting\n"
+        time.sleep(0.5)  # in the wait by now
+        waiter.send_signal(signal.SIGINT)
+        assert waiter.wait(timeout=GIVES_UP_WITHIN) == 0
+        assert waiter.stdout.read() == "interrupted\n"
+    finally:
+        waiter.kill()
+        waiter.wait()
+        if waiter.stdout is not None:
+            waiter.stdout.close()
 
 
 # -- the group commit's sync lock ------------------------------------------------------------------------
