@@ -13,9 +13,10 @@ the holder's PID, read from ``/proc/locks`` (Linux; elsewhere the PID is
 unknown).
 
 The loop itself is :func:`wait_lock`, shared with the locks that are not
-``flock`` locks (the work-queue group's robust mutex): it hands each attempt a
-growing wait, which an ``flock`` spends sleeping before it tries again and a
-mutex spends blocked in a timed lock (woken at once by the release).
+``flock`` locks (the work-queue group's robust mutex): it offers each attempt
+a growing wait, which an ``flock`` spends sleeping before it tries again,
+while a mutex blocks in timed locks of a fixed 50 ms instead (its release
+ends one at once, and a shorter one costs a timer).
 """
 
 from __future__ import annotations
@@ -69,15 +70,15 @@ def wait_lock(
     *,
     what: str,
     holder: Callable[[], int | None],
-    unknown: str = "another process",
     timeout: float | None = None,
 ) -> None:
-    """Call ``take(seconds)`` with growing waits until it reports the lock taken, for at most ``timeout`` seconds.
+    """Call ``take(seconds)`` until it reports the lock taken, for at most ``timeout`` seconds.
 
-    ``take`` tries the lock once, spending up to ``seconds`` on it, and
-    returns whether it got it; the caller has already tried without waiting.
+    ``take`` tries the lock once, spending about ``seconds`` on it (0.5 ms
+    at first, doubling up to 50 ms), and returns whether it got it; the
+    caller has already tried without waiting.
     At the deadline (default :func:`lock_timeout`) raises :class:`Locked`
-    naming ``holder()``'s PID, or ``unknown`` when that returns None.
+    naming ``holder()``'s PID, or when that returns None, how to find it.
     """
     limit = lock_timeout() if timeout is None else timeout
     deadline = time.monotonic() + limit
@@ -85,7 +86,7 @@ def wait_lock(
     while not take(delay):
         if time.monotonic() >= deadline:
             pid = holder()
-            who = unknown if pid is None else f"PID {pid}"
+            who = f"another process (one of those `fuser -v {path}` lists)" if pid is None else f"PID {pid}"
             raise Locked(
                 f"{path} ({what}) stayed locked by {who} for {limit:g} s; if that process hangs, stop it "
                 "(SEGQ_LOCK_TIMEOUT sets how long to wait)",

@@ -302,9 +302,7 @@ class GroupLock:
             results.append(result)
             return True
 
-        path = os.path.join(self.group_dir, _MUTEX_FILE)
-        unknown = f"another process (one of those `fuser -v {path}` lists)"
-        wait_lock(take, path, what="group lock", holder=self._holder, unknown=unknown)
+        wait_lock(take, os.path.join(self.group_dir, _MUTEX_FILE), what="group lock", holder=self._holder)
         return results[0]
 
     def _ctypes_timed_lock(self, pointer: Any, seconds: float) -> int:
