@@ -4,12 +4,14 @@ Run from the repository root::
 
     python -m benchmarks.paths_ab --against /tmp/old send      # 4 KiB send, send_batch(100) of 100 B
     python -m benchmarks.paths_ab --against /tmp/old claim     # WorkQueue claim(timeout=0)+ack, 100 B
+    python -m benchmarks.paths_ab --against /tmp/old durable   # sync="always" send of 100 B (an fdatasync each)
     python -m benchmarks.paths_ab --against /tmp/old create    # new queue + send + close; reopen + send + close
 
 ``--against`` is a directory holding another ``segq`` package (e.g. from
 ``git archive HEAD^``, with its C extension built).  The two copies run in
-turn, so a busy machine slows both alike.  ``send`` and ``claim`` measure the
-thread's CPU time (system time included: the sends' pwrite is in it),
+turn, so a busy machine slows both alike.  ``send``, ``claim`` and ``durable``
+measure the thread's CPU time (system time included: the sends' pwrite and
+the fdatasync's own work are in it, the wait for the disk is not),
 ``create`` the wall clock (its cost is mostly fsync and file creation).
 Prints the medians and this/against.
 """
@@ -40,21 +42,31 @@ def _load(package_dir: str, name: str) -> ModuleType:
     return module
 
 
-def _send_4k(segq: ModuleType) -> float:
-    """Records per CPU-second of send() of 4 KiB records, past the segment's first pages."""
+def _send_rate(segq: ModuleType, size: int, count: int, sync: str) -> float:
+    """Records per CPU-second of send() of ``size``-byte records, past the segment's first pages."""
     path = tempfile.mkdtemp(prefix="segq-ab-")
     try:
-        with segq.Sender(path) as sender:
+        with segq.Sender(path, sync=sync) as sender:
             send = sender.send
             for _ in range(128):
                 send(b"w" * 4096)
-            data, count = os.urandom(4096), 10_000
+            data = os.urandom(size)
             started = time.thread_time()
             for _ in range(count):
                 send(data)
             return count / (time.thread_time() - started)
     finally:
         shutil.rmtree(path)
+
+
+def _send_4k(segq: ModuleType) -> float:
+    """Records per CPU-second of send() of 4 KiB records."""
+    return _send_rate(segq, 4096, 10_000, "never")
+
+
+def _send_durable(segq: ModuleType) -> float:
+    """Records per CPU-second of send() of 100 B with sync="always": the group commit and its lock each time."""
+    return _send_rate(segq, 100, 1000, "always")
 
 
 def _send_batch(segq: ModuleType) -> float:
@@ -119,7 +131,7 @@ def _compare(label: str, unit: str, versions: dict[str, ModuleType], run: Callab
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["send", "claim", "create"])
+    parser.add_argument("what", choices=["send", "claim", "durable", "create"])
     parser.add_argument("--against", help="a directory holding another segq package to compare with")
     parser.add_argument("--repeats", type=int, default=9)
     options = parser.parse_args()
@@ -131,6 +143,8 @@ def main() -> None:
     if options.what == "send":
         _compare("send 4 KiB", "records/s", versions, _send_4k, options.repeats)
         _compare("send_batch(100) 100 B", "records/s", versions, _send_batch, options.repeats)
+    elif options.what == "durable":
+        _compare('send sync="always" 100 B', "records/s", versions, _send_durable, options.repeats)
     elif options.what == "claim":
         _compare("claim+ack", "per s", versions, _claim_ack, options.repeats)
     else:

@@ -11,6 +11,12 @@ polls with growing sleeps up to a deadline (``SEGQ_LOCK_TIMEOUT`` seconds,
 and SIGTERM end the wait.  At the deadline it raises :class:`Locked` naming
 the holder's PID, read from ``/proc/locks`` (Linux; elsewhere the PID is
 unknown).
+
+The loop itself is :func:`wait_lock`, shared with the locks that are not
+``flock`` locks (the work-queue group's robust mutex): it offers each attempt
+a growing wait, which an ``flock`` spends sleeping before it tries again,
+while a mutex blocks in timed locks of a fixed 50 ms instead (its release
+ends one at once, and a shorter one costs a timer).
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from typing import Callable
 
 from .errors import InvalidArgument, Locked
 
-__all__ = ["wait_flock", "flock_holders", "lock_timeout"]
+__all__ = ["wait_flock", "wait_lock", "flock_holders", "lock_timeout"]
 
 _DEFAULT_TIMEOUT = 60.0
 
@@ -57,34 +64,60 @@ def flock_holders(fd: int) -> list[int]:
     return holders
 
 
+def wait_lock(
+    take: Callable[[float], bool],
+    path: str,
+    *,
+    what: str,
+    holder: Callable[[], int | None],
+    timeout: float | None = None,
+) -> None:
+    """Call ``take(seconds)`` until it reports the lock taken, for at most ``timeout`` seconds.
+
+    ``take`` tries the lock once, spending about ``seconds`` on it (0.5 ms
+    at first, doubling up to 50 ms), and returns whether it got it; the
+    caller has already tried without waiting.
+    At the deadline (default :func:`lock_timeout`) raises :class:`Locked`
+    naming ``holder()``'s PID, or when that returns None, how to find it.
+    """
+    limit = lock_timeout() if timeout is None else timeout
+    deadline = time.monotonic() + limit
+    delay = 0.0005
+    while not take(delay):
+        if time.monotonic() >= deadline:
+            pid = holder()
+            who = f"another process (one of those `fuser -v {path}` lists)" if pid is None else f"PID {pid}"
+            raise Locked(
+                f"{path} ({what}) stayed locked by {who} for {limit:g} s; if that process hangs, stop it "
+                "(SEGQ_LOCK_TIMEOUT sets how long to wait)",
+                path=path,
+                pid=pid,
+            )
+        delay = min(delay * 2, 0.05)
+
+
 def wait_flock(fd: int, path: str, *, shared: bool = False, what: str = "lock", timeout: float | None = None) -> None:
     """Take an ``flock`` on ``fd``, waiting at most ``timeout`` seconds (default :func:`lock_timeout`).
 
     Raises :class:`Locked` naming the holder's PID when it runs out.
     """
-    operation = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    operation = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
     try:
-        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        fcntl.flock(fd, operation)
         return
     except BlockingIOError:
         pass
-    limit = lock_timeout() if timeout is None else timeout
-    deadline = time.monotonic() + limit
-    delay = 0.0005
-    while True:
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+
+    def take(seconds: float) -> bool:
+        time.sleep(seconds)
         try:
-            fcntl.flock(fd, operation | fcntl.LOCK_NB)
-            return
+            fcntl.flock(fd, operation)
+            return True
         except BlockingIOError:
-            pass
-        if time.monotonic() >= deadline:
-            holders = [pid for pid in flock_holders(fd) if pid != os.getpid()]
-            who = f"PID {holders[0]}" if holders else "another process"
-            raise Locked(
-                f"{path} ({what}) stayed locked by {who} for {limit:g} s; if that process hangs, stop it "
-                "(SEGQ_LOCK_TIMEOUT sets how long to wait)",
-                path=path,
-                pid=holders[0] if holders else None,
-            )
+            return False
+
+    def holder() -> int | None:
+        others = [pid for pid in flock_holders(fd) if pid != os.getpid()]
+        return others[0] if others else None
+
+    wait_lock(take, path, what=what, holder=holder, timeout=timeout)

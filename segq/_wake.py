@@ -5,8 +5,9 @@ Theory of operation
 A process that must wait (a receiver for data, a sender for room) claims a
 slot in the control file's waiter table and owns a FIFO, ``wake/<slot>.fifo``.
 To wait it raises its slot's byte in ``DATA_WAITERS`` (or ``ROOM_WAITERS``)
-and counts itself in ``DATA_WAITING`` (both under the table's flock, so
-counts stay exact), checks its condition once more, and blocks in ``poll`` on
+and counts itself in ``DATA_WAITING`` (both under the table's flock,
+``wake/slots.lock``, so counts stay exact; a holder hung there makes the
+others raise ``Locked`` after ``SEGQ_LOCK_TIMEOUT``), checks its condition once more, and blocks in ``poll`` on
 the FIFO.  A process that makes the condition true (a send, a commit) reads
 the count byte after publishing its change and, if it is not zero, writes
 one byte to the FIFO of each raised slot.  So a send that nobody waits for
@@ -38,6 +39,8 @@ The file descriptor of a waiter is pollable, so asyncio can watch it with
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import os
 import select
 import stat
@@ -46,6 +49,7 @@ import time
 import zlib
 from typing import Callable
 
+from ._flock import wait_flock
 from ._fs import file_mode, give_to_directory_owner, make_dir, open_file
 from ._control import (
     CLAIM_GROUP,
@@ -61,6 +65,7 @@ from ._control import (
     Control,
 )
 from ._segment import os_error
+from .errors import Locked
 
 __all__ = [
     "Waiter",
@@ -72,6 +77,8 @@ __all__ = [
     "DATA_WAITING",
     "ROOM_WAITING",
 ]
+
+log = logging.getLogger(__name__)
 
 _SAFETY_SECONDS = 1.0
 _fence_lock = threading.Lock()
@@ -108,23 +115,19 @@ class _SlotTable:
         directory = _wake_dir(control)
         try:
             make_dir(control.queue_dir, os.path.basename(directory))
-            fd = open_file(os.path.join(directory, "slots.lock"), os.O_RDWR, private=True)
-            self._handle = os.fdopen(fd, "r+b", buffering=0)
+            self._path = os.path.join(directory, "slots.lock")
+            self._fd = open_file(self._path, os.O_RDWR, private=True)
         except OSError as error:
             raise os_error(error, "create", directory) from None
 
     def __enter__(self) -> None:
-        import portalocker  # not at the top: `import segq` stays cheap (issue 14)
-
-        portalocker.lock(self._handle, portalocker.LockFlags.EXCLUSIVE)
+        wait_flock(self._fd, self._path, what="the waiter table")
 
     def __exit__(self, *exc_info: object) -> None:
-        import portalocker
-
-        portalocker.unlock(self._handle)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        self._handle.close()
+        os.close(self._fd)
 
 
 def set_flag(control: Control, region: int, slot: int, raised: bool) -> None:
@@ -255,12 +258,18 @@ class Waiter:
             return
         control = self._control
         if not control.map.closed:
-            with self._table:
-                for region in _REGIONS:
-                    set_flag(control, region, self.slot, False)
-                offset = SLOTS + self.slot * SLOT.size
-                _, generation = SLOT.unpack_from(control.map, offset)
-                SLOT.pack_into(control.map, offset, 0, generation)
+            try:
+                with self._table:
+                    for region in _REGIONS:
+                        set_flag(control, region, self.slot, False)
+                    offset = SLOTS + self.slot * SLOT.size
+                    _, generation = SLOT.unpack_from(control.map, offset)
+                    SLOT.pack_into(control.map, offset, 0, generation)
+            except Locked as error:
+                # Closing must not fail for another process's hang.  The slot
+                # stays taken until this process exits, and its raised flags
+                # are lowered by the first waker to find its FIFO gone.
+                log.warning("%s; leaving waiter slot %d as it is", error, self.slot)
         self._table.close()
         try:
             os.unlink(_fifo_path(control, self.slot))
@@ -287,8 +296,13 @@ class Waker:
         # Its process is gone: lower its flag so sends stop trying to wake it.
         if self._table is None:
             self._table = _SlotTable(self._control)
-        with self._table:
-            set_flag(self._control, region, slot, False)
+        try:
+            with self._table:
+                set_flag(self._control, region, slot, False)
+        except Locked as error:
+            # A send that already published its record must not fail for
+            # this tidying up: the flag stays up and the next wake-up retries.
+            log.warning("%s; waiter slot %d stays raised", error, slot)
 
     def wake(self, region: int) -> None:
         """Wake every waiter raised on ``region`` (cheap when none is).

@@ -41,6 +41,7 @@ from ._control import (
 )
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE, as_payload
 from ._headers import Framed, HeaderValue, frame_body
+from ._flock import wait_flock
 from ._fs import make_dir, open_file
 from ._lifetime import ClosedByWith, Ticker, close_at_exit
 from ._lock import LockFile
@@ -135,9 +136,8 @@ class Sender(ClosedByWith):
                 what="sender",
             )
             make_dir(self.path, "senders")
-            self._sync_file = os.fdopen(
-                open_file(os.path.join(self.path, "segq.sync.lock"), os.O_RDWR, private=True), "r+b", buffering=0
-            )
+            self._sync_path = os.path.join(self.path, "segq.sync.lock")
+            self._sync_file = os.fdopen(open_file(self._sync_path, os.O_RDWR, private=True), "r+b", buffering=0)
             try:
                 self._registration.acquire()
             except BaseException:
@@ -564,9 +564,10 @@ class Sender(ClosedByWith):
         if word == 0 or control.word(SYNCED) >= word:
             return
         with self._sync_thread_lock:
-            # fcntl.flock directly (what portalocker does on POSIX): this runs
-            # once per durable send, and portalocker's wrapper cost ~20-40 us.
-            fcntl.flock(self._sync_file.fileno(), fcntl.LOCK_EX)
+            # fcntl.flock (what portalocker does on POSIX) tried without
+            # blocking first: this runs once per durable send, and
+            # portalocker's wrapper cost ~20-40 us.  A hung holder: Locked.
+            wait_flock(self._sync_file.fileno(), self._sync_path, what="group commit")
             try:
                 synced = control.word(SYNCED)
                 if synced >= word:
