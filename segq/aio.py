@@ -101,6 +101,7 @@ from ._args import SyncPolicy, check_timeout, parse_sync
 from ._control import CLAIM_WAITERS, DATA_WAITERS, ROOM_WAITERS
 from ._followups import Enqueue
 from ._format import HEADER_SIZE, as_payload
+from ._options import Enqueued, TimeLike
 from .workqueue._jobs import Job, JobBatch, JobState, reason_of
 from .workqueue._stats import GroupStats
 from ._segment import DEFAULT_SEGMENT_SIZE, StrPath
@@ -653,6 +654,7 @@ class AsyncSender(_LoopOwner):
         max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
         sync: SyncPolicy = "never",
         max_queue_bytes: int | None = None,
+        dedup_window: float = 120.0,
     ) -> None:
         policy = parse_sync(sync)
         self._sender = Sender(
@@ -661,24 +663,36 @@ class AsyncSender(_LoopOwner):
             max_record_size=max_record_size,
             sync=sync,
             max_queue_bytes=max_queue_bytes,
+            dedup_window=dedup_window,
         )
         self.path = self._sender.path
         wait = _LoopWait(self._sender._get_room_waiter, ROOM_WAITERS, "this sender's room")
         self._start(self._sender.close, policy, "segq-aio-sync", wait)
         # One send at a time waits for room: its FIFO is watched by one task.
         self._room_turn = asyncio.Lock()
+        self._enqueuer: concurrent.futures.ThreadPoolExecutor | None = None  # made by the first enqueue
+        self._enqueues: set[concurrent.futures.Future[Enqueued]] = set()  # running, for close() to wait on
+        self._closing = False
 
     @property
     def segment_size(self) -> int:
+        """The size new segments grow to (``Sender.segment_size``)."""
         return self._sender.segment_size
 
     @property
     def max_record_size(self) -> int:
+        """The largest record ``send`` accepts, headers included."""
         return self._sender.max_record_size
 
     @property
     def max_queue_bytes(self) -> int | None:
+        """The backlog past which sends wait for room (None: no bound)."""
         return self._sender.max_queue_bytes
+
+    @property
+    def dedup_window(self) -> float:
+        """Seconds a settled job's ``dedup_key`` keeps refusing duplicates."""
+        return self._sender.dedup_window
 
     # -- sending ---------------------------------------------------------
 
@@ -732,6 +746,48 @@ class AsyncSender(_LoopOwner):
                         raise Closed("send() on a closed AsyncSender")
                     raise Full(f"backlog stayed over max_queue_bytes={limit} for {timeout} s; nothing was written")
 
+    async def enqueue(
+        self,
+        data: bytes,
+        *,
+        run_at: TimeLike | None = None,
+        delay: float | None = None,
+        priority: int = 0,
+        dedup_key: str | None = None,
+        job_id: str | None = None,
+        headers: Headers | None = None,
+    ) -> Enqueued:
+        """Send ``data`` as a work-queue job with options; return its ``Enqueued(id, duplicate)``.
+
+        The options and their semantics are ``Sender.enqueue``'s.  The enqueue
+        runs on a worker thread, never on the loop: the dedup index takes a
+        file lock other processes share, and a full queue waits for room.  A
+        cancelled enqueue may still land (whole, never half); ``close()``
+        waits for the ones running.
+        """
+        if self._closed or self._closing:
+            raise Closed("enqueue() on a closed AsyncSender")
+        pool = self._worker  # sync="always": its one thread keeps sends and enqueues in order
+        if pool is None:
+            if self._enqueuer is None:
+                self._enqueuer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="segq-aio-enqueue")
+            pool = self._enqueuer
+        work = pool.submit(
+            functools.partial(
+                self._sender.enqueue,
+                data,
+                run_at=run_at,
+                delay=delay,
+                priority=priority,
+                dedup_key=dedup_key,
+                job_id=job_id,
+                headers=headers,
+            )
+        )
+        self._enqueues.add(work)
+        work.add_done_callback(self._enqueues.discard)
+        return await asyncio.wrap_future(work)
+
     # -- durability ------------------------------------------------------
 
     async def flush(self) -> None:
@@ -747,6 +803,15 @@ class AsyncSender(_LoopOwner):
         await asyncio.get_running_loop().run_in_executor(self._worker, self._sender.sync)
 
     # -- lifetime --------------------------------------------------------
+
+    async def close(self) -> None:
+        """Wait for the enqueues running, then release everything (see ``_LoopOwner.close``).  Idempotent."""
+        self._closing = True
+        if self._enqueues:
+            await asyncio.wait([asyncio.wrap_future(work) for work in list(self._enqueues)])
+        await super().close()
+        if self._enqueuer is not None:
+            self._enqueuer.shutdown(wait=False)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

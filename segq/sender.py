@@ -245,9 +245,8 @@ class Sender(ClosedByWith):
         processes and crashes.  ``job_id``: the id instead of the default (the
         record's position); one in use raises ``DuplicateJobId``.  Options
         travel as reserved ``segq-`` headers beside ``headers``.  Bad options
-        raise ``InvalidArgument`` and write nothing.  The default id of a
-        job enqueued with neither key nor id is read after the send: give a
-        Sender shared by threads a ``job_id`` if the ids matter.
+        raise ``InvalidArgument`` and write nothing.  Safe from several threads:
+        each default id is the position of that enqueue's own record.
         """
         from ._enqueue import enqueue
 

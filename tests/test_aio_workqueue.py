@@ -392,3 +392,39 @@ async def test_closing_wakes_a_waiting_claim_and_gives_held_jobs_back(queue_dir:
         job = await again.claim(timeout=PATIENCE)
         assert (job.data, job.attempt) == (b"held", 2)
         await job.ack()
+
+
+async def test_async_sender_enqueue_takes_the_options_and_dedups_like_sender(queue_dir: pathlib.Path) -> None:
+    async with segq.AsyncSender(queue_dir, dedup_window=30) as tx:
+        assert tx.dedup_window == 30.0
+        first = await tx.enqueue(b"low", priority=1, headers={"trace": b"t1"})
+        later = await tx.enqueue(b"later", delay=3600)
+        high = await tx.enqueue(b"high", priority=9, dedup_key="k")
+        again = await tx.enqueue(b"high again", priority=9, dedup_key="k")
+        named = await tx.enqueue(b"named", job_id="job-7")
+        with pytest.raises(segq.DuplicateJobId):
+            await tx.enqueue(b"named twice", job_id="job-7")
+        with pytest.raises(segq.InvalidArgument):
+            await tx.enqueue(b"bad", priority=10)
+    assert not first.duplicate and not later.duplicate and not high.duplicate
+    assert again == segq.Enqueued(high.id, True)
+    assert named.id == "job-7"
+    async with segq.AsyncWorkQueue(queue_dir, lease=60) as wq:
+        claimed = [await wq.claim(timeout=1) for _ in range(3)]
+        assert [job.data for job in claimed] == [b"high", b"low", b"named"]
+        assert claimed[1].headers["trace"] == b"t1" and claimed[1].priority == 1 and claimed[0].id == high.id
+        for job in claimed:
+            await job.ack()
+        assert await wq.try_claim() is None  # "later" is not due
+
+
+async def test_async_sender_close_waits_for_an_enqueue_still_running(queue_dir: pathlib.Path) -> None:
+    tx = segq.AsyncSender(queue_dir)
+    running = asyncio.ensure_future(tx.enqueue(b"in flight", dedup_key="once"))
+    await asyncio.sleep(0)  # the enqueue is on its thread
+    await tx.close()
+    assert (await running).duplicate is False
+    with pytest.raises(segq.Closed):
+        await tx.enqueue(b"after close")
+    with segq.Receiver(queue_dir) as rx:
+        assert rx.recv(timeout=1).data == b"in flight"
