@@ -544,7 +544,9 @@ class AsyncReceiver(_LoopOwner):
     def try_recv(self) -> AsyncMessage | None:
         """Return the next message if one is ready, else None; never waits.
 
-        Raises ``UsageError`` if a message is pending or another task is waiting in ``recv``.
+        A plain method, not a coroutine: it never blocks, so it needs no
+        ``await`` (``await rx.try_recv()`` is a TypeError).  Raises
+        ``UsageError`` if a message is pending or another task is waiting in ``recv``.
         """
         self._check_open()
         self._check_no_waiter()
@@ -1001,10 +1003,12 @@ class AsyncWorkQueue(_LoopOwner):
 
     @property
     def lease(self) -> float:
+        """Seconds a claim is held before its record goes back."""
         return self._queue.lease
 
     @property
     def max_attempts(self) -> int:
+        """Attempts after which a record goes to the dead-letter queue."""
         return self._queue.max_attempts
 
     # -- claiming --------------------------------------------------------
