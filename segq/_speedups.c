@@ -153,14 +153,31 @@ static uint32_t record_crc(uint32_t length_word, const unsigned char *payload, s
     return crc_update(crc_update(0, length, 4), payload, size);
 }
 
+/* Set a TypeError and return 1 unless a function got its expected number of arguments. */
+static int wrong_nargs(Py_ssize_t nargs, Py_ssize_t expected, const char *usage) {
+    if (nargs == expected)
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", usage, expected);
+    return 1;
+}
+
+/* Read an integer argument into *out; return 0 with the exception set if it is not one. */
+static int ssize_arg(PyObject *object, Py_ssize_t *out) {
+    *out = PyLong_AsSsize_t(object);
+    return !(*out == -1 && PyErr_Occurred());
+}
+
+static int long_long_arg(PyObject *object, long long *out) {
+    *out = PyLong_AsLongLong(object);
+    return !(*out == -1 && PyErr_Occurred());
+}
+
 /* frame_into(target, offset, payload): write payload at offset + 8, then its header at offset. */
 static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "frame_into(target, offset, payload) takes 3 arguments");
+    if (wrong_nargs(nargs, 3, "frame_into(target, offset, payload)"))
         return NULL;
-    }
-    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
-    if (offset == -1 && PyErr_Occurred())
+    Py_ssize_t offset;
+    if (!ssize_arg(args[1], &offset))
         return NULL;
     Py_buffer target, payload;
     if (PyObject_GetBuffer(args[0], &target, PyBUF_WRITABLE) < 0)
@@ -193,12 +210,10 @@ static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t 
  * the caller's slow path decides which.
  */
 static PyObject *read_record(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "read_record(buffer, offset) takes 2 arguments");
+    if (wrong_nargs(nargs, 2, "read_record(buffer, offset)"))
         return NULL;
-    }
-    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
-    if (offset == -1 && PyErr_Occurred())
+    Py_ssize_t offset;
+    if (!ssize_arg(args[1], &offset))
         return NULL;
     Py_buffer buffer;
     if (PyObject_GetBuffer(args[0], &buffer, PyBUF_SIMPLE) < 0)
@@ -244,6 +259,14 @@ static void frame_list(unsigned char *at, PyObject *list, Py_ssize_t count) {
     }
 }
 
+/* Return a new bytes object of total bytes holding the count records of list, framed. */
+static PyObject *framed_blob(PyObject *list, Py_ssize_t count, Py_ssize_t total) {
+    PyObject *blob = PyBytes_FromStringAndSize(NULL, total);
+    if (blob != NULL)
+        frame_list((unsigned char *)PyBytes_AS_STRING(blob), list, count);
+    return blob;
+}
+
 /* encode_batch(payloads): frame a list of bytes; all but the last CONTINUE.
  *
  * An item that is a bytes subclass (a Framed body) is a record with headers.
@@ -267,11 +290,7 @@ static PyObject *encode_batch(PyObject *module, PyObject *payloads) {
         }
         total += HEADER_SIZE + size;
     }
-    PyObject *blob = PyBytes_FromStringAndSize(NULL, total);
-    if (blob == NULL)
-        return NULL;
-    frame_list((unsigned char *)PyBytes_AS_STRING(blob), payloads, count);
-    return blob;
+    return framed_blob(payloads, count, total);
 }
 
 /* frame_batch(records, limit): validate and frame a list of bytes in one pass.
@@ -284,17 +303,15 @@ static PyObject *encode_batch(PyObject *module, PyObject *payloads) {
  * 100 B those two loops cost more than the framing.
  */
 static PyObject *frame_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "frame_batch(records, limit) takes 2 arguments");
+    if (wrong_nargs(nargs, 2, "frame_batch(records, limit)"))
         return NULL;
-    }
     PyObject *records = args[0];
     if (!PyList_Check(records)) {
         PyErr_SetString(PyExc_TypeError, "frame_batch takes a list");
         return NULL;
     }
-    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
-    if (limit == -1 && PyErr_Occurred())
+    Py_ssize_t limit;
+    if (!ssize_arg(args[1], &limit))
         return NULL;
     if (limit > (Py_ssize_t)LENGTH_MASK)
         limit = (Py_ssize_t)LENGTH_MASK;
@@ -314,11 +331,7 @@ static PyObject *frame_batch(PyObject *module, PyObject *const *args, Py_ssize_t
         }
         total += HEADER_SIZE + size;
     }
-    PyObject *blob = PyBytes_FromStringAndSize(NULL, total);
-    if (blob == NULL)
-        return NULL;
-    frame_list((unsigned char *)PyBytes_AS_STRING(blob), records, count);
-    return blob;
+    return framed_blob(records, count, total);
 }
 
 /* decode_run(buffer, offset, max_count): payloads of up to max_count intact records from offset.
@@ -328,15 +341,13 @@ static PyObject *frame_batch(PyObject *module, PyObject *const *args, Py_ssize_t
  * mismatch) so the caller's slow path can look at it.
  */
 static PyObject *decode_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "decode_run(buffer, offset, max_count) takes 3 arguments");
+    if (wrong_nargs(nargs, 3, "decode_run(buffer, offset, max_count)"))
         return NULL;
-    }
-    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
-    if (offset == -1 && PyErr_Occurred())
+    Py_ssize_t offset;
+    if (!ssize_arg(args[1], &offset))
         return NULL;
-    Py_ssize_t max_count = PyLong_AsSsize_t(args[2]);
-    if (max_count == -1 && PyErr_Occurred())
+    Py_ssize_t max_count;
+    if (!ssize_arg(args[2], &max_count))
         return NULL;
     Py_buffer buffer;
     if (PyObject_GetBuffer(args[0], &buffer, PyBUF_SIMPLE) < 0)
@@ -457,18 +468,16 @@ static PyTypeObject *message_class(PyObject *cls) {
 
 /* new_message(cls, owner, data, start, end): a message, its fields set (no header parsing). */
 static PyObject *new_message(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "new_message(cls, owner, data, start, end) takes 5 arguments");
+    if (wrong_nargs(nargs, 5, "new_message(cls, owner, data, start, end)"))
         return NULL;
-    }
     PyTypeObject *cls = message_class(args[0]);
     if (cls == NULL)
         return NULL;
-    long long start = PyLong_AsLongLong(args[3]);
-    if (start == -1 && PyErr_Occurred())
+    long long start;
+    if (!long_long_arg(args[3], &start))
         return NULL;
-    long long end = PyLong_AsLongLong(args[4]);
-    if (end == -1 && PyErr_Occurred())
+    long long end;
+    if (!long_long_arg(args[4], &end))
         return NULL;
     return make_message(cls, args[1], args[2], start, end);
 }
@@ -482,22 +491,20 @@ static PyObject *new_message(PyObject *module, PyObject *const *args, Py_ssize_t
  * caller to split.
  */
 static PyObject *decode_messages(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "decode_messages(buffer, offset, max_count, cls, owner, base_word) takes 6 arguments");
+    if (wrong_nargs(nargs, 6, "decode_messages(buffer, offset, max_count, cls, owner, base_word)"))
         return NULL;
-    }
-    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
-    if (offset == -1 && PyErr_Occurred())
+    Py_ssize_t offset;
+    if (!ssize_arg(args[1], &offset))
         return NULL;
-    Py_ssize_t max_count = PyLong_AsSsize_t(args[2]);
-    if (max_count == -1 && PyErr_Occurred())
+    Py_ssize_t max_count;
+    if (!ssize_arg(args[2], &max_count))
         return NULL;
     PyTypeObject *cls = message_class(args[3]);
     if (cls == NULL)
         return NULL;
     PyObject *owner = args[4];
-    long long base_word = PyLong_AsLongLong(args[5]);
-    if (base_word == -1 && PyErr_Occurred())
+    long long base_word;
+    if (!long_long_arg(args[5], &base_word))
         return NULL;
     Py_buffer buffer;
     if (PyObject_GetBuffer(args[0], &buffer, PyBUF_SIMPLE) < 0)
@@ -552,12 +559,10 @@ static PyObject *decode_messages(PyObject *module, PyObject *const *args, Py_ssi
  * segq._state does with a memoryview, in one call instead of five.
  */
 static PyObject *write_slot(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "write_slot(target, base, sequence, segment, offset) takes 5 arguments");
+    if (wrong_nargs(nargs, 5, "write_slot(target, base, sequence, segment, offset)"))
         return NULL;
-    }
-    Py_ssize_t at = PyLong_AsSsize_t(args[1]);
-    if (at == -1 && PyErr_Occurred())
+    Py_ssize_t at;
+    if (!ssize_arg(args[1], &at))
         return NULL;
     unsigned long long words[3];
     for (int i = 0; i < 3; i++) {
@@ -663,10 +668,8 @@ static PyObject *mutex_lock(PyObject *module, PyObject *view) {
 }
 
 static PyObject *mutex_timedlock(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "mutex_timedlock(view, seconds) takes 2 arguments");
+    if (wrong_nargs(nargs, 2, "mutex_timedlock(view, seconds)"))
         return NULL;
-    }
     double seconds = PyFloat_AsDouble(args[1]);
     if (seconds == -1.0 && PyErr_Occurred())
         return NULL;
@@ -724,10 +727,8 @@ static PyObject *crc32(PyObject *module, PyObject *const *args, Py_ssize_t nargs
  * names the problem, so both agree on every input they both accept.
  */
 static PyObject *encode_headers(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "encode_headers(headers, allow_reserved) takes 2 arguments");
+    if (wrong_nargs(nargs, 2, "encode_headers(headers, allow_reserved)"))
         return NULL;
-    }
     PyObject *headers = args[0];
     int allow_reserved = PyObject_IsTrue(args[1]);
     if (allow_reserved < 0)
