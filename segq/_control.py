@@ -47,6 +47,7 @@ import time
 from typing import IO, Any, Callable, Protocol
 
 from . import _segment
+from ._args import check_path
 from ._flock import wait_flock
 from ._fs import file_mode, open_file, open_to_read
 from ._format import HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordStatus, decode_record
@@ -55,6 +56,7 @@ from ._state import CURSOR_DIR, Position
 from .errors import Closed, CorruptionError, SegqError, UnsupportedFormat
 
 __all__ = [
+    "existing_queue",
     "CONTROL_NAME",
     "CONTROL_SIZE",
     "TAIL",
@@ -176,6 +178,22 @@ def _sem_unlink(name: str) -> None:
     from _multiprocessing import sem_unlink  # type: ignore[import-not-found]
 
     sem_unlink(name)
+
+
+def existing_queue(path: StrPath) -> str:
+    """Return ``path`` as a string if it is a segq queue; else raise ``SegqError`` saying what it is."""
+    queue_dir = check_path(path)
+    if not os.path.exists(queue_dir):
+        raise SegqError(f"no queue at {queue_dir}: the directory does not exist")
+    if not os.path.isdir(queue_dir):
+        raise SegqError(f"{queue_dir} is a file, not a queue directory")
+    if not (
+        _segment.list_segments(queue_dir)
+        or os.path.exists(os.path.join(queue_dir, CONTROL_NAME))
+        or os.path.isdir(os.path.join(queue_dir, CURSOR_DIR))
+    ):
+        raise SegqError(f"{queue_dir} is not a segq queue: no segments, no control file, no cursors")
+    return queue_dir
 
 
 def require_queue(queue_dir: str, *, create: bool, who: str) -> None:
@@ -690,8 +708,6 @@ class Control:
                 return
 
     def _take_over(self, stalled_tail: int) -> bool:
-        import portalocker
-
         from ._lock import process_is_alive
 
         owner = self.word(OWNER)

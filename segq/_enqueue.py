@@ -41,7 +41,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from ._control import Control
 from ._flock import wait_flock
@@ -66,8 +66,13 @@ from ._segment import list_segments, os_error
 from ._state import Position, list_cursors, read_position
 from .errors import DuplicateJobId, SegqError
 
-if TYPE_CHECKING:
-    from .sender import Sender
+
+class Appender(Protocol):
+    """What an enqueue needs of the ``Sender`` it goes through (no import: the Sender imports this module)."""
+
+    def _append_one(self, payload: bytes) -> int: ...
+
+    def _dedup_index(self) -> "DedupIndex": ...
 
 __all__ = ["enqueue", "DedupIndex", "DEDUP_JOURNAL", "DEDUP_LOCK"]
 
@@ -81,7 +86,7 @@ _ID_NAME = JOB_ID.encode("ascii")
 
 
 def enqueue(
-    sender: "Sender",
+    sender: Appender,
     data: bytes,
     *,
     run_at: TimeLike | None,
@@ -133,7 +138,7 @@ class DedupIndex:
 
     # -- the transaction ---------------------------------------------------
 
-    def enqueue(self, sender: "Sender", body: bytes, options: JobOptions) -> Enqueued:
+    def enqueue(self, sender: Appender, body: bytes, options: JobOptions) -> Enqueued:
         """Check ``options``' key and id, send ``body`` if neither is taken; under the dedup lock."""
         with self._thread_lock:
             fd = self._take_lock()

@@ -12,8 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._args import check_path
-from ._control import CONTROL_NAME, read_published_tail
+from ._control import existing_queue, read_published_tail
 from ._format import END_MARKER, FORMAT_VERSION, HEADER_SIZE, SEGMENT_HEADER_SIZE
 from ._fs import open_to_read
 from ._lock import read_owner
@@ -34,22 +33,6 @@ __all__ = [
     "QueueInfo",
     "info",
 ]
-
-
-def existing_queue(path: StrPath) -> str:
-    """Return ``path`` as a string if it is a segq queue; else raise ``SegqError`` saying what it is."""
-    queue_dir = check_path(path)
-    if not os.path.exists(queue_dir):
-        raise SegqError(f"no queue at {queue_dir}: the directory does not exist")
-    if not os.path.isdir(queue_dir):
-        raise SegqError(f"{queue_dir} is a file, not a queue directory")
-    if not (
-        list_segments(queue_dir)
-        or os.path.exists(os.path.join(queue_dir, CONTROL_NAME))
-        or os.path.isdir(os.path.join(queue_dir, CURSOR_DIR))
-    ):
-        raise SegqError(f"{queue_dir} is not a segq queue: no segments, no control file, no cursors")
-    return queue_dir
 
 
 def saved_position(queue_dir: str, kind: ConsumerKind, name: str) -> tuple[bool, Position | None, str | None]:

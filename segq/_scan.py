@@ -55,7 +55,6 @@ from ._segment import (
     header_never_written,
     list_segments,
     open_segment_file,
-    os_error,
     read_segment_header,
     segment_path,
 )

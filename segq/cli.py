@@ -36,9 +36,8 @@ import click
 
 from . import __version__
 from ._args import MAX_INTERVAL, MIN_INTERVAL, check_interval
-from ._control import CONTROL_MAGIC, CONTROL_NAME
+from ._control import CONTROL_MAGIC, CONTROL_NAME, existing_queue
 from ._headers import encode_headers
-from ._inspect import existing_queue
 from ._scan import position_json
 from ._segment import MIN_SEGMENT_SIZE, SEGMENT_SIZE_LIMIT, list_segments, queue_segment_size
 from ._state import CURSOR_DIR, ConsumerKind, check_name, list_cursors, receiver_lock_path

@@ -52,6 +52,7 @@ from ._control import (
     ROOM_WAITING,
     TAIL_INDEX,
     Control,
+    existing_queue,
     require_queue,
 )
 from ._format import HEADER_SIZE, read_record as _read_record
@@ -586,8 +587,6 @@ class Receiver(ClosedByWith):
         ``SegqError`` if ``path`` is not a queue; a name that is not
         registered is left as it is.
         """
-        from ._inspect import existing_queue  # here: unregistering is rare, `import segq` stays cheap
-
         check_name(name)
         path = existing_queue(path)
         if not os.path.isdir(os.path.join(path, CURSOR_DIR)):

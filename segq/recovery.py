@@ -51,7 +51,7 @@ from typing import Any
 import portalocker
 
 from ._control import CONTROL_NAME, published_tail, remove_semaphores, reset_header
-from ._fs import fsync_directory, open_file, open_to_read, replace_into_place
+from ._fs import open_file, open_to_read, replace_into_place
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE
 from ._inspect import (
     ConsumerInfo,

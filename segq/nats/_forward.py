@@ -70,7 +70,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .._inspect import existing_queue
+from .._control import existing_queue
 from .._queueid import queue_id
 from .._segment import StrPath
 from .._state import Position

@@ -27,7 +27,7 @@ from ._claims import GroupState, describe_word, load_state
 from ._deadletter import DeadLetter, dead_letter_path
 from .._format import SEGMENT_HEADER_SIZE, RecordStatus, decode_record
 from .._fs import make_dir, open_file, open_to_read
-from .._inspect import existing_queue
+from .._control import existing_queue
 from .._headers import split_body
 from .._options import decode_options
 from ._group import membership_lock_path

@@ -54,7 +54,7 @@ from .._reader import RecordReader
 from .._segment import StrPath, segment_path
 from .._state import Position, check_name, same_segment
 from .._wake import Waiter, Waker, group_tag
-from ..errors import ClaimLost, Closed, CorruptionError, Empty, InvalidArgument, SegqError, UsageError
+from ..errors import ClaimLost, Closed, CorruptionError, Empty, InvalidArgument, UsageError
 from ._admin import remove_group, requeue_dead
 from ._claims import (
     ACK_ONE,
