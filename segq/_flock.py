@@ -28,7 +28,7 @@ from typing import Callable
 
 from .errors import InvalidArgument, Locked
 
-__all__ = ["wait_flock", "wait_lock", "flock_holders", "lock_timeout"]
+__all__ = ["wait_flock", "wait_lock", "flock_holders", "other_flock_holder", "lock_timeout"]
 
 _DEFAULT_TIMEOUT = 60.0
 
@@ -71,18 +71,20 @@ def wait_lock(
     what: str,
     holder: Callable[[], int | None],
     timeout: float | None = None,
+    first_delay: float = 0.0005,
+    max_delay: float = 0.05,
 ) -> None:
     """Call ``take(seconds)`` until it reports the lock taken, for at most ``timeout`` seconds.
 
-    ``take`` tries the lock once, spending about ``seconds`` on it (0.5 ms
-    at first, doubling up to 50 ms), and returns whether it got it; the
-    caller has already tried without waiting.
+    ``take`` tries the lock once, spending about ``seconds`` on it
+    (``first_delay`` at first, doubling up to ``max_delay``), and returns
+    whether it got it; the caller has already tried without waiting.
     At the deadline (default :func:`lock_timeout`) raises :class:`Locked`
     naming ``holder()``'s PID, or when that returns None, how to find it.
     """
     limit = lock_timeout() if timeout is None else timeout
     deadline = time.monotonic() + limit
-    delay = 0.0005
+    delay = first_delay
     while not take(delay):
         if time.monotonic() >= deadline:
             pid = holder()
@@ -93,7 +95,7 @@ def wait_lock(
                 path=path,
                 pid=pid,
             )
-        delay = min(delay * 2, 0.05)
+        delay = min(delay * 2, max_delay)
 
 
 def wait_flock(fd: int, path: str, *, shared: bool = False, what: str = "lock", timeout: float | None = None) -> None:
@@ -116,8 +118,10 @@ def wait_flock(fd: int, path: str, *, shared: bool = False, what: str = "lock", 
         except BlockingIOError:
             return False
 
-    def holder() -> int | None:
-        others = [pid for pid in flock_holders(fd) if pid != os.getpid()]
-        return others[0] if others else None
+    wait_lock(take, path, what=what, holder=lambda: other_flock_holder(fd), timeout=timeout)
 
-    wait_lock(take, path, what=what, holder=holder, timeout=timeout)
+
+def other_flock_holder(fd: int) -> int | None:
+    """Return the PID of another process holding an ``flock`` on the file open at ``fd`` (None if unknown)."""
+    others = [pid for pid in flock_holders(fd) if pid != os.getpid()]
+    return others[0] if others else None

@@ -41,7 +41,7 @@ from ._control import (
 )
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE, as_payload
 from ._headers import Framed, HeaderValue, frame_body
-from ._flock import wait_flock
+from ._flock import other_flock_holder, wait_lock
 from ._fs import make_dir, open_file
 from ._lifetime import ClosedByWith, Ticker, close_at_exit
 from ._lock import LockFile
@@ -563,10 +563,8 @@ class Sender(ClosedByWith):
         if word == 0 or control.word(SYNCED) >= word:
             return
         with self._sync_thread_lock:
-            # fcntl.flock (what portalocker does on POSIX) tried without
-            # blocking first: this runs once per durable send, and
-            # portalocker's wrapper cost ~20-40 us.  A hung holder: Locked.
-            wait_flock(self._sync_file.fileno(), self._sync_path, what="group commit")
+            if not self._lock_for_sync(word):
+                return  # another sender's sync covered the record while we waited
             try:
                 synced = control.word(SYNCED)
                 if synced >= word:
@@ -577,6 +575,46 @@ class Sender(ClosedByWith):
                     control.store(SYNCED, target)
             finally:
                 fcntl.flock(self._sync_file.fileno(), fcntl.LOCK_UN)
+
+    def _lock_for_sync(self, word: int) -> bool:
+        """Take ``segq.sync.lock``, or return False as soon as another sender's sync covered ``word``.
+
+        The group commit: while one sender runs the fdatasync the others
+        wait, and most find their records synced when it ends.  So a waiter
+        looks at the synced word every 50 us at first (a sleeping waiter is
+        what lets SIGINT in and a hung holder time out: ``Locked``), and
+        returns without the lock once its record is covered.
+        """
+        fd = self._sync_file.fileno()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: one system call
+            return True
+        except BlockingIOError:
+            pass
+        control = self._control
+        locked = False
+
+        def take(seconds: float) -> bool:
+            nonlocal locked
+            time.sleep(seconds)
+            if control.word(SYNCED) >= word:
+                return True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            locked = True
+            return True
+
+        wait_lock(
+            take,
+            self._sync_path,
+            what="group commit",
+            holder=lambda: other_flock_holder(fd),
+            first_delay=0.00005,
+            max_delay=0.001,
+        )
+        return locked
 
     def _fdatasync_segments(self, first: int, last: int) -> None:
         # Segments are opened by path, not through self._window: a send on

@@ -284,6 +284,35 @@ def test_a_durable_send_while_a_stopped_process_holds_the_sync_lock_raises_locke
         sender.send(b"third")
 
 
+def test_a_durable_send_waiting_for_the_sync_lock_returns_once_another_senders_sync_covered_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The group commit: a waiter whose record a running sync covers returns without the lock or an fdatasync."""
+    import fcntl
+    import threading
+
+    from segq._control import SYNCED, TAIL
+
+    queue = tmp_path / "queue"
+    with segq.Sender(queue, sync="always") as sender:
+        sender.send(b"first")
+        with open(queue / "segq.sync.lock", "rb") as leader:  # another sender, mid-fdatasync
+            fcntl.flock(leader.fileno(), fcntl.LOCK_EX)
+            syncs_before = sender._fdatasyncs
+            done = threading.Event()
+            waiting = threading.Thread(target=lambda: (sender.send(b"second"), done.set()))
+            waiting.start()
+            try:
+                assert not done.wait(0.3)  # its record is not synced yet: it waits
+                control = sender._control
+                control.store(SYNCED, control.word(TAIL))  # the leader's fdatasync ended, covering it
+                assert done.wait(5), "the send kept waiting for the lock after its record was synced"
+            finally:
+                fcntl.flock(leader.fileno(), fcntl.LOCK_UN)
+                waiting.join()
+            assert sender._fdatasyncs == syncs_before  # it ran no fdatasync of its own
+
+
 # -- the waiter table's lock -----------------------------------------------------------------------------
 
 
