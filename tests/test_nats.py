@@ -159,6 +159,26 @@ def fill(queue: Path, count: int, start: int = 0) -> None:
         sender.send_batch([b"%08d" % number for number in range(start, start + count)])
 
 
+def queue_tail(queue: Path) -> segq.Position:
+    from segq._control import Control
+
+    control = Control(queue)
+    try:
+        return control.tail()
+    finally:
+        control.close()
+
+
+def forwarded_position(queue: Path) -> segq.Position | None:
+    """The forwarder's committed position (None before its first commit)."""
+    from segq._state import read_position
+
+    try:
+        return read_position(queue / "cursors" / "r.forward.pos")
+    except segq.SegqError:
+        return None
+
+
 def numbers(records: list[tuple[bytes, dict[str, str]]]) -> list[int]:
     return [int(data) for data, _ in records]
 
@@ -227,11 +247,13 @@ def test_forward_lag_shows_in_segq_info_as_a_receivers_backlog(server: NatsServe
     async def main() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(forward(queue_dir, server.url, stream="EVENTS", subject="ev.a", stop=stop))
-        while await count_in_stream(server.url) < 10:
+        # Stored in the stream is not yet committed here: wait for the commit, or the lag counts all 15.
+        while await count_in_stream(server.url) < 10 or forwarded_position(queue_dir) != tail:
             await asyncio.sleep(0.05)
         stop.set()
         await task
 
+    tail = queue_tail(queue_dir)
     run(main())
     fill(queue_dir, 5, start=10)
     env = dict(os.environ, PYTHONPATH=str(REPO))
