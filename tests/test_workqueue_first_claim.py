@@ -9,7 +9,7 @@ import time
 import pytest
 
 import segq
-from segq.workqueue import WorkQueue
+from segq.workqueue import WorkQueue, read_group_stats
 
 SEGMENT_SIZE = 1 << 16  # the backlog spans several segments
 BACKLOG = 6000
@@ -35,7 +35,7 @@ def _send(tx: segq.Sender, name: int, kind: str, rng: random.Random, now: float)
         tx.enqueue(data, priority=priority)
         return priority, 0.0
     # Due ones in a scrambled time order; later ones stay out of reach (the clock stands still).
-    run_at = now - rng.uniform(1, 1000) if kind == "due" else now + rng.uniform(1, 86400)
+    run_at = now - rng.uniform(1, 1000) if kind == "due" else now + rng.uniform(600, 86400)
     tx.enqueue(data, priority=priority, run_at=run_at)
     return priority, run_at
 
@@ -78,17 +78,25 @@ def test_a_first_claim_behind_a_mixed_backlog_takes_what_the_model_says_and_reco
             jobs[name] = _send(tx, name, rng.choice(kinds), rng, now)
         # Another worker claims some (going past others: SKIP entries) and gives them back.
         with WorkQueue(queue_dir, max_attempts=100, clock=clock) as earlier:
-            for _ in range(GIVEN_BACK):
-                job = earlier.claim(timeout=1)
+            held = [earlier.claim(timeout=1) for _ in range(GIVEN_BACK)]
+            for job in held:
                 given_back[int(job.data)] = job.priority
                 job.nack()
         for name in range(200, BACKLOG):
             jobs[name] = _send(tx, name, rng.choice(kinds), rng, now)
     assert len(list(queue_dir.glob("*.seg"))) >= 3
     expected = _model_order(jobs, given_back, now)
+    later = sum(1 for _, run_at in jobs.values() if run_at > now)
+    stats = read_group_stats(queue_dir)  # the read-only index of the backlog (segq info)
+    assert (stats.pending + stats.retrying, stats.scheduled, stats.claimed) == (len(expected), later, 0)
     with WorkQueue(queue_dir, max_attempts=100, clock=clock) as first:
         job = first.claim(timeout=1)  # reads the whole backlog at once
         assert job.data == expected[0]
+        mine, read_only = first.stats(), read_group_stats(queue_dir)
+        assert (mine.pending + mine.retrying, mine.scheduled, mine.claimed) == (len(expected) - 1, later, 1)
+        assert (read_only.pending, read_only.scheduled, read_only.claimed, read_only.retrying) == (
+            mine.pending, mine.scheduled, mine.claimed, mine.retrying
+        )
         if who_goes_on == "the first claimer":
             job.ack()
             assert _claim_one_by_one(first) == expected[1:]
@@ -97,7 +105,7 @@ def test_a_first_claim_behind_a_mixed_backlog_takes_what_the_model_says_and_reco
             with WorkQueue(queue_dir, max_attempts=100, clock=clock) as fresh:
                 assert _claim_one_by_one(fresh) == expected[1:]
             job.ack()
-        assert first.stats().scheduled == sum(1 for _, run_at in jobs.values() if run_at > now)
+        assert first.stats().scheduled == later
 
 
 def test_a_first_claim_past_a_batch_of_scheduled_jobs_keeps_their_time_and_priority(queue_dir: pathlib.Path) -> None:

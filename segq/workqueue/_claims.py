@@ -35,6 +35,7 @@ import math
 import operator
 import struct
 import zlib
+from functools import partial
 from itertools import islice, starmap
 from typing import Any, Iterable, NamedTuple, Sequence
 
@@ -179,6 +180,10 @@ class Skipped(NamedTuple):
 
 _first = operator.itemgetter(0)
 _second = operator.itemgetter(1)
+
+#: ``Skipped`` from a tuple ``(end, priority, run_at)``, without the NamedTuple's Python ``__new__``
+#: (a claim going past a backlog makes one per record).
+new_skipped = partial(tuple.__new__, Skipped)
 
 # Entry bodies (docs/workqueue.md).
 STATE_BODY = struct.Struct("<QQQQQ")  # head, mark, next token, dead-letter total, acked total

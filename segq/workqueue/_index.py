@@ -36,12 +36,11 @@ import heapq
 import math
 from collections import deque
 from itertools import islice
-from operator import attrgetter
 from typing import Any
 
 from .._headers import Framed, split_body
 from .._options import PRIORITY, RUN_AT, decode_options
-from ._claims import MAX_PRIORITY, GroupState, Skipped
+from ._claims import MAX_PRIORITY, GroupState, Skipped, new_skipped
 
 __all__ = ["ClaimIndex", "PLAIN"]
 
@@ -49,7 +48,6 @@ INF = math.inf
 PLAIN = Skipped(0, 0, 0.0)  # the options of a record sent without any
 _PRIORITY_NAME = PRIORITY.encode("ascii")
 _RUN_AT_NAME = RUN_AT.encode("ascii")
-_start_of = attrgetter("_start")  # of a record read in a batch (a ``_messages.MessageFields``)
 
 
 def record_options(body: bytes, path: str, start: int) -> tuple[int, float]:
@@ -140,32 +138,31 @@ class ClaimIndex:
         else:
             self._file(start, Skipped(end, priority, run_at), now)
 
-    def add_batch(self, records: list[Any], framed: int, now: float, path: str) -> None:
-        """File records this process read at ``scan``, in order: ``_messages.MessageFields`` of queue ``path``.
+    def add_batch(self, payloads: list[bytes], positions: list[int], framed: bool, now: float, path: str) -> None:
+        """File records of queue ``path`` this process read at ``scan``, in order, as columns.
 
-        ``framed`` counts those with headers (``RecordReader.next_messages``);
-        without any, the batch is plain records, filed in one call.
+        ``positions`` holds the start word of each payload, then the end of
+        the last; ``framed`` tells whether any has headers: without, the
+        batch is plain records, filed in one call.
         """
-        self.scan = records[-1]._end
+        count = len(payloads)
+        self.scan = positions[count]
+        self.scan_ordinal += count
         if not framed:
-            self.plain.extend(map(_start_of, records))
-            self.scan_ordinal += len(records)
+            self.plain.extend(islice(positions, count))
             return
-        self.scan_ordinal += len(records)
         plain_append = self.plain.append
         options = self.options
         future: list[tuple[float, int, int]] = []
         due: list[tuple[float, int]] = []
         due_priority = -1  # the priority of every entry in ``due``; mixed ones are pushed at once
-        for record in records:
-            data = record.data
+        for data, start, end in zip(payloads, positions, islice(positions, 1, None)):
             # A record with headers may be a job with options; a byte search
             # (in C) rules most out before the header block is parsed.
             if type(data) is Framed and (data.find(_PRIORITY_NAME) >= 0 or data.find(_RUN_AT_NAME) >= 0):
-                start = record._start
                 priority, run_at = record_options(data, path, start)
                 if priority or run_at:
-                    options[start] = Skipped(record._end, priority, run_at)
+                    options[start] = new_skipped((end, priority, run_at))
                     if run_at > now:
                         future.append((run_at, start, priority))
                     elif due_priority in (priority, -1):
@@ -175,7 +172,7 @@ class ClaimIndex:
                         heapq.heappush(self.heaps[priority], (run_at or INF, start))
                         self.in_heaps += 1
                     continue
-            plain_append(record._start)
+            plain_append(start)
         if future:
             _push_all(self.future, future)
         if due:

@@ -31,7 +31,6 @@ lease end or retry time.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import math
@@ -74,6 +73,7 @@ from ._claims import (
     describe_word,
     encode_return,
     encode_skips,
+    new_skipped,
 )
 from ._deadletter import DeadLetterSender, dead_letter_path
 from ._group import GroupHandle
@@ -98,11 +98,11 @@ _ACK_ONE_KIND = struct.unpack("<I", _ACK_ONE_WORD)[0]
 _HELD = JobState.HELD
 _job_transition = JOB_TRANSITIONS.get
 _BATCH = 4096  # records read in one C call when a claim reads ahead or skips
-_plain_skip = functools.partial(tuple.__new__, Skipped)  # Skipped(end, 0, 0.0) without a Python __new__
 _ZEROS = itertools.repeat(0)
 _NO_TIMES = itertools.repeat(0.0)
 _start_of = operator.attrgetter("_start")  # of a record read in a batch (a ``_messages.MessageFields``)
 _end_of = operator.attrgetter("_end")
+_data_of = operator.attrgetter("data")
 _first = operator.itemgetter(0)
 _second = operator.itemgetter(1)
 
@@ -395,7 +395,9 @@ class WorkQueue(ClosedByWith):
             records, framed = reader.next_messages(_BATCH, MessageFields, None)
             if not records:
                 break
-            index.add_batch(records, framed, now, self.path)
+            positions = list(map(_start_of, records))
+            positions.append(records[-1]._end)
+            index.add_batch(list(map(_data_of, records)), positions, framed > 0, now, self.path)
         # Past an end-of-segment marker too, so a claimer does not wait on it.
         index.scan = reader.position
 
@@ -482,11 +484,11 @@ class WorkQueue(ClosedByWith):
             ends = list(map(_end_of, passed))
             items: list[Skipped | None] = list(map(options_get, starts[:place])) if framed else []
             if not items:
-                items = list(map(_plain_skip, zip(ends, _ZEROS, _NO_TIMES)))
+                items = list(map(new_skipped, zip(ends, _ZEROS, _NO_TIMES)))
             elif None in items:
                 for at, item in enumerate(items):
                     if item is None:
-                        items[at] = _plain_skip((ends[at], 0, 0.0))
+                        items[at] = new_skipped((ends[at], 0, 0.0))
             steps += zip(starts, items)
             if place < len(records):
                 record = records[place]
