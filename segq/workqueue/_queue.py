@@ -47,9 +47,12 @@ from .._args import SyncPolicy, check_path, check_timeout, parse_sync
 from .. import _wake
 from .._control import CLAIM_WAITERS, CONSUMER_SEGMENT_SIZE, DATA_WAITING, TAIL, TAIL_INDEX, WORD, Control, require_queue
 from .._followups import Enqueue
+from .._format import HEADER_SIZE
+from .._headers import Framed
 from .._lifetime import ClosedByWith, Ticker
 from .._liveness import Liveness, my_owner
 from .._messages import MessageFields
+from .._options import PRIORITY, RUN_AT
 from .._reader import RecordReader
 from .._segment import StrPath, segment_path
 from .._state import Position, check_name, same_segment
@@ -77,7 +80,7 @@ from ._claims import (
 )
 from ._deadletter import DeadLetterSender, dead_letter_path
 from ._group import GroupHandle
-from ._index import ClaimIndex
+from ._index import ClaimIndex, record_options
 from ._stats import GroupStats, group_stats
 from ._grouplock import group_dir
 from ._jobs import JOB_TRANSITIONS, Job, JobBatch, JobState, next_job_state
@@ -98,6 +101,9 @@ _ACK_ONE_KIND = struct.unpack("<I", _ACK_ONE_WORD)[0]
 _HELD = JobState.HELD
 _job_transition = JOB_TRANSITIONS.get
 _BATCH = 4096  # records read in one C call when a claim reads ahead or skips
+_ONE_BY_ONE = 4  # records read ahead one at a time before reading in batches
+_PRIORITY_NAME = PRIORITY.encode("ascii")
+_RUN_AT_NAME = RUN_AT.encode("ascii")
 _ZEROS = itertools.repeat(0)
 _NO_TIMES = itertools.repeat(0.0)
 _start_of = operator.attrgetter("_start")  # of a record read in a batch (a ``_messages.MessageFields``)
@@ -109,15 +115,15 @@ _second = operator.itemgetter(1)
 
 def _claimed_places(steps: list[tuple[int, Skipped | None]]) -> list[int]:
     """Return where in ``steps`` the claims are (their item is None), the search in C."""
+    if len(steps) < 64:  # the common case: a claim or two, few skips
+        return [place for place, step in enumerate(steps) if step[1] is None]
     items = list(map(_second, steps))
     places: list[int] = []
     place = -1
-    while True:
-        try:
-            place = items.index(None, place + 1)
-        except ValueError:
-            return places
+    for _ in range(items.count(None)):
+        place = items.index(None, place + 1)
         places.append(place)
+    return places
 
 
 class WaitPlan(NamedTuple):
@@ -391,6 +397,24 @@ class WorkQueue(ClosedByWith):
         reader = self._scan_reader
         reader.position = index.scan
         index.saw(now)
+        # A claimer keeping up finds a record or two: read one by one, the cheapest
+        # for that; past a few, a backlog, read in batches.
+        for _ in range(_ONE_BY_ONE):
+            data = reader.next()
+            if data is None:
+                index.scan = reader.position  # past an end-of-segment marker too
+                return
+            end = reader.position
+            start = end - HEADER_SIZE - len(data)
+            # As in ``ClaimIndex.add_batch``: a byte search rules most records with headers out.
+            if type(data) is Framed and (data.find(_PRIORITY_NAME) >= 0 or data.find(_RUN_AT_NAME) >= 0):
+                priority, run_at = record_options(data, self.path, start)
+                if priority or run_at:
+                    index.add_read(start, end, priority, run_at, now)
+                    continue
+            index.plain.append(start)
+            index.scan = end
+            index.scan_ordinal += 1
         while True:
             records, framed = reader.next_messages(_BATCH, MessageFields, None)
             if not records:
