@@ -9,6 +9,8 @@ import time
 import pytest
 
 import segq
+from segq._format import HEADER_SIZE
+from segq._reader import RecordReader
 from segq.workqueue import WorkQueue, read_group_stats
 
 SEGMENT_SIZE = 1 << 16  # the backlog spans several segments
@@ -124,3 +126,23 @@ def test_a_first_claim_past_a_batch_of_scheduled_jobs_keeps_their_time_and_prior
     with WorkQueue(queue_dir, clock=clock) as wq:  # from the SKIP entries alone
         expected = sorted(range(5000), key=lambda name: (-(name % 3), now + 100 + name % 7, name))
         assert _claim_one_by_one(wq) == [b"%d" % name for name in expected]
+
+
+def test_the_skip_entries_of_a_first_claim_carry_each_records_own_end_across_segments(queue_dir: pathlib.Path) -> None:
+    now = time.time()
+    with segq.Sender(queue_dir, segment_size=1 << 12) as tx:  # many segment ends
+        for name in range(3000):
+            tx.enqueue(b"%d" % name, run_at=now + 3600, priority=name % 2)
+        tx.send(b"now")
+    with WorkQueue(queue_dir) as wq:
+        job = wq.claim(timeout=1)
+        assert job.data == b"now"
+        reader = RecordReader(wq._control, wq._group.state.mark, consumer="test")
+        ends = {}
+        while (data := reader.next()) is not None:
+            ends[reader.position - HEADER_SIZE - len(data)] = reader.position
+        job.ack()
+    with WorkQueue(queue_dir) as fresh:  # its replica holds what the SKIP entries say
+        skipped = fresh._group.state.skipped
+        assert len(skipped) == 3000
+        assert {start: item.end for start, item in skipped.items()} == {start: ends[start] for start in skipped}

@@ -242,8 +242,9 @@ def _stats_of(path: str, state: GroupState, now: float) -> GroupStats:
             # Runs of intact records in one C call each; decode_record has the last word on where they end.
             payloads, end = decode_run(segment.map, offset, _RUN)  # type: ignore[arg-type]  # C reads any buffer
             if payloads:
+                # One run lies in one segment: each record ends where the next starts.
                 positions = list(accumulate(map(HEADER_SIZE.__add__, map(len, payloads)), initial=base + offset))
-                index.add_batch(payloads, positions, Framed in set(map(type, payloads)), now, path)
+                index.add_batch(payloads, positions[:-1], positions[1:], Framed in set(map(type, payloads)), now, path)
                 offset = end
                 continue
             record = decode_record(segment.map, offset, segment.size)
@@ -251,7 +252,8 @@ def _stats_of(path: str, state: GroupState, now: float) -> GroupStats:
                 break  # the end of what is written (or damage, which `segq verify` reports)
             start = base + offset
             data = segment.map[record.start : record.end]
-            index.add_batch([Framed(data) if record.headed else data], [start, base + record.end], record.headed, now, path)
+            payload = Framed(data) if record.headed else data
+            index.add_batch([payload], [start], [base + record.end], record.headed, now, path)
             offset = record.end
     return group_stats(state, index, now)
 

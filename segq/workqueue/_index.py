@@ -138,25 +138,27 @@ class ClaimIndex:
         else:
             self._file(start, Skipped(end, priority, run_at), now)
 
-    def add_batch(self, payloads: list[bytes], positions: list[int], framed: bool, now: float, path: str) -> None:
+    def add_batch(
+        self, payloads: list[bytes], starts: list[int], ends: list[int], framed: bool, now: float, path: str
+    ) -> None:
         """File records of queue ``path`` this process read at ``scan``, in order, as columns.
 
-        ``positions`` holds the start word of each payload, then the end of
-        the last; ``framed`` tells whether any has headers: without, the
-        batch is plain records, filed in one call.
+        ``starts`` and ``ends`` hold their position words (a batch may span
+        segments: an end is not always the next start); ``framed`` tells
+        whether any has headers: without, the batch is plain records, filed
+        in one call.
         """
-        count = len(payloads)
-        self.scan = positions[count]
-        self.scan_ordinal += count
+        self.scan = ends[-1]
+        self.scan_ordinal += len(payloads)
         if not framed:
-            self.plain.extend(islice(positions, count))
+            self.plain.extend(starts)
             return
         plain_append = self.plain.append
         options = self.options
         future: list[tuple[float, int, int]] = []
         due: list[tuple[float, int]] = []
         due_priority = -1  # the priority of every entry in ``due``; mixed ones are pushed at once
-        for data, start, end in zip(payloads, positions, islice(positions, 1, None)):
+        for data, start, end in zip(payloads, starts, ends):
             # A record with headers may be a job with options; a byte search
             # (in C) rules most out before the header block is parsed.
             if type(data) is Framed and (data.find(_PRIORITY_NAME) >= 0 or data.find(_RUN_AT_NAME) >= 0):

@@ -419,9 +419,14 @@ class WorkQueue(ClosedByWith):
             records, framed = reader.next_messages(_BATCH, MessageFields, None)
             if not records:
                 break
-            positions = list(map(_start_of, records))
-            positions.append(records[-1]._end)
-            index.add_batch(list(map(_data_of, records)), positions, framed > 0, now, self.path)
+            index.add_batch(
+                list(map(_data_of, records)),
+                list(map(_start_of, records)),
+                list(map(_end_of, records)),
+                framed > 0,
+                now,
+                self.path,
+            )
         # Past an end-of-segment marker too, so a claimer does not wait on it.
         index.scan = reader.position
 
