@@ -32,9 +32,12 @@ from __future__ import annotations
 import enum
 import heapq
 import math
+import operator
 import struct
 import zlib
-from typing import Any, Iterable, NamedTuple
+from functools import partial
+from itertools import islice, starmap
+from typing import Any, Iterable, NamedTuple, Sequence
 
 from .._state import Position, word_segment
 from .._liveness import Owner
@@ -175,6 +178,13 @@ class Skipped(NamedTuple):
     run_at: float
 
 
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
+
+#: ``Skipped`` from a tuple ``(end, priority, run_at)``, without the NamedTuple's Python ``__new__``
+#: (a claim going past a backlog makes one per record).
+new_skipped = partial(tuple.__new__, Skipped)
+
 # Entry bodies (docs/workqueue.md).
 STATE_BODY = struct.Struct("<QQQQQ")  # head, mark, next token, dead-letter total, acked total
 STATE_BODY_V1 = struct.Struct("<QQQQ")  # as written before the acked total: still read
@@ -210,8 +220,15 @@ def encode_return(
 
 def encode_skips(kind: int, records: list[tuple[int, Skipped]]) -> list[bytes]:
     """Return framed SKIP (or snapshot PENDING) entries for ``(start, Skipped)`` pairs, in chunks that fit."""
+    # (start,) + item, packed, record by record in C: a claim may skip a million.
     return [
-        entry(kind, LIST_HEAD.pack(len(chunk)) + b"".join(SKIP_RECORD.pack(start, *item) for start, item in chunk))
+        entry(
+            kind,
+            LIST_HEAD.pack(len(chunk))
+            + b"".join(
+                starmap(SKIP_RECORD.pack, map(operator.add, zip(map(_first, chunk)), map(_second, chunk)))
+            ),
+        )
         for chunk in _chunks(records, 100_000)
     ]
 
@@ -314,24 +331,40 @@ class GroupState:
         """PENDING at the head -> PENDING below it: a claim goes past the record, which keeps its turn."""
         self.skip_run([(start, Skipped(end, priority, run_at))])
 
-    def skip_run(self, records: Iterable[tuple[int, Skipped]]) -> None:
+    def skip_run(self, records: Sequence[tuple[int, Skipped]]) -> None:
         """Skip records in position order (one table lookup for the run: each is PENDING at the head)."""
-        first = True
-        count = 0
-        skipped, skip_log = self.skipped, self.skip_log
-        for start, item in records:
-            if start < self.head:
-                raise IllegalTransition(start, self.state_of(start), Event.SKIP, " (below the claim head)")
-            if first:
-                next_state(start, _PENDING, Event.SKIP)
-                first = False
-            if start != self.head and self.mark == self.head:
-                self.mark = start  # over an end-of-segment marker, as in claim
-            self.head = item.end
-            skipped[start] = item
-            skip_log.append((start, item))
-            count += 1
+        if not records:
+            return
+        head, mark = self.head, self.mark
+        first = records[0][0]
+        if first >= head:
+            next_state(first, _PENDING, Event.SKIP)
+        starts = list(map(_first, records))
+        ends = list(map(_first, map(_second, records)))
+        # Each record past the end of the one before, each ending past its start (checked in C):
+        # then only the first can move the mark, and the head ends at the last one's end.
+        if first >= head and all(map(operator.ge, starts[1:], ends)) and all(map(operator.gt, ends, starts)):
+            if first != head and mark == head:
+                mark = first  # over an end-of-segment marker, as in claim
+            count = len(records)
+            head = ends[-1]
+        else:
+            count = 0
+            for start, item in records:  # the walk record by record, to stop where it goes wrong
+                if start < head:
+                    break
+                if start != head and mark == head:
+                    mark = start
+                head = item[0]  # end
+                count += 1
+        run = records if count == len(records) else records[:count]
+        self.skipped.update(run)
+        self.skip_log.extend(run)
+        self.head, self.mark = head, mark
         self.head_ordinal += count
+        if count < len(records):
+            start = records[count][0]
+            raise IllegalTransition(start, self.state_of(start), Event.SKIP, " (below the claim head)")
 
     def check_claim(self, below: list[int], steps: list[int]) -> None:
         """Raise ``IllegalTransition`` unless one append may claim and skip these records; change nothing.
@@ -354,7 +387,7 @@ class GroupState:
                 if start >= head or (start not in waiting and start not in skipped):
                     raise IllegalTransition(start, self.state_of(start), _CLAIM, " (not claimable below the claim head)")
         # Each step past the last (the head moves over them one by one); the comparison runs in C.
-        if steps and (steps[0] < head or steps != sorted(set(steps))):
+        if steps and (steps[0] < head or not all(map(operator.lt, steps, islice(steps, 1, None)))):
             for start in steps:
                 if start < head:
                     raise IllegalTransition(start, self.state_of(start), _CLAIM, " (below the claim head)")

@@ -13,6 +13,9 @@ queue.  So each process keeps this index beside its replica:
   backlog), and files each record by its options (``add_read``);
 - plain records (priority 0, no ``run_at``, the only kind a ``send`` makes)
   go to a FIFO of positions: the common case stays a deque append and pop;
+  records are read in batches (``add_batch``: built in one C call each), and
+  a batch without headers is filed with one ``deque.extend``, so indexing a
+  backlog of a million costs little more than reading it;
 - records with options go to one heap per priority, keyed by due time
   (``inf`` for no ``run_at``, so they follow the timed ones in send order),
   or, while not yet due, to the ``future`` heap keyed by ``run_at``;
@@ -32,13 +35,57 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from itertools import islice
+from typing import Any
 
-from ._claims import MAX_PRIORITY, GroupState, Skipped
+from .._headers import Framed, split_body
+from .._options import PRIORITY, RUN_AT, decode_options
+from ._claims import MAX_PRIORITY, GroupState, Skipped, new_skipped
 
 __all__ = ["ClaimIndex", "PLAIN"]
 
 INF = math.inf
 PLAIN = Skipped(0, 0, 0.0)  # the options of a record sent without any
+_PRIORITY_NAME = PRIORITY.encode("ascii")
+_RUN_AT_NAME = RUN_AT.encode("ascii")
+
+
+def record_options(body: bytes, path: str, start: int) -> tuple[int, float]:
+    """Return ``(priority, run_at)`` of the record with headers ``body`` at word ``start`` of queue ``path``.
+
+    The same as ``decode_options`` of its headers, without building the
+    other options: a value that does not parse goes to ``decode_options``,
+    which ignores it with a warning.
+    """
+    headers = split_body(body, path, start)[1]
+    priority = 0
+    raw = headers.get(PRIORITY)
+    if raw is not None:
+        if len(raw) != 1 or not 0x30 <= raw[0] <= 0x39:
+            options = decode_options(headers)
+            return options.priority, options.run_at
+        priority = raw[0] - 0x30
+    raw = headers.get(RUN_AT)
+    if raw is None:
+        return priority, 0.0
+    try:
+        run_at = float(raw)
+    except ValueError:
+        run_at = -1.0
+    if not 0.0 <= run_at < INF:  # NaN too
+        options = decode_options(headers)
+        return options.priority, options.run_at
+    return priority, run_at
+
+
+def _push_all(heap: list[Any], items: list[Any]) -> None:
+    """Push ``items`` on ``heap``: one heapify when they outnumber it (the order popped is the same)."""
+    if len(items) >= len(heap):
+        heap += items
+        heapq.heapify(heap)
+    else:
+        for item in items:
+            heapq.heappush(heap, item)
 
 
 class ClaimIndex:
@@ -70,10 +117,12 @@ class ClaimIndex:
             self.reset(state)
         skip_log = state.skip_log
         if self.skips_seen < len(skip_log):
-            for start, item in skip_log[self.skips_seen :]:
-                if item.priority == 0 and item.run_at == 0.0:
-                    self.plain_skipped.append(start)
-                elif not self.read_from <= start < self.scan:  # not read here: file it from the journal
+            plain_append = self.plain_skipped.append
+            read_from, scan = self.read_from, self.scan
+            for start, item in islice(skip_log, self.skips_seen, None):
+                if item[1] == 0 and item[2] == 0.0:  # priority, run_at
+                    plain_append(start)
+                elif not read_from <= start < scan:  # not read here: file it from the journal
                     self._file(start, item, 0.0)
             self.skips_seen = len(skip_log)
         if state.head > self.scan:
@@ -88,6 +137,49 @@ class ClaimIndex:
             self.plain.append(start)
         else:
             self._file(start, Skipped(end, priority, run_at), now)
+
+    def add_batch(
+        self, payloads: list[bytes], starts: list[int], ends: list[int], framed: bool, now: float, path: str
+    ) -> None:
+        """File records of queue ``path`` this process read at ``scan``, in order, as columns.
+
+        ``starts`` and ``ends`` hold their position words (a batch may span
+        segments: an end is not always the next start); ``framed`` tells
+        whether any has headers: without, the batch is plain records, filed
+        in one call.
+        """
+        self.scan = ends[-1]
+        self.scan_ordinal += len(payloads)
+        if not framed:
+            self.plain.extend(starts)
+            return
+        plain_append = self.plain.append
+        options = self.options
+        future: list[tuple[float, int, int]] = []
+        due: list[tuple[float, int]] = []
+        due_priority = -1  # the priority of every entry in ``due``; mixed ones are pushed at once
+        for data, start, end in zip(payloads, starts, ends):
+            # A record with headers may be a job with options; a byte search
+            # (in C) rules most out before the header block is parsed.
+            if type(data) is Framed and (data.find(_PRIORITY_NAME) >= 0 or data.find(_RUN_AT_NAME) >= 0):
+                priority, run_at = record_options(data, path, start)
+                if priority or run_at:
+                    options[start] = new_skipped((end, priority, run_at))
+                    if run_at > now:
+                        future.append((run_at, start, priority))
+                    elif due_priority in (priority, -1):
+                        due_priority = priority
+                        due.append((run_at or INF, start))
+                    else:
+                        heapq.heappush(self.heaps[priority], (run_at or INF, start))
+                        self.in_heaps += 1
+                    continue
+            plain_append(start)
+        if future:
+            _push_all(self.future, future)
+        if due:
+            _push_all(self.heaps[due_priority], due)
+            self.in_heaps += len(due)
 
     def _file(self, start: int, item: Skipped, now: float) -> None:
         self.options[start] = item

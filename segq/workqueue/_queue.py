@@ -31,8 +31,10 @@ lease end or retry time.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import operator
 import os
 import select
 import struct
@@ -46,10 +48,11 @@ from .. import _wake
 from .._control import CLAIM_WAITERS, CONSUMER_SEGMENT_SIZE, DATA_WAITING, TAIL, TAIL_INDEX, WORD, Control, require_queue
 from .._followups import Enqueue
 from .._format import HEADER_SIZE
-from .._headers import Framed, split_body
+from .._headers import Framed
 from .._lifetime import ClosedByWith, Ticker
 from .._liveness import Liveness, my_owner
-from .._options import PRIORITY, RUN_AT, decode_options
+from .._messages import MessageFields
+from .._options import PRIORITY, RUN_AT
 from .._reader import RecordReader
 from .._segment import StrPath, segment_path
 from .._state import Position, check_name, same_segment
@@ -73,10 +76,11 @@ from ._claims import (
     describe_word,
     encode_return,
     encode_skips,
+    new_skipped,
 )
 from ._deadletter import DeadLetterSender, dead_letter_path
 from ._group import GroupHandle
-from ._index import ClaimIndex
+from ._index import ClaimIndex, record_options
 from ._stats import GroupStats, group_stats
 from ._grouplock import group_dir
 from ._jobs import JOB_TRANSITIONS, Job, JobBatch, JobState, next_job_state
@@ -96,8 +100,30 @@ _CLAIM_ONE_KIND = struct.unpack("<I", _CLAIM_ONE_WORD)[0]
 _ACK_ONE_KIND = struct.unpack("<I", _ACK_ONE_WORD)[0]
 _HELD = JobState.HELD
 _job_transition = JOB_TRANSITIONS.get
+_BATCH = 4096  # records read in one C call when a claim reads ahead or skips
+_ONE_BY_ONE = 4  # records read ahead one at a time before reading in batches
 _PRIORITY_NAME = PRIORITY.encode("ascii")
 _RUN_AT_NAME = RUN_AT.encode("ascii")
+_ZEROS = itertools.repeat(0)
+_NO_TIMES = itertools.repeat(0.0)
+_start_of = operator.attrgetter("_start")  # of a record read in a batch (a ``_messages.MessageFields``)
+_end_of = operator.attrgetter("_end")
+_data_of = operator.attrgetter("data")
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
+
+
+def _claimed_places(steps: list[tuple[int, Skipped | None]]) -> list[int]:
+    """Return where in ``steps`` the claims are (their item is None), the search in C."""
+    if len(steps) < 64:  # the common case: a claim or two, few skips
+        return [place for place, step in enumerate(steps) if step[1] is None]
+    items = list(map(_second, steps))
+    places: list[int] = []
+    place = -1
+    for _ in range(items.count(None)):
+        place = items.index(None, place + 1)
+        places.append(place)
+    return places
 
 
 class WaitPlan(NamedTuple):
@@ -371,26 +397,36 @@ class WorkQueue(ClosedByWith):
         reader = self._scan_reader
         reader.position = index.scan
         index.saw(now)
-        next_record = reader.next
-        plain_append = index.plain.append
-        count = 0
-        while True:
-            data = next_record()
+        # A claimer keeping up finds a record or two: read one by one, the cheapest
+        # for that; past a few, a backlog, read in batches.
+        for _ in range(_ONE_BY_ONE):
+            data = reader.next()
             if data is None:
-                break
+                index.scan = reader.position  # past an end-of-segment marker too
+                return
             end = reader.position
-            # A record with headers may be a job with options; a byte search
-            # (in C) rules most out before the header block is parsed.
+            start = end - HEADER_SIZE - len(data)
+            # As in ``ClaimIndex.add_batch``: a byte search rules most records with headers out.
             if type(data) is Framed and (data.find(_PRIORITY_NAME) >= 0 or data.find(_RUN_AT_NAME) >= 0):
-                options = decode_options(split_body(data, self.path, end - HEADER_SIZE - len(data))[1])
-                if options.priority or options.run_at:
-                    index.scan_ordinal += count
-                    count = 0
-                    index.add_read(end - HEADER_SIZE - len(data), end, options.priority, options.run_at, now)
+                priority, run_at = record_options(data, self.path, start)
+                if priority or run_at:
+                    index.add_read(start, end, priority, run_at, now)
                     continue
-            plain_append(end - HEADER_SIZE - len(data))
-            count += 1
-        index.scan_ordinal += count
+            index.plain.append(start)
+            index.scan = end
+            index.scan_ordinal += 1
+        while True:
+            records, framed = reader.next_messages(_BATCH, MessageFields, None)
+            if not records:
+                break
+            index.add_batch(
+                list(map(_data_of, records)),
+                list(map(_start_of, records)),
+                list(map(_end_of, records)),
+                framed > 0,
+                now,
+                self.path,
+            )
         # Past an end-of-segment marker too, so a claimer does not wait on it.
         index.scan = reader.position
 
@@ -455,17 +491,38 @@ class WorkQueue(ClosedByWith):
         """Read the record at ``start`` (at or past ``head``); add a skip step for every record before it."""
         reader = self._head_reader
         reader.position = head
-        index = self._index
-        while True:
+        if start == head:
             data = reader.next()
             if data is None:
                 raise self._missing(start)
-            end = reader.position
-            at = end - HEADER_SIZE - len(data)
-            if at == start:
-                return data, end
-            options = index.options_of(at)
-            steps.append((at, Skipped(end, options.priority, options.run_at)))
+            return data, reader.position
+        options_get = self._index.options.get
+        batch = 16  # grows: the record may be the next one, or a million on
+        while True:
+            records, framed = reader.next_messages(batch, MessageFields, None)
+            if not records:
+                raise self._missing(start)
+            # Column by column, in C: a skip is a step of (start, Skipped), the
+            # options filed when the record was read, or none for a plain one.
+            starts = list(map(_start_of, records))
+            try:
+                place = starts.index(start)
+            except ValueError:
+                place = len(records)
+            passed = records[:place] if place < len(records) else records
+            ends = list(map(_end_of, passed))
+            items: list[Skipped | None] = list(map(options_get, starts[:place])) if framed else []
+            if not items:
+                items = list(map(new_skipped, zip(ends, _ZEROS, _NO_TIMES)))
+            elif None in items:
+                for at, item in enumerate(items):
+                    if item is None:
+                        items[at] = new_skipped((ends[at], 0, 0.0))
+            steps += zip(starts, items)
+            if place < len(records):
+                record = records[place]
+                return record.data, record._end
+            batch = min(batch * 8, _BATCH)
 
     def _record_claim(
         self,
@@ -487,19 +544,28 @@ class WorkQueue(ClosedByWith):
         expires = now + self.lease
         owner = self._owner
         by_start = {record[0]: record for record in records}
-        at_head = {start for start, item in steps or () if item is None}
+        steps = steps or []
+        placed = _claimed_places(steps)
+        at_head = {steps[place][0] for place in placed}
         runs: list[tuple[bool, list[Any]]] = []  # (is a skip run, its items)
         below = [record for record in records if record[0] not in at_head]
         # Before anything is appended (``below`` grows as the runs are built).
-        state.check_claim([record[0] for record in below], [start for start, _ in steps or ()])
+        state.check_claim([record[0] for record in below], list(map(_first, steps)))
         if below:
             runs.append((False, below))
-        for start, item in steps or ():
-            value: Any = (start, item) if item is not None else by_start[start]
-            if runs and runs[-1][0] == (item is not None):
-                runs[-1][1].append(value)
-            else:
-                runs.append((item is not None, [value]))
+        if steps:
+            # Few steps are claims: cut the skips between them as slices, not step by step.
+            done = 0
+            for place in placed:
+                if place > done:
+                    runs.append((True, steps[done:place]))
+                if runs and not runs[-1][0]:
+                    runs[-1][1].append(by_start[steps[place][0]])
+                else:
+                    runs.append((False, [by_start[steps[place][0]]]))
+                done = place + 1
+            if done < len(steps):
+                runs.append((True, steps[done:]))
         entries: list[bytes] = []
         for is_skip, items in runs:
             if is_skip:
