@@ -70,6 +70,10 @@ _frame_batch = _format.frame_batch
 # 64 MiB segment, which reads ahead up to 8 MiB of zero pages); pwrite has no
 # fault but a system call (~0.5 us).  Measured crossover: ~1 KiB (issue 14).
 _PWRITE_FROM = 1024
+# Records up to this size may take send's C path (_speedups.Appender), which
+# keeps the GIL through its pwritev: then no other thread can close the
+# segment's file under it.  Larger ones write with the GIL released, in Python.
+_C_SEND_LIMIT = 64 << 10
 
 
 class _PythonAppender:
@@ -84,7 +88,7 @@ class _PythonAppender:
     def send(self, data: object) -> int:
         return 0
 
-    def show(self, segment_map: mmap.mmap, base_word: int, limit_word: int) -> None:
+    def show(self, segment_map: mmap.mmap, base_word: int, limit_word: int, fd: int, base_offset: int) -> None:
         pass
 
     def hide(self) -> None:
@@ -206,11 +210,12 @@ class Sender(ClosedByWith):
         if cls is None or semlock is None or type(lock) is not semlock:  # e.g. the flock append lock
             return _PythonAppender()
         # Only what send's hot path does with nothing more to do: no room
-        # waits, no group commit in the call, no pwrite.
+        # waits, no group commit in the call.
         plain = not self._sync_always and self.max_queue_bytes is None
-        limit = min(self.max_record_size, _PWRITE_FROM - 1) if plain else -1
+        limit = min(self.max_record_size, _C_SEND_LIMIT - 1) if plain else -1
+        handle = getattr(lock, "handle")
         appender: _PythonAppender = cls(
-            getattr(lock, "handle"), self._control.map, TAIL_INDEX, OWNER_INDEX, DATA_WAITING, self._pid, limit
+            handle, self._control.map, TAIL_INDEX, OWNER_INDEX, DATA_WAITING, self._pid, _PWRITE_FROM, limit
         )
         return appender
 
@@ -513,7 +518,7 @@ class Sender(ClosedByWith):
         self._segment_map: mmap.mmap = window.show(offset, needed)
         self._base_word = Position(window.number, window.start).word
         self._limit_word = Position(window.number, min(window.end, window.size - HEADER_SIZE)).word
-        self._appender.show(self._segment_map, self._base_word, self._limit_word)
+        self._appender.show(self._segment_map, self._base_word, self._limit_word, window.fd, window.start)
 
     def _close_segment(self) -> None:
         self._appender.hide()
