@@ -1010,6 +1010,7 @@ static PyObject *appender_close(AppenderObject *self, PyObject *unused) {
 }
 
 /* Write one record's header and payload at offset with pwritev; return 0 on an error (errno set). */
+#ifdef __linux__
 static int pwrite_record(int fd, long long offset, uint32_t length_word, uint32_t crc, const unsigned char *payload,
                          size_t size) {
     unsigned char header[HEADER_SIZE];
@@ -1041,6 +1042,13 @@ static int pwrite_record(int fd, long long offset, uint32_t length_word, uint32_
     }
     return 1;
 }
+#else
+/* pwritev is recent on macOS: elsewhere records from pwrite_from on take the Python path. */
+static int pwrite_record(int fd, long long offset, uint32_t length_word, uint32_t crc, const unsigned char *payload,
+                         size_t size) {
+    return 0;
+}
+#endif
 
 /* send(data) -> 0 (not done: take the Python path), 1 (sent), 2 (sent, and a receiver waits for data). */
 static PyObject *appender_send(AppenderObject *self, PyObject *data) {
@@ -1050,6 +1058,10 @@ static PyObject *appender_send(AppenderObject *self, PyObject *data) {
     Py_ssize_t size = PyBytes_GET_SIZE(data);
     if (size > self->size_limit || !self->has_segment)
         return PyLong_FromLong(0);
+#ifndef __linux__
+    if (size >= self->pwrite_from)
+        return PyLong_FromLong(0); /* no pwritev here (see pwrite_record) */
+#endif
     if (sem_trywait(self->sem) != 0)
         return PyLong_FromLong(0); /* busy (or EINTR/EAGAIN): the Python path waits, and takes over a dead holder */
     uint64_t *words = (uint64_t *)self->control.buf;

@@ -12,6 +12,13 @@ before returning (one ``fdatasync`` covers every sender's records written so
 far), a number of seconds runs it from a background thread at that interval,
 ``"never"`` leaves it to the OS.
 
+A plain record under 64 KiB sent with no headers, timeout, ``max_queue_bytes``
+or ``sync="always"`` takes all of that in one C call (``_speedups.Appender``,
+the same steps in the same order) whenever the lock is free and the record
+fits in the mapped window; anything else, and every platform without the
+extension or named semaphores, takes the Python path, which stays the
+reference (tests/test_appender.py compares the bytes both write).
+
 When a record does not fit, the sender creates the next segment (complete and
 preallocated before anyone can see it), writes the end-of-segment marker in the
 old one, and only then publishes a tail in the new one.
@@ -204,6 +211,7 @@ class Sender(ClosedByWith):
         close_at_exit(self)
 
     def _new_appender(self) -> "_PythonAppender":
+        """Return the C Appender for this sender's small sends, or the stand-in that declines them all."""
         lock = self._control.append_lock
         semlock = _semlock_class()
         cls = _format.appender_class
@@ -242,8 +250,8 @@ class Sender(ClosedByWith):
                 return
         elif headers is not None:
             data = _with_headers(data, headers)
-        # The hot path: every attribute it needs is cached on self, and the
-        # segment bounds are kept as tail words so one compare checks both
+        # The Python path (the reference, and whatever the C call declined):
+        # every attribute it needs is cached on self, and the segment bounds are kept as tail words so one compare checks both
         # "still the same segment" and "the record fits".
         if type(data) is not bytes and type(data) is not Framed:  # a Framed is segq's own record with headers
             data = as_payload(data)
