@@ -18,7 +18,7 @@ from collections.abc import Callable
 import pytest
 
 import segq
-from segq import _format
+from segq import _control, _format
 from segq._control import CONTROL_NAME, OWNER_INDEX, TAIL_INDEX
 from segq._headers import frame_body
 
@@ -176,3 +176,20 @@ def test_threads_sharing_a_sender_lose_nothing_across_rollovers(tmp_path: pathli
             seen[int(tag)].append(int(index))
             rx.commit()
     assert seen == {tag: list(range(per_thread)) for tag in range(threads_count)}
+
+
+def test_a_queue_locked_by_flock_sends_through_the_python_path(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where named semaphores are missing (the macOS fallback) there is no sem_t for C to take.
+    monkeypatch.setattr(_control, "_semlock_class", lambda: None)
+    with segq.Sender(tmp_path) as tx:
+        assert type(tx._appender) is not _format.appender_class
+        for index in range(100):
+            tx.send(b"%d" % index)
+    with segq.Receiver(tmp_path) as rx:
+        got = []
+        while (message := rx.try_recv()) is not None:
+            got.append(message.data)
+            rx.commit()
+    assert got == [b"%d" % index for index in range(100)]
