@@ -983,6 +983,10 @@ static PyObject *appender_show(AppenderObject *self, PyObject *const *args, Py_s
         PyErr_SetString(PyExc_ValueError, "bad segment file or offset");
         return NULL;
     }
+    if (!self->has_control) { /* closed: a segment alone must never make send take the semaphore */
+        PyErr_SetString(PyExc_ValueError, "show() on a closed Appender");
+        return NULL;
+    }
     appender_hide_segment(self);
     if (PyObject_GetBuffer(args[0], &self->segment, PyBUF_WRITABLE) < 0)
         return NULL;
