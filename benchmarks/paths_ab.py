@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m benchmarks.paths_ab --against /tmp/old send      # 4 KiB send, send_batch(100) of 100 B
+    python -m benchmarks.paths_ab --against /tmp/old send      # 100 B and 4 KiB send, send_batch(100) of 100 B
     python -m benchmarks.paths_ab --against /tmp/old claim     # WorkQueue claim(timeout=0)+ack, 100 B
     python -m benchmarks.paths_ab --against /tmp/old durable   # sync="always" send of 100 B (an fdatasync each)
     python -m benchmarks.paths_ab --against /tmp/old create    # new queue + send + close; reopen + send + close
@@ -57,6 +57,11 @@ def _send_rate(segq: ModuleType, size: int, count: int, sync: str) -> float:
             return count / (time.thread_time() - started)
     finally:
         shutil.rmtree(path)
+
+
+def _send_100(segq: ModuleType) -> float:
+    """Records per CPU-second of send() of 100-byte records (one per call: the mapped-copy path)."""
+    return _send_rate(segq, 100, 100_000, "never")
 
 
 def _send_4k(segq: ModuleType) -> float:
@@ -141,6 +146,7 @@ def main() -> None:
     if options.against:
         versions["against"] = _load(os.path.join(options.against, "segq"), "segq_against")
     if options.what == "send":
+        _compare("send 100 B", "records/s", versions, _send_100, options.repeats)
         _compare("send 4 KiB", "records/s", versions, _send_4k, options.repeats)
         _compare("send_batch(100) 100 B", "records/s", versions, _send_batch, options.repeats)
     elif options.what == "durable":

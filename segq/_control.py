@@ -261,6 +261,10 @@ class _FlockAppendLock:
         portalocker.unlock(self._handle)
         self._thread_lock.release()
 
+    def close(self) -> None:
+        """Close the lock file (the Control detaching; a SemLock needs nothing)."""
+        self._handle.close()
+
 
 def _semlock_class() -> Any:
     try:
@@ -779,6 +783,8 @@ class Control:
             pass  # a view is still held somewhere; the mapping goes with it
         portalocker.unlock(handle)  # the map's duplicate descriptor would otherwise keep the flock
         handle.close()
+        if isinstance(self.append_lock, _FlockAppendLock):
+            self.append_lock.close()
 
 
 

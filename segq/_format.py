@@ -23,7 +23,7 @@ import mmap
 import os
 import struct
 import zlib
-from typing import Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Union
 
 from ._headers import Framed
 
@@ -298,6 +298,7 @@ _python_encode_batch = encode_batch
 frame_batch: Callable[[list[object], int], "bytes | int | None"] = _frame_batch
 frame_into: Callable[[Buffer, int, bytes], int] = _frame_into
 read_record: Callable[[bytes, int], bytes | None] = _read_record
+appender_class: Any = None  # _speedups.Appender: the whole append of a small record (Sender.send)
 decode_run: Callable[[bytes, int, int], tuple[list[bytes], int]] = _decode_run
 SPEEDUPS = False
 if not os.environ.get("SEGQ_PURE_PYTHON"):
@@ -312,4 +313,5 @@ if not os.environ.get("SEGQ_PURE_PYTHON"):
         decode_run = _speedups.decode_run
         encode_batch = _speedups.encode_batch  # noqa: F811 (the C twin of the function above)
         frame_batch = _speedups.frame_batch
+        appender_class = getattr(_speedups, "Appender", None)  # POSIX only: it takes a sem_t*
         SPEEDUPS = True

@@ -863,6 +863,270 @@ static PyObject *set_framed_type(PyObject *module, PyObject *type) {
     Py_RETURN_NONE;
 }
 
+#if !defined(_WIN32)
+#define HAVE_APPENDER 1
+#include <semaphore.h>
+#include <errno.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* Appender: the whole append of one small plain record, for Sender.send.
+ *
+ * It does what the Python hot path of Sender.send does, in the same order:
+ * take the append semaphore without waiting, read the tail word, name this
+ * process in the owner word when someone else appended since our last send,
+ * check that the record fits in the mapped window, frame it there (payload,
+ * then header) or, from pwrite_from bytes on, write header and payload with
+ * one pwritev (as Sender._pwrite_framed does with one pwrite: the same page
+ * cache without a write fault per new page), publish the new tail, release
+ * the semaphore; it returns 0
+ * whenever anything is not plain ("fall back to the Python path", which then
+ * does it all itself), 1 when the record is sent, 2 when sent and a receiver
+ * waits for data.  The Sender keeps this object's window in step with its own
+ * (show/hide around every remap, close before it closes anything): the maps
+ * are held as buffer exports, so a map can never be closed under it, and the
+ * call runs under the GIL from start to end, so no other thread of this
+ * process can change the Sender's state in the middle of it.
+ *
+ * The semaphore is taken and released here with sem_trywait/sem_post, so
+ * SemLock's own count (kept for its Python acquire/release) is untouched.
+ */
+typedef struct {
+    PyObject_HEAD
+    sem_t *sem;
+    Py_buffer control;
+    Py_buffer segment;
+    int has_control, has_segment;
+    Py_ssize_t tail_index, owner_index, waiting_offset;
+    unsigned long long pid;
+    unsigned long long base_word, limit_word, last_word;
+    int fd;                 /* the shown segment's file */
+    long long base_offset;  /* its file offset at base_word */
+    Py_ssize_t pwrite_from; /* payloads this large or more go by pwritev */
+    Py_ssize_t size_limit; /* largest payload sent here; -1: none (every send falls back) */
+} AppenderObject;
+
+static void appender_hide_segment(AppenderObject *self) {
+    if (self->has_segment) {
+        PyBuffer_Release(&self->segment);
+        self->has_segment = 0;
+    }
+    self->base_word = 0;
+    self->limit_word = 0;
+    self->fd = -1;
+}
+
+static void appender_release(AppenderObject *self) {
+    appender_hide_segment(self);
+    if (self->has_control) {
+        PyBuffer_Release(&self->control);
+        self->has_control = 0;
+    }
+    self->sem = NULL;
+    self->size_limit = -1;
+}
+
+static void appender_dealloc(AppenderObject *self) {
+    appender_release(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Appender(semaphore_handle, control_map, tail_index, owner_index, waiting_offset, pid, pwrite_from, size_limit) */
+static int appender_init(AppenderObject *self, PyObject *args, PyObject *kwargs) {
+    PyObject *handle, *control;
+    Py_ssize_t tail_index, owner_index, waiting_offset, pwrite_from, size_limit;
+    unsigned long long pid;
+    if (!PyArg_ParseTuple(args, "OOnnnKnn:Appender", &handle, &control, &tail_index, &owner_index, &waiting_offset,
+                          &pid, &pwrite_from, &size_limit))
+        return -1;
+    appender_release(self);
+    void *sem = PyLong_AsVoidPtr(handle);
+    if (sem == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "no semaphore");
+        return -1;
+    }
+    if (PyObject_GetBuffer(control, &self->control, PyBUF_WRITABLE) < 0)
+        return -1;
+    self->has_control = 1;
+    Py_ssize_t words = self->control.len / 8;
+    if (((uintptr_t)self->control.buf & 7) || tail_index < 0 || tail_index >= words || owner_index < 0 ||
+        owner_index >= words || waiting_offset < 0 || waiting_offset >= self->control.len) {
+        appender_release(self);
+        PyErr_SetString(PyExc_ValueError, "control word out of the map");
+        return -1;
+    }
+    self->sem = (sem_t *)sem;
+    self->tail_index = tail_index;
+    self->owner_index = owner_index;
+    self->waiting_offset = waiting_offset;
+    self->pid = pid;
+    self->pwrite_from = pwrite_from;
+    self->size_limit = size_limit;
+    return 0;
+}
+
+/* show(segment_map, base_word, limit_word, fd, base_offset): append into this map (file fd from base_offset), which starts at base_word. */
+static PyObject *appender_show(AppenderObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (wrong_nargs(nargs, 5, "show(segment_map, base_word, limit_word, fd, base_offset)"))
+        return NULL;
+    unsigned long long base = PyLong_AsUnsignedLongLong(args[1]);
+    if (base == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long limit = PyLong_AsUnsignedLongLong(args[2]);
+    if (limit == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    long long fd, base_offset;
+    if (!long_long_arg(args[3], &fd) || !long_long_arg(args[4], &base_offset))
+        return NULL;
+    if (fd < 0 || fd > INT32_MAX || base_offset < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad segment file or offset");
+        return NULL;
+    }
+    if (!self->has_control) { /* closed: a segment alone must never make send take the semaphore */
+        PyErr_SetString(PyExc_ValueError, "show() on a closed Appender");
+        return NULL;
+    }
+    appender_hide_segment(self);
+    if (PyObject_GetBuffer(args[0], &self->segment, PyBUF_WRITABLE) < 0)
+        return NULL;
+    self->has_segment = 1;
+    /* Never past the map, whatever the caller says. */
+    if (limit > base + (unsigned long long)self->segment.len)
+        limit = base + (unsigned long long)self->segment.len;
+    self->base_word = base;
+    self->limit_word = limit;
+    self->fd = (int)fd;
+    self->base_offset = base_offset;
+    Py_RETURN_NONE;
+}
+
+/* hide(): let go of the segment map (before the Sender closes or moves it); every send falls back until show. */
+static PyObject *appender_hide(AppenderObject *self, PyObject *unused) {
+    appender_hide_segment(self);
+    Py_RETURN_NONE;
+}
+
+/* close(): let go of both maps; every send falls back from now on. */
+static PyObject *appender_close(AppenderObject *self, PyObject *unused) {
+    appender_release(self);
+    Py_RETURN_NONE;
+}
+
+/* Write one record's header and payload at offset with pwritev; return 0 on an error (errno set). */
+#ifdef __linux__
+static int pwrite_record(int fd, long long offset, uint32_t length_word, uint32_t crc, const unsigned char *payload,
+                         size_t size) {
+    unsigned char header[HEADER_SIZE];
+    put_u32(header, length_word);
+    put_u32(header + 4, crc);
+    struct iovec parts[2] = {{header, HEADER_SIZE}, {(void *)payload, size}};
+    struct iovec *part = parts;
+    int count = 2;
+    while (count > 0) {
+        ssize_t written = pwritev(fd, part, count, (off_t)offset);
+        if (written < 0) {
+            if (errno == EINTR)
+                continue;
+            return 0;
+        }
+        if (written == 0)
+            return 0;
+        offset += written;
+        /* A short write (a signal, a full disk): skip what went, write the rest. */
+        while (count > 0 && (size_t)written >= part->iov_len) {
+            written -= (ssize_t)part->iov_len;
+            part++;
+            count--;
+        }
+        if (count > 0) {
+            part->iov_base = (unsigned char *)part->iov_base + written;
+            part->iov_len -= (size_t)written;
+        }
+    }
+    return 1;
+}
+#else
+/* pwritev is recent on macOS: elsewhere records from pwrite_from on take the Python path. */
+static int pwrite_record(int fd, long long offset, uint32_t length_word, uint32_t crc, const unsigned char *payload,
+                         size_t size) {
+    return 0;
+}
+#endif
+
+/* send(data) -> 0 (not done: take the Python path), 1 (sent), 2 (sent, and a receiver waits for data). */
+static PyObject *appender_send(AppenderObject *self, PyObject *data) {
+    PyTypeObject *type = Py_TYPE(data);
+    if (type != &PyBytes_Type && (PyObject *)type != framed_type)
+        return PyLong_FromLong(0);
+    Py_ssize_t size = PyBytes_GET_SIZE(data);
+    if (size > self->size_limit || !self->has_segment)
+        return PyLong_FromLong(0);
+#ifndef __linux__
+    if (size >= self->pwrite_from)
+        return PyLong_FromLong(0); /* no pwritev here (see pwrite_record) */
+#endif
+    if (sem_trywait(self->sem) != 0)
+        return PyLong_FromLong(0); /* busy (or EINTR/EAGAIN): the Python path waits, and takes over a dead holder */
+    uint64_t *words = (uint64_t *)self->control.buf;
+    unsigned long long word = __atomic_load_n(&words[self->tail_index], __ATOMIC_ACQUIRE);
+    unsigned long long end_word = word + HEADER_SIZE + (unsigned long long)size;
+    if (word < self->base_word || end_word > self->limit_word) {
+        sem_post(self->sem);
+        return PyLong_FromLong(0); /* another segment or window: the Python path rolls over */
+    }
+    if (word != self->last_word)
+        __atomic_store_n(&words[self->owner_index], (uint64_t)self->pid, __ATOMIC_RELAXED);
+    unsigned char *at = (unsigned char *)self->segment.buf + (word - self->base_word);
+    const unsigned char *payload = (const unsigned char *)PyBytes_AS_STRING(data);
+    uint32_t length_word = (uint32_t)size;
+    uint32_t flip = (PyObject *)type == framed_type ? HEADED_CRC : 0;
+    if (size < self->pwrite_from) {
+        memcpy(at + HEADER_SIZE, payload, (size_t)size);
+        put_u32(at + 4, record_crc(length_word, payload, (size_t)size) ^ flip);
+        put_u32(at, length_word);
+    } else if (!pwrite_record(self->fd, self->base_offset + (long long)(word - self->base_word), length_word,
+                              record_crc(length_word, payload, (size_t)size) ^ flip, payload, (size_t)size)) {
+        /* Nothing published: the Python path writes it again, and raises the error if it recurs. */
+        sem_post(self->sem);
+        return PyLong_FromLong(0);
+    }
+    __atomic_store_n(&words[self->tail_index], (uint64_t)end_word, __ATOMIC_RELEASE);
+    sem_post(self->sem);
+    self->last_word = end_word;
+    unsigned char waiting = __atomic_load_n((unsigned char *)self->control.buf + self->waiting_offset, __ATOMIC_RELAXED);
+    return PyLong_FromLong(waiting ? 2 : 1);
+}
+
+static PyMethodDef appender_methods[] = {
+    {"send", (PyCFunction)appender_send, METH_O,
+     "send(data) -> 0: not sent (take the Python path), 1: sent, 2: sent and a receiver waits."},
+    {"show", (PyCFunction)(void (*)(void))appender_show, METH_FASTCALL,
+     "show(segment_map, base_word, limit_word, fd, base_offset): append into this map from now on."},
+    {"hide", (PyCFunction)appender_hide, METH_NOARGS, "hide(): let go of the segment map; sends fall back until show()."},
+    {"close", (PyCFunction)appender_close, METH_NOARGS, "close(): let go of every map; sends fall back from now on."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef appender_members[] = {
+    {"last_word", T_ULONGLONG, offsetof(AppenderObject, last_word), 0, "tail word after this sender's last append"},
+    {"size_limit", T_PYSSIZET, offsetof(AppenderObject, size_limit), 0, "largest payload sent here; -1: none"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject AppenderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "segq._speedups.Appender",
+    .tp_basicsize = sizeof(AppenderObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The append of one small plain record, for Sender.send (see _speedups.c).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)appender_init,
+    .tp_dealloc = (destructor)appender_dealloc,
+    .tp_methods = appender_methods,
+    .tp_members = appender_members,
+};
+#endif
+
 static PyMethodDef methods[] = {
     {"encode_headers", (PyCFunction)(void (*)(void))encode_headers, METH_FASTCALL,
      "encode_headers(headers, allow_reserved) -> header block, or None (let Python explain)."},
@@ -916,5 +1180,17 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         Py_DECREF(module);
         return NULL;
     }
+#ifdef HAVE_APPENDER
+    if (PyType_Ready(&AppenderType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&AppenderType);
+    if (PyModule_AddObject(module, "Appender", (PyObject *)&AppenderType) < 0) {
+        Py_DECREF(&AppenderType);
+        Py_DECREF(module);
+        return NULL;
+    }
+#endif
     return module;
 }

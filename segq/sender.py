@@ -12,6 +12,13 @@ before returning (one ``fdatasync`` covers every sender's records written so
 far), a number of seconds runs it from a background thread at that interval,
 ``"never"`` leaves it to the OS.
 
+A plain record under 64 KiB sent with no headers, timeout, ``max_queue_bytes``
+or ``sync="always"`` takes all of that in one C call (``_speedups.Appender``,
+the same steps in the same order) whenever the lock is free and the record
+fits in the mapped window; anything else, and every platform without the
+extension or named semaphores, takes the Python path, which stays the
+reference (tests/test_appender.py compares the bytes both write).
+
 When a record does not fit, the sender creates the next segment (complete and
 preallocated before anyone can see it), writes the end-of-segment marker in the
 old one, and only then publishes a tail in the new one.
@@ -38,6 +45,7 @@ from ._control import (
     TAIL,
     TAIL_INDEX,
     Control,
+    _semlock_class,
 )
 from ._format import END_MARKER, HEADER_SIZE, SEGMENT_HEADER_SIZE, as_payload
 from ._headers import Framed, HeaderValue, frame_body
@@ -69,6 +77,32 @@ _frame_batch = _format.frame_batch
 # 64 MiB segment, which reads ahead up to 8 MiB of zero pages); pwrite has no
 # fault but a system call (~0.5 us).  Measured crossover: ~1 KiB (issue 14).
 _PWRITE_FROM = 1024
+# Records up to this size may take send's C path (_speedups.Appender), which
+# keeps the GIL through its pwritev: then no other thread can close the
+# segment's file under it.  Larger ones write with the GIL released, in Python.
+_C_SEND_LIMIT = 64 << 10
+
+
+class _PythonAppender:
+    """Stand in for ``_speedups.Appender`` where it is missing: never sends, so ``send`` takes its Python path."""
+
+    __slots__ = ("last_word", "size_limit")
+
+    def __init__(self) -> None:
+        self.last_word = 0
+        self.size_limit = -1
+
+    def send(self, data: object) -> int:
+        return 0
+
+    def show(self, segment_map: mmap.mmap, base_word: int, limit_word: int, fd: int, base_offset: int) -> None:
+        pass
+
+    def hide(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -159,7 +193,11 @@ class Sender(ClosedByWith):
         self._pid = self._control.pid
         self._size_limit = max_record_size  # -1 once closed, so the hot path needs one compare
         self._sync_always = self._sync_interval == 0.0
-        self._last_word = 0  # tail word after this sender's last append
+        # The C twin of send's hot path, for plain small records; it also
+        # holds last_word, the tail word after this sender's last append
+        # (one home for it, whichever path appended last).
+        self._appender = self._new_appender()
+        self._append_small = self._appender.send
         self._fdatasyncs = 0  # fdatasync calls this sender made (benchmarks/ reports them per record)
         self._sync_fd = -1  # the tail segment, open for fdatasync (see _sync_fd_for)
         self._sync_fd_number = -1
@@ -171,6 +209,23 @@ class Sender(ClosedByWith):
         self._background_error: BaseException | None = None
         self._syncer = Ticker(self._sync_interval, self._sync_tick, "segq-group-commit") if self._sync_interval else None
         close_at_exit(self)
+
+    def _new_appender(self) -> "_PythonAppender":
+        """Return the C Appender for this sender's small sends, or the stand-in that declines them all."""
+        lock = self._control.append_lock
+        semlock = _semlock_class()
+        cls = _format.appender_class
+        if cls is None or semlock is None or type(lock) is not semlock:  # e.g. the flock append lock
+            return _PythonAppender()
+        # Only what send's hot path does with nothing more to do: no room
+        # waits, no group commit in the call.
+        plain = not self._sync_always and self.max_queue_bytes is None
+        limit = min(self.max_record_size, _C_SEND_LIMIT - 1) if plain else -1
+        handle = getattr(lock, "handle")
+        appender: _PythonAppender = cls(
+            handle, self._control.map, TAIL_INDEX, OWNER_INDEX, DATA_WAITING, self._pid, _PWRITE_FROM, limit
+        )
+        return appender
 
     # -- sending ---------------------------------------------------------
 
@@ -185,10 +240,18 @@ class Sender(ClosedByWith):
         """
         # ``headers`` is positional-or-keyword: a keyword-only default costs a
         # dict lookup on every call, and the plain path pays only this test.
-        if headers is not None:
+        if headers is None and timeout is None:
+            # The whole append in one C call when nothing is special (see
+            # _speedups.c, Appender); 0 means "do it here".
+            sent = self._append_small(data)
+            if sent:
+                if sent == 2:
+                    self._waker.wake(DATA_WAITERS)
+                return
+        elif headers is not None:
             data = _with_headers(data, headers)
-        # The hot path: every attribute it needs is cached on self, and the
-        # segment bounds are kept as tail words so one compare checks both
+        # The Python path (the reference, and whatever the C call declined):
+        # every attribute it needs is cached on self, and the segment bounds are kept as tail words so one compare checks both
         # "still the same segment" and "the record fits".
         if type(data) is not bytes and type(data) is not Framed:  # a Framed is segq's own record with headers
             data = as_payload(data)
@@ -200,11 +263,12 @@ class Sender(ClosedByWith):
         if self.max_queue_bytes is not None:
             self._wait_for_room(size + HEADER_SIZE, timeout)
         words = self._words
+        appender = self._appender
         if not self._acquire(False):
             self._control.acquire_slow(self._zero_past_tail)
         try:
             word = words[TAIL_INDEX]
-            if word != self._last_word:
+            if word != appender.last_word:
                 # Someone else appended since our last send: say who holds the lock now.
                 words[OWNER_INDEX] = self._pid
             end_word = word + HEADER_SIZE + size
@@ -218,7 +282,7 @@ class Sender(ClosedByWith):
             words[TAIL_INDEX] = end_word
         finally:
             self._release()
-        self._last_word = end_word
+        appender.last_word = end_word
         if self._control_bytes[DATA_WAITING]:
             self._waker.wake(DATA_WAITERS)
         if self._sync_always:
@@ -328,7 +392,7 @@ class Sender(ClosedByWith):
         """Append one record (already a payload, as ``send`` takes it); return its start position word.
 
         For ``enqueue``, whose default job id is the record's position: unlike
-        reading ``_last_word`` after a ``send``, this is right even while other
+        reading ``_appender.last_word`` after a ``send``, this is right even while other
         threads send through the same Sender.
         """
         if self._closed:
@@ -342,11 +406,12 @@ class Sender(ClosedByWith):
         if self.max_queue_bytes is not None:
             self._wait_for_room(len(blob), timeout)
         words = self._words
+        appender = self._appender
         if not self._acquire(False):
             self._control.acquire_slow(self._zero_past_tail)
         try:
             word = words[TAIL_INDEX]
-            if word != self._last_word:
+            if word != appender.last_word:
                 words[OWNER_INDEX] = self._pid
             end_word = word + len(blob)
             if end_word > self._limit_word:
@@ -365,7 +430,7 @@ class Sender(ClosedByWith):
             words[TAIL_INDEX] = end_word
         finally:
             self._release()
-        self._last_word = end_word
+        appender.last_word = end_word
         if self._control_bytes[DATA_WAITING]:
             self._waker.wake(DATA_WAITERS)
         if self._sync_always:
@@ -457,11 +522,14 @@ class Sender(ClosedByWith):
     def _show(self, offset: int, needed: int) -> None:
         window = self._window
         assert window is not None
+        self._appender.hide()  # showing may unmap the window it holds
         self._segment_map: mmap.mmap = window.show(offset, needed)
         self._base_word = Position(window.number, window.start).word
         self._limit_word = Position(window.number, min(window.end, window.size - HEADER_SIZE)).word
+        self._appender.show(self._segment_map, self._base_word, self._limit_word, window.fd, window.start)
 
     def _close_segment(self) -> None:
+        self._appender.hide()
         if self._window is not None:
             self._window.close()
         self._window = None
@@ -555,7 +623,7 @@ class Sender(ClosedByWith):
             raise Closed("sync() on a closed Sender")
         if self._background_error is not None:
             self._raise_background_error()
-        self._sync_through(self._last_word)
+        self._sync_through(self._appender.last_word)
 
     def _sync_through(self, word: int) -> None:
         """Group commit: one fdatasync covers every record below the tail it started at."""
@@ -657,7 +725,7 @@ class Sender(ClosedByWith):
 
     def _sync_tick(self) -> bool:
         try:
-            self._sync_through(self._last_word)
+            self._sync_through(self._appender.last_word)
         except BaseException as error:  # noqa: BLE001 - handed to the sending thread, never lost
             if self._closed:
                 return False
@@ -666,6 +734,7 @@ class Sender(ClosedByWith):
             # the hot path's one existing compare into _refuse.
             self._background_error = error
             self._size_limit = -1
+            self._appender.size_limit = -1
             return False
         return True
 
@@ -688,10 +757,11 @@ class Sender(ClosedByWith):
             if self._background_error is not None:
                 self._raise_background_error()
             if self._sync_interval is not None:
-                self._sync_through(self._last_word)
+                self._sync_through(self._appender.last_word)
         finally:
             self._closed = True
             self._size_limit = -1
+            self._appender.close()
             if self._room_waiter is not None:
                 self._room_waiter.close()
             if self._dedup is not None:
