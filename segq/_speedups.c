@@ -203,6 +203,31 @@ static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t 
     return result;
 }
 
+/* Tell whether an intact record starts at offset of base[0:len]: 0 if not (cut short, an end
+ * marker, a checksum that fails, an offset outside), 1 for a plain record, 2 for a record with
+ * headers (its CRC stored complemented); *size is its payload size.  The one record check of
+ * read_record, decode_run and decode_messages.
+ */
+static inline int intact_record(const unsigned char *base, Py_ssize_t len, Py_ssize_t offset, Py_ssize_t *size) {
+    if (offset < 0 || offset > len - HEADER_SIZE)
+        return 0;
+    const unsigned char *at = base + offset;
+    uint32_t length_word = get_u32(at);
+    *size = (Py_ssize_t)(length_word & LENGTH_MASK);
+    if (length_word == 0xFFFFFFFFu || *size > len - HEADER_SIZE - offset)
+        return 0;
+    uint32_t crc = record_crc(length_word, at + HEADER_SIZE, (size_t)*size);
+    uint32_t stored = get_u32(at + 4);
+    return crc == stored ? 1 : (crc ^ HEADED_CRC) == stored ? 2 : 0;
+}
+
+/* The payload of the intact record at at, of intact_record's kind: bytes, or a Framed (kind 2). */
+static inline PyObject *record_payload(const unsigned char *at, Py_ssize_t size, int kind) {
+    if (kind == 2)
+        return new_framed(at + HEADER_SIZE, size);
+    return PyBytes_FromStringAndSize((const char *)at + HEADER_SIZE, size);
+}
+
 /* read_record(buffer, offset): the payload of the intact record at offset, or None.
  *
  * The payload of a record with headers comes back as a Framed.
@@ -218,26 +243,12 @@ static PyObject *read_record(PyObject *module, PyObject *const *args, Py_ssize_t
     Py_buffer buffer;
     if (PyObject_GetBuffer(args[0], &buffer, PyBUF_SIMPLE) < 0)
         return NULL;
-    PyObject *result = Py_None;
-    if (offset >= 0 && offset <= buffer.len - HEADER_SIZE) {
-        const unsigned char *at = (const unsigned char *)buffer.buf + offset;
-        uint32_t length_word = get_u32(at);
-        Py_ssize_t size = (Py_ssize_t)(length_word & LENGTH_MASK);
-        if (length_word != 0xFFFFFFFFu && size <= buffer.len - HEADER_SIZE - offset) {
-            uint32_t crc = record_crc(length_word, at + HEADER_SIZE, (size_t)size);
-            uint32_t stored = get_u32(at + 4);
-            if (crc == stored || (crc ^ HEADED_CRC) == stored) {
-                if (crc == stored)
-                    result = PyBytes_FromStringAndSize((const char *)at + HEADER_SIZE, size);
-                else
-                    result = new_framed(at + HEADER_SIZE, size);
-                PyBuffer_Release(&buffer);
-                return result;
-            }
-        }
-    }
+    const unsigned char *base = (const unsigned char *)buffer.buf;
+    Py_ssize_t size;
+    int kind = intact_record(base, buffer.len, offset, &size);
+    PyObject *result = kind ? record_payload(base + offset, size, kind) : Py_NewRef(Py_None);
     PyBuffer_Release(&buffer);
-    Py_RETURN_NONE;
+    return result;
 }
 
 /* Frame the count bytes objects of list at at (sized by the caller): the
@@ -358,20 +369,10 @@ static PyObject *decode_run(PyObject *module, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     const unsigned char *base = (const unsigned char *)buffer.buf;
-    while (PyList_GET_SIZE(payloads) < max_count && offset >= 0 && offset <= buffer.len - HEADER_SIZE) {
-        uint32_t length_word = get_u32(base + offset);
-        Py_ssize_t size = (Py_ssize_t)(length_word & LENGTH_MASK);
-        if (length_word == 0xFFFFFFFFu || size > buffer.len - HEADER_SIZE - offset)
-            break;
-        uint32_t crc = record_crc(length_word, base + offset + HEADER_SIZE, (size_t)size);
-        uint32_t stored = get_u32(base + offset + 4);
-        PyObject *payload;
-        if (crc == stored)
-            payload = PyBytes_FromStringAndSize((const char *)base + offset + HEADER_SIZE, size);
-        else if ((crc ^ HEADED_CRC) == stored)
-            payload = new_framed(base + offset + HEADER_SIZE, size);
-        else
-            break;
+    Py_ssize_t size;
+    int kind;
+    while (PyList_GET_SIZE(payloads) < max_count && (kind = intact_record(base, buffer.len, offset, &size))) {
+        PyObject *payload = record_payload(base + offset, size, kind);
         if (payload == NULL || PyList_Append(payloads, payload) < 0) {
             Py_XDECREF(payload);
             Py_DECREF(payloads);
@@ -516,22 +517,11 @@ static PyObject *decode_messages(PyObject *module, PyObject *const *args, Py_ssi
         return NULL;
     }
     const unsigned char *base = (const unsigned char *)buffer.buf;
-    while (PyList_GET_SIZE(messages) < max_count && offset >= 0 && offset <= buffer.len - HEADER_SIZE) {
-        uint32_t length_word = get_u32(base + offset);
-        Py_ssize_t size = (Py_ssize_t)(length_word & LENGTH_MASK);
-        if (length_word == 0xFFFFFFFFu || size > buffer.len - HEADER_SIZE - offset)
-            break;
-        uint32_t crc = record_crc(length_word, base + offset + HEADER_SIZE, (size_t)size);
-        uint32_t stored = get_u32(base + offset + 4);
-        PyObject *payload;
-        if (crc == stored) {
-            payload = PyBytes_FromStringAndSize((const char *)base + offset + HEADER_SIZE, size);
-        } else if ((crc ^ HEADED_CRC) == stored) {
-            payload = new_framed(base + offset + HEADER_SIZE, size);
-            framed++;
-        } else {
-            break;
-        }
+    Py_ssize_t size;
+    int kind;
+    while (PyList_GET_SIZE(messages) < max_count && (kind = intact_record(base, buffer.len, offset, &size))) {
+        PyObject *payload = record_payload(base + offset, size, kind);
+        framed += kind == 2;
         PyObject *message = NULL;
         if (payload != NULL) {
             long long start = base_word + offset;
